@@ -1,0 +1,437 @@
+//! Builds the ServiceEntries, DestinationRules and Sidecars of one identity, per target cluster,
+//! from the resolved identity. This is where "contextual" config happens: the same host gets a
+//! local endpoint in its own cluster, gateway endpoints elsewhere, and a failover origin that
+//! depends on the region of the cluster it is written to.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::crd::{ConnectionPool, HttpSettings, OutlierConfig};
+use crate::istio::{
+    ClientTls, DestinationRule, DestinationRuleSpec, Distribute, EgressListener, LoadBalancer, LocalityLbSetting,
+    OutlierDetection, ServiceEntry, ServiceEntrySpec, ServicePort, Sidecar, SidecarSpec, TrafficPolicy, WorkloadEntry,
+    WorkloadSelector,
+};
+use crate::model::{ClusterId, Fleet, GATEWAY_NAMESPACE, Workload};
+use crate::settings::{ExportTo, Settings, SidecarMode, VipMode};
+
+use super::identity::{EnvPlan, HostPlan, ResolvedIdentity, resolve};
+use super::policy::{LbType, h2_upgrade_policy_name, is_dns_subdomain, lb_type};
+use super::vip::VipTable;
+use super::{
+    ClusterFacts, DesiredObject, Diagnostic, IdentityOutput, LABEL_ENV, LABEL_IDENTITY, LABEL_MANAGED_BY, MANAGER,
+    PolicyKind, PolicyReport, PolicyState,
+};
+
+const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
+/// Everything one identity contributes to the desired state of the fleet.
+pub fn compute_identity(
+    fleet: &Fleet,
+    settings: &Settings,
+    facts: &BTreeMap<ClusterId, ClusterFacts>,
+    identity: &str,
+    vips: &mut VipTable,
+) -> IdentityOutput {
+    let resolved = resolve(fleet, settings, identity);
+    let mut out = IdentityOutput {
+        diagnostics: resolved.diagnostics.clone(),
+        reports: resolved.reports.clone(),
+        ..Default::default()
+    };
+
+    for env in resolved.envs.values() {
+        if env.sources.is_empty() {
+            out.diagnostics.push(Diagnostic::warning(
+                None,
+                format!("identity {identity}"),
+                format!("env {:?} has no endpoint in any cluster; its hosts are not written", env.env),
+            ));
+            continue;
+        }
+        let targets: BTreeSet<&str> =
+            env.sources.keys().map(String::as_str).chain(resolved.client_clusters.iter().copied()).collect();
+        let mut written: BTreeMap<ClusterId, BTreeSet<String>> = BTreeMap::new();
+        for host in &env.hosts {
+            let vip = match settings.vip_mode {
+                VipMode::None => None,
+                VipMode::Allocate => match vips.get_or_allocate(&host.host, settings.vip_cidr) {
+                    Ok(ip) => Some(ip.to_string()),
+                    Err(e) => {
+                        out.diagnostics.push(Diagnostic::error(None, format!("identity {identity}"), e.to_string()));
+                        continue;
+                    }
+                },
+            };
+            for target in &targets {
+                let Some(target_facts) = facts.get(*target) else {
+                    continue;
+                };
+                let endpoints = endpoints_for(env, target, facts);
+                if endpoints.is_empty() {
+                    continue;
+                }
+                let only_local = endpoints.len() == 1 && env.sources.contains_key(*target);
+                let export_to = export_to(fleet, settings, &resolved, env, identity, target);
+                let labels = managed_labels(identity, &env.env);
+                out.objects.push((
+                    target.to_string(),
+                    Arc::new(service_entry(
+                        settings,
+                        env,
+                        host,
+                        vip.clone(),
+                        endpoints,
+                        export_to.clone(),
+                        labels.clone(),
+                    )),
+                ));
+                out.objects.push((
+                    target.to_string(),
+                    Arc::new(destination_rule(
+                        settings,
+                        env,
+                        host,
+                        target_facts,
+                        only_local,
+                        export_to,
+                        labels,
+                        &mut out.diagnostics,
+                        target,
+                    )),
+                ));
+                written.entry(target.to_string()).or_default().insert(host.host.clone());
+            }
+        }
+        // Record where the winning policies took effect.
+        let winners = [
+            env.gtp.map(|p| (PolicyKind::GlobalTrafficPolicy, &p.at)),
+            env.outlier.map(|p| (PolicyKind::OutlierDetection, &p.at)),
+            env.connection.map(|p| (PolicyKind::ClientConnectionConfig, &p.at)),
+        ];
+        for report in out.reports.iter_mut() {
+            if winners.iter().flatten().any(|(k, at)| *k == report.kind && **at == report.at) {
+                report.clusters = written.clone();
+            }
+        }
+    }
+
+    sidecars_and_dependency_reports(fleet, settings, identity, &mut out);
+    out
+}
+
+/// The labels on every object flotilla writes.
+fn managed_labels(identity: &str, env: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
+        (LABEL_IDENTITY.to_string(), identity.to_string()),
+        (LABEL_ENV.to_string(), env.to_string()),
+    ])
+}
+
+fn meta(name: String, namespace: &str, labels: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta { name: Some(name), namespace: Some(namespace.to_string()), labels: Some(labels), ..Default::default() }
+}
+
+/// One endpoint per source cluster, as seen from `target`: the local Service in its own cluster,
+/// the source's gateway elsewhere (sources without a gateway are unreachable from outside).
+fn endpoints_for(env: &EnvPlan<'_>, target: &str, facts: &BTreeMap<ClusterId, ClusterFacts>) -> Vec<WorkloadEntry> {
+    let mut endpoints = Vec::new();
+    for (source_id, source) in &env.sources {
+        let source_facts = &facts[source_id];
+        if source_id == target {
+            endpoints.push(WorkloadEntry {
+                address: format!("{}.{}.svc.cluster.local", source.service.name, source.service.namespace),
+                ports: source.ports.iter().map(|p| (p.name.clone(), p.service_port)).collect(),
+                locality: source_facts.region.clone(),
+                labels: BTreeMap::new(),
+            });
+        } else if let Some(gateway) = &source_facts.gateway_address {
+            endpoints.push(WorkloadEntry {
+                address: gateway.clone(),
+                ports: source.ports.iter().map(|p| (p.name.clone(), u32::from(source_facts.gateway_port))).collect(),
+                locality: source_facts.region.clone(),
+                labels: BTreeMap::from([(TLS_MODE_LABEL.to_string(), "istio".to_string())]),
+            });
+        }
+    }
+    endpoints
+}
+
+/// `exportTo` for `--export-to=dependents`: istio-system, the identity's own namespaces and its
+/// clients' namespaces in the target cluster.
+fn export_to(
+    fleet: &Fleet,
+    settings: &Settings,
+    resolved: &ResolvedIdentity<'_>,
+    env: &EnvPlan<'_>,
+    identity: &str,
+    target: &str,
+) -> Vec<String> {
+    if settings.export_to == ExportTo::All {
+        return Vec::new();
+    }
+    let mut namespaces: BTreeSet<String> = BTreeSet::from([GATEWAY_NAMESPACE.to_string()]);
+    if let Some(own) = env.namespaces.get(target) {
+        namespaces.extend(own.iter().cloned());
+    }
+    if !resolved.client_clusters.is_empty() {
+        for client in fleet.clients_of(identity) {
+            for (cluster, w) in fleet.workloads_of(client) {
+                if cluster.id == target && cluster.is_federated(w) {
+                    namespaces.insert(w.namespace.clone());
+                }
+            }
+        }
+    }
+    namespaces.into_iter().collect()
+}
+
+fn service_entry(
+    settings: &Settings,
+    env: &EnvPlan<'_>,
+    host: &HostPlan<'_>,
+    vip: Option<String>,
+    endpoints: Vec<WorkloadEntry>,
+    export_to: Vec<String>,
+    labels: BTreeMap<String, String>,
+) -> DesiredObject {
+    // The first source cluster (by id) defines the ports; they are the same everywhere for a
+    // well-formed identity.
+    let first = env.sources.values().next().expect("env with sources");
+    let ports = first
+        .ports
+        .iter()
+        .map(|p| ServicePort { number: p.number, name: p.name.clone(), protocol: p.protocol.clone() })
+        .collect();
+    DesiredObject::ServiceEntry(ServiceEntry {
+        metadata: meta(format!("{}-se", host.host), &settings.sync_namespace, labels),
+        spec: ServiceEntrySpec {
+            hosts: vec![host.host.clone()],
+            addresses: vip.into_iter().collect(),
+            ports,
+            location: "MESH_INTERNAL".into(),
+            resolution: "DNS".into(),
+            endpoints,
+            export_to,
+        },
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn destination_rule(
+    settings: &Settings,
+    env: &EnvPlan<'_>,
+    host: &HostPlan<'_>,
+    target: &ClusterFacts,
+    only_local: bool,
+    export_to: Vec<String>,
+    labels: BTreeMap<String, String>,
+    diagnostics: &mut Vec<Diagnostic>,
+    target_id: &str,
+) -> DesiredObject {
+    let name = if host.is_default { format!("{}-default-dr", host.host) } else { format!("{}-dr", host.host) };
+    let locality_lb_setting = host.policy.and_then(|p| match lb_type(p).ok()? {
+        LbType::Topology => Some(LocalityLbSetting { distribute: Vec::new(), enabled: Some(true) }),
+        LbType::Failover => {
+            if target.region.is_none() {
+                diagnostics.push(Diagnostic::warning(
+                    Some(target_id),
+                    format!("host {}", host.host),
+                    "FAILOVER needs the region of this cluster, which has none; its traffic is distributed from \"*\""
+                        .into(),
+                ));
+            }
+            let from = target.region.as_ref().map(|r| format!("{r}/*")).unwrap_or_else(|| "*".into());
+            let to = p
+                .target
+                .iter()
+                .flatten()
+                .filter(|t| t.weight.unwrap_or(0) > 0)
+                .map(|t| (t.region.trim().to_string(), t.weight.unwrap_or(0) as u32))
+                .collect();
+            Some(LocalityLbSetting { distribute: vec![Distribute { from, to }], enabled: None })
+        }
+    });
+    let outlier_detection = (!only_local).then(|| {
+        let gtp_outlier = host.policy.and_then(|p| p.outlier_detection.as_ref());
+        let od_outlier = env.outlier.and_then(|o| o.effective.as_ref()).and_then(|s| s.outlier_config.as_ref());
+        outlier_detection(gtp_outlier, od_outlier)
+    });
+    let connection_pool = env
+        .connection
+        .and_then(|c| c.effective.as_ref())
+        .and_then(|s| s.connection_pool.clone())
+        .map(normalise_connection_pool)
+        .unwrap_or_else(|| ConnectionPool {
+            tcp: None,
+            http: Some(HttpSettings { max_requests_per_connection: Some(100), ..Default::default() }),
+        });
+    DesiredObject::DestinationRule(DestinationRule {
+        metadata: meta(name, &settings.sync_namespace, labels),
+        spec: DestinationRuleSpec {
+            host: host.host.clone(),
+            traffic_policy: Some(TrafficPolicy {
+                tls: Some(ClientTls { mode: "ISTIO_MUTUAL".into() }),
+                connection_pool: Some(connection_pool),
+                load_balancer: Some(LoadBalancer { simple: "LEAST_REQUEST".into(), locality_lb_setting }),
+                outlier_detection,
+            }),
+            export_to,
+        },
+    })
+}
+
+/// Defaults, then the GTP entry's non-zero fields, then the OutlierDetection's non-zero fields.
+fn outlier_detection(gtp: Option<&OutlierConfig>, od: Option<&OutlierConfig>) -> OutlierDetection {
+    let mut consecutive_gateway_errors: i64 = 50;
+    let mut interval: i64 = 60;
+    let mut base_ejection_time: i64 = 300;
+    for cfg in [gtp, od].into_iter().flatten() {
+        if let Some(v) = cfg.consecutive_gateway_errors.filter(|v| *v > 0) {
+            consecutive_gateway_errors = v;
+        }
+        if let Some(v) = cfg.interval.filter(|v| *v > 0) {
+            interval = v;
+        }
+        if let Some(v) = cfg.base_ejection_time.filter(|v| *v > 0) {
+            base_ejection_time = v;
+        }
+    }
+    OutlierDetection {
+        consecutive_gateway_errors: consecutive_gateway_errors.min(i64::from(u32::MAX)) as u32,
+        consecutive_5xx_errors: 0,
+        interval: format!("{interval}s"),
+        base_ejection_time: format!("{base_ejection_time}s"),
+        max_ejection_percent: 100,
+    }
+}
+
+/// Istio wants `h2UpgradePolicy` by name; Admiral accepted integers.
+fn normalise_connection_pool(mut pool: ConnectionPool) -> ConnectionPool {
+    if let Some(http) = pool.http.as_mut()
+        && let Some(v) = &http.h2_upgrade_policy
+    {
+        http.h2_upgrade_policy = h2_upgrade_policy_name(v).ok().map(|n| IntOrString::String(n.into()));
+    }
+    pool
+}
+
+/// Sidecars for `identity` as a client, and the status of the Dependencies it is the source of.
+fn sidecars_and_dependency_reports(fleet: &Fleet, settings: &Settings, identity: &str, out: &mut IdentityOutput) {
+    let deps: Vec<_> = fleet.dependencies_of(identity).collect();
+    if deps.is_empty() {
+        return;
+    }
+    // Hosts of every explicitly named destination, and destinations nothing is known about.
+    let mut hosts_by_destination: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for dest in fleet.destinations_of(identity) {
+        let resolved = resolve(fleet, settings, dest);
+        hosts_by_destination.insert(dest, resolved.written_hosts().map(str::to_string).collect());
+    }
+    let client_clusters = fleet.clusters_running(identity);
+
+    for dep in &deps {
+        let state = match &dep.invalid {
+            Some(reason) => PolicyState::Invalid(reason.clone()),
+            None => PolicyState::Ready,
+        };
+        let mut report = PolicyReport {
+            kind: PolicyKind::Dependency,
+            at: dep.at.clone(),
+            generation: dep.generation,
+            state,
+            clusters: BTreeMap::new(),
+            message: String::new(),
+        };
+        if dep.invalid.is_none() {
+            let hosts: BTreeSet<String> = dep
+                .destinations
+                .iter()
+                .flat_map(|d| hosts_by_destination.get(d.as_str()).into_iter().flatten().cloned())
+                .collect();
+            for c in &client_clusters {
+                report.clusters.insert(c.to_string(), hosts.clone());
+            }
+            let unknown: Vec<&str> = dep
+                .destinations
+                .iter()
+                .filter(|d| hosts_by_destination.get(d.as_str()).is_none_or(|h| h.is_empty()))
+                .map(String::as_str)
+                .collect();
+            if !unknown.is_empty() {
+                report.message = format!("no hosts yet for: {}", unknown.join(", "));
+            }
+            if client_clusters.is_empty() {
+                report.message = format!("source {identity:?} runs in no cluster; {}", report.message)
+                    .trim_end_matches("; ")
+                    .to_string();
+            }
+        }
+        out.reports.push(report);
+    }
+
+    if settings.sidecar_mode == SidecarMode::Off
+        || fleet.has_wildcard(identity)
+        || fleet.destinations_of(identity).is_empty()
+    {
+        return;
+    }
+    let mut egress_hosts = vec!["./*".to_string(), format!("{GATEWAY_NAMESPACE}/*")];
+    let dest_hosts: BTreeSet<&String> = hosts_by_destination.values().flatten().collect();
+    egress_hosts.extend(dest_hosts.into_iter().map(|h| format!("{}/{h}", settings.sync_namespace)));
+
+    let name = format!("{}-egress", identity.to_ascii_lowercase());
+    if !is_dns_subdomain(&name) {
+        out.diagnostics.push(Diagnostic::error(
+            None,
+            format!("identity {identity}"),
+            format!("Sidecar name {name:?} is not a valid object name; not written"),
+        ));
+        return;
+    }
+    // Group the client's federated workloads by (cluster, namespace): one Sidecar per group.
+    let mut groups: BTreeMap<(&str, &str), Vec<&Workload>> = BTreeMap::new();
+    for (cluster, w) in fleet.workloads_of(identity) {
+        if cluster.is_federated(w) {
+            groups.entry((cluster.id.as_str(), w.namespace.as_str())).or_default().push(w);
+        }
+    }
+    for ((cluster_id, namespace), workloads) in groups {
+        let cluster = &fleet.clusters[cluster_id];
+        let by_label = workloads.iter().all(|w| w.identity_from_label);
+        let conflict = cluster
+            .foreign_sidecars
+            .range((namespace.to_string(), String::new())..)
+            .take_while(|((ns, _), _)| ns == namespace)
+            .find(|(_, selector)| match selector {
+                // Ours is namespace-wide: any other namespace-wide Sidecar clashes.
+                None => !by_label,
+                Some(sel) => {
+                    workloads.iter().any(|w| !sel.is_empty() && sel.iter().all(|(k, v)| w.pod_labels.get(k) == Some(v)))
+                }
+            })
+            .map(|((_, n), _)| n.clone());
+        if let Some(other) = conflict {
+            out.diagnostics.push(Diagnostic::warning(
+                Some(cluster_id),
+                format!("Sidecar {namespace}/{other}"),
+                format!("is not managed by flotilla and already applies to identity {identity:?}; Sidecar {namespace}/{name} is not written"),
+            ));
+            continue;
+        }
+        let workload_selector = by_label.then(|| WorkloadSelector {
+            labels: BTreeMap::from([(fleet.identity_label().to_string(), identity.to_string())]),
+        });
+        out.objects.push((
+            cluster_id.to_string(),
+            Arc::new(DesiredObject::Sidecar(Sidecar {
+                metadata: meta(name.clone(), namespace, managed_labels(identity, &workloads[0].env)),
+                spec: SidecarSpec { workload_selector, egress: vec![EgressListener { hosts: egress_hosts.clone() }] },
+            })),
+        ));
+    }
+}

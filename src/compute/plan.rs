@@ -1,0 +1,98 @@
+//! Planning: the difference between what a cluster should hold and what it holds.
+//!
+//! Only objects carrying flotilla's managed-by label are ever updated or pruned; an object of
+//! someone else's with the name flotilla wants is a conflict, reported and left alone.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::{DesiredObject, ObjectKey};
+
+/// An object of a kind flotilla writes, as found in a cluster (parsed into our typed form, so
+/// fields set by other field managers are invisible to the comparison).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObservedObject {
+    /// Carries `app.kubernetes.io/managed-by: flotilla`.
+    pub managed: bool,
+    pub object: DesiredObject,
+}
+
+impl ObservedObject {
+    pub fn new(object: DesiredObject) -> Self {
+        ObservedObject { managed: crate::model::is_managed(object.meta()), object }
+    }
+}
+
+/// What to do in one cluster.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterPlan {
+    /// Missing or different: server-side apply these.
+    pub apply: Vec<Arc<DesiredObject>>,
+    /// Managed by flotilla and no longer desired: delete these.
+    pub prune: Vec<ObjectKey>,
+    /// Wanted, but an object not managed by flotilla has the name: left alone, reported.
+    pub conflicts: Vec<ObjectKey>,
+}
+
+impl ClusterPlan {
+    pub fn is_empty(&self) -> bool {
+        self.apply.is_empty() && self.prune.is_empty()
+    }
+}
+
+/// Plans a whole cluster.
+pub fn plan_cluster(
+    desired: &BTreeMap<ObjectKey, Arc<DesiredObject>>,
+    observed: &BTreeMap<ObjectKey, ObservedObject>,
+) -> ClusterPlan {
+    let keys = desired.keys().chain(observed.keys());
+    plan_keys(desired, observed, keys)
+}
+
+/// Plans only the given keys (those an incremental recompute reported as changed). Keys may
+/// repeat; each is considered once.
+pub fn plan_keys<'a>(
+    desired: &BTreeMap<ObjectKey, Arc<DesiredObject>>,
+    observed: &BTreeMap<ObjectKey, ObservedObject>,
+    keys: impl IntoIterator<Item = &'a ObjectKey>,
+) -> ClusterPlan {
+    let mut plan = ClusterPlan::default();
+    let mut last: Option<&ObjectKey> = None;
+    let mut sorted: Vec<&ObjectKey> = keys.into_iter().collect();
+    sorted.sort();
+    for key in sorted {
+        if last == Some(key) {
+            continue;
+        }
+        last = Some(key);
+        match (desired.get(key), observed.get(key)) {
+            (Some(want), None) => plan.apply.push(want.clone()),
+            (Some(_), Some(have)) if !have.managed => plan.conflicts.push(key.clone()),
+            (Some(want), Some(have)) => {
+                if !up_to_date(want, &have.object) {
+                    plan.apply.push(want.clone());
+                }
+            }
+            (None, Some(have)) if have.managed => plan.prune.push(key.clone()),
+            (None, _) => {}
+        }
+    }
+    plan
+}
+
+/// Same spec, and every label we set is present with our value.
+fn up_to_date(want: &DesiredObject, have: &DesiredObject) -> bool {
+    let labels_ok = {
+        let empty = BTreeMap::new();
+        let want_labels = want.meta().labels.as_ref().unwrap_or(&empty);
+        let have_labels = have.meta().labels.as_ref().unwrap_or(&empty);
+        want_labels.iter().all(|(k, v)| have_labels.get(k) == Some(v))
+    };
+    let spec_ok = match (want, have) {
+        (DesiredObject::ServiceEntry(a), DesiredObject::ServiceEntry(b)) => a.spec == b.spec,
+        (DesiredObject::DestinationRule(a), DesiredObject::DestinationRule(b)) => a.spec == b.spec,
+        (DesiredObject::Sidecar(a), DesiredObject::Sidecar(b)) => a.spec == b.spec,
+        _ => false,
+    };
+    labels_ok && spec_ok
+}

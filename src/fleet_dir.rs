@@ -1,0 +1,275 @@
+//! Reads a fleet from disk for `flotilla render`: one sub-directory per member (its name is the
+//! cluster id), an optional `_hub/` for a hub that is not a member, an optional `fleet.yaml` with
+//! per-cluster overrides.
+//!
+//! A broken file or object is reported (naming the file, document and object) and skipped; only
+//! what makes the whole fleet unreadable is an `Err`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::compute::plan::ObservedObject;
+use crate::compute::policy::is_dns_label;
+use crate::compute::{DesiredObject, ObjectKey};
+use crate::model::{ClusterId, ClusterOverrides, HUB, InputObject};
+
+pub const FLEET_FILE: &str = "fleet.yaml";
+pub const HUB_DIR: &str = "_hub";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetDirError {
+    #[error("fleet directory {0}: {1}")]
+    Unreadable(PathBuf, std::io::Error),
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("{path}: {message}")]
+    FleetFile { path: PathBuf, message: String },
+}
+
+/// `fleet.yaml`: optional per-cluster overrides.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetFile {
+    #[serde(default)]
+    pub clusters: BTreeMap<String, ClusterOverridesFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClusterOverridesFile {
+    pub region: Option<String>,
+    pub gateway_address: Option<String>,
+    pub gateway_port: Option<u16>,
+}
+
+/// Everything read from a fleet directory.
+#[derive(Debug, Default)]
+pub struct LoadedFleet {
+    /// Member ids with their overrides, in id order.
+    pub clusters: BTreeMap<ClusterId, ClusterOverrides>,
+    /// Input objects per cluster (`_hub` for the hub), in file order.
+    pub objects: Vec<(ClusterId, InputObject)>,
+    /// Objects of the kinds flotilla writes that are already in a member (conflict detection).
+    pub observed: BTreeMap<ClusterId, BTreeMap<ObjectKey, ObservedObject>>,
+    /// Problems with single files or objects; each line names the file.
+    pub problems: Vec<String>,
+}
+
+pub fn load(dir: &Path) -> Result<LoadedFleet, FleetDirError> {
+    let meta = fs::metadata(dir).map_err(|e| FleetDirError::Unreadable(dir.to_path_buf(), e))?;
+    if !meta.is_dir() {
+        return Err(FleetDirError::NotADirectory(dir.to_path_buf()));
+    }
+    let mut fleet = LoadedFleet::default();
+    let fleet_file = read_fleet_file(&dir.join(FLEET_FILE))?;
+
+    let mut entries: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|e| FleetDirError::Unreadable(dir.to_path_buf(), e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    entries.sort();
+    for sub in entries {
+        let name = sub.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let cluster = if name == HUB_DIR {
+            HUB.to_string()
+        } else if name.starts_with('.') {
+            continue;
+        } else if !is_dns_label(&name) {
+            fleet.problems.push(format!(
+                "{}: directory name {name:?} is not a valid cluster id (a DNS label); skipped",
+                sub.display()
+            ));
+            continue;
+        } else {
+            let o = fleet_file.clusters.get(&name);
+            let overrides = ClusterOverrides {
+                region: o.and_then(|o| o.region.clone()),
+                gateway_address: o.and_then(|o| o.gateway_address.clone()),
+                gateway_port: o.and_then(|o| o.gateway_port),
+            };
+            fleet.clusters.insert(name.clone(), overrides);
+            name
+        };
+        for file in manifest_files(&sub, &mut fleet.problems) {
+            load_file(&file, &cluster, &mut fleet);
+        }
+    }
+    for id in fleet_file.clusters.keys() {
+        if !fleet.clusters.contains_key(id) {
+            fleet.problems.push(format!(
+                "{}: cluster {id:?} has no directory; its overrides are unused",
+                dir.join(FLEET_FILE).display()
+            ));
+        }
+    }
+    Ok(fleet)
+}
+
+fn read_fleet_file(path: &Path) -> Result<FleetFile, FleetDirError> {
+    match fs::read_to_string(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FleetFile::default()),
+        Err(e) => Err(FleetDirError::FleetFile { path: path.to_path_buf(), message: e.to_string() }),
+        Ok(text) if text.trim().is_empty() => Ok(FleetFile::default()),
+        Ok(text) => serde_saphyr::from_str(&text)
+            .map_err(|e| FleetDirError::FleetFile { path: path.to_path_buf(), message: first_line(&e.to_string()) }),
+    }
+}
+
+/// `*.yaml`, `*.yml` and `*.json` below `dir`, recursively, sorted by path.
+fn manifest_files(dir: &Path, problems: &mut Vec<String>) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let rd = match fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) => {
+                problems.push(format!("{}: {e}", d.display()));
+                continue;
+            }
+        };
+        for entry in rd.filter_map(Result::ok) {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or(s).to_string()
+}
+
+fn load_file(path: &Path, cluster: &str, fleet: &mut LoadedFleet) {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            fleet.problems.push(format!("{}: {e}", path.display()));
+            return;
+        }
+    };
+    let docs = match crate::yaml::parse_documents(&text) {
+        Ok(d) => d,
+        Err(e) => {
+            fleet.problems.push(format!("{}: not valid YAML: {}", path.display(), first_line(&e)));
+            return;
+        }
+    };
+    for (i, doc) in docs.into_iter().enumerate() {
+        load_document(path, i + 1, doc, cluster, fleet);
+    }
+}
+
+fn load_document(path: &Path, index: usize, doc: serde_json::Value, cluster: &str, fleet: &mut LoadedFleet) {
+    let api_version = doc.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    let kind = doc.get("kind").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    let name = doc.pointer("/metadata/name").and_then(|v| v.as_str()).unwrap_or("<no name>").to_string();
+    let place = format!("{} (document {index}, {kind} {name})", path.display());
+    if api_version.is_empty() || kind.is_empty() {
+        fleet.problems.push(format!("{}: document {index} has no apiVersion/kind; skipped", path.display()));
+        return;
+    }
+    let group = api_version.split_once('/').map(|(g, _)| g).unwrap_or("");
+
+    if kind == "List" || kind.ends_with("List") && doc.get("items").is_some() {
+        for item in doc.get("items").and_then(|v| v.as_array()).cloned().unwrap_or_default() {
+            load_document(path, index, item, cluster, fleet);
+        }
+        return;
+    }
+
+    fn typed<T: DeserializeOwned>(doc: serde_json::Value, place: &str, problems: &mut Vec<String>) -> Option<T> {
+        match serde_json::from_value::<T>(doc) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                problems.push(format!("{place}: {e}; skipped"));
+                None
+            }
+        }
+    }
+    let problems = &mut fleet.problems;
+    let input = match (group, kind.as_str()) {
+        ("apps", "Deployment") => typed(doc, &place, problems).map(|o| InputObject::Deployment(Box::new(o))),
+        ("", "Service") if api_version == "v1" => {
+            typed(doc, &place, problems).map(|o| InputObject::Service(Box::new(o)))
+        }
+        ("", "Node") if api_version == "v1" => typed(doc, &place, problems).map(|o| InputObject::Node(Box::new(o))),
+        ("", "Namespace") if api_version == "v1" => {
+            typed(doc, &place, problems).map(|o| InputObject::Namespace(Box::new(o)))
+        }
+        ("admiral.io", "GlobalTrafficPolicy") => {
+            typed(doc, &place, problems).map(|o| InputObject::GlobalTrafficPolicy(Box::new(o)))
+        }
+        ("admiral.io", "OutlierDetection") => {
+            typed(doc, &place, problems).map(|o| InputObject::OutlierDetection(Box::new(o)))
+        }
+        ("admiral.io", "ClientConnectionConfig") => {
+            typed(doc, &place, problems).map(|o| InputObject::ClientConnectionConfig(Box::new(o)))
+        }
+        ("admiral.io", "Dependency") => typed(doc, &place, problems).map(|o| InputObject::Dependency(Box::new(o))),
+        ("networking.istio.io", "ServiceEntry" | "DestinationRule" | "Sidecar") => {
+            let observed = match kind.as_str() {
+                "ServiceEntry" => typed(doc.clone(), &place, problems).map(DesiredObject::ServiceEntry),
+                "DestinationRule" => typed(doc.clone(), &place, problems).map(DesiredObject::DestinationRule),
+                _ => typed(doc.clone(), &place, problems).map(DesiredObject::Sidecar),
+            };
+            let Some(mut object) = observed else { return };
+            default_namespace(&mut object);
+            let observed = ObservedObject::new(object);
+            // A Sidecar someone else manages is also an input: it can block ours.
+            let foreign_sidecar = match (&observed.object, observed.managed) {
+                (DesiredObject::Sidecar(s), false) => Some(InputObject::Sidecar(Box::new(s.clone()))),
+                _ => None,
+            };
+            if cluster != HUB {
+                fleet.observed.entry(cluster.to_string()).or_default().insert(observed.object.key(), observed);
+            }
+            foreign_sidecar
+        }
+        _ => None, // kinds flotilla does not read are ignored
+    };
+    let Some(mut input) = input else { return };
+    if cluster == HUB && !matches!(input, InputObject::Dependency(_)) {
+        fleet.problems.push(format!("{place}: only Dependency objects are read from {HUB_DIR}/; ignored"));
+        return;
+    }
+    set_default_namespace(&mut input);
+    fleet.objects.push((cluster.to_string(), input));
+}
+
+/// Namespaced objects without a namespace land in `default`, as `kubectl apply` would put them.
+fn set_default_namespace(input: &mut InputObject) {
+    let meta = match input {
+        InputObject::Node(_) | InputObject::Namespace(_) => return,
+        InputObject::Deployment(o) => &mut o.metadata,
+        InputObject::Service(o) => &mut o.metadata,
+        InputObject::Sidecar(o) => &mut o.metadata,
+        InputObject::GlobalTrafficPolicy(o) => &mut o.metadata,
+        InputObject::OutlierDetection(o) => &mut o.metadata,
+        InputObject::ClientConnectionConfig(o) => &mut o.metadata,
+        InputObject::Dependency(o) => &mut o.metadata,
+    };
+    if meta.namespace.as_deref().unwrap_or("").is_empty() {
+        meta.namespace = Some("default".into());
+    }
+}
+
+fn default_namespace(object: &mut DesiredObject) {
+    let meta = match object {
+        DesiredObject::DestinationRule(o) => &mut o.metadata,
+        DesiredObject::ServiceEntry(o) => &mut o.metadata,
+        DesiredObject::Sidecar(o) => &mut o.metadata,
+    };
+    if meta.namespace.as_deref().unwrap_or("").is_empty() {
+        meta.namespace = Some("default".into());
+    }
+}

@@ -1,0 +1,128 @@
+//! `flotilla render`: the controller's pipeline with the watches replaced by files and the writer
+//! replaced by a printer. Same model, same engine, same planner: if `render` and `run` could
+//! disagree, the design would have a leak.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::compute::plan::plan_cluster;
+use crate::compute::vip::VipTable;
+use crate::compute::{DesiredObject, Engine, PolicyState, Severity};
+use crate::fleet_dir::LoadedFleet;
+use crate::model::ClusterId;
+use crate::settings::Settings;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Yaml,
+    Json,
+}
+
+/// The objects `run` would write, per member, and what was found wrong on the way.
+#[derive(Debug, Default)]
+pub struct Rendered {
+    pub clusters: BTreeMap<ClusterId, Vec<Arc<DesiredObject>>>,
+    /// One line each, errors first, then warnings.
+    pub diagnostics: Vec<String>,
+    pub errors: usize,
+}
+
+/// Runs the engine over a loaded fleet.
+pub fn render(loaded: LoadedFleet, settings: &Settings) -> Rendered {
+    let mut engine = Engine::new(settings.clone(), VipTable::default());
+    for (id, overrides) in &loaded.clusters {
+        engine.fleet.upsert_cluster(id, overrides.clone());
+    }
+    for (cluster, obj) in loaded.objects {
+        engine.fleet.upsert(&cluster, obj);
+    }
+    engine.recompute();
+
+    let mut rendered = Rendered::default();
+    let mut errors: Vec<String> = loaded.problems.iter().map(|p| format!("error: {p}")).collect();
+    let mut warnings = Vec::new();
+    for d in engine.all_diagnostics() {
+        match d.severity {
+            Severity::Error => errors.push(d.to_string()),
+            Severity::Warning => warnings.push(d.to_string()),
+        }
+    }
+    for r in engine.desired.reports() {
+        let what = format!("{:?} {}/{}", r.kind, r.at.namespace, r.at.name);
+        let at = &r.at.cluster;
+        match &r.state {
+            PolicyState::Ready if !r.message.is_empty() => {
+                warnings.push(format!("warning: cluster {at}: {what}: {}", r.message))
+            }
+            PolicyState::Ready => {}
+            PolicyState::Conflict(w) => {
+                warnings.push(format!("warning: cluster {at}: {what}: not applied: {w} takes precedence"))
+            }
+            PolicyState::Invalid(reason) => errors.push(format!("error: cluster {at}: {what}: invalid: {reason}")),
+            PolicyState::NotApplied(reason) => {
+                warnings.push(format!("warning: cluster {at}: {what}: not applied: {reason}"))
+            }
+        }
+    }
+
+    let empty = BTreeMap::new();
+    for id in loaded.clusters.keys() {
+        let desired = engine.desired.cluster_map(id).unwrap_or(&empty);
+        let observed = loaded.observed.get(id).unwrap_or(&BTreeMap::new()).clone();
+        let plan = plan_cluster(desired, &observed);
+        for key in &plan.conflicts {
+            warnings.push(format!("warning: cluster {id}: {key}: exists and is not managed by flotilla; left alone"));
+        }
+        let objects = desired.iter().filter(|(k, _)| !plan.conflicts.contains(k)).map(|(_, o)| o.clone()).collect();
+        rendered.clusters.insert(id.clone(), objects);
+    }
+    rendered.errors = errors.len();
+    rendered.diagnostics = errors.into_iter().chain(warnings).collect();
+    rendered
+}
+
+/// `# cluster: <id>` then the cluster's objects as YAML documents, for every member.
+pub fn to_yaml(rendered: &Rendered) -> String {
+    let mut out = String::new();
+    for (id, objects) in &rendered.clusters {
+        out.push_str(&cluster_yaml(id, objects));
+    }
+    out
+}
+
+fn cluster_yaml(id: &str, objects: &[Arc<DesiredObject>]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# cluster: {id}");
+    for o in objects {
+        out.push_str("---\n");
+        out.push_str(&crate::yaml::to_yaml(o.as_ref()));
+    }
+    out
+}
+
+/// `{"clusters": {"<id>": [objects]}}`, pretty-printed.
+pub fn to_json(rendered: &Rendered) -> String {
+    let clusters: BTreeMap<&str, Vec<&DesiredObject>> =
+        rendered.clusters.iter().map(|(id, objs)| (id.as_str(), objs.iter().map(|o| o.as_ref()).collect())).collect();
+    let mut s = serde_json::to_string_pretty(&serde_json::json!({ "clusters": clusters })).expect("serialising JSON");
+    s.push('\n');
+    s
+}
+
+/// One file per member in `dir`: `<id>.yaml` or `<id>.json` (a JSON array of objects).
+pub fn write_out_dir(rendered: &Rendered, dir: &Path, format: Format) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (id, objects) in &rendered.clusters {
+        let (file, body) = match format {
+            Format::Yaml => (format!("{id}.yaml"), cluster_yaml(id, objects)),
+            Format::Json => {
+                let list: Vec<&DesiredObject> = objects.iter().map(|o| o.as_ref()).collect();
+                (format!("{id}.json"), serde_json::to_string_pretty(&list).expect("serialising JSON") + "\n")
+            }
+        };
+        std::fs::write(dir.join(file), body)?;
+    }
+    Ok(())
+}

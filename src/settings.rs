@@ -1,0 +1,143 @@
+//! The validated settings that shape computed output: naming, ports, modes. Pure data, shared by
+//! `run` and `render`, so that both produce the same objects from the same flags.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+/// What the `--expose-ports` flag selects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExposePorts {
+    /// Only the mesh port, as number `--global-port` (Admiral's behaviour).
+    Primary,
+    /// Every Service port, under its own number.
+    All,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum VipMode {
+    /// A stable address per host from `--vip-cidr`.
+    Allocate,
+    /// No `addresses` on ServiceEntries.
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportTo {
+    /// `exportTo` omitted: visible to every namespace.
+    All,
+    /// Only the client namespaces, the workload's own namespace and `istio-system`.
+    Dependents,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SidecarMode {
+    Generate,
+    Off,
+}
+
+/// An IPv4 CIDR block such as `240.0.0.0/16`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Cidr {
+    pub network: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Ipv4Cidr {
+    /// Number of addresses in the block.
+    pub fn size(&self) -> u64 {
+        1u64 << (32 - u32::from(self.prefix_len))
+    }
+
+    /// The address at `offset` from the start of the block (offset < size).
+    pub fn nth(&self, offset: u64) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network).wrapping_add(offset as u32))
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR (a.b.c.d/n)"))?;
+        let addr: Ipv4Addr = addr.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        let prefix_len: u8 = len.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        if !(8..=30).contains(&prefix_len) {
+            return Err(format!("{s:?}: the prefix length must be between 8 and 30"));
+        }
+        let mask = u32::MAX << (32 - u32::from(prefix_len));
+        if u32::from(addr) & !mask != 0 {
+            return Err(format!(
+                "{s:?}: host bits are set; did you mean {}/{prefix_len}?",
+                Ipv4Addr::from(u32::from(addr) & mask)
+            ));
+        }
+        Ok(Ipv4Cidr { network: addr, prefix_len })
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix_len)
+    }
+}
+
+/// A `key=value` label selector term.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabelTerm {
+    pub key: String,
+    pub value: String,
+}
+
+impl FromStr for LabelTerm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok(LabelTerm { key: k.trim().to_string(), value: v.trim().to_string() }),
+            _ => Err(format!("{s:?} is not a label term (key=value)")),
+        }
+    }
+}
+
+impl fmt::Display for LabelTerm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.key, self.value)
+    }
+}
+
+/// Everything the pure engine needs to know about the flags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub sync_namespace: String,
+    pub identity_label: String,
+    pub hostname_suffix: String,
+    pub expose_ports: ExposePorts,
+    pub global_port: u16,
+    pub gateway_port: u16,
+    /// Tried in order; the first that selects a Service in `istio-system` wins.
+    pub gateway_selectors: Vec<LabelTerm>,
+    pub vip_mode: VipMode,
+    pub vip_cidr: Ipv4Cidr,
+    pub export_to: ExportTo,
+    pub sidecar_mode: SidecarMode,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            sync_namespace: "admiral-sync".into(),
+            identity_label: "identity".into(),
+            hostname_suffix: "global".into(),
+            expose_ports: ExposePorts::Primary,
+            global_port: 80,
+            gateway_port: 15443,
+            gateway_selectors: vec![
+                LabelTerm { key: "istio".into(), value: "eastwestgateway".into() },
+                LabelTerm { key: "app".into(), value: "istio-ingressgateway".into() },
+            ],
+            vip_mode: VipMode::Allocate,
+            vip_cidr: "240.0.0.0/16".parse().expect("valid default CIDR"),
+            export_to: ExportTo::All,
+            sidecar_mode: SidecarMode::Generate,
+        }
+    }
+}
