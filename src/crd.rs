@@ -32,7 +32,7 @@ pub struct GlobalTrafficPolicySpec {
     /// One entry per host name: the default host (`dnsPrefix` empty, `default` or the env) or a
     /// prefixed one.
     #[serde(default)]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 16))]
     #[x_kube(validation = Rule::new("self.all(p, self.exists_one(q, (has(q.dnsPrefix) ? q.dnsPrefix : '') == (has(p.dnsPrefix) ? p.dnsPrefix : '')))").message("dnsPrefix must be unique within a policy"))]
     pub policy: Vec<TrafficPolicy>,
     /// Admiral's selector: `identity` and `env` keys, used when the policy's own labels do not
@@ -54,10 +54,10 @@ pub struct TrafficPolicy {
     pub dns_prefix: Option<String>,
     /// `TOPOLOGY` or `FAILOVER`, or Admiral's integers `0` and `1`.
     #[serde(rename = "lbType", default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("type(self) == int ? (self == 0 || self == 1) : (self.upperAscii() == 'TOPOLOGY' || self.upperAscii() == 'FAILOVER')").message("lbType must be TOPOLOGY, FAILOVER, 0 or 1"))]
+    #[x_kube(validation = Rule::new("type(self) == int ? self in [0, 1] : self in ['TOPOLOGY', 'FAILOVER', 'topology', 'failover', 'Topology', 'Failover']").message("lbType must be TOPOLOGY, FAILOVER, 0 or 1"))]
     pub lb_type: Option<IntOrString>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 16))]
     pub target: Option<Vec<TrafficGroup>>,
     #[serde(rename = "outlier_detection", default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierConfig>,
@@ -100,7 +100,7 @@ pub struct OutlierConfig {
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
 )]
 pub struct DependencySpec {
-    #[serde(default)]
+    /// The client identity.
     #[schemars(length(min = 1))]
     pub source: String,
     /// Accepted for Admiral compatibility; flotilla uses `--identity-label`.

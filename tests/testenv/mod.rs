@@ -1,0 +1,345 @@
+//! Real member clusters for end-to-end tests: one etcd and one kube-apiserver per member, on free
+//! loopback ports, with generated certificates, a service-account signing key, static-token
+//! authentication and RBAC authorization; our CRDs and Istio's installed and established.
+//!
+//! The binaries come from `scripts/testenv-install` (built from the Go module proxy). A test that
+//! needs them and cannot find them fails with the command that provides them: nothing skips.
+//! Processes are killed when the `TestCluster` is dropped (also when a test panics), and, through
+//! PR_SET_PDEATHSIG, when the test process dies without unwinding.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+pub mod builders;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Api, Client, Config};
+
+/// Field manager the harness applies fixtures with (never `flotilla`).
+pub const TEST_MANAGER: &str = "flotilla-testenv";
+const INSTALL_HINT: &str = "build them with: scripts/testenv-install (or set FLOTILLA_TESTENV_ASSETS)";
+
+/// Where kube-apiserver, etcd and the Istio CRDs are.
+#[derive(Clone, Debug)]
+pub struct Assets {
+    pub dir: PathBuf,
+}
+
+impl Assets {
+    /// `$FLOTILLA_TESTENV_ASSETS`, else `~/.cache/flotilla/testenv/current`. Panics, naming the
+    /// install command, when a binary is missing.
+    pub fn locate() -> Assets {
+        let dir = std::env::var_os("FLOTILLA_TESTENV_ASSETS").map(PathBuf::from).unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+            home.join(".cache/flotilla/testenv/current")
+        });
+        for file in ["kube-apiserver", "etcd", "istio-crds.yaml"] {
+            let path = dir.join(file);
+            assert!(path.exists(), "test environment incomplete: {} is missing; {INSTALL_HINT}", path.display());
+        }
+        Assets { dir }
+    }
+
+    pub fn istio_crds(&self) -> Vec<CustomResourceDefinition> {
+        let text = fs::read_to_string(self.dir.join("istio-crds.yaml")).expect("reading istio-crds.yaml");
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).expect("parsing istio-crds.yaml");
+        docs.into_iter().filter(|d| !d.is_null()).map(|d| serde_json::from_value(d).expect("an Istio CRD")).collect()
+    }
+}
+
+/// One member cluster: its own etcd and kube-apiserver.
+pub struct TestCluster {
+    pub name: String,
+    pub port: u16,
+    pub admin_token: String,
+    pub ca_pem: String,
+    dir: PathBuf,
+    assets: Assets,
+    etcd: Option<Child>,
+    apiserver: Option<Child>,
+}
+
+/// Users the static token file knows, besides the admin: (token, user, groups).
+pub const EXTRA_TOKENS: &[(&str, &str, &str)] = &[("flotilla-test-nobody", "nobody", "")];
+
+impl TestCluster {
+    /// Starts etcd and kube-apiserver, waits for `/readyz`, installs the CRDs.
+    pub async fn start(name: &str) -> TestCluster {
+        let assets = Assets::locate();
+        let dir = scratch_dir(name);
+        let port = free_port();
+        let ca = write_certificates(&dir);
+        let admin_token = format!("flotilla-test-admin-{name}");
+        let mut tokens = format!("{admin_token},admin,admin,\"system:masters\"\n");
+        for (token, user, groups) in EXTRA_TOKENS {
+            tokens.push_str(&format!("{token},{user},{user},\"{groups}\"\n"));
+        }
+        fs::write(dir.join("tokens.csv"), tokens).unwrap();
+        let mut cluster =
+            TestCluster { name: name.into(), port, admin_token, ca_pem: ca, dir, assets, etcd: None, apiserver: None };
+        cluster.start_etcd();
+        cluster.start_apiserver().await;
+        cluster.install_crds().await;
+        cluster
+    }
+
+    fn start_etcd(&mut self) {
+        let client_port = free_port();
+        let peer_port = free_port();
+        let data = self.dir.join("etcd");
+        let mut cmd = Command::new(self.assets.dir.join("etcd"));
+        cmd.arg(format!("--name={}", self.name))
+            .arg(format!("--data-dir={}", data.display()))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{client_port}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{client_port}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"))
+            .arg(format!("--initial-cluster={}=http://127.0.0.1:{peer_port}", self.name))
+            .arg("--unsafe-no-fsync")
+            .arg("--log-level=error");
+        self.etcd = Some(spawn(cmd, &self.dir.join("etcd.log")));
+        wait_for_port(client_port, Duration::from_secs(30), || self.log_tail("etcd.log"));
+        fs::write(self.dir.join("etcd-port"), client_port.to_string()).unwrap();
+    }
+
+    /// (Re)starts kube-apiserver on the same port, with the same certificates and etcd.
+    pub async fn start_apiserver(&mut self) {
+        assert!(self.apiserver.is_none(), "kube-apiserver of {} is already running", self.name);
+        let etcd_port = fs::read_to_string(self.dir.join("etcd-port")).unwrap();
+        let d = &self.dir;
+        let mut cmd = Command::new(self.assets.dir.join("kube-apiserver"));
+        cmd.arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--secure-port={}", self.port))
+            .arg(format!("--tls-cert-file={}", d.join("serving.crt").display()))
+            .arg(format!("--tls-private-key-file={}", d.join("serving.key").display()))
+            .arg(format!("--client-ca-file={}", d.join("ca.crt").display()))
+            .arg(format!("--service-account-key-file={}", d.join("sa.pub").display()))
+            .arg(format!("--service-account-signing-key-file={}", d.join("sa.key").display()))
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg(format!("--token-auth-file={}", d.join("tokens.csv").display()))
+            .arg("--authorization-mode=RBAC")
+            .arg("--service-cluster-ip-range=10.96.0.0/16")
+            .arg("--enable-priority-and-fairness=false")
+            .arg("--profiling=false")
+            .arg("--v=0");
+        let log = format!("apiserver-{}.log", now_millis());
+        self.apiserver = Some(spawn(cmd, &self.dir.join(&log)));
+        let client = self.client().await;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let req = http::Request::get("/readyz").body(Vec::new()).unwrap();
+            if let Ok(body) = client.request_text(req).await
+                && body.trim() == "ok"
+            {
+                break;
+            }
+            if let Some(status) = self.apiserver.as_mut().unwrap().try_wait().unwrap() {
+                panic!("kube-apiserver of {} exited ({status}):\n{}", self.name, self.log_tail(&log));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kube-apiserver of {} not ready in 90s:\n{}",
+                self.name,
+                self.log_tail(&log)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Kills kube-apiserver (etcd keeps the data): the member now refuses connections.
+    pub fn stop_apiserver(&mut self) {
+        if let Some(mut child) = self.apiserver.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn server_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// A kubeconfig for user `user` with bearer `token`, whose only context is the cluster name.
+    pub fn kubeconfig_for(&self, user: &str, token: &str) -> String {
+        let ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: {n}\n  cluster:\n    server: {url}\n    certificate-authority-data: {ca}\nusers:\n- name: {user}\n  user:\n    token: {token}\ncontexts:\n- name: {n}\n  context:\n    cluster: {n}\n    user: {user}\ncurrent-context: {n}\n",
+            n = self.name,
+            url = self.server_url(),
+        )
+    }
+
+    pub fn admin_kubeconfig(&self) -> String {
+        self.kubeconfig_for("admin", &self.admin_token)
+    }
+
+    /// A client with cluster-admin rights.
+    pub async fn client(&self) -> Client {
+        client_from_kubeconfig(&self.admin_kubeconfig()).await
+    }
+
+    /// The registration Secret for this member, in Istio's remote-secret format.
+    pub fn registration_secret(&self, namespace: &str) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(format!("flotilla-remote-{}", self.name)),
+                namespace: Some(namespace.into()),
+                labels: Some(BTreeMap::from([("istio/multiCluster".to_string(), "true".to_string())])),
+                ..Default::default()
+            },
+            string_data: Some(BTreeMap::from([(self.name.clone(), self.admin_kubeconfig())])),
+            ..Default::default()
+        }
+    }
+
+    /// Applies flotilla's CRDs and Istio's, and waits until all are Established.
+    async fn install_crds(&self) {
+        let client = self.client().await;
+        let api: Api<CustomResourceDefinition> = Api::all(client);
+        let mut crds = flotilla::crd::all_crds();
+        crds.extend(self.assets.istio_crds());
+        let pp = PatchParams::apply(TEST_MANAGER).force();
+        for crd in &crds {
+            let name = crd.metadata.name.clone().unwrap();
+            api.patch(&name, &pp, &Patch::Apply(crd)).await.unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+        }
+        for crd in &crds {
+            let name = crd.metadata.name.clone().unwrap();
+            let established = await_condition(api.clone(), &name, conditions::is_crd_established());
+            tokio::time::timeout(Duration::from_secs(60), established)
+                .await
+                .unwrap_or_else(|_| panic!("CRD {name} not established in 60s"))
+                .unwrap();
+        }
+    }
+
+    pub fn log_tail(&self, file: &str) -> String {
+        let text = fs::read_to_string(self.dir.join(file)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Resident memory of this member's processes, in KiB (from /proc).
+    pub fn rss_kib(&self) -> u64 {
+        [&self.etcd, &self.apiserver].iter().filter_map(|c| c.as_ref()).map(|c| rss_of(c.id())).sum()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.stop_apiserver();
+        if let Some(mut etcd) = self.etcd.take() {
+            let _ = etcd.kill();
+            let _ = etcd.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts `n` members named `cluster-0` … in parallel.
+pub async fn start_clusters(names: &[&str]) -> Vec<TestCluster> {
+    futures::future::join_all(names.iter().map(|n| TestCluster::start(n))).await
+}
+
+pub async fn client_from_kubeconfig(kubeconfig: &str) -> Client {
+    let kc = Kubeconfig::from_yaml(kubeconfig).expect("parsing a generated kubeconfig");
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("kubeconfig to config");
+    Client::try_from(config).expect("building a client")
+}
+
+/// A new, empty per-cluster scratch directory; directories of dead test processes are removed.
+fn scratch_dir(name: &str) -> PathBuf {
+    let root = std::env::temp_dir().join("flotilla-testenv");
+    fs::create_dir_all(&root).unwrap();
+    for entry in fs::read_dir(&root).into_iter().flatten().flatten() {
+        let pid = entry.file_name().to_string_lossy().split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+    let dir = root.join(format!("{}-{name}-{}", std::process::id(), now_millis()));
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A CA, a serving certificate for 127.0.0.1/localhost signed by it, and a service-account key.
+/// Returns the CA certificate (PEM).
+fn write_certificates(dir: &Path) -> String {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "flotilla-testenv-ca");
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let serving_key = KeyPair::generate().unwrap();
+    let mut serving = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+    let serving_cert = serving.signed_by(&serving_key, &issuer).unwrap();
+
+    let sa_key = KeyPair::generate().unwrap();
+    fs::write(dir.join("ca.crt"), ca_cert.pem()).unwrap();
+    fs::write(dir.join("serving.crt"), serving_cert.pem()).unwrap();
+    fs::write(dir.join("serving.key"), serving_key.serialize_pem()).unwrap();
+    fs::write(dir.join("sa.key"), sa_key.serialize_pem()).unwrap();
+    fs::write(dir.join("sa.pub"), sa_key.public_key_pem()).unwrap();
+    ca_cert.pem()
+}
+
+/// Spawns a child that gets SIGKILL when the test process dies, logging to `log`.
+fn spawn(mut cmd: Command, log: &Path) -> Child {
+    let out = fs::File::create(log).unwrap();
+    let err = out.try_clone().unwrap();
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap_or_else(|e| panic!("starting {:?}: {e}; {INSTALL_HINT}", cmd.get_program()))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for_port(port: u16, timeout: Duration, log: impl Fn() -> String) {
+    let deadline = Instant::now() + timeout;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port} after {timeout:?}:\n{}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn now_millis() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+}
+
+fn rss_of(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
