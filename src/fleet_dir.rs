@@ -146,7 +146,8 @@ fn manifest_files(dir: &Path, problems: &mut Vec<String>) -> Vec<PathBuf> {
 }
 
 fn first_line(s: &str) -> String {
-    s.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or(s).to_string()
+    let line = s.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or(s);
+    line.strip_prefix("error: ").unwrap_or(line).to_string()
 }
 
 fn load_file(path: &Path, cluster: &str, fleet: &mut LoadedFleet) {

@@ -24,11 +24,17 @@ pub const API_VERSION: &str = "networking.istio.io/v1";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceEntrySpec {
+    // Required fields still default on input: objects read back from clusters (or a user's own)
+    // may lack them, and must parse so that they can be compared or reported as conflicts.
+    #[serde(default)]
     pub hosts: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
+    #[serde(default)]
     pub ports: Vec<ServicePort>,
+    #[serde(default)]
     pub location: String,
+    #[serde(default)]
     pub resolution: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<WorkloadEntry>,
@@ -40,7 +46,9 @@ pub struct ServiceEntrySpec {
 #[serde(rename_all = "camelCase")]
 pub struct ServicePort {
     pub number: u32,
+    #[serde(default)]
     pub name: String,
+    #[serde(default)]
     pub protocol: String,
 }
 
@@ -68,6 +76,7 @@ pub struct WorkloadEntry {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DestinationRuleSpec {
+    #[serde(default)]
     pub host: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_policy: Option<TrafficPolicy>,
@@ -153,5 +162,6 @@ pub struct WorkloadSelector {
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct EgressListener {
+    #[serde(default)]
     pub hosts: Vec<String>,
 }

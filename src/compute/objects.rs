@@ -18,7 +18,7 @@ use crate::istio::{
 use crate::model::{ClusterId, Fleet, GATEWAY_NAMESPACE, Workload};
 use crate::settings::{ExportTo, Settings, SidecarMode, VipMode};
 
-use super::identity::{EnvPlan, HostPlan, ResolvedIdentity, resolve};
+use super::identity::{EnvPlan, ExposedPort, HostPlan, ResolvedIdentity, resolve};
 use super::policy::{LbType, h2_upgrade_policy_name, is_dns_subdomain, lb_type};
 use super::vip::VipTable;
 use super::{
@@ -52,6 +52,7 @@ pub fn compute_identity(
             ));
             continue;
         }
+        check_port_agreement(identity, env, &mut out.diagnostics);
         let targets: BTreeSet<&str> =
             env.sources.keys().map(String::as_str).chain(resolved.client_clusters.iter().copied()).collect();
         let mut written: BTreeMap<ClusterId, BTreeSet<String>> = BTreeMap::new();
@@ -136,29 +137,66 @@ fn meta(name: String, namespace: &str, labels: BTreeMap<String, String>) -> Obje
     ObjectMeta { name: Some(name), namespace: Some(namespace.to_string()), labels: Some(labels), ..Default::default() }
 }
 
+/// The ports of a host: those of its first source cluster (by id). Every endpoint maps these
+/// names, whatever its own Service calls them.
+fn host_ports<'a>(env: &'a EnvPlan<'_>) -> &'a [ExposedPort] {
+    &env.sources.values().next().expect("env with sources").ports
+}
+
 /// One endpoint per source cluster, as seen from `target`: the local Service in its own cluster,
 /// the source's gateway elsewhere (sources without a gateway are unreachable from outside).
 fn endpoints_for(env: &EnvPlan<'_>, target: &str, facts: &BTreeMap<ClusterId, ClusterFacts>) -> Vec<WorkloadEntry> {
+    let ports = host_ports(env);
     let mut endpoints = Vec::new();
     for (source_id, source) in &env.sources {
         let source_facts = &facts[source_id];
         if source_id == target {
+            // The host's port N is this Service's port N (all ports), or its mesh port (primary).
+            let local_port = |p: &ExposedPort| match source.ports.as_slice() {
+                [only] if ports.len() == 1 => Some(only.service_port),
+                own => own.iter().find(|o| o.number == p.number).map(|o| o.service_port),
+            };
             endpoints.push(WorkloadEntry {
                 address: format!("{}.{}.svc.cluster.local", source.service.name, source.service.namespace),
-                ports: source.ports.iter().map(|p| (p.name.clone(), p.service_port)).collect(),
+                ports: ports.iter().filter_map(|p| Some((p.name.clone(), local_port(p)?))).collect(),
                 locality: source_facts.region.clone(),
                 labels: BTreeMap::new(),
             });
         } else if let Some(gateway) = &source_facts.gateway_address {
             endpoints.push(WorkloadEntry {
                 address: gateway.clone(),
-                ports: source.ports.iter().map(|p| (p.name.clone(), u32::from(source_facts.gateway_port))).collect(),
+                ports: ports.iter().map(|p| (p.name.clone(), u32::from(source_facts.gateway_port))).collect(),
                 locality: source_facts.region.clone(),
                 labels: BTreeMap::from([(TLS_MODE_LABEL.to_string(), "istio".to_string())]),
             });
         }
     }
     endpoints
+}
+
+/// Sources whose ports disagree with the host's (taken from the first source) are reported.
+fn check_port_agreement(identity: &str, env: &EnvPlan<'_>, diagnostics: &mut Vec<Diagnostic>) {
+    let ports = host_ports(env);
+    let (first_id, _) = env.sources.iter().next().expect("env with sources");
+    for (id, source) in env.sources.iter().skip(1) {
+        let same = source.ports.len() == ports.len()
+            && source.ports.iter().zip(ports).all(|(a, b)| a.number == b.number && a.protocol == b.protocol);
+        if !same {
+            let show = |ps: &[ExposedPort]| {
+                ps.iter().map(|p| format!("{}/{}", p.number, p.protocol)).collect::<Vec<_>>().join(",")
+            };
+            diagnostics.push(Diagnostic::warning(
+                Some(id),
+                format!("Service {}/{}", source.service.namespace, source.service.name),
+                format!(
+                    "identity {identity:?} env {:?} exposes {} here but {} in cluster {first_id}; the host uses {first_id}'s ports",
+                    env.env,
+                    show(&source.ports),
+                    show(ports)
+                ),
+            ));
+        }
+    }
 }
 
 /// `exportTo` for `--export-to=dependents`: istio-system, the identity's own namespaces and its

@@ -1,0 +1,63 @@
+//! The command line itself: `crds` matches the checked-in YAML, `version` and `run` say what
+//! they should, bad flags name themselves.
+
+use std::process::Command;
+
+fn flotilla(args: &[&str]) -> (String, String, i32) {
+    let out = Command::new(env!("CARGO_BIN_EXE_flotilla")).args(args).output().expect("running flotilla");
+    (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap(), out.status.code().unwrap_or(-1))
+}
+
+#[test]
+fn crds_output_matches_the_checked_in_yaml() {
+    let (stdout, _, code) = flotilla(&["crds"]);
+    assert_eq!(code, 0);
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/admiral.io.yaml");
+    let checked_in = std::fs::read_to_string(path).unwrap();
+    assert!(
+        stdout == checked_in,
+        "crds/admiral.io.yaml is out of date: regenerate with `cargo run -- crds > crds/admiral.io.yaml`"
+    );
+    for kind in ["GlobalTrafficPolicy", "Dependency", "OutlierDetection", "ClientConnectionConfig"] {
+        assert!(stdout.contains(&format!("kind: {kind}\n")), "{kind} missing");
+    }
+    assert_eq!(stdout.matches("subresources:\n").count(), 4, "every kind has a status subresource");
+}
+
+#[test]
+fn version_and_the_unbuilt_run_command() {
+    let (stdout, _, code) = flotilla(&["version"]);
+    assert_eq!(code, 0);
+    assert!(stdout.starts_with(&format!("flotilla {}\n", env!("CARGO_PKG_VERSION"))), "{stdout}");
+    let (_, stderr, code) = flotilla(&["run"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("not built yet"), "{stderr}");
+}
+
+#[test]
+fn invalid_flags_are_named() {
+    let (_, stderr, code) = flotilla(&["render", "examples/fleet", "--vip-cidr", "240.0.0.1/16"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--vip-cidr") && stderr.contains("host bits"), "{stderr}");
+    let (_, stderr, code) = flotilla(&["render", "examples/fleet", "--sync-namespace", "Not_A_Namespace"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--sync-namespace"), "{stderr}");
+}
+
+#[test]
+fn the_example_fleet_renders_cleanly_and_flags_come_from_the_environment() {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .current_dir(dir)
+        .args(["render", "examples/fleet"])
+        .env("FLOTILLA_SYNC_NAMESPACE", "from-env")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stderr.is_empty(), "the example has nothing to warn about: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("namespace: from-env"));
+    for id in ["east-1", "west-1", "west-2"] {
+        assert!(stdout.contains(&format!("# cluster: {id}\n")), "{id}");
+    }
+}

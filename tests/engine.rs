@@ -1,0 +1,431 @@
+//! Invariants of the pure engine over random fleets, and scenarios that need more than one
+//! snapshot (removals, incremental recompute).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use flotilla::compute::plan::{ObservedObject, plan_cluster};
+use flotilla::compute::vip::VipTable;
+use flotilla::compute::{DesiredObject, Engine, LABEL_MANAGED_BY, MANAGER};
+use flotilla::crd::{
+    Dependency, DependencySpec, GlobalTrafficPolicy, GlobalTrafficPolicySpec, TrafficGroup, TrafficPolicy,
+};
+use flotilla::model::{ClusterOverrides, HUB, InputKind, InputObject};
+use flotilla::settings::Settings;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{Node, PodTemplateSpec, Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use proptest::prelude::*;
+
+fn meta(ns: Option<&str>, name: &str, labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> ObjectMeta {
+    let map = |kv: &[(&str, &str)]| {
+        (!kv.is_empty()).then(|| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    };
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: ns.map(String::from),
+        labels: map(labels),
+        annotations: map(annotations),
+        ..Default::default()
+    }
+}
+
+fn workload(ns: &str, name: &str, identity: &str, env: &str) -> InputObject {
+    InputObject::Deployment(Box::new(Deployment {
+        metadata: meta(Some(ns), name, &[], &[]),
+        spec: Some(DeploymentSpec {
+            template: PodTemplateSpec {
+                metadata: Some(meta(None, "", &[("app", name), ("identity", identity)], &[("admiral.io/env", env)])),
+                spec: None,
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }))
+}
+
+fn service(ns: &str, app: &str) -> InputObject {
+    InputObject::Service(Box::new(Service {
+        metadata: meta(Some(ns), app, &[], &[]),
+        spec: Some(ServiceSpec {
+            selector: Some([("app".to_string(), app.to_string())].into()),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                target_port: Some(IntOrString::Int(8080)),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }))
+}
+
+fn node(name: &str, region: &str) -> InputObject {
+    InputObject::Node(Box::new(Node {
+        metadata: meta(None, name, &[("topology.kubernetes.io/region", region)], &[]),
+        ..Default::default()
+    }))
+}
+
+fn dependency(ns: &str, name: &str, source: &str, destinations: &[&str]) -> InputObject {
+    InputObject::Dependency(Box::new(Dependency {
+        metadata: meta(Some(ns), name, &[], &[]),
+        spec: DependencySpec {
+            source: source.into(),
+            identity_label: None,
+            destinations: destinations.iter().map(|d| d.to_string()).collect(),
+        },
+        status: None,
+    }))
+}
+
+fn failover_gtp(ns: &str, name: &str, identity: &str, env: &str, west: i32, prefix: Option<&str>) -> InputObject {
+    let entry = |p: Option<&str>| TrafficPolicy {
+        dns_prefix: p.map(String::from),
+        lb_type: Some(IntOrString::String("FAILOVER".into())),
+        target: Some(vec![
+            TrafficGroup { region: "west".into(), weight: Some(west) },
+            TrafficGroup { region: "east".into(), weight: Some(100 - west) },
+        ]),
+        ..Default::default()
+    };
+    let mut policy = vec![entry(Some("default"))];
+    policy.extend(prefix.map(|p| entry(Some(p))));
+    InputObject::GlobalTrafficPolicy(Box::new(GlobalTrafficPolicy {
+        metadata: meta(Some(ns), name, &[("identity", identity)], &[("admiral.io/env", env)]),
+        spec: GlobalTrafficPolicySpec { policy, selector: BTreeMap::new() },
+        status: None,
+    }))
+}
+
+fn gateway(ip: &str) -> InputObject {
+    let mut svc = Service {
+        metadata: meta(Some("istio-system"), "istio-eastwestgateway", &[("istio", "eastwestgateway")], &[]),
+        spec: Some(ServiceSpec {
+            selector: Some([("istio".to_string(), "eastwestgateway".to_string())].into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    svc.status = serde_json::from_value(serde_json::json!({"loadBalancer": {"ingress": [{"ip": ip}]}})).unwrap();
+    InputObject::Service(Box::new(svc))
+}
+
+type Objects = BTreeMap<String, Vec<DesiredObject>>;
+
+fn engine_with(clusters: &[&str], objects: &[(String, InputObject)]) -> Engine {
+    let mut engine = Engine::new(Settings::default(), VipTable::default());
+    for c in clusters {
+        engine.fleet.upsert_cluster(c, ClusterOverrides::default());
+    }
+    for (c, o) in objects {
+        engine.fleet.upsert(c, o.clone());
+    }
+    engine.recompute();
+    engine
+}
+
+fn snapshot(engine: &Engine, clusters: &[&str]) -> Objects {
+    clusters.iter().map(|c| (c.to_string(), engine.desired.cluster(c).cloned().collect())).collect()
+}
+
+/// A random fleet: up to 4 clusters, 6 identities, Dependencies (some `*`), GTPs.
+#[derive(Clone, Debug)]
+struct FleetSpec {
+    objects: Vec<(String, InputObject)>,
+}
+
+const CLUSTERS: [&str; 4] = ["c0", "c1", "c2", "c3"];
+const IDS: [&str; 6] = ["i0", "i1", "i2", "i3", "i4", "i5"];
+
+fn fleet_strategy() -> impl Strategy<Value = FleetSpec> {
+    let workloads = prop::collection::vec((0..4usize, 0..6usize, 0..2usize, 0..2usize, any::<bool>()), 1..14);
+    let deps = prop::collection::vec((0..6usize, prop::collection::vec(0..7usize, 1..4), 0..5usize), 0..5);
+    let gtps = prop::collection::vec((0..4usize, 0..6usize, 0..2usize, 0..=100i32, any::<bool>()), 0..4);
+    let infra = prop::collection::vec((0..3usize, any::<bool>()), 4);
+    (workloads, deps, gtps, infra).prop_map(|(workloads, deps, gtps, infra)| {
+        let mut objects = Vec::new();
+        for (i, (region, has_gw)) in infra.iter().enumerate() {
+            let c = CLUSTERS[i].to_string();
+            if *region < 2 {
+                objects.push((c.clone(), node(&format!("node-{i}"), ["west", "east"][*region])));
+            }
+            if *has_gw {
+                objects.push((c.clone(), gateway(&format!("10.0.0.{i}"))));
+            }
+        }
+        for (c, id, ns, env, with_service) in workloads {
+            let ns = format!("ns{ns}");
+            let name = format!("{}-{}", IDS[id], ["stage", "prod"][env]);
+            objects.push((CLUSTERS[c].into(), workload(&ns, &name, IDS[id], ["stage", "prod"][env])));
+            if with_service {
+                objects.push((CLUSTERS[c].into(), service(&ns, &name)));
+            }
+        }
+        for (k, (src, dests, place)) in deps.into_iter().enumerate() {
+            let dests: Vec<&str> = dests.iter().map(|d| if *d == 6 { "*" } else { IDS[*d] }).collect();
+            let at = if place == 4 { HUB.to_string() } else { CLUSTERS[place].to_string() };
+            objects.push((at, dependency("deps", &format!("dep-{k}"), IDS[src], &dests)));
+        }
+        for (k, (c, id, env, west, prefixed)) in gtps.into_iter().enumerate() {
+            let env = ["stage", "prod"][env];
+            let gtp = failover_gtp("ns0", &format!("gtp-{k}"), IDS[id], env, west.max(1), prefixed.then_some("west"));
+            objects.push((CLUSTERS[c].into(), gtp));
+        }
+        // Like an API server: one object per (cluster, kind, namespace, name), the last write wins.
+        let mut unique: BTreeMap<(String, String, String, String), (String, InputObject)> = BTreeMap::new();
+        for (c, o) in objects {
+            let m = o.meta();
+            let key = (
+                c.clone(),
+                format!("{:?}", o.kind()),
+                m.namespace.clone().unwrap_or_default(),
+                m.name.clone().unwrap_or_default(),
+            );
+            unique.insert(key, (c, o));
+        }
+        FleetSpec { objects: unique.into_values().collect() }
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    #[test]
+    fn shuffled_input_gives_identical_output(spec in fleet_strategy(), seed in any::<u64>()) {
+        let a = engine_with(&CLUSTERS, &spec.objects);
+        let mut shuffled = spec.objects.clone();
+        // A deterministic permutation from the seed.
+        let mut s = seed | 1;
+        for i in (1..shuffled.len()).rev() {
+            s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+            shuffled.swap(i, (s % (i as u64 + 1)) as usize);
+        }
+        let b = engine_with(&CLUSTERS, &shuffled);
+        let ya = flotilla::yaml::to_yaml(&snapshot(&a, &CLUSTERS));
+        let yb = flotilla::yaml::to_yaml(&snapshot(&b, &CLUSTERS));
+        prop_assert_eq!(ya, yb);
+        prop_assert_eq!(a.all_diagnostics(), b.all_diagnostics());
+    }
+
+    #[test]
+    fn incremental_recompute_equals_full_recompute(spec in fleet_strategy(), removals in prop::collection::vec(any::<prop::sample::Index>(), 0..6)) {
+        // Feed objects one at a time, recomputing after each, then delete some.
+        let mut inc = Engine::new(Settings::default(), VipTable::default());
+        for c in CLUSTERS { inc.fleet.upsert_cluster(c, ClusterOverrides::default()); }
+        inc.recompute();
+        for (c, o) in &spec.objects {
+            inc.fleet.upsert(c, o.clone());
+            inc.recompute();
+        }
+        let mut remaining = spec.objects.clone();
+        for r in removals {
+            if remaining.is_empty() { break; }
+            let (c, o) = remaining.remove(r.index(remaining.len()));
+            let m = o.meta();
+            inc.fleet.delete(&c, o.kind(), m.namespace.as_deref().unwrap_or(""), m.name.as_deref().unwrap_or(""));
+            inc.recompute();
+        }
+        // Same VIP table, so addresses are comparable.
+        let mut full = Engine::new(Settings::default(), VipTable::from_existing(inc.vips.all().clone()));
+        for c in CLUSTERS { full.fleet.upsert_cluster(c, ClusterOverrides::default()); }
+        for (c, o) in &remaining { full.fleet.upsert(c, o.clone()); }
+        full.recompute();
+        prop_assert_eq!(snapshot(&inc, &CLUSTERS), snapshot(&full, &CLUSTERS));
+    }
+
+    #[test]
+    fn outputs_are_labelled_targeted_and_plan_to_nothing(spec in fleet_strategy()) {
+        let engine = engine_with(&CLUSTERS, &spec.objects);
+        let fleet = &engine.fleet;
+        let mut vip_of_host: BTreeMap<String, String> = BTreeMap::new();
+        for c in CLUSTERS {
+            let desired = engine.desired.cluster_map(c).cloned().unwrap_or_default();
+            for obj in desired.values() {
+                let labels = obj.meta().labels.clone().unwrap_or_default();
+                prop_assert_eq!(labels.get(LABEL_MANAGED_BY).map(String::as_str), Some(MANAGER));
+                let identity = labels.get("flotilla.io/identity").cloned().unwrap();
+                if let DesiredObject::ServiceEntry(se) = obj.as_ref() {
+                    // Written only where the identity runs or one of its clients runs.
+                    let mut targets: BTreeSet<&str> = fleet.clusters_running(&identity);
+                    for client in fleet.clients_of(&identity) { targets.extend(fleet.clusters_running(client)); }
+                    prop_assert!(targets.contains(c), "{} written to {} outside {:?}", se.spec.hosts[0], c, targets);
+                    // One VIP per host, the same in every cluster, never shared.
+                    let vip = se.spec.addresses[0].clone();
+                    match vip_of_host.get(&se.spec.hosts[0]) {
+                        Some(v) => prop_assert_eq!(v, &vip),
+                        None => { vip_of_host.insert(se.spec.hosts[0].clone(), vip); }
+                    }
+                }
+            }
+            // plan(d, d) is empty: what is desired and already there needs no write.
+            let observed = desired.iter().map(|(k, o)| (k.clone(), ObservedObject::new(o.as_ref().clone()))).collect();
+            let plan = plan_cluster(&desired, &observed);
+            prop_assert!(plan.is_empty() && plan.conflicts.is_empty(), "{:?}", plan);
+        }
+        let unique: BTreeSet<&String> = vip_of_host.values().collect();
+        prop_assert_eq!(unique.len(), vip_of_host.len(), "VIPs collide");
+    }
+
+    #[test]
+    fn vips_never_move_when_other_hosts_come_and_go(spec in fleet_strategy(), drop in any::<prop::sample::Index>()) {
+        let mut engine = engine_with(&CLUSTERS, &spec.objects);
+        let before = engine.vips.all().clone();
+        let (c, o) = &spec.objects[drop.index(spec.objects.len())];
+        let m = o.meta();
+        engine.fleet.delete(c, o.kind(), m.namespace.as_deref().unwrap_or(""), m.name.as_deref().unwrap_or(""));
+        engine.fleet.upsert("c0", workload("extra", "newcomer", "newcomer", "stage"));
+        engine.fleet.upsert("c0", service("extra", "newcomer"));
+        engine.recompute();
+        for (host, ip) in &before {
+            prop_assert_eq!(engine.vips.get(host), Some(*ip), "{} moved", host);
+        }
+    }
+}
+
+fn hosts_in(objects: &[DesiredObject]) -> BTreeSet<String> {
+    objects
+        .iter()
+        .filter_map(|o| match o {
+            DesiredObject::ServiceEntry(se) => Some(se.spec.hosts[0].clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn base_fleet() -> Vec<(String, InputObject)> {
+    vec![
+        ("a".into(), node("a1", "west")),
+        ("a".into(), gateway("10.0.0.1")),
+        ("b".into(), node("b1", "east")),
+        ("b".into(), gateway("10.0.0.2")),
+        ("a".into(), workload("sample", "greeting", "greeting", "stage")),
+        ("a".into(), service("sample", "greeting")),
+        ("b".into(), workload("web", "webapp", "webapp", "stage")),
+        ("b".into(), service("web", "webapp")),
+        (HUB.into(), dependency("flotilla", "webapp", "webapp", &["greeting"])),
+    ]
+}
+
+#[test]
+fn removing_a_dependency_removes_what_it_caused() {
+    let mut engine = engine_with(&["a", "b"], &base_fleet());
+    let b: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
+    assert!(hosts_in(&b).contains("stage.greeting.global"));
+    assert!(b.iter().any(|o| matches!(o, DesiredObject::Sidecar(_))));
+
+    engine.fleet.delete(HUB, InputKind::Dependency, "flotilla", "webapp");
+    let changed = engine.recompute();
+    let b: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
+    assert_eq!(hosts_in(&b), BTreeSet::from(["stage.webapp.global".to_string()]), "only b's own host is left");
+    assert!(!b.iter().any(|o| matches!(o, DesiredObject::Sidecar(_))), "the client's Sidecar goes too");
+    assert_eq!(changed.changed["b"].len(), 3, "SE, DR and Sidecar removed from b: {:?}", changed.changed);
+    assert!(!changed.changed.contains_key("a"), "nothing changes in a");
+}
+
+#[test]
+fn removing_a_destination_and_a_prefix_removes_exactly_their_objects() {
+    let mut objects = base_fleet();
+    objects.push(("a".into(), failover_gtp("sample", "g", "greeting", "stage", 80, Some("west"))));
+    let mut engine = engine_with(&["a", "b"], &objects);
+    let hosts = |e: &Engine| hosts_in(&e.desired.cluster("b").cloned().collect::<Vec<_>>());
+    assert!(hosts(&engine).contains("west.stage.greeting.global"));
+
+    // The GTP loses its prefixed entry: the prefixed host goes, the default host stays.
+    engine.fleet.upsert("a", failover_gtp("sample", "g", "greeting", "stage", 80, None));
+    engine.recompute();
+    assert_eq!(hosts(&engine), BTreeSet::from(["stage.greeting.global".into(), "stage.webapp.global".into()]));
+
+    // The Dependency no longer names greeting.
+    engine.fleet.upsert(HUB, dependency("flotilla", "webapp", "webapp", &["somebody-else"]));
+    engine.recompute();
+    assert_eq!(hosts(&engine), BTreeSet::from(["stage.webapp.global".into()]));
+}
+
+#[test]
+fn a_gtp_change_reports_only_the_destination_rules_it_touches() {
+    let mut objects = base_fleet();
+    objects.push(("a".into(), failover_gtp("sample", "g", "greeting", "stage", 80, None)));
+    let mut engine = engine_with(&["a", "b"], &objects);
+    engine.fleet.upsert("a", failover_gtp("sample", "g", "greeting", "stage", 60, None));
+    let changed = engine.recompute();
+    for (cluster, keys) in &changed.changed {
+        let names: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        assert_eq!(names, ["DestinationRule admiral-sync/stage.greeting.global-default-dr"], "in {cluster}");
+    }
+    assert_eq!(changed.changed.len(), 2);
+}
+
+#[test]
+fn an_invalid_edit_keeps_the_previous_valid_policy() {
+    let mut objects = base_fleet();
+    objects.push(("a".into(), failover_gtp("sample", "g", "greeting", "stage", 80, Some("west"))));
+    let mut engine = engine_with(&["a", "b"], &objects);
+    let before: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
+    // Weights 80 + 30: invalid. The last valid spec stays in force and the policy says why.
+    let InputObject::GlobalTrafficPolicy(mut g) = failover_gtp("sample", "g", "greeting", "stage", 80, Some("west"))
+    else {
+        unreachable!()
+    };
+    g.spec.policy[0].target.as_mut().unwrap()[1].weight = Some(30);
+    engine.fleet.upsert("a", InputObject::GlobalTrafficPolicy(g));
+    engine.recompute();
+    let after: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
+    assert_eq!(before, after);
+    let report = engine.desired.reports().find(|r| r.at.name == "g").unwrap();
+    match &report.state {
+        flotilla::compute::PolicyState::Invalid(reason) => assert!(reason.contains("sum to 110"), "{reason}"),
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_stale_member_keeps_its_endpoints() {
+    let mut engine = engine_with(&["a", "b"], &base_fleet());
+    let before: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
+    engine.fleet.set_health("a", flotilla::model::ClusterHealth::Stale);
+    engine.recompute();
+    let after: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
+    assert_eq!(before, after, "fail static: nothing is withdrawn because a member is stale");
+}
+
+#[test]
+fn a_removed_member_leaves_the_model() {
+    let mut engine = engine_with(&["a", "b"], &base_fleet());
+    engine.fleet.remove_cluster("a");
+    engine.recompute();
+    let b: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
+    assert_eq!(hosts_in(&b), BTreeSet::from(["stage.webapp.global".to_string()]));
+    assert_eq!(engine.desired.cluster("a").count(), 0);
+}
+
+#[test]
+fn plan_never_prunes_or_updates_objects_without_our_label() {
+    let engine = engine_with(&["a", "b"], &base_fleet());
+    let desired = engine.desired.cluster_map("b").unwrap().clone();
+    let mut observed = BTreeMap::new();
+    // A user's object with the name we want, and a user's object we do not want.
+    let mut theirs = desired.values().next().unwrap().as_ref().clone();
+    if let DesiredObject::DestinationRule(dr) = &mut theirs {
+        dr.metadata.labels = None;
+    }
+    observed.insert(theirs.key(), ObservedObject::new(theirs.clone()));
+    let mut stray = theirs.clone();
+    if let DesiredObject::DestinationRule(dr) = &mut stray {
+        dr.metadata.name = Some("someone-elses-dr".into());
+    }
+    observed.insert(stray.key(), ObservedObject::new(stray.clone()));
+    // Our own object that is no longer desired.
+    let mut ours = desired.values().last().unwrap().as_ref().clone();
+    if let DesiredObject::Sidecar(s) = &mut ours {
+        s.metadata.name = Some("old-egress".into());
+    }
+    observed.insert(ours.key(), ObservedObject::new(ours.clone()));
+
+    let plan = plan_cluster(&desired, &observed);
+    assert_eq!(plan.conflicts, vec![theirs.key()]);
+    assert_eq!(plan.prune, vec![ours.key()], "only our own leftover is pruned");
+    assert!(!plan.apply.iter().any(|o| o.key() == theirs.key()), "the user's object is not overwritten");
+    assert_eq!(plan.apply.len(), desired.len() - 1);
+}
