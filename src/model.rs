@@ -354,22 +354,18 @@ impl Fleet {
         for w in cluster.workloads.values() {
             self.unindex_workload(id, w);
         }
-        let policy_refs: Vec<ObjectRef> = self
-            .gtps
-            .keys()
-            .chain(self.outlier_detections.keys())
-            .chain(self.connection_configs.keys())
-            .chain(self.dependencies.keys())
-            .filter(|r| r.cluster == id)
-            .cloned()
-            .collect();
-        for r in policy_refs {
-            for kind in [
-                InputKind::GlobalTrafficPolicy,
-                InputKind::OutlierDetection,
-                InputKind::ClientConnectionConfig,
-                InputKind::Dependency,
-            ] {
+        let in_cluster = |r: &&ObjectRef| r.cluster == id;
+        let gtps: Vec<ObjectRef> = self.gtps.keys().filter(in_cluster).cloned().collect();
+        let ods: Vec<ObjectRef> = self.outlier_detections.keys().filter(in_cluster).cloned().collect();
+        let cccs: Vec<ObjectRef> = self.connection_configs.keys().filter(in_cluster).cloned().collect();
+        let deps: Vec<ObjectRef> = self.dependencies.keys().filter(in_cluster).cloned().collect();
+        for (kind, refs) in [
+            (InputKind::GlobalTrafficPolicy, gtps),
+            (InputKind::OutlierDetection, ods),
+            (InputKind::ClientConnectionConfig, cccs),
+            (InputKind::Dependency, deps),
+        ] {
+            for r in refs {
                 self.delete(id, kind, &r.namespace, &r.name);
             }
         }
@@ -470,8 +466,7 @@ impl Fleet {
             }
             InputObject::GlobalTrafficPolicy(g) => {
                 let at = ObjectRef { cluster: cluster.to_string(), namespace, name };
-                let previous = self.gtps.get(&at).and_then(|p| p.effective.clone());
-                let mut policy = policy_header(at.clone(), &g.metadata, Some(&g.spec.selector), &self.identity_label);
+                let mut policy = policy_header(at, &g.metadata, Some(&g.spec.selector), &self.identity_label);
                 policy.priority = match g.metadata.labels.as_ref().and_then(|l| l.get("priority")) {
                     None => 0,
                     Some(p) => p.trim().parse().unwrap_or_else(|_| {
@@ -479,54 +474,21 @@ impl Fleet {
                         0
                     }),
                 };
-                match crate::compute::policy::validate_gtp(&g.spec, &policy.env) {
-                    Ok(()) => policy.effective = Some(g.spec.clone()),
-                    Err(reason) => {
-                        policy.effective = previous;
-                        policy.invalid = Some(reason);
-                    }
-                }
-                let old = self.gtps.insert(at.clone(), policy);
-                reindex_policy(
-                    &mut self.gtps_by_identity,
-                    &mut self.dirty,
-                    &at,
-                    old.and_then(|p| p.identity),
-                    self.gtps[&at].identity.clone(),
-                );
+                let valid = crate::compute::policy::validate_gtp(&g.spec, &policy.env);
+                store_policy(&mut self.gtps, &mut self.gtps_by_identity, &mut self.dirty, policy, &g.spec, valid);
             }
             InputObject::OutlierDetection(o) => {
                 let at = ObjectRef { cluster: cluster.to_string(), namespace, name };
-                let mut policy = policy_header(at.clone(), &o.metadata, Some(&o.spec.selector), &self.identity_label);
-                policy.effective = Some(o.spec.clone());
-                let old = self.outlier_detections.insert(at.clone(), policy);
-                reindex_policy(
-                    &mut self.ods_by_identity,
-                    &mut self.dirty,
-                    &at,
-                    old.and_then(|p| p.identity),
-                    self.outlier_detections[&at].identity.clone(),
-                );
+                let policy = policy_header(at, &o.metadata, Some(&o.spec.selector), &self.identity_label);
+                let (policies, index) = (&mut self.outlier_detections, &mut self.ods_by_identity);
+                store_policy(policies, index, &mut self.dirty, policy, &o.spec, Ok(()));
             }
             InputObject::ClientConnectionConfig(o) => {
                 let at = ObjectRef { cluster: cluster.to_string(), namespace, name };
-                let previous = self.connection_configs.get(&at).and_then(|p| p.effective.clone());
-                let mut policy = policy_header(at.clone(), &o.metadata, Some(&o.spec.selector), &self.identity_label);
-                match crate::compute::policy::validate_connection_config(&o.spec) {
-                    Ok(()) => policy.effective = Some(o.spec.clone()),
-                    Err(reason) => {
-                        policy.effective = previous;
-                        policy.invalid = Some(reason);
-                    }
-                }
-                let old = self.connection_configs.insert(at.clone(), policy);
-                reindex_policy(
-                    &mut self.cccs_by_identity,
-                    &mut self.dirty,
-                    &at,
-                    old.and_then(|p| p.identity),
-                    self.connection_configs[&at].identity.clone(),
-                );
+                let policy = policy_header(at, &o.metadata, Some(&o.spec.selector), &self.identity_label);
+                let valid = crate::compute::policy::validate_connection_config(&o.spec);
+                let (policies, index) = (&mut self.connection_configs, &mut self.cccs_by_identity);
+                store_policy(policies, index, &mut self.dirty, policy, &o.spec, valid);
             }
             InputObject::Dependency(d) => {
                 let at = ObjectRef { cluster: cluster.to_string(), namespace, name };
@@ -732,6 +694,29 @@ impl Fleet {
             }
         }
     }
+}
+
+/// Stores a policy under its identity. A spec that fails validation does not replace the last
+/// valid one, which stays in force; the reason is kept for the policy's status.
+fn store_policy<S: Clone>(
+    policies: &mut BTreeMap<ObjectRef, Policy<S>>,
+    index: &mut BTreeMap<String, BTreeSet<ObjectRef>>,
+    dirty: &mut Dirty,
+    mut policy: Policy<S>,
+    spec: &S,
+    validation: Result<(), String>,
+) {
+    let at = policy.at.clone();
+    match validation {
+        Ok(()) => policy.effective = Some(spec.clone()),
+        Err(reason) => {
+            policy.effective = policies.get(&at).and_then(|p| p.effective.clone());
+            policy.invalid = Some(reason);
+        }
+    }
+    let identity = policy.identity.clone();
+    let old = policies.insert(at.clone(), policy);
+    reindex_policy(index, dirty, &at, old.and_then(|p| p.identity), identity);
 }
 
 fn reindex_policy(

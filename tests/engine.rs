@@ -392,9 +392,15 @@ fn a_stale_member_keeps_its_endpoints() {
 
 #[test]
 fn a_removed_member_leaves_the_model() {
-    let mut engine = engine_with(&["a", "b"], &base_fleet());
+    let mut objects = base_fleet();
+    objects.push(("a".into(), failover_gtp("sample", "g", "greeting", "stage", 80, None)));
+    objects.push(("a".into(), dependency("sample", "greeting", "greeting", &["webapp"])));
+    let mut engine = engine_with(&["a", "b"], &objects);
+    assert_eq!(engine.desired.reports().filter(|r| r.at.cluster == "a").count(), 2);
     engine.fleet.remove_cluster("a");
     engine.recompute();
+    assert_eq!(engine.desired.reports().filter(|r| r.at.cluster == "a").count(), 0, "its policies are gone");
+    assert!(engine.fleet.clients_of("webapp").is_empty(), "its Dependencies no longer count");
     let b: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
     assert_eq!(hosts_in(&b), BTreeSet::from(["stage.webapp.global".to_string()]));
     assert_eq!(engine.desired.cluster("a").count(), 0);

@@ -85,17 +85,31 @@ fn json_holds_the_same_objects_as_yaml() {
         let (json, _, _) = render(&case, &["--format", "json"]);
         let json: serde_json::Value = serde_json::from_str(&json).unwrap();
         let clusters = json["clusters"].as_object().unwrap();
+        // Line by line: `# cluster: <id>` starts a member, `---` starts a document.
         let mut from_yaml: std::collections::BTreeMap<String, Vec<serde_json::Value>> = Default::default();
-        let mut current = String::new();
-        for chunk in yaml.split("\n---\n").flat_map(|c| c.split("---\n")) {
-            if let Some(rest) = chunk.lines().find_map(|l| l.strip_prefix("# cluster: ")) {
-                current = rest.to_string();
+        let (mut current, mut doc) = (String::new(), String::new());
+        fn flush(into: &mut Vec<serde_json::Value>, doc: &mut String) {
+            if !doc.trim().is_empty() {
+                into.push(serde_saphyr::from_str(doc).unwrap());
+            }
+            doc.clear();
+        }
+        for line in yaml.lines() {
+            if let Some(id) = line.strip_prefix("# cluster: ") {
+                if !current.is_empty() {
+                    flush(from_yaml.get_mut(&current).unwrap(), &mut doc);
+                }
+                current = id.to_string();
                 from_yaml.entry(current.clone()).or_default();
+            } else if line == "---" {
+                flush(from_yaml.get_mut(&current).unwrap(), &mut doc);
+            } else {
+                doc.push_str(line);
+                doc.push('\n');
             }
-            let body: String = chunk.lines().filter(|l| !l.starts_with("# cluster: ")).collect::<Vec<_>>().join("\n");
-            if !body.trim().is_empty() {
-                from_yaml.get_mut(&current).unwrap().push(serde_saphyr::from_str(&body).unwrap());
-            }
+        }
+        if !current.is_empty() {
+            flush(from_yaml.get_mut(&current).unwrap(), &mut doc);
         }
         assert_eq!(clusters.len(), from_yaml.len(), "{}", case.display());
         for (id, objects) in clusters {
