@@ -28,6 +28,8 @@ pub enum Command {
     Render(RenderArgs),
     /// Print the CustomResourceDefinitions flotilla serves (the content of crds/).
     Crds,
+    /// Write a deterministic synthetic fleet directory, for scale runs of `render`.
+    Synth(SynthArgs),
     /// Print version and build information.
     Version,
 }
@@ -47,6 +49,29 @@ pub struct RenderArgs {
     pub strict: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Directory to write (one sub-directory per cluster).
+    pub out_dir: PathBuf,
+    #[arg(long, default_value_t = 10)]
+    pub clusters: usize,
+    #[arg(long, default_value_t = 3)]
+    pub regions: usize,
+    #[arg(long, default_value_t = 500)]
+    pub identities: usize,
+    /// Destinations per client identity.
+    #[arg(long, default_value_t = 5)]
+    pub dependencies: usize,
+    /// One identity in N depends on "*" (0: none).
+    #[arg(long, default_value_t = 1000)]
+    pub wildcard_every: usize,
+    /// One identity in N has a GlobalTrafficPolicy (0: none).
+    #[arg(long, default_value_t = 10)]
+    pub gtp_every: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }
 
 /// The flags that shape computed objects; shared by `run` and `render`.
@@ -143,6 +168,24 @@ pub fn execute(cli: Cli) -> ExitCode {
             Ok(_) => fail("`flotilla run` is not built yet; use `flotilla render FLEET_DIR` to see what it will write"),
         },
         Command::Render(args) => render(args),
+        Command::Synth(a) => {
+            if a.clusters == 0 || a.regions == 0 {
+                return fail("--clusters and --regions must be at least 1");
+            }
+            let spec = crate::synth::SynthSpec {
+                clusters: a.clusters,
+                regions: a.regions,
+                identities: a.identities,
+                dependencies: a.dependencies,
+                wildcard_every: a.wildcard_every,
+                gtp_every: a.gtp_every,
+                seed: a.seed,
+            };
+            match crate::synth::write_fleet_dir(&spec, &a.out_dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("{}: {e}", a.out_dir.display())),
+            }
+        }
     }
 }
 

@@ -11,4 +11,5 @@ pub mod istio;
 pub mod model;
 pub mod render;
 pub mod settings;
+pub mod synth;
 pub mod yaml;

@@ -301,6 +301,8 @@ pub struct Fleet {
     clients_by_destination: BTreeMap<String, BTreeSet<String>>,
     /// sources with a `*` destination.
     wildcard_sources: BTreeSet<String>,
+    /// source → the destinations it currently contributes to `clients_by_destination`.
+    named_by_source: BTreeMap<String, BTreeSet<String>>,
     dirty: Dirty,
 }
 
@@ -320,6 +322,7 @@ impl Fleet {
             deps_by_source: BTreeMap::new(),
             clients_by_destination: BTreeMap::new(),
             wildcard_sources: BTreeSet::new(),
+            named_by_source: BTreeMap::new(),
             dirty: Dirty { all: true, identities: BTreeSet::new() },
         }
     }
@@ -556,6 +559,13 @@ impl Fleet {
         if old == new {
             return;
         }
+        // Where a `*` client runs decides where every identity is written.
+        let wildcard_client = [&old, &new]
+            .iter()
+            .any(|w| w.as_ref().and_then(|w| w.identity.as_ref()).is_some_and(|id| self.wildcard_sources.contains(id)));
+        if wildcard_client {
+            self.dirty.all = true;
+        }
         if let Some(o) = &old {
             self.unindex_workload(cluster, o);
         }
@@ -676,22 +686,32 @@ impl Fleet {
         }
     }
 
-    /// Rebuilds the reverse dependency index entries of one source from its Dependencies.
+    /// Rebuilds the reverse dependency index entries of one source from its Dependencies,
+    /// touching only the destinations it named before and names now.
     fn reindex_source(&mut self, source: &str) {
-        for set in self.clients_by_destination.values_mut() {
-            set.remove(source);
+        for dest in self.named_by_source.remove(source).unwrap_or_default() {
+            if let Some(set) = self.clients_by_destination.get_mut(&dest) {
+                set.remove(source);
+                if set.is_empty() {
+                    self.clients_by_destination.remove(&dest);
+                }
+            }
         }
-        self.clients_by_destination.retain(|_, s| !s.is_empty());
         self.wildcard_sources.remove(source);
-        let entries: Vec<DependencyEntry> =
-            self.dependencies_of(source).filter(|d| d.invalid.is_none()).cloned().collect();
-        for d in entries {
-            if d.wildcard {
-                self.wildcard_sources.insert(source.to_string());
-            }
-            for dest in d.destinations {
-                self.clients_by_destination.entry(dest).or_default().insert(source.to_string());
-            }
+        let mut named = BTreeSet::new();
+        let mut wildcard = false;
+        for d in self.dependencies_of(source).filter(|d| d.invalid.is_none()) {
+            wildcard |= d.wildcard;
+            named.extend(d.destinations.iter().cloned());
+        }
+        if wildcard {
+            self.wildcard_sources.insert(source.to_string());
+        }
+        for dest in &named {
+            self.clients_by_destination.entry(dest.clone()).or_default().insert(source.to_string());
+        }
+        if !named.is_empty() {
+            self.named_by_source.insert(source.to_string(), named);
         }
     }
 }

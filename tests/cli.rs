@@ -61,3 +61,34 @@ fn the_example_fleet_renders_cleanly_and_flags_come_from_the_environment() {
         assert!(stdout.contains(&format!("# cluster: {id}\n")), "{id}");
     }
 }
+
+#[test]
+fn synth_is_deterministic_and_renders_without_errors() {
+    let base = std::env::temp_dir().join(format!("flotilla-synth-{}", std::process::id()));
+    let write = |name: &str, seed: &str| {
+        let dir = base.join(name);
+        let (_, stderr, code) =
+            flotilla(&["synth", dir.to_str().unwrap(), "--clusters", "4", "--identities", "60", "--seed", seed]);
+        assert_eq!(code, 0, "{stderr}");
+        dir
+    };
+    let read = |dir: &std::path::Path| -> Vec<(String, String)> {
+        let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        files
+            .iter()
+            .map(|d| (d.display().to_string(), std::fs::read_to_string(d.join("objects.yaml")).unwrap()))
+            .collect()
+    };
+    let (a, b, c) = (write("a", "7"), write("b", "7"), write("c", "8"));
+    let strip = |v: Vec<(String, String)>| v.into_iter().map(|(_, t)| t).collect::<Vec<_>>();
+    assert_eq!(strip(read(&a)), strip(read(&b)), "same seed, same fleet");
+    assert_ne!(strip(read(&a)), strip(read(&c)), "another seed, another fleet");
+    assert_eq!(read(&a).len(), 4);
+
+    let (stdout, stderr, code) = flotilla(&["render", a.to_str().unwrap(), "--strict"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("error:"), "{stderr}");
+    assert!(stdout.matches("kind: ServiceEntry").count() >= 60, "every identity is written somewhere");
+    std::fs::remove_dir_all(&base).unwrap();
+}

@@ -313,7 +313,9 @@ impl Engine {
         if dirty.is_empty() {
             return result;
         }
-        let identities: BTreeSet<String> = if dirty.all || dirty.identities.iter().any(|i| self.fleet.has_wildcard(i)) {
+        // A `*` client's workloads moving sets `all` in the model; naming a `*` client as a
+        // destination, or editing its Dependency, only touches the identities involved.
+        let identities: BTreeSet<String> = if dirty.all {
             self.facts = cluster_facts(&self.fleet, &self.settings);
             let mut all = self.fleet.identities();
             all.extend(self.desired.by_identity.keys().cloned());

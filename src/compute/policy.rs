@@ -58,7 +58,11 @@ pub fn validate_gtp(spec: &GlobalTrafficPolicySpec, env: &str) -> Result<(), Str
         }
         let targets = p.target.as_deref().unwrap_or_default();
         let mut sum = 0i64;
+        let mut regions = std::collections::BTreeSet::new();
         for (j, t) in targets.iter().enumerate() {
+            if !regions.insert(t.region.trim()) {
+                return Err(format!("{at}.target[{j}]: region {:?} appears twice", t.region.trim()));
+            }
             let w = t.weight.unwrap_or(0);
             if !(0..=100).contains(&w) {
                 return Err(format!("{at}.target[{j}]: weight {w} is outside 0..100"));
