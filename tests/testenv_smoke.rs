@@ -20,6 +20,14 @@ fn dynamic_api(client: &Client, group: &str, version: &str, kind: &str, namespac
     Api::namespaced_with(client.clone(), namespace, &resource)
 }
 
+fn config_map(name: &str, key: &str, value: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        data: Some([(key.to_string(), value.to_string())].into()),
+        ..Default::default()
+    }
+}
+
 fn parse(yaml: &str) -> DynamicObject {
     serde_saphyr::from_str(yaml).expect("test YAML")
 }
@@ -105,11 +113,7 @@ async fn crd_validation_is_istios_and_ours() {
 async fn server_side_apply_conflicts_are_reported() {
     let cluster = TestCluster::start("ssa").await;
     let api: Api<ConfigMap> = Api::namespaced(cluster.client().await, "default");
-    let cm = |value: &str| ConfigMap {
-        metadata: ObjectMeta { name: Some("shared".into()), ..Default::default() },
-        data: Some([("key".to_string(), value.to_string())].into()),
-        ..Default::default()
-    };
+    let cm = |value: &str| config_map("shared", "key", value);
     api.patch("shared", &PatchParams::apply("someone-else"), &Patch::Apply(cm("theirs"))).await.unwrap();
     let err = api
         .patch("shared", &PatchParams::apply("flotilla"), &Patch::Apply(cm("ours")))
@@ -126,11 +130,7 @@ async fn server_side_apply_conflicts_are_reported() {
 async fn a_watch_sees_an_update() {
     let cluster = TestCluster::start("watch").await;
     let api: Api<ConfigMap> = Api::namespaced(cluster.client().await, "default");
-    let cm = |v: &str| ConfigMap {
-        metadata: ObjectMeta { name: Some("watched".into()), ..Default::default() },
-        data: Some([("v".to_string(), v.to_string())].into()),
-        ..Default::default()
-    };
+    let cm = |v: &str| config_map("watched", "v", v);
     let pp = PatchParams::apply("flotilla-testenv");
     api.patch("watched", &pp, &Patch::Apply(cm("1"))).await.unwrap();
     let mut stream =
