@@ -1,8 +1,10 @@
 //! Command line: flags (each also settable by environment variable), turned into validated
 //! `Settings`, and the subcommands of SPEC §8.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -21,9 +23,11 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
-    /// Run the controller (not built yet: see the controller issue).
-    Run(EngineArgs),
+    /// Run the controller: watch the fleet, write each member's Istio config, report status.
+    Run(RunArgs),
     /// Print, offline, the exact objects `run` would write per cluster, from manifests on disk.
     Render(RenderArgs),
     /// Print the CustomResourceDefinitions flotilla serves (the content of crds/).
@@ -49,6 +53,91 @@ pub struct RenderArgs {
     pub strict: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Kubeconfig of the hub (default: in-cluster config, then $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, env = "FLOTILLA_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Context of --kubeconfig to use (default: its current context).
+    #[arg(long, env = "FLOTILLA_CONTEXT")]
+    pub context: Option<String>,
+    /// flotilla's own namespace in the hub: lease, VIP store, default Secret namespace
+    /// (default: the pod's namespace, else the kubeconfig context's).
+    #[arg(long, env = "FLOTILLA_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Namespace of the registration Secrets (default: --namespace).
+    #[arg(long, env = "FLOTILLA_SECRET_NAMESPACE")]
+    pub secret_namespace: Option<String>,
+    /// Label (key=value) that marks a registration Secret; repeatable, any of them matches.
+    #[arg(long = "cluster-secret-selector", env = "FLOTILLA_CLUSTER_SECRET_SELECTOR", value_delimiter = ',', default_values_t = [
+        LabelTerm { key: "admiral/sync".into(), value: "true".into() },
+        LabelTerm { key: "istio/multiCluster".into(), value: "true".into() },
+    ])]
+    pub cluster_secret_selectors: Vec<LabelTerm>,
+    /// Accept kubeconfigs with exec/auth-provider plugins or local file references.
+    #[arg(long, env = "FLOTILLA_ALLOW_KUBECONFIG_EXEC")]
+    pub allow_kubeconfig_exec: bool,
+    /// A member whose watches fail this long is stale (kept as last seen, never pruned for it).
+    #[arg(long, default_value = "60s", value_parser = parse_duration, env = "FLOTILLA_STALE_AFTER")]
+    pub stale_after: Duration,
+    /// Quiet time that groups a burst of events into one recompute and one write per object.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration, env = "FLOTILLA_DEBOUNCE")]
+    pub debounce: Duration,
+    /// Address of /livez, /readyz, /metrics and /debug.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "FLOTILLA_HTTP_ADDR")]
+    pub http_addr: SocketAddr,
+    /// Elect a leader through a Lease in --namespace; only the leader writes.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "FLOTILLA_LEADER_ELECT")]
+    pub leader_elect: bool,
+    #[arg(long, default_value = "flotilla", env = "FLOTILLA_LEASE_NAME")]
+    pub lease_name: String,
+    /// A leader that stops renewing loses the lease after this long.
+    #[arg(long, default_value = "15s", value_parser = parse_duration, env = "FLOTILLA_LEASE_DURATION")]
+    pub lease_duration: Duration,
+    /// How long before expiry the leader renews.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, env = "FLOTILLA_LEASE_GRACE")]
+    pub lease_grace: Duration,
+    /// This replica's name in the Lease (default: $POD_NAME, else the host name).
+    #[arg(long, env = "FLOTILLA_REPLICA_NAME")]
+    pub replica_name: Option<String>,
+    /// ConfigMap in --namespace that stores the VIP of every host.
+    #[arg(long, default_value = "flotilla-vips", env = "FLOTILLA_VIP_CONFIGMAP")]
+    pub vip_configmap: String,
+    /// Write requests in flight across all members.
+    #[arg(long, default_value_t = 16, env = "FLOTILLA_MAX_CONCURRENT_WRITES")]
+    pub max_concurrent_writes: usize,
+    #[arg(long, value_enum, default_value = "plain", env = "FLOTILLA_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// tracing filter, e.g. `info` or `flotilla=debug,kube=info`.
+    #[arg(long, default_value = "info", env = "FLOTILLA_LOG_LEVEL")]
+    pub log_level: String,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// `500ms`, `15s`, `2m`, or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 15s, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
 }
 
 #[derive(Debug, Args)]
@@ -163,10 +252,7 @@ pub fn execute(cli: Cli) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Run(args) => match args.settings() {
-            Err(e) => fail(&e),
-            Ok(_) => fail("`flotilla run` is not built yet; use `flotilla render FLEET_DIR` to see what it will write"),
-        },
+        Command::Run(args) => run(args),
         Command::Render(args) => render(args),
         Command::Synth(a) => {
             if a.clusters == 0 || a.regions == 0 {
@@ -186,6 +272,97 @@ pub fn execute(cli: Cli) -> ExitCode {
                 Err(e) => fail(&format!("{}: {e}", a.out_dir.display())),
             }
         }
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let settings = match args.engine.settings() {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    if args.lease_grace >= args.lease_duration {
+        return fail("--lease-grace must be shorter than --lease-duration");
+    }
+    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
+        Ok(f) => f,
+        Err(e) => return fail(&format!("--log-level {:?}: {e}", args.log_level)),
+    };
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Plain => logs.with_ansi(false).init(),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("starting the async runtime: {e}")),
+    };
+    match runtime.block_on(run_controller(args, settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "flotilla run failed");
+            fail(&format!("{e:#}"))
+        }
+    }
+}
+
+async fn run_controller(args: RunArgs, settings: crate::settings::Settings) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {}", path.display()))?;
+            let opts = kube::config::KubeConfigOptions { context: args.context.clone(), ..Default::default() };
+            kube::Config::from_custom_kubeconfig(kc, &opts).await.context("hub kubeconfig")?
+        }
+        None => kube::Config::infer().await.context("hub config (in-cluster or kubeconfig)")?,
+    };
+    let namespace = args
+        .namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| config.default_namespace.clone());
+    let hub = kube::Client::try_from(config).context("hub client")?;
+    let replica = args
+        .replica_name
+        .clone()
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("flotilla-{}", std::process::id()));
+    let opts = crate::controller::Options {
+        settings,
+        secret_namespace: args.secret_namespace.clone().unwrap_or_else(|| namespace.clone()),
+        namespace,
+        secret_selectors: args.cluster_secret_selectors.clone(),
+        allow_kubeconfig_exec: args.allow_kubeconfig_exec,
+        stale_after: args.stale_after,
+        debounce: args.debounce,
+        http_addr: args.http_addr,
+        leader_election: args.leader_elect.then(|| crate::controller::LeaseOptions {
+            name: args.lease_name.clone(),
+            identity: replica,
+            duration_seconds: args.lease_duration.as_secs().max(1),
+            grace_seconds: args.lease_grace.as_secs().max(1),
+        }),
+        vip_configmap: args.vip_configmap.clone(),
+        max_concurrent_writes: args.max_concurrent_writes,
+    };
+    tracing::info!(namespace = %opts.namespace, secrets = %opts.secret_namespace, leader_election = opts.leader_election.is_some(), "starting");
+    crate::controller::runtime::run(hub, opts, shutdown_signal()).await
+}
+
+/// SIGTERM (what Kubernetes sends) or Ctrl-C.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

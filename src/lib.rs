@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod compute;
+pub mod controller;
 pub mod crd;
 pub mod fleet_dir;
 pub mod istio;

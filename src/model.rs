@@ -336,6 +336,11 @@ impl Fleet {
         std::mem::take(&mut self.dirty)
     }
 
+    /// Makes the next recompute a full one.
+    pub fn mark_all_dirty(&mut self) {
+        self.dirty.all = true;
+    }
+
     /// Adds a member (or updates its overrides). A new or changed member can change endpoints,
     /// localities and targets of many identities, so everything is recomputed.
     pub fn upsert_cluster(&mut self, id: &str, overrides: ClusterOverrides) {

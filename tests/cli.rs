@@ -25,13 +25,25 @@ fn crds_output_matches_the_checked_in_yaml() {
 }
 
 #[test]
-fn version_and_the_unbuilt_run_command() {
+fn version_and_run_refusing_bad_input() {
     let (stdout, _, code) = flotilla(&["version"]);
     assert_eq!(code, 0);
     assert!(stdout.starts_with(&format!("flotilla {}\n", env!("CARGO_PKG_VERSION"))), "{stdout}");
-    let (_, stderr, code) = flotilla(&["run"]);
+    // A hub kubeconfig that does not parse: one line naming the file, exit 1, nothing served.
+    let dir = std::env::temp_dir().join(format!("flotilla-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let broken = dir.join("broken.kubeconfig");
+    std::fs::write(&broken, "clusters: [: nope").unwrap();
+    let (_, stderr, code) = flotilla(&["run", "--kubeconfig", broken.to_str().unwrap(), "--http-addr", "127.0.0.1:0"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("--kubeconfig") && stderr.contains("broken.kubeconfig"), "{stderr}");
+    let (_, stderr, code) = flotilla(&["run", "--lease-duration", "5s", "--lease-grace", "10s"]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("not built yet"), "{stderr}");
+    assert!(stderr.contains("--lease-grace"), "{stderr}");
+    let (_, stderr, code) = flotilla(&["run", "--stale-after", "5 fortnights"]);
+    assert_eq!(code, 2, "clap's usage error");
+    assert!(stderr.contains("--stale-after") && stderr.contains("unknown unit"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

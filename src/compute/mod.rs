@@ -10,6 +10,7 @@ pub mod identity;
 pub mod objects;
 pub mod plan;
 pub mod policy;
+pub mod status;
 pub mod vip;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -300,6 +301,13 @@ impl Engine {
     pub fn new(settings: Settings, vips: VipTable) -> Self {
         let fleet = Fleet::new(&settings.identity_label);
         Engine { settings, fleet, vips, desired: DesiredState::default(), facts: BTreeMap::new() }
+    }
+
+    /// Replaces the VIP table (e.g. with the allocations persisted in the hub, when they disagree
+    /// with this replica's) and recomputes everything on the next pass.
+    pub fn reset_vips(&mut self, vips: VipTable) {
+        self.vips = vips;
+        self.fleet.mark_all_dirty();
     }
 
     pub fn facts(&self) -> &BTreeMap<ClusterId, ClusterFacts> {

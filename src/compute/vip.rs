@@ -40,6 +40,20 @@ impl VipTable {
         t
     }
 
+    /// Records an allocation made elsewhere (another replica, persisted in the hub). Returns false
+    /// when it disagrees with this table: the host has another address, or the address is taken.
+    pub fn adopt(&mut self, host: &str, ip: Ipv4Addr) -> bool {
+        match self.by_host.get(host) {
+            Some(have) => *have == ip,
+            None if self.used.contains(&ip) => false,
+            None => {
+                self.used.insert(ip);
+                self.by_host.insert(host.to_string(), ip);
+                true
+            }
+        }
+    }
+
     pub fn get(&self, host: &str) -> Option<Ipv4Addr> {
         self.by_host.get(host).copied()
     }

@@ -9,6 +9,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod builders;
+pub mod controller;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -72,7 +73,8 @@ pub struct TestCluster {
 }
 
 /// Users the static token file knows, besides the admin: (token, user, groups).
-pub const EXTRA_TOKENS: &[(&str, &str, &str)] = &[("flotilla-test-nobody", "nobody", "")];
+pub const EXTRA_TOKENS: &[(&str, &str, &str)] =
+    &[("flotilla-test-nobody", "nobody", ""), ("flotilla-test-rotated", "rotated", "system:masters")];
 
 impl TestCluster {
     /// Starts etcd and kube-apiserver, waits for `/readyz`, installs the CRDs.
@@ -261,7 +263,7 @@ pub async fn client_from_kubeconfig(kubeconfig: &str) -> Client {
 }
 
 /// A new, empty per-cluster scratch directory; directories of dead test processes are removed.
-fn scratch_dir(name: &str) -> PathBuf {
+pub fn scratch_dir(name: &str) -> PathBuf {
     let root = std::env::temp_dir().join("flotilla-testenv");
     fs::create_dir_all(&root).unwrap();
     for entry in fs::read_dir(&root).into_iter().flatten().flatten() {
@@ -305,7 +307,7 @@ fn write_certificates(dir: &Path) -> String {
 }
 
 /// Spawns a child that gets SIGKILL when the test process dies, logging to `log`.
-fn spawn(mut cmd: Command, log: &Path) -> Child {
+pub fn spawn(mut cmd: Command, log: &Path) -> Child {
     let out = fs::File::create(log).unwrap();
     let err = out.try_clone().unwrap();
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
@@ -323,7 +325,7 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn wait_for_port(port: u16, timeout: Duration, log: impl Fn() -> String) {
+pub fn wait_for_port(port: u16, timeout: Duration, log: impl Fn() -> String) {
     let deadline = Instant::now() + timeout;
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "nothing listens on port {port} after {timeout:?}:\n{}", log());
@@ -331,7 +333,7 @@ fn wait_for_port(port: u16, timeout: Duration, log: impl Fn() -> String) {
     }
 }
 
-fn now_millis() -> u128 {
+pub fn now_millis() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
 }
 

@@ -1,0 +1,237 @@
+//! Cluster registry (SPEC §2): registration Secrets in the hub → members with a checked
+//! kubeconfig each. Deciding who owns a cluster id and whether a kubeconfig is safe is pure;
+//! only `member_client` touches the network stack.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::compute::policy::is_dns_label;
+use crate::model::ClusterOverrides;
+
+pub const ANNOTATION_REGION: &str = "flotilla.io/region";
+pub const ANNOTATION_GATEWAY_ADDRESS: &str = "flotilla.io/gateway-address";
+pub const ANNOTATION_GATEWAY_PORT: &str = "flotilla.io/gateway-port";
+
+/// One cluster as a registration Secret declares it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    /// Name of the Secret that holds it.
+    pub secret: String,
+    pub kubeconfig: String,
+    pub overrides: ClusterOverrides,
+}
+
+/// A problem with one Secret (or one cluster in it), reported on that Secret.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RegistrationProblem {
+    pub secret: String,
+    pub cluster: Option<String>,
+    pub message: String,
+}
+
+impl std::fmt::Display for RegistrationProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.cluster {
+            Some(c) => write!(f, "secret {}: cluster {c}: {}", self.secret, self.message),
+            None => write!(f, "secret {}: {}", self.secret, self.message),
+        }
+    }
+}
+
+/// Which Secret owns each cluster id. A cluster id claimed by two Secrets stays with the older
+/// one (creation time, then name); both Secrets get the problem reported.
+pub fn resolve_claims(secrets: &[Secret]) -> (BTreeMap<String, Registration>, Vec<RegistrationProblem>) {
+    let mut sorted: Vec<&Secret> = secrets.iter().collect();
+    sorted.sort_by(|a, b| {
+        let key = |s: &Secret| (s.metadata.creation_timestamp.as_ref().map(|t| t.0), s.metadata.name.clone());
+        key(a).cmp(&key(b))
+    });
+    let mut members: BTreeMap<String, Registration> = BTreeMap::new();
+    let mut problems = Vec::new();
+    for secret in sorted {
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        let overrides = match overrides_of(secret) {
+            Ok(o) => o,
+            Err(message) => {
+                problems.push(RegistrationProblem { secret: name, cluster: None, message });
+                continue;
+            }
+        };
+        let data = secret.data.clone().unwrap_or_default();
+        let mut entries: Vec<(String, Vec<u8>)> = data.into_iter().map(|(k, v)| (k, v.0)).collect();
+        if let Some(strings) = &secret.string_data {
+            entries.extend(strings.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())));
+        }
+        if entries.is_empty() {
+            problems.push(RegistrationProblem { secret: name.clone(), cluster: None, message: "has no data".into() });
+        }
+        for (cluster, bytes) in entries {
+            let problem =
+                |message: String| RegistrationProblem { secret: name.clone(), cluster: Some(cluster.clone()), message };
+            if !is_dns_label(&cluster) {
+                problems.push(problem("the data key is not a valid cluster id (a DNS-1123 label)".into()));
+                continue;
+            }
+            let Ok(kubeconfig) = String::from_utf8(bytes) else {
+                problems.push(problem("the kubeconfig is not UTF-8".into()));
+                continue;
+            };
+            if let Some(owner) = members.get(&cluster) {
+                problems
+                    .push(problem(format!("cluster id already registered by secret {}; ignored here", owner.secret)));
+                problems.push(RegistrationProblem {
+                    secret: owner.secret.clone(),
+                    cluster: Some(cluster.clone()),
+                    message: format!("cluster id also claimed by secret {name}; kept here (older)"),
+                });
+                continue;
+            }
+            members.insert(cluster, Registration { secret: name.clone(), kubeconfig, overrides: overrides.clone() });
+        }
+    }
+    problems.sort();
+    (members, problems)
+}
+
+fn overrides_of(secret: &Secret) -> Result<ClusterOverrides, String> {
+    let annotations = secret.metadata.annotations.clone().unwrap_or_default();
+    let gateway_port = match annotations.get(ANNOTATION_GATEWAY_PORT) {
+        None => None,
+        Some(p) => Some(
+            p.trim().parse::<u16>().map_err(|_| format!("annotation {ANNOTATION_GATEWAY_PORT}={p:?} is not a port"))?,
+        ),
+    };
+    Ok(ClusterOverrides {
+        region: annotations.get(ANNOTATION_REGION).cloned(),
+        gateway_address: annotations.get(ANNOTATION_GATEWAY_ADDRESS).cloned(),
+        gateway_port,
+    })
+}
+
+/// Parses a kubeconfig and refuses what would let a Secret run programs or read our files:
+/// `exec` and `auth-provider` plugins and references to local files, unless `allow_exec`.
+/// Messages never contain credentials.
+pub fn check_kubeconfig(yaml: &str, allow_exec: bool) -> Result<Kubeconfig, String> {
+    let kc =
+        Kubeconfig::from_yaml(yaml).map_err(|e| format!("unparsable kubeconfig: {}", first_line(&e.to_string())))?;
+    let context_name = kc.current_context.clone().ok_or("kubeconfig has no current-context")?;
+    let context = kc
+        .contexts
+        .iter()
+        .find(|c| c.name == context_name)
+        .and_then(|c| c.context.clone())
+        .ok_or(format!("current-context {context_name:?} is not defined"))?;
+    if allow_exec {
+        return Ok(kc);
+    }
+    let mut refused = Vec::new();
+    for named in &kc.auth_infos {
+        let Some(auth) = &named.auth_info else { continue };
+        let user = &named.name;
+        if auth.exec.is_some() {
+            refused.push(format!("user {user:?} uses an exec plugin"));
+        }
+        if auth.auth_provider.is_some() {
+            refused.push(format!("user {user:?} uses an auth-provider plugin"));
+        }
+        for (field, set) in [
+            ("tokenFile", auth.token_file.is_some()),
+            ("client-certificate", auth.client_certificate.is_some()),
+            ("client-key", auth.client_key.is_some()),
+        ] {
+            if set {
+                refused.push(format!("user {user:?} refers to a local file ({field})"));
+            }
+        }
+    }
+    for named in &kc.clusters {
+        if named.cluster.as_ref().is_some_and(|c| c.certificate_authority.is_some()) {
+            refused.push(format!("cluster {:?} refers to a local file (certificate-authority)", named.name));
+        }
+    }
+    if context.user.is_none() && kc.auth_infos.is_empty() {
+        refused.push("no user credentials".to_string());
+    }
+    if refused.is_empty() {
+        Ok(kc)
+    } else {
+        Err(format!("kubeconfig refused (allow with --allow-kubeconfig-exec): {}", refused.join("; ")))
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or_default().to_string()
+}
+
+/// A client for a member. Connection attempts time out quickly so that a member that is down is
+/// found stale, not waited for.
+pub async fn member_client(kc: Kubeconfig) -> Result<kube::Client, String> {
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| format!("kubeconfig: {}", first_line(&e.to_string())))?;
+    config.connect_timeout = Some(Duration::from_secs(5));
+    kube::Client::try_from(config).map_err(|e| format!("client: {}", first_line(&e.to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    const TOKEN_KUBECONFIG: &str = "apiVersion: v1\nkind: Config\ncurrent-context: c\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:6443\n    certificate-authority-data: AAAA\ncontexts:\n- name: c\n  context: {cluster: c, user: u}\nusers:\n- name: u\n  user: {token: secret-token-value}\n";
+
+    fn secret(name: &str, created: i64, clusters: &[&str]) -> Secret {
+        let data = clusters.iter().map(|c| (c.to_string(), ByteString(TOKEN_KUBECONFIG.as_bytes().to_vec()))).collect();
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                creation_timestamp: Some(Time(k8s_openapi::jiff::Timestamp::from_second(created).unwrap())),
+                ..Default::default()
+            },
+            data: Some(data),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_older_secret_keeps_a_claimed_cluster_id() {
+        let (members, problems) =
+            resolve_claims(&[secret("newer", 200, &["west", "east"]), secret("older", 100, &["west"])]);
+        assert_eq!(members["west"].secret, "older");
+        assert_eq!(members["east"].secret, "newer");
+        let on: Vec<&str> = problems.iter().map(|p| p.secret.as_str()).collect();
+        assert_eq!(on, ["newer", "older"], "reported on both: {problems:?}");
+    }
+
+    #[test]
+    fn bad_ids_and_annotations_are_reported_not_fatal() {
+        let mut bad = secret("bad", 1, &["Not_A_Label"]);
+        let mut annotated = secret("ok", 2, &["east"]);
+        annotated.metadata.annotations = Some([(ANNOTATION_GATEWAY_PORT.to_string(), "x".to_string())].into());
+        bad.metadata.annotations = Some([(ANNOTATION_REGION.to_string(), "eu".to_string())].into());
+        let (members, problems) = resolve_claims(&[bad, annotated, secret("good", 3, &["north"])]);
+        assert_eq!(members.keys().collect::<Vec<_>>(), ["north"]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    #[test]
+    fn unsafe_kubeconfigs_are_refused_without_leaking_credentials() {
+        assert!(check_kubeconfig(TOKEN_KUBECONFIG, false).is_ok());
+        let exec = TOKEN_KUBECONFIG.replace(
+            "user: {token: secret-token-value}",
+            "user: {exec: {command: /bin/sh, apiVersion: client.authentication.k8s.io/v1}}",
+        );
+        let err = check_kubeconfig(&exec, false).unwrap_err();
+        assert!(err.contains("exec plugin"), "{err}");
+        assert!(check_kubeconfig(&exec, true).is_ok());
+        let file = TOKEN_KUBECONFIG.replace("user: {token: secret-token-value}", "user: {tokenFile: /etc/passwd}");
+        assert!(check_kubeconfig(&file, false).unwrap_err().contains("tokenFile"));
+        let garbage = check_kubeconfig("users: [: secret-token-value", false).unwrap_err();
+        assert!(garbage.starts_with("unparsable kubeconfig"), "{garbage}");
+        assert!(!garbage.contains("secret-token-value"), "{garbage}");
+    }
+}

@@ -1,0 +1,285 @@
+//! Watches: every member's inputs and owned outputs, and the hub's registration Secrets, hub
+//! Dependencies and VIP store. Each watch turns its stream into `Change`s for the runtime; a
+//! relist is delivered whole (`Relisted`) so the runtime can drop what disappeared meanwhile.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Secret, Service};
+use kube::runtime::utils::Backoff;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinSet;
+
+use super::{Change, Input, WatchKind, Watched};
+use crate::compute::DesiredObject;
+use crate::compute::plan::ObservedObject;
+use crate::crd::{ClientConnectionConfig, Dependency, GlobalTrafficPolicy, OutlierDetection};
+use crate::istio::{DestinationRule, ServiceEntry, Sidecar};
+use crate::model::InputObject;
+use crate::settings::LabelTerm;
+
+/// Starts one watch per kind in a member. Dropping the set stops them all.
+pub fn spawn_member_watches(
+    client: Client,
+    cluster: String,
+    epoch: u64,
+    sync_namespace: &str,
+    tx: UnboundedSender<Input>,
+) -> JoinSet<()> {
+    let mut set = JoinSet::new();
+    let send = move |change: Change| tx.send(Input::Member { cluster: cluster.clone(), epoch, change }).is_ok();
+    let all = watcher::Config::default;
+    let input = |o: InputObject| Watched::Input(Box::new(o));
+    spawn(&mut set, Api::<Deployment>::all(client.clone()), all(), WatchKind::Deployment, send.clone(), move |o| {
+        input(InputObject::Deployment(Box::new(o)))
+    });
+    spawn(&mut set, Api::<Service>::all(client.clone()), all(), WatchKind::Service, send.clone(), move |o| {
+        input(InputObject::Service(Box::new(o)))
+    });
+    spawn(&mut set, Api::<Node>::all(client.clone()), all(), WatchKind::Node, send.clone(), move |o| {
+        input(InputObject::Node(Box::new(o)))
+    });
+    spawn(&mut set, Api::<Namespace>::all(client.clone()), all(), WatchKind::Namespace, send.clone(), move |o| {
+        input(InputObject::Namespace(Box::new(o)))
+    });
+    spawn(&mut set, Api::<Sidecar>::all(client.clone()), all(), WatchKind::Sidecar, send.clone(), move |o| {
+        input(InputObject::Sidecar(Box::new(o)))
+    });
+    spawn(
+        &mut set,
+        Api::<GlobalTrafficPolicy>::all(client.clone()),
+        all(),
+        WatchKind::GlobalTrafficPolicy,
+        send.clone(),
+        move |o| input(InputObject::GlobalTrafficPolicy(Box::new(o))),
+    );
+    spawn(
+        &mut set,
+        Api::<OutlierDetection>::all(client.clone()),
+        all(),
+        WatchKind::OutlierDetection,
+        send.clone(),
+        move |o| input(InputObject::OutlierDetection(Box::new(o))),
+    );
+    spawn(
+        &mut set,
+        Api::<ClientConnectionConfig>::all(client.clone()),
+        all(),
+        WatchKind::ClientConnectionConfig,
+        send.clone(),
+        move |o| input(InputObject::ClientConnectionConfig(Box::new(o))),
+    );
+    spawn(&mut set, Api::<Dependency>::all(client.clone()), all(), WatchKind::Dependency, send.clone(), move |o| {
+        input(InputObject::Dependency(Box::new(o)))
+    });
+    // Everything in the sync namespace, not only what carries our label: an unlabelled object
+    // with a name we want is a conflict we must see before writing.
+    let ses = Api::<ServiceEntry>::namespaced(client.clone(), sync_namespace);
+    spawn(&mut set, ses, all(), WatchKind::ServiceEntry, send.clone(), |o| {
+        Watched::Output(Box::new(ObservedObject::new(DesiredObject::ServiceEntry(o))))
+    });
+    let drs = Api::<DestinationRule>::namespaced(client, sync_namespace);
+    spawn(&mut set, drs, all(), WatchKind::DestinationRule, send, |o| {
+        Watched::Output(Box::new(ObservedObject::new(DesiredObject::DestinationRule(o))))
+    });
+    set
+}
+
+/// Starts the hub's watches: registration Secrets (one watch per selector, merged), the
+/// Dependencies kept in the hub, and the VIP store ConfigMap.
+pub fn spawn_hub_watches(
+    client: Client,
+    secret_namespace: &str,
+    selectors: &[LabelTerm],
+    own_namespace: &str,
+    vip_configmap: &str,
+    tx: UnboundedSender<Input>,
+) -> JoinSet<()> {
+    let mut set = JoinSet::new();
+    let secrets = Api::<Secret>::namespaced(client.clone(), secret_namespace);
+    set.spawn(watch_secrets(secrets, selectors.to_vec(), tx.clone()));
+
+    let hub_tx = tx.clone();
+    let send = move |change: Change| hub_tx.send(Input::Hub(change)).is_ok();
+    spawn(
+        &mut set,
+        Api::<Dependency>::all(client.clone()),
+        watcher::Config::default(),
+        WatchKind::Dependency,
+        send,
+        |o| Watched::Input(Box::new(InputObject::Dependency(Box::new(o)))),
+    );
+
+    let configmaps = Api::<ConfigMap>::namespaced(client, own_namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={vip_configmap}"));
+    set.spawn(async move {
+        let mut stream = watcher(configmaps, config).backoff(backoff()).boxed();
+        // During a relist the ConfigMap is held until InitDone, so "absent" is only ever
+        // reported after a complete list.
+        let mut listed = None;
+        while let Some(event) = stream.next().await {
+            let store = match event {
+                Ok(watcher::Event::Apply(cm)) => parse_vip_store(&cm),
+                Ok(watcher::Event::Delete(_)) => VipStoreEvent::Contents(BTreeMap::new(), None),
+                Ok(watcher::Event::Init) => {
+                    listed = None;
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(cm)) => {
+                    listed = Some(parse_vip_store(&cm));
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => listed.take().unwrap_or(VipStoreEvent::Contents(BTreeMap::new(), None)),
+                Err(e) => VipStoreEvent::Failed(e.to_string()),
+            };
+            if tx.send(Input::VipStore(store)).is_err() {
+                return;
+            }
+        }
+    });
+    set
+}
+
+/// What the VIP store ConfigMap holds: host → address, and its resourceVersion.
+#[derive(Clone, Debug)]
+pub enum VipStoreEvent {
+    Contents(BTreeMap<String, Ipv4Addr>, Option<String>),
+    Failed(String),
+}
+
+/// Host → address from the ConfigMap; entries that are not addresses are skipped.
+pub fn parse_vip_store(cm: &ConfigMap) -> VipStoreEvent {
+    let map = cm
+        .data
+        .iter()
+        .flatten()
+        .filter_map(|(host, ip)| ip.trim().parse::<Ipv4Addr>().ok().map(|ip| (host.clone(), ip)))
+        .collect();
+    VipStoreEvent::Contents(map, cm.metadata.resource_version.clone())
+}
+
+async fn watch_secrets(api: Api<Secret>, selectors: Vec<LabelTerm>, tx: UnboundedSender<Input>) {
+    let streams = selectors.iter().enumerate().map(|(i, term)| {
+        let config = watcher::Config::default().labels(&format!("{}={}", term.key, term.value));
+        watcher(api.clone(), config).backoff(backoff()).map(move |e| (i, e)).boxed()
+    });
+    let mut merged = stream::select_all(streams);
+    let mut listed = vec![false; selectors.len()];
+    let mut by_selector: Vec<BTreeMap<String, Secret>> = vec![BTreeMap::new(); selectors.len()];
+    let mut relisting: Vec<BTreeMap<String, Secret>> = vec![BTreeMap::new(); selectors.len()];
+    while let Some((i, event)) = merged.next().await {
+        match event {
+            Ok(watcher::Event::Apply(s)) => {
+                by_selector[i].insert(s.name_any(), s);
+            }
+            Ok(watcher::Event::Delete(s)) => {
+                by_selector[i].remove(&s.name_any());
+            }
+            Ok(watcher::Event::Init) => relisting[i].clear(),
+            Ok(watcher::Event::InitApply(s)) => {
+                relisting[i].insert(s.name_any(), s);
+                continue;
+            }
+            Ok(watcher::Event::InitDone) => {
+                by_selector[i] = std::mem::take(&mut relisting[i]);
+                listed[i] = true;
+            }
+            Err(e) => {
+                if tx.send(Input::SecretsFailed(e.to_string())).is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
+        if listed.iter().all(|l| *l) {
+            let mut all: BTreeMap<String, Secret> = BTreeMap::new();
+            for map in &by_selector {
+                all.extend(map.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+            if tx.send(Input::Secrets(all.into_values().collect())).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Retry delays of a failing watch: doubling from 250 ms up to 5 s. kube's default grows to 30 s;
+/// a member that comes back should be reconciled within seconds, and a retry against a member
+/// that is down costs one refused connection.
+#[derive(Clone, Copy, Debug)]
+struct WatchBackoff {
+    next: Duration,
+}
+
+const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(250);
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+fn backoff() -> WatchBackoff {
+    WatchBackoff { next: WATCH_BACKOFF_MIN }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let now = self.next;
+        self.next = (self.next * 2).min(WATCH_BACKOFF_MAX);
+        Some(now)
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = WATCH_BACKOFF_MIN;
+    }
+}
+
+/// Runs one watch, buffering a relist until it is complete.
+fn spawn<K>(
+    set: &mut JoinSet<()>,
+    api: Api<K>,
+    config: watcher::Config,
+    kind: WatchKind,
+    send: impl Fn(Change) -> bool + Send + 'static,
+    convert: impl Fn(K) -> Watched + Send + 'static,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    set.spawn(async move {
+        let mut stream = watcher(api, config).backoff(backoff()).boxed();
+        let mut buffer = Vec::new();
+        while let Some(event) = stream.next().await {
+            let change = match event {
+                Ok(watcher::Event::Apply(o)) => Change::Applied(convert(strip(o))),
+                Ok(watcher::Event::Delete(o)) => {
+                    Change::Deleted(kind, (o.namespace().unwrap_or_default(), o.name_any()))
+                }
+                Ok(watcher::Event::Init) => {
+                    buffer.clear();
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(o)) => {
+                    buffer.push(convert(strip(o)));
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => Change::Relisted(kind, std::mem::take(&mut buffer)),
+                Err(e) => Change::Failed(kind, e.to_string()),
+            };
+            if !send(change) {
+                return;
+            }
+        }
+    });
+}
+
+/// managedFields are large and never read.
+fn strip<K: Resource>(mut o: K) -> K {
+    o.meta_mut().managed_fields = None;
+    o
+}

@@ -1,0 +1,331 @@
+//! The one place that writes to Kubernetes: server-side apply and prune of the objects a plan
+//! names, policy status, the sync namespace, the hub's VIP store and Events on Secrets.
+//!
+//! Each member has its own writer task, so a slow or failing member never delays another; a
+//! semaphore shared by all of them bounds the requests in flight across the fleet.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::time::Instant;
+
+use super::metrics::Metrics;
+use super::{Input, WriteReport};
+use crate::compute::plan::{ClusterPlan, ObservedObject};
+use crate::compute::{DesiredObject, Kind, LABEL_MANAGED_BY, MANAGER, ObjectKey, PolicyKind};
+use crate::crd::{ClientConnectionConfig, Dependency, GlobalTrafficPolicy, OutlierDetection, PolicyStatus};
+use crate::istio::{DestinationRule, ServiceEntry, Sidecar};
+
+/// Requests one writer keeps in flight within its member.
+const PER_MEMBER_CONCURRENCY: usize = 4;
+
+/// Everything to write into one cluster in one go.
+#[derive(Debug, Default)]
+pub struct WriteJob {
+    pub plan: ClusterPlan,
+    pub statuses: Vec<StatusWrite>,
+    /// Create this namespace first if it does not exist (the sync namespace).
+    pub ensure_namespace: Option<String>,
+    /// When the oldest input change this job reflects was received (for the latency histogram).
+    pub since: Option<Instant>,
+}
+
+#[derive(Clone, Debug)]
+pub struct StatusWrite {
+    pub kind: PolicyKind,
+    pub namespace: String,
+    pub name: String,
+    pub status: PolicyStatus,
+}
+
+/// Runs one cluster's writes, job after job, and reports each job's outcome to the runtime.
+pub async fn run_writer(
+    cluster: String,
+    epoch: u64,
+    client: Client,
+    mut jobs: UnboundedReceiver<WriteJob>,
+    done: UnboundedSender<Input>,
+    limit: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+) {
+    while let Some(job) = jobs.recv().await {
+        let report = execute(&cluster, &client, job, &limit, &metrics).await;
+        if done.send(Input::WriteDone { cluster: cluster.clone(), epoch, report }).is_err() {
+            return;
+        }
+    }
+}
+
+enum Outcome {
+    Applied(Box<ObservedObject>),
+    Pruned(ObjectKey),
+    Status(StatusWrite),
+    Failed(String),
+}
+
+async fn execute(cluster: &str, client: &Client, job: WriteJob, limit: &Semaphore, metrics: &Metrics) -> WriteReport {
+    let mut report = WriteReport::default();
+    if let Some(ns) = &job.ensure_namespace {
+        let _permit = limit.acquire().await;
+        match ensure_namespace(client, ns, cluster, metrics).await {
+            Ok(()) => report.namespace_ready = true,
+            Err(e) => {
+                // Without the namespace no ServiceEntry or DestinationRule can land; Sidecars,
+                // prunes and statuses still can.
+                report.errors.push(format!("namespace {ns}: {e}"));
+            }
+        }
+    }
+    let namespace_missing = job.ensure_namespace.is_some() && !report.namespace_ready;
+    let mut ops = Vec::new();
+    for obj in job.plan.apply {
+        if namespace_missing && obj.kind() != Kind::Sidecar {
+            continue;
+        }
+        ops.push(Op::Apply(obj));
+    }
+    ops.extend(job.plan.prune.into_iter().map(Op::Prune));
+    ops.extend(job.statuses.into_iter().map(Op::Status));
+
+    let outcomes: Vec<Outcome> = stream::iter(ops)
+        .map(|op| async move {
+            let _permit = limit.acquire().await;
+            run_op(cluster, client, op, metrics).await
+        })
+        .buffer_unordered(PER_MEMBER_CONCURRENCY)
+        .collect()
+        .await;
+    let mut wrote = false;
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Applied(o) => {
+                wrote = true;
+                report.applied.push(*o);
+            }
+            Outcome::Pruned(k) => {
+                wrote = true;
+                report.pruned.push(k);
+            }
+            Outcome::Status(s) => report.statuses.push(s),
+            Outcome::Failed(e) => report.errors.push(e),
+        }
+    }
+    if wrote && let Some(since) = job.since {
+        metrics.change_to_write.observe(since.elapsed().as_secs_f64());
+    }
+    report.errors.sort();
+    report
+}
+
+enum Op {
+    Apply(Arc<DesiredObject>),
+    Prune(ObjectKey),
+    Status(StatusWrite),
+}
+
+async fn run_op(cluster: &str, client: &Client, op: Op, metrics: &Metrics) -> Outcome {
+    match op {
+        Op::Apply(obj) => {
+            let key = obj.key();
+            let result = match obj.as_ref() {
+                DesiredObject::ServiceEntry(o) => apply(client, &key, o).await.map(DesiredObject::ServiceEntry),
+                DesiredObject::DestinationRule(o) => apply(client, &key, o).await.map(DesiredObject::DestinationRule),
+                DesiredObject::Sidecar(o) => apply(client, &key, o).await.map(DesiredObject::Sidecar),
+            };
+            metrics.write(cluster, "apply", &key.kind.to_string(), result.is_ok());
+            match result {
+                Ok(o) => Outcome::Applied(Box::new(ObservedObject::new(o))),
+                Err(e) => Outcome::Failed(format!("apply {key}: {}", short(&e))),
+            }
+        }
+        Op::Prune(key) => {
+            let result = match key.kind {
+                Kind::ServiceEntry => delete::<ServiceEntry>(client, &key).await,
+                Kind::DestinationRule => delete::<DestinationRule>(client, &key).await,
+                Kind::Sidecar => delete::<Sidecar>(client, &key).await,
+            };
+            metrics.write(cluster, "delete", &key.kind.to_string(), result.is_ok());
+            match result {
+                Ok(()) => Outcome::Pruned(key),
+                Err(e) => Outcome::Failed(format!("delete {key}: {}", short(&e))),
+            }
+        }
+        Op::Status(s) => {
+            let result = match s.kind {
+                PolicyKind::GlobalTrafficPolicy => patch_status::<GlobalTrafficPolicy>(client, &s).await,
+                PolicyKind::Dependency => patch_status::<Dependency>(client, &s).await,
+                PolicyKind::OutlierDetection => patch_status::<OutlierDetection>(client, &s).await,
+                PolicyKind::ClientConnectionConfig => patch_status::<ClientConnectionConfig>(client, &s).await,
+            };
+            metrics.write(cluster, "status", &format!("{:?}", s.kind), result.is_ok());
+            match result {
+                Ok(()) => Outcome::Status(s),
+                Err(e) => Outcome::Failed(format!("status of {:?} {}/{}: {}", s.kind, s.namespace, s.name, short(&e))),
+            }
+        }
+    }
+}
+
+fn short(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => format!("{} ({})", status.message, status.code),
+        other => other.to_string(),
+    }
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+async fn apply<K>(client: &Client, key: &ObjectKey, obj: &K) -> Result<K, kube::Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    let api = Api::<K>::namespaced(client.clone(), &key.namespace);
+    // Force: these objects carry our label, so every field we set is ours to set.
+    api.patch(&key.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(obj)).await
+}
+
+async fn delete<K>(client: &Client, key: &ObjectKey) -> Result<(), kube::Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + Debug + DeserializeOwned,
+{
+    let api = Api::<K>::namespaced(client.clone(), &key.namespace);
+    match api.delete(&key.name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn patch_status<K>(client: &Client, s: &StatusWrite) -> Result<(), kube::Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + Debug + DeserializeOwned,
+{
+    let api = Api::<K>::namespaced(client.clone(), &s.namespace);
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": s.status,
+    });
+    match api.patch_status(&s.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await {
+        Ok(_) => Ok(()),
+        // The policy was deleted meanwhile: nothing to report on.
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates the namespace, labelled as ours, unless it exists (it may be the member chart's).
+async fn ensure_namespace(client: &Client, name: &str, cluster: &str, metrics: &Metrics) -> Result<(), String> {
+    let api = Api::<Namespace>::all(client.clone());
+    match api.get_opt(name).await {
+        Ok(Some(_)) => return Ok(()),
+        Ok(None) => {}
+        Err(e) => return Err(short(&e)),
+    }
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            labels: Some([(LABEL_MANAGED_BY.to_string(), MANAGER.to_string())].into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let result = api.create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, &ns).await;
+    metrics.write(cluster, "create", "Namespace", result.is_ok());
+    match result {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(short(&e)),
+    }
+}
+
+/// Adds new host → address allocations to the hub's VIP store, with optimistic concurrency.
+/// Returns the store's contents after the write. An allocation the store already holds with a
+/// different address is not overwritten: the caller must adopt the store's view.
+pub async fn persist_vips(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    new: &BTreeMap<String, Ipv4Addr>,
+    metrics: &Metrics,
+) -> Result<BTreeMap<String, Ipv4Addr>, String> {
+    let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
+    let mut last_error = String::new();
+    for _attempt in 0..5 {
+        let current = api.get_opt(name).await.map_err(|e| short(&e))?;
+        let mut cm = current.clone().unwrap_or_else(|| ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                namespace: Some(namespace.to_string()),
+                labels: Some([(LABEL_MANAGED_BY.to_string(), MANAGER.to_string())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let data = cm.data.get_or_insert_with(Default::default);
+        let mut missing = false;
+        for (host, ip) in new {
+            if !data.contains_key(host) {
+                data.insert(host.clone(), ip.to_string());
+                missing = true;
+            }
+        }
+        let stored = data.iter().filter_map(|(h, ip)| ip.parse().ok().map(|ip| (h.clone(), ip))).collect();
+        if !missing {
+            return Ok(stored);
+        }
+        let pp = PostParams { field_manager: Some(MANAGER.into()), ..Default::default() };
+        // replace() sends the resourceVersion we read: a concurrent writer makes it fail with 409.
+        let result = match current {
+            None => api.create(&pp, &cm).await,
+            Some(_) => api.replace(name, &pp, &cm).await,
+        };
+        metrics.write("_hub", "update", "ConfigMap", result.is_ok());
+        match result {
+            Ok(_) => return Ok(stored),
+            Err(kube::Error::Api(s)) if s.code == 409 => last_error = s.message,
+            Err(e) => return Err(short(&e)),
+        }
+    }
+    Err(format!("VIP store {namespace}/{name}: still conflicting after 5 attempts: {last_error}"))
+}
+
+/// A Warning Event on a registration Secret (a refused kubeconfig, a claimed cluster id).
+pub async fn warn_on_secret(
+    recorder: &Recorder,
+    secret: ObjectReference,
+    reason: &str,
+    note: String,
+    metrics: &Metrics,
+) {
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Register".to_string(),
+        secondary: None,
+    };
+    let result = recorder.publish(&event, &secret).await;
+    metrics.write("_hub", "create", "Event", result.is_ok());
+    if let Err(e) = result {
+        tracing::warn!(error = %short(&e), "could not publish an Event on a registration Secret");
+    }
+}

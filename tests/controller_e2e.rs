@@ -1,0 +1,407 @@
+//! `flotilla run` against real API servers: a hub plus members, each its own etcd and
+//! kube-apiserver, with flotilla as a child process reading Secrets from the hub.
+
+mod testenv;
+
+use std::time::Duration;
+
+use flotilla::crd::{Dependency, GlobalTrafficPolicy};
+use flotilla::istio::{DestinationRule, ServiceEntry, Sidecar};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams};
+use kube::{Api, Client};
+use serde_json::json;
+use testenv::builders::{apply, deployment, gateway_service, namespace, node, service, set_load_balancer_ip};
+use testenv::controller::{FLOTILLA_NAMESPACE, Flotilla, eventually};
+use testenv::{TestCluster, start_clusters};
+
+const SYNC: &str = "admiral-sync";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Nodes with a region and an east-west gateway with an address, as a real member has.
+async fn prepare_member(client: &Client, region: &str, gateway_ip: &str) {
+    apply(client, &node("node-1", region)).await;
+    apply(client, &namespace("istio-system")).await;
+    apply(client, &gateway_service()).await;
+    set_load_balancer_ip(client, "istio-system", "istio-eastwestgateway", gateway_ip).await;
+}
+
+/// A namespace with a Deployment and its Service for `identity` (env stage).
+async fn deploy(client: &Client, ns: &str, identity: &str) {
+    apply(client, &namespace(ns)).await;
+    apply(client, &deployment(ns, identity, identity, "stage")).await;
+    apply(client, &service(ns, identity, "http", 80, 8080)).await;
+}
+
+fn dependency(ns: &str, name: &str, source: &str, destinations: &[&str]) -> Dependency {
+    serde_json::from_value(json!({
+        "apiVersion": "admiral.io/v1alpha1", "kind": "Dependency",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"source": source, "destinations": destinations},
+    }))
+    .unwrap()
+}
+
+fn gtp(ns: &str, name: &str, identity: &str, policies: serde_json::Value) -> GlobalTrafficPolicy {
+    serde_json::from_value(json!({
+        "apiVersion": "admiral.io/v1alpha1", "kind": "GlobalTrafficPolicy",
+        "metadata": {"name": name, "namespace": ns, "labels": {"identity": identity, "env": "stage"}},
+        "spec": {"policy": policies},
+    }))
+    .unwrap()
+}
+
+async fn get_se(client: &Client, name: &str) -> Option<ServiceEntry> {
+    Api::<ServiceEntry>::namespaced(client.clone(), SYNC).get_opt(name).await.unwrap()
+}
+
+async fn get_dr(client: &Client, name: &str) -> Option<DestinationRule> {
+    Api::<DestinationRule>::namespaced(client.clone(), SYNC).get_opt(name).await.unwrap()
+}
+
+fn endpoints(se: &ServiceEntry) -> Vec<String> {
+    se.spec.endpoints.iter().map(|e| e.address.clone()).collect()
+}
+
+fn distribute(dr: &DestinationRule) -> serde_json::Value {
+    let v = serde_json::to_value(&dr.spec).unwrap();
+    v["trafficPolicy"]["loadBalancer"]["localityLbSetting"]["distribute"].clone()
+}
+
+/// A Secret in the hub holding one kubeconfig per cluster, labelled in one of both formats.
+fn secret(name: &str, label: &str, clusters: &[(&str, String)]) -> Secret {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": FLOTILLA_NAMESPACE, "labels": {label: "true"}},
+        "stringData": clusters.iter().map(|(c, k)| (c.to_string(), json!(k))).collect::<serde_json::Map<_, _>>(),
+    }))
+    .unwrap()
+}
+
+/// One fleet at a time: three fleets of API servers starting at once on two cores time out.
+static ONE_FLEET_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn start_fleet(members: &[&str]) -> (TestCluster, Vec<TestCluster>, Client, Vec<Client>) {
+    let mut names = vec!["hub"];
+    names.extend(members);
+    let mut clusters = start_clusters(&names).await;
+    let members = clusters.split_off(1);
+    let hub = clusters.pop().unwrap();
+    let hub_client = hub.client().await;
+    apply(&hub_client, &namespace(FLOTILLA_NAMESPACE)).await;
+    let clients = futures::future::join_all(members.iter().map(|m| m.client())).await;
+    (hub, members, hub_client, clients)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn federates_a_fleet_registered_through_secrets() {
+    let _serial = ONE_FLEET_AT_A_TIME.lock().await;
+    let (hub, members, hub_client, clients) = start_fleet(&["west-1", "east-1", "north-1"]).await;
+    let (west, east, north) = (&clients[0], &clients[1], &clients[2]);
+    prepare_member(west, "us-west-2", "10.0.0.1").await;
+    prepare_member(east, "us-east-2", "10.0.0.2").await;
+    prepare_member(north, "eu-north-1", "10.0.0.3").await;
+
+    let flotilla = Flotilla::start(&hub, "replica-a", &[]);
+    let secrets: Api<Secret> = Api::namespaced(hub_client.clone(), FLOTILLA_NAMESPACE);
+    // Admiral's format with two clusters, Istio's with one, and one that must be refused.
+    let admiral = secret(
+        "admiral-members",
+        "admiral/sync",
+        &[("west-1", members[0].admin_kubeconfig()), ("east-1", members[1].admin_kubeconfig())],
+    );
+    apply(&hub_client, &admiral).await;
+    apply(&hub_client, &secret("remote-north", "istio/multiCluster", &[("north-1", members[2].admin_kubeconfig())]))
+        .await;
+    let exec = members[2].admin_kubeconfig().replace(
+        "    token: flotilla-test-admin-north-1",
+        "    exec: {apiVersion: client.authentication.k8s.io/v1, command: /bin/sh, args: [-c, 'echo pwned']}",
+    );
+    apply(&hub_client, &secret("broken", "istio/multiCluster", &[("bad-1", exec)])).await;
+    flotilla.wait_ready(WAIT).await;
+
+    let view = eventually("three synced members", WAIT, &flotilla, || async {
+        let view = flotilla.json("/debug/clusters").await;
+        let synced = ["west-1", "east-1", "north-1"].iter().all(|id| view["clusters"][id]["state"] == "synced");
+        synced.then_some(view)
+    })
+    .await;
+    assert_eq!(view["clusters"]["west-1"]["region"], "us-west-2", "{view}");
+    assert_eq!(view["clusters"]["bad-1"]["state"], "failed", "{view}");
+    let bad_error = view["clusters"]["bad-1"]["lastError"].as_str().unwrap();
+    assert!(bad_error.contains("exec plugin"), "{bad_error}");
+    assert!(!view.to_string().contains("flotilla-test-admin"), "credentials leaked into /debug: {view}");
+    let events: Api<Event> = Api::namespaced(hub_client.clone(), FLOTILLA_NAMESPACE);
+    eventually("a Warning Event on the refused Secret", WAIT, &flotilla, || async {
+        let list = events.list(&ListParams::default()).await.unwrap();
+        list.items.iter().any(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("broken")).then_some(())
+    })
+    .await;
+
+    // A workload in west-1 and its client in east-1 (Dependency kept next to the client).
+    deploy(west, "greeting", "greeting").await;
+    deploy(east, "caller", "caller").await;
+    apply(east, &dependency("caller", "caller-deps", "caller", &["greeting"])).await;
+    let se_name = "stage.greeting.global-se";
+    let west_se = eventually("greeting's SE in west-1", WAIT, &flotilla, || get_se(west, se_name)).await;
+    assert_eq!(endpoints(&west_se), ["greeting.greeting.svc.cluster.local"], "local endpoint in its own cluster");
+    let east_se = eventually("greeting's SE in east-1", WAIT, &flotilla, || get_se(east, se_name)).await;
+    assert_eq!(endpoints(&east_se), ["10.0.0.1"], "west-1's gateway from east-1");
+    assert_eq!(east_se.spec.addresses, west_se.spec.addresses, "one VIP in every member");
+    assert!(get_dr(west, "stage.greeting.global-default-dr").await.is_some());
+    assert!(get_dr(east, "stage.greeting.global-default-dr").await.is_some());
+    let sidecars: Api<Sidecar> = Api::namespaced(east.clone(), "caller");
+    eventually("caller's Sidecar in east-1", WAIT, &flotilla, || async {
+        sidecars.get_opt("caller-egress").await.unwrap()
+    })
+    .await;
+    assert!(get_se(north, se_name).await.is_none(), "no client in north-1, nothing written there");
+
+    // A FAILOVER GTP with an extra prefixed host: every target member follows, no resync.
+    let gtps: Api<GlobalTrafficPolicy> = Api::namespaced(west.clone(), "greeting");
+    let weights = |west: i32, east: i32| {
+        json!([
+            {"dnsPrefix": "default", "lbType": "FAILOVER", "target": [{"region": "us-west-2", "weight": west}, {"region": "us-east-2", "weight": east}]},
+            {"dnsPrefix": "west", "lbType": "FAILOVER", "target": [{"region": "us-west-2", "weight": 100}]},
+        ])
+    };
+    apply(west, &gtp("greeting", "greeting-gtp", "greeting", weights(80, 20))).await;
+    for (member, name) in [(west, "west-1"), (east, "east-1")] {
+        eventually(&format!("FAILOVER 80/20 in {name}"), WAIT, &flotilla, || async {
+            let dr = get_dr(member, "stage.greeting.global-default-dr").await?;
+            (distribute(&dr)[0]["to"]["us-west-2"] == 80).then_some(())
+        })
+        .await;
+        eventually(&format!("the prefixed host in {name}"), WAIT, &flotilla, || {
+            get_dr(member, "west.stage.greeting.global-dr")
+        })
+        .await;
+    }
+    apply(west, &gtp("greeting", "greeting-gtp", "greeting", weights(30, 70))).await;
+    for (member, name) in [(west, "west-1"), (east, "east-1")] {
+        eventually(&format!("weights 30/70 in {name}"), WAIT, &flotilla, || async {
+            let dr = get_dr(member, "stage.greeting.global-default-dr").await?;
+            (distribute(&dr)[0]["to"]["us-east-2"] == 70).then_some(())
+        })
+        .await;
+    }
+    let ready = eventually("the GTP's Ready condition", WAIT, &flotilla, || async {
+        let g = gtps.get("greeting-gtp").await.unwrap();
+        let status = g.status?;
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?.clone();
+        (ready.status == "True" && status.observed_generation == g.metadata.generation).then_some(status)
+    })
+    .await;
+    let clusters: Vec<&str> = ready.clusters.iter().map(|c| c.cluster.as_str()).collect();
+    assert_eq!(clusters, ["east-1", "west-1"], "{ready:?}");
+
+    // Dropping the prefix removes exactly its objects.
+    apply(
+        west,
+        &gtp(
+            "greeting",
+            "greeting-gtp",
+            "greeting",
+            json!([{"dnsPrefix": "default", "lbType": "FAILOVER", "target": [{"region": "us-west-2", "weight": 30}, {"region": "us-east-2", "weight": 70}]}]),
+        ),
+    )
+    .await;
+    for (member, name) in [(west, "west-1"), (east, "east-1")] {
+        eventually(&format!("prefixed host pruned in {name}"), WAIT, &flotilla, || async {
+            let gone = get_dr(member, "west.stage.greeting.global-dr").await.is_none()
+                && get_se(member, "west.stage.greeting.global-se").await.is_none();
+            gone.then_some(())
+        })
+        .await;
+        assert!(get_se(member, se_name).await.is_some(), "the default host stays in {name}");
+    }
+
+    // A second GTP for the same identity+env that takes precedence: the first says to whom it lost.
+    // (A higher priority label decides it: creation times have one-second resolution.)
+    let mut second =
+        gtp("greeting", "greeting-gtp-2", "greeting", json!([{"dnsPrefix": "default", "lbType": "TOPOLOGY"}]));
+    second.metadata.labels.as_mut().unwrap().insert("priority".into(), "10".into());
+    apply(west, &second).await;
+    let conflict = eventually("Conflict on the older GTP", WAIT, &flotilla, || async {
+        let status = gtps.get("greeting-gtp").await.unwrap().status?;
+        status.conditions.into_iter().find(|c| c.type_ == "Conflict" && c.status == "True")
+    })
+    .await;
+    assert!(conflict.message.contains("west-1/greeting/greeting-gtp-2"), "{conflict:?}");
+    // An invalid one (a prefix that is not a DNS label) is Invalid, with the reason.
+    let caller_gtps: Api<GlobalTrafficPolicy> = Api::namespaced(east.clone(), "caller");
+    apply(east, &gtp("caller", "caller-gtp", "caller", json!([{"dnsPrefix": "Not_A_Label", "lbType": "TOPOLOGY"}])))
+        .await;
+    let invalid = eventually("Invalid on a bad GTP", WAIT, &flotilla, || async {
+        let status = caller_gtps.get("caller-gtp").await.unwrap().status?;
+        status.conditions.into_iter().find(|c| c.type_ == "Invalid" && c.status == "True")
+    })
+    .await;
+    assert!(invalid.message.contains("not_a_label") && invalid.message.contains("DNS label"), "{invalid:?}");
+
+    // Someone else's ServiceEntry with a name flotilla wants is left alone and reported.
+    let users_se: ServiceEntry = serde_json::from_value(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "stage.mine.global-se", "namespace": SYNC},
+        "spec": {"hosts": ["mine.example.com"], "location": "MESH_EXTERNAL", "resolution": "DNS", "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}]},
+    }))
+    .unwrap();
+    let before = apply(east, &users_se).await;
+    deploy(east, "mine", "mine").await;
+    eventually("the conflict in /debug/clusters", WAIT, &flotilla, || async {
+        let view = flotilla.json("/debug/clusters").await;
+        let conflicts = view["clusters"]["east-1"]["conflicts"].to_string();
+        conflicts.contains("stage.mine.global-se").then_some(())
+    })
+    .await;
+    let after = get_se(east, "stage.mine.global-se").await.unwrap();
+    assert_eq!(after.spec, before.spec, "the user's object is untouched");
+    assert_eq!(after.metadata.labels, before.metadata.labels);
+
+    // A second source of greeting in north-1: east-1 reaches both gateways.
+    deploy(north, "greeting", "greeting").await;
+    eventually("two endpoints in east-1", WAIT, &flotilla, || async {
+        let se = get_se(east, se_name).await?;
+        // One endpoint per source cluster, in cluster order: north-1, then west-1.
+        (endpoints(&se) == ["10.0.0.3", "10.0.0.1"]).then_some(())
+    })
+    .await;
+
+    // Rotating north-1's credentials keeps it synced and written.
+    let rotated = members[2].kubeconfig_for("rotated", "flotilla-test-rotated");
+    apply(&hub_client, &secret("remote-north", "istio/multiCluster", &[("north-1", rotated)])).await;
+    deploy(north, "watcher", "watcher").await;
+    apply(north, &dependency("watcher", "watcher-deps", "watcher", &["caller"])).await;
+    eventually("caller's SE written into north-1 with the rotated token", WAIT, &flotilla, || {
+        get_se(north, "stage.caller.global-se")
+    })
+    .await;
+    assert_eq!(flotilla.json("/debug/clusters").await["clusters"]["north-1"]["state"], "synced");
+
+    // Deleting north-1's Secret removes it: its endpoint leaves east-1's config.
+    secrets.delete("remote-north", &DeleteParams::default()).await.unwrap();
+    eventually("north-1's endpoint gone from east-1", WAIT, &flotilla, || async {
+        let se = get_se(east, se_name).await?;
+        (endpoints(&se) == ["10.0.0.1"]).then_some(())
+    })
+    .await;
+    assert!(flotilla.json("/debug/clusters").await["clusters"].get("north-1").is_none());
+
+    // Deleting the Dependency removes what it caused in the client's cluster only.
+    Api::<Dependency>::namespaced(east.clone(), "caller")
+        .delete("caller-deps", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("greeting's objects and caller's Sidecar pruned from east-1", WAIT, &flotilla, || async {
+        let gone = get_se(east, se_name).await.is_none()
+            && get_dr(east, "stage.greeting.global-default-dr").await.is_none()
+            && sidecars.get_opt("caller-egress").await.unwrap().is_none();
+        gone.then_some(())
+    })
+    .await;
+    assert!(get_se(west, se_name).await.is_some(), "west-1 still runs greeting");
+
+    // The debug views answer for an identity and a member.
+    let identity = flotilla.json("/debug/identities/greeting").await;
+    assert_eq!(identity["sourceClusters"], json!(["west-1"]), "{identity}");
+    let desired = flotilla.json("/debug/clusters/west-1/desired").await;
+    assert!(desired["objects"].as_array().unwrap().iter().any(|o| o["metadata"]["name"] == se_name), "{desired}");
+    assert_eq!(flotilla.get("/debug/clusters/nowhere/desired").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_member_stays_in_the_fleet_is_reconciled_and_a_restart_writes_nothing() {
+    let _serial = ONE_FLEET_AT_A_TIME.lock().await;
+    let (hub, mut members, hub_client, clients) = start_fleet(&["a-1", "b-1"]).await;
+    let (a, b) = (&clients[0], &clients[1]);
+    prepare_member(a, "us-west-2", "10.0.1.1").await;
+    prepare_member(b, "us-east-2", "10.0.1.2").await;
+    let mut flotilla = Flotilla::start(&hub, "replica-b", &[]);
+    let kubeconfigs = [("a-1", members[0].admin_kubeconfig()), ("b-1", members[1].admin_kubeconfig())];
+    apply(&hub_client, &secret("members", "istio/multiCluster", &kubeconfigs)).await;
+    deploy(a, "greeting", "greeting").await;
+    deploy(b, "caller", "caller").await;
+    apply(b, &dependency("caller", "caller-deps", "caller", &["greeting"])).await;
+    let se_name = "stage.greeting.global-se";
+    eventually("greeting's SE in b-1", WAIT, &flotilla, || get_se(b, se_name)).await;
+
+    members[0].stop_apiserver();
+    eventually("a-1 marked stale", WAIT, &flotilla, || async {
+        let view = flotilla.json("/debug/clusters").await;
+        (view["clusters"]["a-1"]["state"] == "stale").then_some(())
+    })
+    .await;
+    // The rest of the fleet keeps converging: a new workload in b-1 that a-1's greeting calls.
+    deploy(b, "api", "api").await;
+    apply(b, &dependency("caller", "greeting-deps", "greeting", &["api"])).await;
+    eventually("api's SE in b-1 while a-1 is down", WAIT, &flotilla, || get_se(b, "stage.api.global-se")).await;
+    let se = get_se(b, se_name).await.expect("a stale member's hosts stay");
+    assert_eq!(endpoints(&se), ["10.0.1.1"], "a-1's last known endpoint stays (fail static)");
+
+    // Back: what changed for a-1 meanwhile is written.
+    members[0].start_apiserver().await;
+    let sidecars: Api<Sidecar> = Api::namespaced(a.clone(), "greeting");
+    eventually("a-1 reconciled", WAIT, &flotilla, || async {
+        let done = get_se(a, "stage.api.global-se").await.is_some()
+            && sidecars.get_opt("greeting-egress").await.unwrap().is_some();
+        done.then_some(())
+    })
+    .await;
+
+    // A restart with nothing changed writes nothing: not an object, not a status, not a VIP.
+    eventually("every status written before the restart", WAIT, &flotilla, || async {
+        let deps: Api<Dependency> = Api::namespaced(b.clone(), "caller");
+        let all = deps.list(&ListParams::default()).await.unwrap();
+        all.items.iter().all(|d| d.status.is_some()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    flotilla.terminate();
+    flotilla.restart();
+    flotilla.wait_ready(WAIT).await;
+    eventually("the restarted replica leads", WAIT, &flotilla, || async {
+        (flotilla.metric("flotilla_leader").await == 1.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let writes = flotilla.metric("flotilla_api_writes_total").await;
+    assert_eq!(writes, 0.0, "writes after a restart with no change:\n{}", flotilla.log_tail());
+    let view = flotilla.json("/debug/clusters").await;
+    assert_eq!(view["clusters"]["a-1"]["desiredObjects"].as_u64(), Some(5), "{view}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_replica_takes_over_when_the_leader_dies() {
+    let _serial = ONE_FLEET_AT_A_TIME.lock().await;
+    let (hub, members, hub_client, clients) = start_fleet(&["solo-1"]).await;
+    let solo = &clients[0];
+    prepare_member(solo, "us-west-2", "10.0.2.1").await;
+    apply(&hub_client, &secret("members", "admiral/sync", &[("solo-1", members[0].admin_kubeconfig())])).await;
+    deploy(solo, "greeting", "greeting").await;
+
+    let mut first = Flotilla::start(&hub, "replica-1", &[]);
+    eventually("replica-1 leads", WAIT, &first, || async {
+        (first.metric("flotilla_leader").await == 1.0).then_some(())
+    })
+    .await;
+    let second = Flotilla::start(&hub, "replica-2", &[]);
+    second.wait_ready(WAIT).await;
+    eventually("greeting's SE written", WAIT, &first, || get_se(solo, "stage.greeting.global-se")).await;
+    // The standby watches and serves, but does not write.
+    let view = second.json("/debug/clusters").await;
+    assert_eq!(view["clusters"]["solo-1"]["state"], "synced", "{view}");
+    assert_eq!(view["leader"], false);
+    assert_eq!(second.metric("flotilla_api_writes_total").await, 0.0);
+
+    first.kill();
+    let gtps =
+        json!([{"dnsPrefix": "default", "lbType": "FAILOVER", "target": [{"region": "us-west-2", "weight": 100}]}]);
+    apply(solo, &gtp("greeting", "greeting-gtp", "greeting", gtps)).await;
+    eventually("the change applied by the new leader", WAIT, &second, || async {
+        let dr = get_dr(solo, "stage.greeting.global-default-dr").await?;
+        (distribute(&dr)[0]["to"]["us-west-2"] == 100).then_some(())
+    })
+    .await;
+    assert_eq!(second.metric("flotilla_leader").await, 1.0);
+}

@@ -1,0 +1,171 @@
+//! `flotilla run` as a child process against test clusters, with its HTTP endpoints read back.
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{TestCluster, free_port, scratch_dir, spawn, wait_for_port};
+
+/// The namespace flotilla runs in, in the hub.
+pub const FLOTILLA_NAMESPACE: &str = "flotilla";
+
+pub struct Flotilla {
+    pub name: String,
+    pub port: u16,
+    dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+    kubeconfig: PathBuf,
+}
+
+impl Flotilla {
+    /// Starts `flotilla run` against `hub` with fast test timings plus `extra` flags.
+    pub fn start(hub: &TestCluster, name: &str, extra: &[&str]) -> Flotilla {
+        Self::start_with_kubeconfig(&hub.admin_kubeconfig(), name, extra)
+    }
+
+    pub fn start_with_kubeconfig(kubeconfig: &str, name: &str, extra: &[&str]) -> Flotilla {
+        let dir = scratch_dir(&format!("flotilla-{name}"));
+        let path = dir.join("hub.kubeconfig");
+        std::fs::write(&path, kubeconfig).unwrap();
+        let mut args: Vec<String> = [
+            "run",
+            "--namespace",
+            FLOTILLA_NAMESPACE,
+            "--stale-after",
+            "8s",
+            "--lease-duration",
+            "4s",
+            "--lease-grace",
+            "2s",
+            "--log-level",
+            "info,flotilla=debug",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut f = Flotilla { name: name.into(), port: 0, dir, args, child: None, kubeconfig: path };
+        f.restart();
+        f
+    }
+
+    /// Starts the process again (same flags, a new HTTP port).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "flotilla {} is running", self.name);
+        self.port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla"));
+        cmd.args(&self.args)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--http-addr")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--replica-name")
+            .arg(&self.name);
+        let log = self.dir.join(format!("flotilla-{}.log", crate::testenv::now_millis()));
+        std::fs::write(self.dir.join("current-log"), log.to_string_lossy().as_bytes()).unwrap();
+        self.child = Some(spawn(cmd, &log));
+        wait_for_port(self.port, Duration::from_secs(30), || self.log_tail());
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let status = child.wait().unwrap();
+            assert!(
+                status.success(),
+                "flotilla {} exited with {status} after SIGTERM:\n{}",
+                self.name,
+                self.log_tail()
+            );
+        }
+    }
+
+    /// SIGKILL: a crash, no lease release.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("current-log")).unwrap_or_default();
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// GET on the HTTP port: (status code, body).
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        let text = String::from_utf8_lossy(&response).to_string();
+        let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (code, body)
+    }
+
+    pub async fn json(&self, path: &str) -> serde_json::Value {
+        let (code, body) = self.get(path).await;
+        assert_eq!(code, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+    }
+
+    /// Sum of every sample of a metric (all label sets).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, body) = self.get("/metrics").await;
+        body.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.get("/readyz").await.0 == 200 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "flotilla {} not ready in {timeout:?}:\n{}",
+                self.name,
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Flotilla {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` until it returns Some, or fails after `timeout` with `what` and the log.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, flotilla: &Flotilla, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}\nflotilla log:\n{}",
+            flotilla.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
