@@ -28,6 +28,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the controller: watch the fleet, write each member's Istio config, report status.
     Run(RunArgs),
+    /// Print the registration Secret for a member (like `istioctl create-remote-secret`): a
+    /// kubeconfig with a bound, expiring token of the member chart's ServiceAccount.
+    RegisterCluster(RegisterArgs),
     /// Print, offline, the exact objects `run` would write per cluster, from manifests on disk.
     Render(RenderArgs),
     /// Print the CustomResourceDefinitions flotilla serves (the content of crds/).
@@ -138,6 +141,51 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
     };
     Ok(Duration::from_secs_f64(secs))
+}
+
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// Kubeconfig with a context for the member (default: $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, env = "FLOTILLA_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The member's context (default: the current context).
+    #[arg(long, env = "FLOTILLA_CONTEXT")]
+    pub context: Option<String>,
+    /// The member's cluster id (default: the context's name); a DNS-1123 label.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// ServiceAccount in the member whose token flotilla uses (the member chart's).
+    #[arg(long, default_value = "flotilla-member")]
+    pub service_account: String,
+    #[arg(long, default_value = "flotilla-system")]
+    pub service_account_namespace: String,
+    /// Lifetime of the token; re-run before it ends (flotilla picks up the new Secret live).
+    #[arg(long, default_value = "8760h", value_parser = parse_long_duration)]
+    pub token_duration: Duration,
+    /// Namespace of the Secret in the hub (flotilla's).
+    #[arg(long, default_value = "flotilla")]
+    pub secret_namespace: String,
+    /// API server URL as the hub reaches it, when it differs from the kubeconfig's.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Annotations on the Secret overriding discovery: the member's region, gateway address, gateway port.
+    #[arg(long)]
+    pub region: Option<String>,
+    #[arg(long)]
+    pub gateway_address: Option<String>,
+    #[arg(long)]
+    pub gateway_port: Option<u16>,
+}
+
+/// Like `parse_duration`, plus hours (`8760h`) for token lifetimes.
+fn parse_long_duration(s: &str) -> Result<Duration, String> {
+    match s.trim().strip_suffix('h') {
+        Some(hours) => {
+            let h: u64 = hours.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 24h, 90m)"))?;
+            Ok(Duration::from_secs(h * 3600))
+        }
+        None => parse_duration(s),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -253,6 +301,7 @@ pub fn execute(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run(args) => run(args),
+        Command::RegisterCluster(args) => register(args),
         Command::Render(args) => render(args),
         Command::Synth(a) => {
             if a.clusters == 0 || a.regions == 0 {
@@ -272,6 +321,36 @@ pub fn execute(cli: Cli) -> ExitCode {
                 Err(e) => fail(&format!("{}: {e}", a.out_dir.display())),
             }
         }
+    }
+}
+
+fn register(a: RegisterArgs) -> ExitCode {
+    let opts = crate::register::RegisterOptions {
+        kubeconfig: a.kubeconfig,
+        context: a.context,
+        name: a.name,
+        service_account: a.service_account,
+        service_account_namespace: a.service_account_namespace,
+        token_duration: a.token_duration,
+        secret_namespace: a.secret_namespace,
+        server: a.server,
+        region: a.region,
+        gateway_address: a.gateway_address,
+        gateway_port: a.gateway_port,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("starting the async runtime: {e}")),
+    };
+    match runtime.block_on(crate::register::registration_secret(&opts)) {
+        Ok((yaml, expires)) => {
+            eprintln!("flotilla: the token expires at {expires}; run register-cluster again before then");
+            match print_stdout(&yaml) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+        Err(e) => fail(&format!("{e:#}")),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod crd;
 pub mod fleet_dir;
 pub mod istio;
 pub mod model;
+pub mod register;
 pub mod render;
 pub mod settings;
 pub mod synth;
