@@ -237,7 +237,7 @@ pub enum InputObject {
 }
 
 /// Identifies a deleted object: kind plus namespace/name (namespace empty for cluster scope).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum InputKind {
     Deployment,
     Service,

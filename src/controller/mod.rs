@@ -56,60 +56,44 @@ pub struct LeaseOptions {
     pub grace_seconds: u64,
 }
 
-/// The kinds watched in every member.
+/// The kinds watched in every member: the model's inputs, and the two kinds only flotilla writes
+/// (Sidecars are both: an input, for users' Sidecars, and an output).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum WatchKind {
-    Deployment,
-    Service,
-    Node,
-    Namespace,
-    Sidecar,
-    GlobalTrafficPolicy,
-    OutlierDetection,
-    ClientConnectionConfig,
-    Dependency,
+    Input(InputKind),
     ServiceEntry,
     DestinationRule,
 }
 
 impl WatchKind {
     pub const MEMBER: [WatchKind; 11] = [
-        WatchKind::Deployment,
-        WatchKind::Service,
-        WatchKind::Node,
-        WatchKind::Namespace,
-        WatchKind::Sidecar,
-        WatchKind::GlobalTrafficPolicy,
-        WatchKind::OutlierDetection,
-        WatchKind::ClientConnectionConfig,
-        WatchKind::Dependency,
+        WatchKind::Input(InputKind::Deployment),
+        WatchKind::Input(InputKind::Service),
+        WatchKind::Input(InputKind::Node),
+        WatchKind::Input(InputKind::Namespace),
+        WatchKind::Input(InputKind::Sidecar),
+        WatchKind::Input(InputKind::GlobalTrafficPolicy),
+        WatchKind::Input(InputKind::OutlierDetection),
+        WatchKind::Input(InputKind::ClientConnectionConfig),
+        WatchKind::Input(InputKind::Dependency),
         WatchKind::ServiceEntry,
         WatchKind::DestinationRule,
     ];
 
-    /// The model's kind for inputs.
     pub fn input(self) -> Option<InputKind> {
-        Some(match self {
-            WatchKind::Deployment => InputKind::Deployment,
-            WatchKind::Service => InputKind::Service,
-            WatchKind::Node => InputKind::Node,
-            WatchKind::Namespace => InputKind::Namespace,
-            WatchKind::Sidecar => InputKind::Sidecar,
-            WatchKind::GlobalTrafficPolicy => InputKind::GlobalTrafficPolicy,
-            WatchKind::OutlierDetection => InputKind::OutlierDetection,
-            WatchKind::ClientConnectionConfig => InputKind::ClientConnectionConfig,
-            WatchKind::Dependency => InputKind::Dependency,
-            WatchKind::ServiceEntry | WatchKind::DestinationRule => return None,
-        })
+        match self {
+            WatchKind::Input(k) => Some(k),
+            _ => None,
+        }
     }
 
-    /// The planner's kind for what flotilla writes (Sidecars are both input and output).
+    /// The planner's kind for what flotilla writes.
     pub fn output(self) -> Option<Kind> {
         match self {
             WatchKind::ServiceEntry => Some(Kind::ServiceEntry),
             WatchKind::DestinationRule => Some(Kind::DestinationRule),
-            WatchKind::Sidecar => Some(Kind::Sidecar),
-            _ => None,
+            WatchKind::Input(InputKind::Sidecar) => Some(Kind::Sidecar),
+            WatchKind::Input(_) => None,
         }
     }
 }

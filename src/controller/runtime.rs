@@ -27,7 +27,7 @@ use crate::compute::status::{policy_status, same_status};
 use crate::compute::vip::VipTable;
 use crate::compute::{Engine, Kind, MANAGER, ObjectKey, PolicyKind};
 use crate::crd::PolicyStatus;
-use crate::model::{ClusterHealth, ClusterId, HUB, InputObject, NsName, ObjectRef};
+use crate::model::{ClusterHealth, ClusterId, HUB, InputKind, InputObject, NsName, ObjectRef};
 
 /// How often health and retries are looked at when nothing happens.
 const TICK: Duration = Duration::from_secs(1);
@@ -368,7 +368,7 @@ impl Runtime {
             self.dirty_clusters.insert(cluster.to_string());
         }
         if let Some(input) = kind.input() {
-            if let Some(pk) = policy_kind(kind) {
+            if let Some(pk) = policy_kind(input) {
                 let at = ObjectRef { cluster: cluster.to_string(), namespace: key.0.clone(), name: key.1.clone() };
                 self.observed_status.remove(&(pk, at));
             }
@@ -816,19 +816,9 @@ fn watched_kind(w: &Watched) -> Option<WatchKind> {
         Watched::Output(o) => match o.object.kind() {
             Kind::ServiceEntry => WatchKind::ServiceEntry,
             Kind::DestinationRule => WatchKind::DestinationRule,
-            Kind::Sidecar => WatchKind::Sidecar,
+            Kind::Sidecar => WatchKind::Input(InputKind::Sidecar),
         },
-        Watched::Input(obj) => match obj.kind() {
-            crate::model::InputKind::Deployment => WatchKind::Deployment,
-            crate::model::InputKind::Service => WatchKind::Service,
-            crate::model::InputKind::Node => WatchKind::Node,
-            crate::model::InputKind::Namespace => WatchKind::Namespace,
-            crate::model::InputKind::Sidecar => WatchKind::Sidecar,
-            crate::model::InputKind::GlobalTrafficPolicy => WatchKind::GlobalTrafficPolicy,
-            crate::model::InputKind::OutlierDetection => WatchKind::OutlierDetection,
-            crate::model::InputKind::ClientConnectionConfig => WatchKind::ClientConnectionConfig,
-            crate::model::InputKind::Dependency => WatchKind::Dependency,
-        },
+        Watched::Input(obj) => WatchKind::Input(obj.kind()),
     })
 }
 
@@ -840,12 +830,12 @@ fn watched_key(w: &Watched) -> NsName {
     (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
 }
 
-fn policy_kind(kind: WatchKind) -> Option<PolicyKind> {
+fn policy_kind(kind: InputKind) -> Option<PolicyKind> {
     match kind {
-        WatchKind::GlobalTrafficPolicy => Some(PolicyKind::GlobalTrafficPolicy),
-        WatchKind::OutlierDetection => Some(PolicyKind::OutlierDetection),
-        WatchKind::ClientConnectionConfig => Some(PolicyKind::ClientConnectionConfig),
-        WatchKind::Dependency => Some(PolicyKind::Dependency),
+        InputKind::GlobalTrafficPolicy => Some(PolicyKind::GlobalTrafficPolicy),
+        InputKind::OutlierDetection => Some(PolicyKind::OutlierDetection),
+        InputKind::ClientConnectionConfig => Some(PolicyKind::ClientConnectionConfig),
+        InputKind::Dependency => Some(PolicyKind::Dependency),
         _ => None,
     }
 }

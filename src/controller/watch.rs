@@ -22,7 +22,7 @@ use crate::compute::DesiredObject;
 use crate::compute::plan::ObservedObject;
 use crate::crd::{ClientConnectionConfig, Dependency, GlobalTrafficPolicy, OutlierDetection};
 use crate::istio::{DestinationRule, ServiceEntry, Sidecar};
-use crate::model::InputObject;
+use crate::model::{InputKind, InputObject};
 use crate::settings::LabelTerm;
 
 /// Starts one watch per kind in a member. Dropping the set stops them all.
@@ -36,49 +36,25 @@ pub fn spawn_member_watches(
     let mut set = JoinSet::new();
     let send = move |change: Change| tx.send(Input::Member { cluster: cluster.clone(), epoch, change }).is_ok();
     let all = watcher::Config::default;
-    let input = |o: InputObject| Watched::Input(Box::new(o));
-    spawn(&mut set, Api::<Deployment>::all(client.clone()), all(), WatchKind::Deployment, send.clone(), move |o| {
-        input(InputObject::Deployment(Box::new(o)))
-    });
-    spawn(&mut set, Api::<Service>::all(client.clone()), all(), WatchKind::Service, send.clone(), move |o| {
-        input(InputObject::Service(Box::new(o)))
-    });
-    spawn(&mut set, Api::<Node>::all(client.clone()), all(), WatchKind::Node, send.clone(), move |o| {
-        input(InputObject::Node(Box::new(o)))
-    });
-    spawn(&mut set, Api::<Namespace>::all(client.clone()), all(), WatchKind::Namespace, send.clone(), move |o| {
-        input(InputObject::Namespace(Box::new(o)))
-    });
-    spawn(&mut set, Api::<Sidecar>::all(client.clone()), all(), WatchKind::Sidecar, send.clone(), move |o| {
-        input(InputObject::Sidecar(Box::new(o)))
-    });
-    spawn(
-        &mut set,
-        Api::<GlobalTrafficPolicy>::all(client.clone()),
-        all(),
-        WatchKind::GlobalTrafficPolicy,
-        send.clone(),
-        move |o| input(InputObject::GlobalTrafficPolicy(Box::new(o))),
+    // Every input kind is watched in all namespaces, and becomes the InputObject variant of its name.
+    macro_rules! watch_input {
+        ($($kind:ident: $ty:ty),* $(,)?) => {$(
+            spawn(&mut set, Api::<$ty>::all(client.clone()), all(), WatchKind::Input(InputKind::$kind), send.clone(), |o| {
+                Watched::Input(Box::new(InputObject::$kind(Box::new(o))))
+            });
+        )*};
+    }
+    watch_input!(
+        Deployment: Deployment,
+        Service: Service,
+        Node: Node,
+        Namespace: Namespace,
+        Sidecar: Sidecar,
+        GlobalTrafficPolicy: GlobalTrafficPolicy,
+        OutlierDetection: OutlierDetection,
+        ClientConnectionConfig: ClientConnectionConfig,
+        Dependency: Dependency,
     );
-    spawn(
-        &mut set,
-        Api::<OutlierDetection>::all(client.clone()),
-        all(),
-        WatchKind::OutlierDetection,
-        send.clone(),
-        move |o| input(InputObject::OutlierDetection(Box::new(o))),
-    );
-    spawn(
-        &mut set,
-        Api::<ClientConnectionConfig>::all(client.clone()),
-        all(),
-        WatchKind::ClientConnectionConfig,
-        send.clone(),
-        move |o| input(InputObject::ClientConnectionConfig(Box::new(o))),
-    );
-    spawn(&mut set, Api::<Dependency>::all(client.clone()), all(), WatchKind::Dependency, send.clone(), move |o| {
-        input(InputObject::Dependency(Box::new(o)))
-    });
     // Everything in the sync namespace, not only what carries our label: an unlabelled object
     // with a name we want is a conflict we must see before writing.
     let ses = Api::<ServiceEntry>::namespaced(client.clone(), sync_namespace);
@@ -112,7 +88,7 @@ pub fn spawn_hub_watches(
         &mut set,
         Api::<Dependency>::all(client.clone()),
         watcher::Config::default(),
-        WatchKind::Dependency,
+        WatchKind::Input(InputKind::Dependency),
         send,
         |o| Watched::Input(Box::new(InputObject::Dependency(Box::new(o)))),
     );
