@@ -1,6 +1,10 @@
 //! Scale figures for the pure engine, printed (never asserted): load, full compute, incremental
-//! recompute after one change, and plan with nothing to do. Run: `cargo bench --bench compute`
-//! (FLOTILLA_BENCH_SIZES=10x500,100x5000 to choose sizes).
+//! recompute after one change (GTP, Deployment scale-out to a new cluster, Dependency), plan with
+//! nothing to do, and memory.
+//!
+//! Run: `cargo bench --bench compute` (sizes `FLOTILLA_BENCH_SIZES=10x500,100x5000,500x20000`,
+//! clusters x identities, D=5). Sizes run smallest first in one process, so each size's memory
+//! figure is its own: RSS after compute minus RSS before loading.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -8,26 +12,59 @@ use std::time::{Duration, Instant};
 use flotilla::compute::plan::{ObservedObject, plan_cluster};
 use flotilla::compute::vip::VipTable;
 use flotilla::compute::{Engine, ObjectKey};
+use flotilla::model::InputObject;
 use flotilla::settings::Settings;
-use flotilla::synth::{SynthSpec, cluster_name, write_fleet_dir};
+use flotilla::synth::{SynthSpec, cluster_name, identity_name, write_fleet_dir};
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
 }
 
+/// (current RSS, peak RSS) of this process in KiB.
+fn rss_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Times `rounds` recomputes, each after `change(round)` fed one object to the model.
+fn incremental(engine: &mut Engine, rounds: usize, mut change: impl FnMut(&mut Engine, usize)) -> (Duration, usize) {
+    let mut samples = Vec::new();
+    let mut touched = 0;
+    for round in 0..rounds {
+        change(engine, round);
+        let t = Instant::now();
+        let r = engine.recompute();
+        samples.push(t.elapsed());
+        touched = touched.max(r.identities);
+    }
+    (median(samples), touched)
+}
+
 fn main() {
-    let sizes = std::env::var("FLOTILLA_BENCH_SIZES").unwrap_or_else(|_| "10x500,100x5000".into());
+    let sizes = std::env::var("FLOTILLA_BENCH_SIZES").unwrap_or_else(|_| "10x500,100x5000,500x20000".into());
+    println!(
+        "size | desired objects | load | ingest | full compute (median) | incremental: GTP / scale-out / Dependency | plan, nothing changed | RSS model+desired | bytes/object"
+    );
     for size in sizes.split(',') {
         let (c, i) = size.split_once('x').expect("sizes look like 100x5000");
         let spec = SynthSpec { clusters: c.parse().unwrap(), identities: i.parse().unwrap(), ..SynthSpec::default() };
         let dir = std::env::temp_dir().join(format!("flotilla-bench-{size}"));
         let _ = std::fs::remove_dir_all(&dir);
         write_fleet_dir(&spec, &dir).unwrap();
+        let (rss_before, _) = rss_kib();
 
         let t = Instant::now();
         let loaded = flotilla::fleet_dir::load(&dir).unwrap();
         let load = t.elapsed();
+        let _ = std::fs::remove_dir_all(&dir);
         let mut engine = Engine::new(Settings::default(), VipTable::default());
         for (id, o) in &loaded.clusters {
             engine.fleet.upsert_cluster(id, o.clone());
@@ -37,41 +74,93 @@ fn main() {
             engine.fleet.upsert(&cluster, obj);
         }
         let ingest = t.elapsed();
-        let t = Instant::now();
-        engine.recompute();
-        let full = t.elapsed();
+        let mut fulls = Vec::new();
+        let rounds = if spec.identities > 10_000 { 1 } else { 3 };
+        for _ in 0..rounds {
+            engine.fleet.mark_all_dirty();
+            let t = Instant::now();
+            engine.recompute();
+            fulls.push(t.elapsed());
+        }
+        let full = median(fulls);
         let objects = engine.desired.object_count();
 
-        // Incremental: the same GTP-bearing identity changes its Dependency back and forth.
-        let mut incremental = Vec::new();
-        let mut touched = 0;
-        for round in 0..20 {
-            let first = flotilla::synth::identity_name(0);
-            let dep = loaded
-                .objects
-                .iter()
-                .find(|(_, o)| matches!(o, flotilla::model::InputObject::Dependency(d) if d.spec.source == first))
-                .cloned()
-                .unwrap();
-            let (cluster, flotilla::model::InputObject::Dependency(mut d)) = dep else { unreachable!() };
+        // One GTP's weights flip back and forth.
+        let gtp = loaded
+            .objects
+            .iter()
+            .find_map(|(c, o)| match o {
+                InputObject::GlobalTrafficPolicy(g) => Some((c.clone(), g.clone())),
+                _ => None,
+            })
+            .expect("the synthetic fleet has GTPs");
+        let (gtp_time, gtp_touched) = incremental(&mut engine, 20, |e, round| {
+            let (cluster, mut g) = gtp.clone();
             if round % 2 == 0 {
-                d.spec.destinations.push(flotilla::synth::identity_name(spec.identities - 1));
+                for p in &mut g.spec.policy {
+                    p.outlier_detection =
+                        Some(flotilla::crd::OutlierConfig { interval: Some(30), ..Default::default() });
+                }
             }
-            engine.fleet.upsert(&cluster, flotilla::model::InputObject::Dependency(d));
-            let t = Instant::now();
-            let r = engine.recompute();
-            incremental.push(t.elapsed());
-            touched = touched.max(r.identities);
-        }
+            e.fleet.upsert(&cluster, InputObject::GlobalTrafficPolicy(g));
+        });
+        // One Deployment scales out to a cluster it did not run in, then back.
+        let (home, deployment) = loaded
+            .objects
+            .iter()
+            .find_map(|(c, o)| match o {
+                InputObject::Deployment(d) => Some((c.clone(), d.clone())),
+                _ => None,
+            })
+            .unwrap();
+        let service = loaded
+            .objects
+            .iter()
+            .find_map(|(c, o)| match o {
+                InputObject::Service(s) if *c == home && s.metadata.namespace == deployment.metadata.namespace => {
+                    Some(s.clone())
+                }
+                _ => None,
+            })
+            .unwrap();
+        let elsewhere = (0..spec.clusters).map(cluster_name).find(|c| *c != home).unwrap();
+        let ns = deployment.metadata.namespace.clone().unwrap();
+        let (scale_time, scale_touched) = incremental(&mut engine, 20, |e, round| {
+            if round % 2 == 0 {
+                e.fleet.upsert(&elsewhere, InputObject::Service(service.clone()));
+                e.fleet.upsert(&elsewhere, InputObject::Deployment(deployment.clone()));
+            } else {
+                let name = deployment.metadata.name.clone().unwrap();
+                e.fleet.delete(&elsewhere, flotilla::model::InputKind::Deployment, &ns, &name);
+            }
+        });
+        // One client's Dependency gains and loses a destination.
+        let first = identity_name(0);
+        let dep = loaded
+            .objects
+            .iter()
+            .find_map(|(c, o)| match o {
+                InputObject::Dependency(d) if d.spec.source == first => Some((c.clone(), d.clone())),
+                _ => None,
+            })
+            .unwrap();
+        let (dep_time, dep_touched) = incremental(&mut engine, 20, |e, round| {
+            let (cluster, mut d) = dep.clone();
+            if round % 2 == 0 {
+                d.spec.destinations.push(identity_name(spec.identities - 1));
+            }
+            e.fleet.upsert(&cluster, InputObject::Dependency(d));
+        });
 
         // Plan against an observed state equal to the desired one.
+        let empty = BTreeMap::new();
         let observed: Vec<BTreeMap<ObjectKey, ObservedObject>> = (0..spec.clusters)
             .map(|c| {
                 engine
                     .desired
                     .cluster_map(&cluster_name(c))
-                    .into_iter()
-                    .flatten()
+                    .unwrap_or(&empty)
+                    .iter()
                     .map(|(k, o)| (k.clone(), ObservedObject::new(o.as_ref().clone())))
                     .collect()
             })
@@ -79,16 +168,22 @@ fn main() {
         let t = Instant::now();
         let mut writes = 0;
         for (c, observed) in observed.iter().enumerate() {
-            let desired = engine.desired.cluster_map(&cluster_name(c)).cloned().unwrap_or_default();
-            let plan = plan_cluster(&desired, observed);
+            let desired = engine.desired.cluster_map(&cluster_name(c)).unwrap_or(&empty);
+            let plan = plan_cluster(desired, observed);
             writes += plan.apply.len() + plan.prune.len();
         }
         let plan = t.elapsed();
+        drop(observed);
+        drop(loaded);
+        let (rss_after, peak) = rss_kib();
+        let model_kib = rss_after.saturating_sub(rss_before);
 
         println!(
-            "{size}: {objects} desired objects | load {load:.2?} | ingest {ingest:.2?} | full compute {full:.2?} | incremental (dependency change, {touched} identities) median {:.2?} | plan, nothing changed {plan:.2?}, {writes} writes",
-            median(incremental)
+            "{size} | {objects} | {load:.2?} | {ingest:.2?} | {full:.2?} | {gtp_time:.2?} ({gtp_touched} ids) / {scale_time:.2?} ({scale_touched} ids) / {dep_time:.2?} ({dep_touched} ids) | {plan:.2?}, {writes} writes | {} MiB (peak {} MiB) | {}",
+            model_kib / 1024,
+            peak / 1024,
+            model_kib * 1024 / objects.max(1) as u64,
         );
-        let _ = std::fs::remove_dir_all(&dir);
+        drop(engine);
     }
 }

@@ -64,7 +64,7 @@ impl Flotilla {
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--replica-name")
             .arg(&self.name);
-        let log = self.dir.join(format!("flotilla-{}.log", crate::testenv::now_millis()));
+        let log = self.dir.join(format!("flotilla-{}.log", super::now_millis()));
         std::fs::write(self.dir.join("current-log"), log.to_string_lossy().as_bytes()).unwrap();
         self.child = Some(spawn(cmd, &log));
         wait_for_port(self.port, Duration::from_secs(30), || self.log_tail());
@@ -97,6 +97,11 @@ impl Flotilla {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Resident memory of the flotilla process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.child.as_ref().map(|c| super::rss_of(c.id())).unwrap_or(0)
     }
 
     /// GET on the HTTP port: (status code, body).
