@@ -290,7 +290,7 @@ pub struct Fleet {
     pub connection_configs: BTreeMap<ObjectRef, Policy<ClientConnectionConfigSpec>>,
     pub dependencies: BTreeMap<ObjectRef, DependencyEntry>,
     /// identity → where its workloads are (cluster, namespace, name).
-    by_identity: BTreeMap<String, BTreeSet<(ClusterId, String, String)>>,
+    by_identity: BTreeMap<String, BTreeSet<(ClusterId, NsName)>>,
     /// identity → the GTPs / ODs / CCCs that name it.
     gtps_by_identity: BTreeMap<String, BTreeSet<ObjectRef>>,
     ods_by_identity: BTreeMap<String, BTreeSet<ObjectRef>>,
@@ -400,9 +400,9 @@ impl Fleet {
 
     /// The workloads of one identity, in (cluster, namespace, name) order.
     pub fn workloads_of<'a>(&'a self, identity: &str) -> impl Iterator<Item = (&'a Cluster, &'a Workload)> + 'a {
-        self.by_identity.get(identity).into_iter().flatten().filter_map(move |(c, ns, name)| {
+        self.by_identity.get(identity).into_iter().flatten().filter_map(move |(c, key)| {
             let cluster = self.clusters.get(c)?;
-            let w = cluster.workloads.get(&(ns.clone(), name.clone()))?;
+            let w = cluster.workloads.get(key)?;
             Some((cluster, w))
         })
     }
@@ -576,11 +576,8 @@ impl Fleet {
         }
         if let Some(n) = &new {
             if let Some(id) = &n.identity {
-                self.by_identity.entry(id.clone()).or_default().insert((
-                    cluster.to_string(),
-                    n.namespace.clone(),
-                    n.name.clone(),
-                ));
+                let key = (n.namespace.clone(), n.name.clone());
+                self.by_identity.entry(id.clone()).or_default().insert((cluster.to_string(), key));
             }
             self.dirty.touch(n.identity.as_deref());
         }
@@ -590,7 +587,7 @@ impl Fleet {
         if let Some(id) = &w.identity
             && let Some(set) = self.by_identity.get_mut(id)
         {
-            set.remove(&(cluster.to_string(), w.namespace.clone(), w.name.clone()));
+            set.remove(&(cluster.to_string(), (w.namespace.clone(), w.name.clone())));
             if set.is_empty() {
                 self.by_identity.remove(id);
             }

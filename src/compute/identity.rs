@@ -2,7 +2,7 @@
 //! which hosts it has and which clusters need them. Everything the object builders read comes
 //! from here, and so does every diagnostic about the identity.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::crd::{ClientConnectionConfigSpec, GlobalTrafficPolicySpec, OutlierDetectionSpec, TrafficPolicy};
 use crate::model::{Cluster, ClusterId, Fleet, ObjectRef, Policy, ServiceInfo, ServicePortInfo, Workload};
@@ -71,9 +71,38 @@ impl ResolvedIdentity<'_> {
     }
 }
 
-/// Resolves `identity` against the fleet. Pure; cheap enough to call for a destination while
-/// building a client's Sidecar.
-pub fn resolve<'a>(fleet: &'a Fleet, settings: &Settings, identity: &str) -> ResolvedIdentity<'a> {
+/// What one recompute pass asks about many identities, computed once per pass: where an identity
+/// runs (every destination lists its clients' clusters) and the hosts it writes (every client's
+/// Sidecar lists its destinations' hosts). The fleet does not change during a pass, so a cache
+/// that lives for one pass is always right. Only looked up, never iterated.
+#[derive(Default)]
+pub struct PassCache<'a> {
+    running: HashMap<&'a str, BTreeSet<&'a str>>,
+    written_hosts: HashMap<&'a str, Vec<String>>,
+}
+
+impl<'a> PassCache<'a> {
+    pub fn clusters_running(&mut self, fleet: &'a Fleet, identity: &'a str) -> &BTreeSet<&'a str> {
+        self.running.entry(identity).or_insert_with(|| fleet.clusters_running(identity))
+    }
+
+    /// The hosts `identity` writes somewhere (see `ResolvedIdentity::written_hosts`).
+    pub fn written_hosts(&mut self, fleet: &'a Fleet, settings: &Settings, identity: &'a str) -> &[String] {
+        if !self.written_hosts.contains_key(identity) {
+            let hosts = resolve(fleet, settings, identity, self).written_hosts().map(str::to_string).collect();
+            self.written_hosts.insert(identity, hosts);
+        }
+        &self.written_hosts[identity]
+    }
+}
+
+/// Resolves `identity` against the fleet. Pure.
+pub fn resolve<'a>(
+    fleet: &'a Fleet,
+    settings: &Settings,
+    identity: &str,
+    cache: &mut PassCache<'a>,
+) -> ResolvedIdentity<'a> {
     let mut out = ResolvedIdentity::default();
     // Federated workloads, grouped by env; (cluster, namespace) pairs decide policy scope.
     let mut locations: BTreeSet<(String, &str, &str)> = BTreeSet::new();
@@ -121,7 +150,7 @@ pub fn resolve<'a>(fleet: &'a Fleet, settings: &Settings, identity: &str) -> Res
     }
 
     for client in fleet.clients_of(identity) {
-        out.client_clusters.extend(fleet.clusters_running(client));
+        out.client_clusters.extend(cache.clusters_running(fleet, client).iter().copied());
     }
 
     select_policies(fleet, identity, &locations, &mut out);

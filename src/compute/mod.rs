@@ -337,8 +337,10 @@ impl Engine {
             }
             set
         };
+        let mut cache = identity::PassCache::default();
         for id in &identities {
-            let output = objects::compute_identity(&self.fleet, &self.settings, &self.facts, id, &mut self.vips);
+            let output =
+                objects::compute_identity(&self.fleet, &self.settings, &self.facts, id, &mut self.vips, &mut cache);
             self.desired.replace(id, output, &mut result.changed);
         }
         result.identities = identities.len();

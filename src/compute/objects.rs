@@ -3,7 +3,7 @@
 //! local endpoint in its own cluster, gateway endpoints elsewhere, and a failover origin that
 //! depends on the region of the cluster it is written to.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -18,7 +18,7 @@ use crate::istio::{
 use crate::model::{ClusterId, Fleet, GATEWAY_NAMESPACE, Workload};
 use crate::settings::{ExportTo, Settings, SidecarMode, VipMode};
 
-use super::identity::{EnvPlan, ExposedPort, HostPlan, ResolvedIdentity, resolve};
+use super::identity::{EnvPlan, ExposedPort, HostPlan, PassCache, ResolvedIdentity, resolve};
 use super::policy::{LbType, h2_upgrade_policy_name, is_dns_subdomain, lb_type};
 use super::vip::VipTable;
 use super::{
@@ -29,14 +29,15 @@ use super::{
 const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 
 /// Everything one identity contributes to the desired state of the fleet.
-pub fn compute_identity(
-    fleet: &Fleet,
+pub fn compute_identity<'a>(
+    fleet: &'a Fleet,
     settings: &Settings,
     facts: &BTreeMap<ClusterId, ClusterFacts>,
     identity: &str,
     vips: &mut VipTable,
+    cache: &mut PassCache<'a>,
 ) -> IdentityOutput {
-    let resolved = resolve(fleet, settings, identity);
+    let resolved = resolve(fleet, settings, identity, cache);
     let mut out = IdentityOutput {
         diagnostics: resolved.diagnostics.clone(),
         reports: resolved.reports.clone(),
@@ -67,43 +68,62 @@ pub fn compute_identity(
                     }
                 },
             };
+            let labels = managed_labels(identity, &env.env);
+            // Targets differ only by where they stand: which source they are (if any), their
+            // region, and (with --export-to=dependents) their exportTo. Targets standing in the same
+            // place share one object instead of building it again.
+            let mut entries: HashMap<(Option<&str>, Vec<String>), (Option<Arc<DesiredObject>>, usize)> = HashMap::new();
+            let mut rules: HashMap<(String, bool, Vec<String>), Arc<DesiredObject>> = HashMap::new();
             for target in &targets {
                 let Some(target_facts) = facts.get(*target) else {
                     continue;
                 };
-                let endpoints = endpoints_for(env, target, facts);
-                if endpoints.is_empty() {
-                    continue;
-                }
-                let only_local = endpoints.len() == 1 && env.sources.contains_key(*target);
+                let local = env.sources.contains_key(*target).then_some(*target);
                 let export_to = export_to(fleet, settings, &resolved, env, identity, target);
-                let labels = managed_labels(identity, &env.env);
-                out.objects.push((
-                    target.to_string(),
-                    Arc::new(service_entry(
-                        settings,
-                        env,
-                        host,
-                        vip.clone(),
-                        endpoints,
-                        export_to.clone(),
-                        labels.clone(),
-                    )),
-                ));
-                out.objects.push((
-                    target.to_string(),
+                let (entry, endpoint_count) = entries
+                    .entry((local, export_to.clone()))
+                    .or_insert_with(|| {
+                        let endpoints = endpoints_for(env, target, facts);
+                        let count = endpoints.len();
+                        let se = service_entry(
+                            settings,
+                            env,
+                            host,
+                            vip.clone(),
+                            endpoints,
+                            export_to.clone(),
+                            labels.clone(),
+                        );
+                        ((count > 0).then(|| Arc::new(se)), count)
+                    })
+                    .clone();
+                let Some(entry) = entry else {
+                    continue;
+                };
+                let only_local = endpoint_count == 1 && local.is_some();
+                let build_rule = |diagnostics: &mut Vec<Diagnostic>| {
                     Arc::new(destination_rule(
                         settings,
                         env,
                         host,
                         target_facts,
                         only_local,
-                        export_to,
-                        labels,
-                        &mut out.diagnostics,
+                        export_to.clone(),
+                        labels.clone(),
+                        diagnostics,
                         target,
-                    )),
-                ));
+                    ))
+                };
+                let rule = match &target_facts.region {
+                    // Without a region the rule carries a diagnostic naming the target: build it.
+                    None => build_rule(&mut out.diagnostics),
+                    Some(region) => rules
+                        .entry((region.clone(), only_local, export_to.clone()))
+                        .or_insert_with(|| build_rule(&mut out.diagnostics))
+                        .clone(),
+                };
+                out.objects.push((target.to_string(), entry));
+                out.objects.push((target.to_string(), rule));
                 written.entry(target.to_string()).or_default().insert(host.host.clone());
             }
         }
@@ -120,7 +140,7 @@ pub fn compute_identity(
         }
     }
 
-    sidecars_and_dependency_reports(fleet, settings, identity, &mut out);
+    sidecars_and_dependency_reports(fleet, settings, identity, cache, &mut out);
     out
 }
 
@@ -359,7 +379,13 @@ fn normalise_connection_pool(mut pool: ConnectionPool) -> ConnectionPool {
 }
 
 /// Sidecars for `identity` as a client, and the status of the Dependencies it is the source of.
-fn sidecars_and_dependency_reports(fleet: &Fleet, settings: &Settings, identity: &str, out: &mut IdentityOutput) {
+fn sidecars_and_dependency_reports<'a>(
+    fleet: &'a Fleet,
+    settings: &Settings,
+    identity: &str,
+    cache: &mut PassCache<'a>,
+    out: &mut IdentityOutput,
+) {
     let deps: Vec<_> = fleet.dependencies_of(identity).collect();
     if deps.is_empty() {
         return;
@@ -367,8 +393,7 @@ fn sidecars_and_dependency_reports(fleet: &Fleet, settings: &Settings, identity:
     // Hosts of every explicitly named destination, and destinations nothing is known about.
     let mut hosts_by_destination: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for dest in fleet.destinations_of(identity) {
-        let resolved = resolve(fleet, settings, dest);
-        hosts_by_destination.insert(dest, resolved.written_hosts().map(str::to_string).collect());
+        hosts_by_destination.insert(dest, cache.written_hosts(fleet, settings, dest).to_vec());
     }
     let client_clusters = fleet.clusters_running(identity);
 
