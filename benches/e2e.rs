@@ -137,7 +137,8 @@ async fn main() {
     let total: usize = futures::future::join_all(clients.iter().map(|(_, c)| managed_count(c))).await.into_iter().sum();
     let writes = flotilla.metric("flotilla_api_writes_total").await;
     println!(
-        "e2e: start → converged {start_to_converged:.2?} ({total} objects in 3 members, {writes} write requests, flotilla RSS {} MiB)",
+        "e2e: start → converged {start_to_converged:.2?} ({total} objects in 3 members, {} write requests, flotilla RSS {} MiB)",
+        writes as u64,
         flotilla.rss_kib() / 1024
     );
 
@@ -202,5 +203,5 @@ async fn main() {
     let ready = t.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let writes = flotilla.metric("flotilla_api_writes_total").await;
-    println!("e2e: restart with no change: ready and leading after {ready:.2?}, {writes} write requests");
+    println!("e2e: restart with no change: ready and leading after {ready:.2?}, {} write requests", writes as u64);
 }

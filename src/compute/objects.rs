@@ -72,7 +72,7 @@ pub fn compute_identity<'a>(
             // Targets differ only by where they stand: which source they are (if any), their
             // region, and (with --export-to=dependents) their exportTo. Targets standing in the same
             // place share one object instead of building it again.
-            let mut entries: HashMap<(Option<&str>, Vec<String>), (Option<Arc<DesiredObject>>, usize)> = HashMap::new();
+            let mut entries: HashMap<EntryView, (Option<Arc<DesiredObject>>, usize)> = HashMap::new();
             let mut rules: HashMap<(String, bool, Vec<String>), Arc<DesiredObject>> = HashMap::new();
             for target in &targets {
                 let Some(target_facts) = facts.get(*target) else {
@@ -143,6 +143,9 @@ pub fn compute_identity<'a>(
     sidecars_and_dependency_reports(fleet, settings, identity, cache, &mut out);
     out
 }
+
+/// Where a target stands for a ServiceEntry: the source it is (if any) and its exportTo.
+type EntryView<'a> = (Option<&'a str>, Vec<String>);
 
 /// The labels on every object flotilla writes.
 fn managed_labels(identity: &str, env: &str) -> BTreeMap<String, String> {

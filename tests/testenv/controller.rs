@@ -40,12 +40,13 @@ impl Flotilla {
             "4s",
             "--lease-grace",
             "2s",
-            "--log-level",
-            "info,flotilla=debug",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if !extra.contains(&"--log-level") {
+            args.extend(["--log-level".to_string(), "info,flotilla=debug".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut f = Flotilla { name: name.into(), port: 0, dir, args, child: None, kubeconfig: path };
         f.restart();
