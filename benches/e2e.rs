@@ -10,8 +10,8 @@
 //! Run: `cargo bench --bench e2e` (needs scripts/testenv-install; FLOTILLA_BENCH_IDENTITIES to
 //! change the 300).
 
+// The test environment's harness (it allows its own dead code).
 #[path = "../tests/testenv/mod.rs"]
-#[allow(dead_code)]
 mod testenv;
 
 use std::collections::BTreeMap;
