@@ -3,6 +3,7 @@
 //! Only objects carrying flotilla's managed-by label are ever updated or pruned; an object of
 //! someone else's with the name flotilla wants is a conflict, reported and left alone.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -40,13 +41,38 @@ impl ClusterPlan {
     }
 }
 
-/// Plans a whole cluster.
+/// Plans a whole cluster: one merge of the two key-sorted maps, no lookups.
 pub fn plan_cluster(
     desired: &BTreeMap<ObjectKey, Arc<DesiredObject>>,
     observed: &BTreeMap<ObjectKey, ObservedObject>,
 ) -> ClusterPlan {
-    let keys = desired.keys().chain(observed.keys());
-    plan_keys(desired, observed, keys)
+    let mut plan = ClusterPlan::default();
+    let mut want = desired.iter().peekable();
+    let mut have = observed.iter().peekable();
+    loop {
+        let order = match (want.peek(), have.peek()) {
+            (None, None) => break,
+            (Some((w, _)), Some((h, _))) => w.cmp(h),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+        };
+        match order {
+            Ordering::Less => {
+                let (key, w) = want.next().expect("peeked");
+                decide(&mut plan, key, Some(w), None);
+            }
+            Ordering::Greater => {
+                let (key, h) = have.next().expect("peeked");
+                decide(&mut plan, key, None, Some(h));
+            }
+            Ordering::Equal => {
+                let (key, w) = want.next().expect("peeked");
+                let (_, h) = have.next().expect("peeked");
+                decide(&mut plan, key, Some(w), Some(h));
+            }
+        }
+    }
+    plan
 }
 
 /// Plans only the given keys (those an incremental recompute reported as changed). Keys may
@@ -57,27 +83,29 @@ pub fn plan_keys<'a>(
     keys: impl IntoIterator<Item = &'a ObjectKey>,
 ) -> ClusterPlan {
     let mut plan = ClusterPlan::default();
-    let mut last: Option<&ObjectKey> = None;
     let mut sorted: Vec<&ObjectKey> = keys.into_iter().collect();
     sorted.sort();
+    sorted.dedup();
     for key in sorted {
-        if last == Some(key) {
-            continue;
-        }
-        last = Some(key);
-        match (desired.get(key), observed.get(key)) {
-            (Some(want), None) => plan.apply.push(want.clone()),
-            (Some(_), Some(have)) if !have.managed => plan.conflicts.push(key.clone()),
-            (Some(want), Some(have)) => {
-                if !up_to_date(want, &have.object) {
-                    plan.apply.push(want.clone());
-                }
-            }
-            (None, Some(have)) if have.managed => plan.prune.push(key.clone()),
-            (None, _) => {}
-        }
+        decide(&mut plan, key, desired.get(key), observed.get(key));
     }
     plan
+}
+
+/// What one key needs: apply when missing or different, prune when ours and unwanted, and a
+/// conflict when someone else's object holds the name.
+fn decide(plan: &mut ClusterPlan, key: &ObjectKey, want: Option<&Arc<DesiredObject>>, have: Option<&ObservedObject>) {
+    match (want, have) {
+        (Some(want), None) => plan.apply.push(want.clone()),
+        (Some(_), Some(have)) if !have.managed => plan.conflicts.push(key.clone()),
+        (Some(want), Some(have)) => {
+            if !up_to_date(want, &have.object) {
+                plan.apply.push(want.clone());
+            }
+        }
+        (None, Some(have)) if have.managed => plan.prune.push(key.clone()),
+        (None, _) => {}
+    }
 }
 
 /// Same spec, and every label we set is present with our value.
