@@ -161,7 +161,7 @@ fn main() {
                     .cluster_map(&cluster_name(c))
                     .unwrap_or(&empty)
                     .iter()
-                    .map(|(k, o)| (k.clone(), ObservedObject::new(o.as_ref().clone())))
+                    .map(|(k, o)| (k.clone(), ObservedObject::new(&o.object)))
                     .collect()
             })
             .collect();

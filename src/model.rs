@@ -434,6 +434,16 @@ impl Fleet {
         out
     }
 
+    /// Sources that name `destination` explicitly (not through `*`).
+    pub fn named_clients_of(&self, destination: &str) -> impl Iterator<Item = &str> {
+        self.clients_by_destination.get(destination).into_iter().flatten().map(String::as_str)
+    }
+
+    /// Sources with a `*` destination: clients of every identity.
+    pub fn wildcard_sources(&self) -> impl Iterator<Item = &str> {
+        self.wildcard_sources.iter().map(String::as_str)
+    }
+
     /// Destinations that `source` names explicitly (not through `*`).
     pub fn destinations_of(&self, source: &str) -> BTreeSet<&str> {
         self.dependencies_of(source)

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::compute::plan::plan_cluster;
 use crate::compute::vip::VipTable;
-use crate::compute::{DesiredObject, Engine, PolicyState, Severity};
+use crate::compute::{Desired, DesiredObject, Engine, PolicyState, Severity};
 use crate::fleet_dir::LoadedFleet;
 use crate::model::ClusterId;
 use crate::settings::Settings;
@@ -23,7 +23,7 @@ pub enum Format {
 /// The objects `run` would write, per member, and what was found wrong on the way.
 #[derive(Debug, Default)]
 pub struct Rendered {
-    pub clusters: BTreeMap<ClusterId, Vec<Arc<DesiredObject>>>,
+    pub clusters: BTreeMap<ClusterId, Vec<Arc<Desired>>>,
     /// One line each, errors first, then warnings.
     pub diagnostics: Vec<String>,
     pub errors: usize,
@@ -92,12 +92,12 @@ pub fn to_yaml(rendered: &Rendered) -> String {
     out
 }
 
-fn cluster_yaml(id: &str, objects: &[Arc<DesiredObject>]) -> String {
+fn cluster_yaml(id: &str, objects: &[Arc<Desired>]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# cluster: {id}");
     for o in objects {
         out.push_str("---\n");
-        out.push_str(&crate::yaml::to_yaml(o.as_ref()));
+        out.push_str(&crate::yaml::to_yaml(&o.object));
     }
     out
 }
@@ -105,7 +105,7 @@ fn cluster_yaml(id: &str, objects: &[Arc<DesiredObject>]) -> String {
 /// `{"clusters": {"<id>": [objects]}}`, pretty-printed.
 pub fn to_json(rendered: &Rendered) -> String {
     let clusters: BTreeMap<&str, Vec<&DesiredObject>> =
-        rendered.clusters.iter().map(|(id, objs)| (id.as_str(), objs.iter().map(|o| o.as_ref()).collect())).collect();
+        rendered.clusters.iter().map(|(id, objs)| (id.as_str(), objs.iter().map(|o| &o.object).collect())).collect();
     let mut s = serde_json::to_string_pretty(&serde_json::json!({ "clusters": clusters })).expect("serialising JSON");
     s.push('\n');
     s
@@ -118,7 +118,7 @@ pub fn write_out_dir(rendered: &Rendered, dir: &Path, format: Format) -> std::io
         let (file, body) = match format {
             Format::Yaml => (format!("{id}.yaml"), cluster_yaml(id, objects)),
             Format::Json => {
-                let list: Vec<&DesiredObject> = objects.iter().map(|o| o.as_ref()).collect();
+                let list: Vec<&DesiredObject> = objects.iter().map(|o| &o.object).collect();
                 (format!("{id}.json"), serde_json::to_string_pretty(&list).expect("serialising JSON") + "\n")
             }
         };

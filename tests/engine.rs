@@ -243,10 +243,10 @@ proptest! {
         for c in CLUSTERS {
             let desired = engine.desired.cluster_map(c).cloned().unwrap_or_default();
             for obj in desired.values() {
-                let labels = obj.meta().labels.clone().unwrap_or_default();
+                let labels = obj.object.meta().labels.clone().unwrap_or_default();
                 prop_assert_eq!(labels.get(LABEL_MANAGED_BY).map(String::as_str), Some(MANAGER));
                 let identity = labels.get("flotilla.io/identity").cloned().unwrap();
-                if let DesiredObject::ServiceEntry(se) = obj.as_ref() {
+                if let DesiredObject::ServiceEntry(se) = &obj.object {
                     // Written only where the identity runs or one of its clients runs.
                     let mut targets: BTreeSet<&str> = fleet.clusters_running(&identity);
                     for client in fleet.clients_of(&identity) { targets.extend(fleet.clusters_running(client)); }
@@ -260,7 +260,7 @@ proptest! {
                 }
             }
             // plan(d, d) is empty: what is desired and already there needs no write.
-            let observed = desired.iter().map(|(k, o)| (k.clone(), ObservedObject::new(o.as_ref().clone()))).collect();
+            let observed = desired.iter().map(|(k, o)| (k.clone(), ObservedObject::new(&o.object))).collect();
             let plan = plan_cluster(&desired, &observed);
             prop_assert!(plan.is_empty() && plan.conflicts.is_empty(), "{:?}", plan);
         }
@@ -412,26 +412,76 @@ fn plan_never_prunes_or_updates_objects_without_our_label() {
     let desired = engine.desired.cluster_map("b").unwrap().clone();
     let mut observed = BTreeMap::new();
     // A user's object with the name we want, and a user's object we do not want.
-    let mut theirs = desired.values().next().unwrap().as_ref().clone();
+    let mut theirs = desired.values().next().unwrap().object.clone();
     if let DesiredObject::DestinationRule(dr) = &mut theirs {
         dr.metadata.labels = None;
     }
-    observed.insert(theirs.key(), ObservedObject::new(theirs.clone()));
+    observed.insert(theirs.key(), ObservedObject::new(&theirs));
     let mut stray = theirs.clone();
     if let DesiredObject::DestinationRule(dr) = &mut stray {
         dr.metadata.name = Some("someone-elses-dr".into());
     }
-    observed.insert(stray.key(), ObservedObject::new(stray.clone()));
+    observed.insert(stray.key(), ObservedObject::new(&stray));
     // Our own object that is no longer desired.
-    let mut ours = desired.values().last().unwrap().as_ref().clone();
+    let mut ours = desired.values().last().unwrap().object.clone();
     if let DesiredObject::Sidecar(s) = &mut ours {
         s.metadata.name = Some("old-egress".into());
     }
-    observed.insert(ours.key(), ObservedObject::new(ours.clone()));
+    observed.insert(ours.key(), ObservedObject::new(&ours));
 
     let plan = plan_cluster(&desired, &observed);
     assert_eq!(plan.conflicts, vec![theirs.key()]);
     assert_eq!(plan.prune, vec![ours.key()], "only our own leftover is pruned");
-    assert!(!plan.apply.iter().any(|o| o.key() == theirs.key()), "the user's object is not overwritten");
+    assert!(!plan.apply.iter().any(|o| o.key == theirs.key()), "the user's object is not overwritten");
     assert_eq!(plan.apply.len(), desired.len() - 1);
+}
+
+/// Identities are resolved and built on several threads; the desired state, the VIPs, the
+/// diagnostics and the policy reports must be exactly those of one thread, for a full compute and
+/// for an incremental one (a Dependency change that widens to many identities).
+#[test]
+fn threads_do_not_change_the_output() {
+    use flotilla::synth::{SynthSpec, cluster_name, identity_name, write_fleet_dir};
+    let spec = SynthSpec { clusters: 6, identities: 400, wildcard_every: 50, ..SynthSpec::default() };
+    let dir = std::env::temp_dir().join(format!("flotilla-threads-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write_fleet_dir(&spec, &dir).unwrap();
+    let loaded = flotilla::fleet_dir::load(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let clusters: Vec<String> = (0..spec.clusters).map(cluster_name).collect();
+    let clusters: Vec<&str> = clusters.iter().map(String::as_str).collect();
+
+    let dependency = loaded
+        .objects
+        .iter()
+        .find_map(|(c, o)| match o {
+            InputObject::Dependency(d) if d.spec.source == identity_name(0) => Some((c.clone(), d.clone())),
+            _ => None,
+        })
+        .expect("the synthetic fleet gives identity 0 a Dependency");
+    let run = |threads: usize| {
+        let mut engine = Engine::new(Settings::default(), VipTable::default());
+        engine.threads = threads;
+        for (id, overrides) in &loaded.clusters {
+            engine.fleet.upsert_cluster(id, overrides.clone());
+        }
+        for (c, o) in &loaded.objects {
+            engine.fleet.upsert(c, o.clone());
+        }
+        let full = engine.recompute();
+        let full_state = (snapshot(&engine, &clusters), engine.vips.all().clone(), engine.all_diagnostics());
+        let reports: Vec<_> = engine.desired.reports().cloned().collect();
+        // Every identity becomes a destination of identity 0: its Sidecar and every status move.
+        let (c, mut d) = dependency.clone();
+        d.spec.destinations = (0..spec.identities).map(identity_name).collect();
+        engine.fleet.upsert(&c, InputObject::Dependency(d));
+        let incremental = engine.recompute();
+        assert!(incremental.identities > 64, "the change must be big enough to be built on several threads");
+        let after = (snapshot(&engine, &clusters), engine.all_diagnostics());
+        (full.changed, full_state, reports, incremental.changed, after)
+    };
+    let one = run(1);
+    assert!(one.1.0.values().map(Vec::len).sum::<usize>() > 1000, "a fleet big enough to split");
+    let four = run(4);
+    assert!(one == four, "4 threads computed something else than 1 thread");
 }

@@ -64,23 +64,23 @@ async fn rendered_fleets_are_accepted_by_istio_crds_and_read_back_unchanged() {
 
         // Members in id order map onto the test clusters.
         for ((id, objects), client) in rendered.clusters.iter().zip(&clients) {
-            let namespaces: BTreeSet<String> = objects.iter().map(|o| o.key().namespace).collect();
+            let namespaces: BTreeSet<String> = objects.iter().map(|o| o.key.namespace.to_string()).collect();
             for ns in &namespaces {
                 apply(client, &namespace(ns)).await;
             }
             let mut read_back = std::collections::BTreeMap::new();
             for obj in objects {
-                let stored = apply_and_read_back(client, obj).await;
-                read_back.insert(obj.key(), ObservedObject::new(stored));
+                let stored = apply_and_read_back(client, &obj.object).await;
+                read_back.insert(obj.key.clone(), ObservedObject::new(&stored));
                 applied += 1;
             }
-            let desired = objects.iter().map(|o| (o.key(), Arc::clone(o))).collect();
+            let desired = objects.iter().map(|o| (o.key.clone(), Arc::clone(o))).collect();
             let plan = plan_cluster(&desired, &read_back);
             assert!(
                 plan.apply.is_empty(),
                 "{} member {id}: stored objects differ from what was applied: {:?}",
                 fleet.display(),
-                plan.apply.iter().map(|o| o.key().to_string()).collect::<Vec<_>>()
+                plan.apply.iter().map(|o| o.key.to_string()).collect::<Vec<_>>()
             );
         }
     }

@@ -71,28 +71,53 @@ impl ResolvedIdentity<'_> {
     }
 }
 
-/// What one recompute pass asks about many identities, computed once per pass: where an identity
-/// runs (every destination lists its clients' clusters) and the hosts it writes (every client's
-/// Sidecar lists its destinations' hosts). The fleet does not change during a pass, so a cache
-/// that lives for one pass is always right. Only looked up, never iterated.
-#[derive(Default)]
-pub struct PassCache<'a> {
-    running: HashMap<&'a str, BTreeSet<&'a str>>,
-    written_hosts: HashMap<&'a str, Vec<String>>,
+/// Every identity one recompute pass needs, resolved once before any object is built: those
+/// being recomputed, and the destinations whose hosts their Sidecars list. The fleet does not
+/// change during a pass, and the view is only read while objects are built (on every core).
+pub struct PassView<'a> {
+    pub running: Running<'a>,
+    resolved: HashMap<&'a str, ResolvedIdentity<'a>>,
 }
 
-impl<'a> PassCache<'a> {
-    pub fn clusters_running(&mut self, fleet: &'a Fleet, identity: &'a str) -> &BTreeSet<&'a str> {
-        self.running.entry(identity).or_insert_with(|| fleet.clusters_running(identity))
+impl<'a> PassView<'a> {
+    pub fn new(running: Running<'a>, resolved: HashMap<&'a str, ResolvedIdentity<'a>>) -> Self {
+        PassView { running, resolved }
     }
 
-    /// The hosts `identity` writes somewhere (see `ResolvedIdentity::written_hosts`).
-    pub fn written_hosts(&mut self, fleet: &'a Fleet, settings: &Settings, identity: &'a str) -> &[String] {
-        if !self.written_hosts.contains_key(identity) {
-            let hosts = resolve(fleet, settings, identity, self).written_hosts().map(str::to_string).collect();
-            self.written_hosts.insert(identity, hosts);
+    pub fn get(&self, identity: &str) -> Option<&ResolvedIdentity<'a>> {
+        self.resolved.get(identity)
+    }
+
+    /// The hosts `identity` writes somewhere (none if it was not resolved in this pass).
+    pub fn written_hosts(&self, identity: &str) -> impl Iterator<Item = &str> {
+        self.resolved.get(identity).into_iter().flat_map(ResolvedIdentity::written_hosts)
+    }
+}
+
+/// Where identities run (members with a federated workload of theirs), gathered once per pass:
+/// every destination asks it of each of its clients, and every client of itself.
+pub struct Running<'a> {
+    fleet: &'a Fleet,
+    by_identity: HashMap<&'a str, BTreeSet<&'a str>>,
+    /// Where the `*` clients run: clients of every identity.
+    wildcard_clients: BTreeSet<&'a str>,
+}
+
+impl<'a> Running<'a> {
+    /// `by_identity` holds `fleet.clusters_running` of (at least) the pass's identities and
+    /// their named clients; others are looked up in the fleet.
+    pub fn new(fleet: &'a Fleet, by_identity: HashMap<&'a str, BTreeSet<&'a str>>) -> Self {
+        let mut running = Running { fleet, by_identity, wildcard_clients: BTreeSet::new() };
+        let wildcard: BTreeSet<&'a str> = fleet.wildcard_sources().flat_map(|c| running.of(c)).collect();
+        running.wildcard_clients = wildcard;
+        running
+    }
+
+    pub fn of(&self, identity: &str) -> BTreeSet<&'a str> {
+        match self.by_identity.get(identity) {
+            Some(clusters) => clusters.clone(),
+            None => self.fleet.clusters_running(identity),
         }
-        &self.written_hosts[identity]
     }
 }
 
@@ -100,12 +125,12 @@ impl<'a> PassCache<'a> {
 pub fn resolve<'a>(
     fleet: &'a Fleet,
     settings: &Settings,
+    running: &Running<'a>,
     identity: &str,
-    cache: &mut PassCache<'a>,
 ) -> ResolvedIdentity<'a> {
     let mut out = ResolvedIdentity::default();
     // Federated workloads, grouped by env; (cluster, namespace) pairs decide policy scope.
-    let mut locations: BTreeSet<(String, &str, &str)> = BTreeSet::new();
+    let mut locations: BTreeSet<(&str, &str, &str)> = BTreeSet::new();
     for (cluster, w) in fleet.workloads_of(identity) {
         if !cluster.is_federated(w) {
             continue;
@@ -125,7 +150,7 @@ pub fn resolve<'a>(
             namespaces: BTreeMap::new(),
         });
         env.namespaces.entry(cluster.id.clone()).or_default().insert(w.namespace.clone());
-        locations.insert((w.env.clone(), cluster.id.as_str(), w.namespace.as_str()));
+        locations.insert((w.env.as_str(), cluster.id.as_str(), w.namespace.as_str()));
         if env.sources.contains_key(&cluster.id) {
             continue; // the first workload (by namespace, name) with a Service speaks for the cluster
         }
@@ -149,8 +174,12 @@ pub fn resolve<'a>(
         }
     }
 
-    for client in fleet.clients_of(identity) {
-        out.client_clusters.extend(cache.clusters_running(fleet, client).iter().copied());
+    out.client_clusters = running.wildcard_clients.clone();
+    for client in fleet.named_clients_of(identity) {
+        match running.by_identity.get(client) {
+            Some(clusters) => out.client_clusters.extend(clusters.iter().copied()),
+            None => out.client_clusters.extend(fleet.clusters_running(client)),
+        }
     }
 
     select_policies(fleet, identity, &locations, &mut out);
@@ -166,11 +195,10 @@ pub fn resolve<'a>(
 fn select_policies<'a>(
     fleet: &'a Fleet,
     identity: &str,
-    locations: &BTreeSet<(String, &str, &str)>,
+    locations: &BTreeSet<(&str, &str, &str)>,
     out: &mut ResolvedIdentity<'a>,
 ) {
-    let applies =
-        |p: &ObjectRef, env: &str| locations.contains(&(env.to_string(), p.cluster.as_str(), p.namespace.as_str()));
+    let applies = |p: &ObjectRef, env: &str| locations.contains(&(env, p.cluster.as_str(), p.namespace.as_str()));
 
     fn pick<'a, S>(
         kind: PolicyKind,

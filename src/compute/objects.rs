@@ -18,26 +18,30 @@ use crate::istio::{
 use crate::model::{ClusterId, Fleet, GATEWAY_NAMESPACE, Workload};
 use crate::settings::{ExportTo, Settings, SidecarMode, VipMode};
 
-use super::identity::{EnvPlan, ExposedPort, HostPlan, PassCache, ResolvedIdentity, resolve};
+use super::identity::{EnvPlan, ExposedPort, HostPlan, PassView, ResolvedIdentity};
 use super::policy::{LbType, h2_upgrade_policy_name, is_dns_subdomain, lb_type};
-use super::vip::VipTable;
+use super::vip::{VipExhausted, VipTable};
 use super::{
-    ClusterFacts, DesiredObject, Diagnostic, IdentityOutput, LABEL_ENV, LABEL_IDENTITY, LABEL_MANAGED_BY, MANAGER,
-    PolicyKind, PolicyReport, PolicyState,
+    ClusterFacts, Desired, DesiredObject, Diagnostic, IdentityOutput, LABEL_ENV, LABEL_IDENTITY, LABEL_MANAGED_BY,
+    MANAGER, PolicyKind, PolicyReport, PolicyState,
 };
 
 const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 
-/// Everything one identity contributes to the desired state of the fleet.
-pub fn compute_identity<'a>(
-    fleet: &'a Fleet,
+/// Everything one identity contributes to the desired state of the fleet. Reads only: VIPs were
+/// allocated and identities resolved for the whole pass beforehand, so identities can be built on
+/// any core.
+pub fn compute_identity(
+    fleet: &Fleet,
     settings: &Settings,
     facts: &BTreeMap<ClusterId, ClusterFacts>,
+    pass: &PassView<'_>,
     identity: &str,
-    vips: &mut VipTable,
-    cache: &mut PassCache<'a>,
+    vips: &VipTable,
 ) -> IdentityOutput {
-    let resolved = resolve(fleet, settings, identity, cache);
+    let Some(resolved) = pass.get(identity) else {
+        return IdentityOutput::default();
+    };
     let mut out = IdentityOutput {
         diagnostics: resolved.diagnostics.clone(),
         reports: resolved.reports.clone(),
@@ -56,83 +60,82 @@ pub fn compute_identity<'a>(
         check_port_agreement(identity, env, &mut out.diagnostics);
         let targets: BTreeSet<&str> =
             env.sources.keys().map(String::as_str).chain(resolved.client_clusters.iter().copied()).collect();
+        // Where the winning policies took effect, for their status (only if there are any).
+        let winners = [
+            env.gtp.map(|p| (PolicyKind::GlobalTrafficPolicy, &p.at)),
+            env.outlier.map(|p| (PolicyKind::OutlierDetection, &p.at)),
+            env.connection.map(|p| (PolicyKind::ClientConnectionConfig, &p.at)),
+        ];
+        let record_written = winners.iter().any(Option::is_some);
         let mut written: BTreeMap<ClusterId, BTreeSet<String>> = BTreeMap::new();
+        let labels = managed_labels(identity, &env.env);
         for host in &env.hosts {
             let vip = match settings.vip_mode {
                 VipMode::None => None,
-                VipMode::Allocate => match vips.get_or_allocate(&host.host, settings.vip_cidr) {
-                    Ok(ip) => Some(ip.to_string()),
-                    Err(e) => {
+                // Allocated for every written host before the pass built anything; missing only
+                // when the range is exhausted.
+                VipMode::Allocate => match vips.get(&host.host) {
+                    Some(ip) => Some(ip.to_string()),
+                    None => {
+                        let e = VipExhausted { cidr: settings.vip_cidr.to_string(), host: host.host.clone() };
                         out.diagnostics.push(Diagnostic::error(None, format!("identity {identity}"), e.to_string()));
                         continue;
                     }
                 },
             };
-            let labels = managed_labels(identity, &env.env);
             // Targets differ only by where they stand: which source they are (if any), their
             // region, and (with --export-to=dependents) their exportTo. Targets standing in the same
             // place share one object instead of building it again.
-            let mut entries: HashMap<EntryView, (Option<Arc<DesiredObject>>, usize)> = HashMap::new();
-            let mut rules: HashMap<(String, bool, Vec<String>), Arc<DesiredObject>> = HashMap::new();
+            let mut entries: HashMap<EntryView, Option<(Arc<Desired>, usize)>> = HashMap::new();
+            let mut rules: HashMap<RuleView, Arc<Desired>> = HashMap::new();
+            // Only a FAILOVER rule depends on the target's region (it distributes from there).
+            let failover = host.policy.is_some_and(|p| matches!(lb_type(p), Ok(LbType::Failover)));
             for target in &targets {
                 let Some(target_facts) = facts.get(*target) else {
                     continue;
                 };
                 let local = env.sources.contains_key(*target).then_some(*target);
-                let export_to = export_to(fleet, settings, &resolved, env, identity, target);
-                let (entry, endpoint_count) = entries
-                    .entry((local, export_to.clone()))
-                    .or_insert_with(|| {
-                        let endpoints = endpoints_for(env, target, facts);
-                        let count = endpoints.len();
-                        let se = service_entry(
-                            settings,
-                            env,
-                            host,
-                            vip.clone(),
-                            endpoints,
-                            export_to.clone(),
-                            labels.clone(),
-                        );
-                        ((count > 0).then(|| Arc::new(se)), count)
+                let export_to = export_to(fleet, settings, resolved, env, identity, target);
+                let built = entries.entry((local, export_to.clone())).or_insert_with(|| {
+                    let endpoints = endpoints_for(env, target, facts);
+                    let count = endpoints.len();
+                    (count > 0).then(|| {
+                        let se = service_entry(settings, env, host, vip.clone(), endpoints, export_to.clone(), &labels);
+                        (Arc::new(Desired::new(se)), count)
                     })
-                    .clone();
-                let Some(entry) = entry else {
+                });
+                let Some((entry, endpoint_count)) = built.clone() else {
                     continue;
                 };
                 let only_local = endpoint_count == 1 && local.is_some();
                 let build_rule = |diagnostics: &mut Vec<Diagnostic>| {
-                    Arc::new(destination_rule(
+                    Arc::new(Desired::new(destination_rule(
                         settings,
                         env,
                         host,
                         target_facts,
                         only_local,
                         export_to.clone(),
-                        labels.clone(),
+                        &labels,
                         diagnostics,
                         target,
-                    ))
+                    )))
                 };
-                let rule = match &target_facts.region {
-                    // Without a region the rule carries a diagnostic naming the target: build it.
-                    None => build_rule(&mut out.diagnostics),
-                    Some(region) => rules
-                        .entry((region.clone(), only_local, export_to.clone()))
+                let rule = match (&target_facts.region, failover) {
+                    // Without a region a FAILOVER rule carries a diagnostic naming the target: build it.
+                    (None, true) => build_rule(&mut out.diagnostics),
+                    (region, _) => rules
+                        .entry((region.as_deref().filter(|_| failover), only_local, export_to.clone()))
                         .or_insert_with(|| build_rule(&mut out.diagnostics))
                         .clone(),
                 };
-                out.objects.push((target.to_string(), entry));
-                out.objects.push((target.to_string(), rule));
-                written.entry(target.to_string()).or_default().insert(host.host.clone());
+                out.objects.push((target_facts.id.clone(), entry));
+                out.objects.push((target_facts.id.clone(), rule));
+                if record_written {
+                    written.entry(target.to_string()).or_default().insert(host.host.clone());
+                }
             }
         }
-        // Record where the winning policies took effect.
-        let winners = [
-            env.gtp.map(|p| (PolicyKind::GlobalTrafficPolicy, &p.at)),
-            env.outlier.map(|p| (PolicyKind::OutlierDetection, &p.at)),
-            env.connection.map(|p| (PolicyKind::ClientConnectionConfig, &p.at)),
-        ];
         for report in out.reports.iter_mut() {
             if winners.iter().flatten().any(|(k, at)| *k == report.kind && **at == report.at) {
                 report.clusters = written.clone();
@@ -140,12 +143,16 @@ pub fn compute_identity<'a>(
         }
     }
 
-    sidecars_and_dependency_reports(fleet, settings, identity, cache, &mut out);
+    sidecars_and_dependency_reports(fleet, settings, facts, pass, identity, &mut out);
     out
 }
 
 /// Where a target stands for a ServiceEntry: the source it is (if any) and its exportTo.
 type EntryView<'a> = (Option<&'a str>, Vec<String>);
+
+/// Where a target stands for a DestinationRule: its region (for FAILOVER only), whether the
+/// source is its only endpoint, and its exportTo.
+type RuleView<'a> = (Option<&'a str>, bool, Vec<String>);
 
 /// The labels on every object flotilla writes.
 fn managed_labels(identity: &str, env: &str) -> BTreeMap<String, String> {
@@ -156,8 +163,13 @@ fn managed_labels(identity: &str, env: &str) -> BTreeMap<String, String> {
     ])
 }
 
-fn meta(name: String, namespace: &str, labels: BTreeMap<String, String>) -> ObjectMeta {
-    ObjectMeta { name: Some(name), namespace: Some(namespace.to_string()), labels: Some(labels), ..Default::default() }
+fn meta(name: String, namespace: &str, labels: &BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(namespace.to_string()),
+        labels: Some(labels.clone()),
+        ..Default::default()
+    }
 }
 
 /// The ports of a host: those of its first source cluster (by id). Every endpoint maps these
@@ -258,7 +270,7 @@ fn service_entry(
     vip: Option<String>,
     endpoints: Vec<WorkloadEntry>,
     export_to: Vec<String>,
-    labels: BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
 ) -> DesiredObject {
     // The first source cluster (by id) defines the ports; they are the same everywhere for a
     // well-formed identity.
@@ -290,7 +302,7 @@ fn destination_rule(
     target: &ClusterFacts,
     only_local: bool,
     export_to: Vec<String>,
-    labels: BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
     diagnostics: &mut Vec<Diagnostic>,
     target_id: &str,
 ) -> DesiredObject {
@@ -382,11 +394,12 @@ fn normalise_connection_pool(mut pool: ConnectionPool) -> ConnectionPool {
 }
 
 /// Sidecars for `identity` as a client, and the status of the Dependencies it is the source of.
-fn sidecars_and_dependency_reports<'a>(
-    fleet: &'a Fleet,
+fn sidecars_and_dependency_reports(
+    fleet: &Fleet,
     settings: &Settings,
+    facts: &BTreeMap<ClusterId, ClusterFacts>,
+    pass: &PassView<'_>,
     identity: &str,
-    cache: &mut PassCache<'a>,
     out: &mut IdentityOutput,
 ) {
     let deps: Vec<_> = fleet.dependencies_of(identity).collect();
@@ -394,11 +407,11 @@ fn sidecars_and_dependency_reports<'a>(
         return;
     }
     // Hosts of every explicitly named destination, and destinations nothing is known about.
-    let mut hosts_by_destination: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut hosts_by_destination: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for dest in fleet.destinations_of(identity) {
-        hosts_by_destination.insert(dest, cache.written_hosts(fleet, settings, dest).to_vec());
+        hosts_by_destination.insert(dest, pass.written_hosts(dest).collect());
     }
-    let client_clusters = fleet.clusters_running(identity);
+    let client_clusters = pass.running.of(identity);
 
     for dep in &deps {
         let state = match &dep.invalid {
@@ -417,7 +430,7 @@ fn sidecars_and_dependency_reports<'a>(
             let hosts: BTreeSet<String> = dep
                 .destinations
                 .iter()
-                .flat_map(|d| hosts_by_destination.get(d.as_str()).into_iter().flatten().cloned())
+                .flat_map(|d| hosts_by_destination.get(d.as_str()).into_iter().flatten().map(|h| h.to_string()))
                 .collect();
             for c in &client_clusters {
                 report.clusters.insert(c.to_string(), hosts.clone());
@@ -447,7 +460,7 @@ fn sidecars_and_dependency_reports<'a>(
         return;
     }
     let mut egress_hosts = vec!["./*".to_string(), format!("{GATEWAY_NAMESPACE}/*")];
-    let dest_hosts: BTreeSet<&String> = hosts_by_destination.values().flatten().collect();
+    let dest_hosts: BTreeSet<&str> = hosts_by_destination.values().flatten().copied().collect();
     egress_hosts.extend(dest_hosts.into_iter().map(|h| format!("{}/{h}", settings.sync_namespace)));
 
     let name = format!("{}-egress", identity.to_ascii_lowercase());
@@ -492,12 +505,13 @@ fn sidecars_and_dependency_reports<'a>(
         let workload_selector = by_label.then(|| WorkloadSelector {
             labels: BTreeMap::from([(fleet.identity_label().to_string(), identity.to_string())]),
         });
-        out.objects.push((
-            cluster_id.to_string(),
-            Arc::new(DesiredObject::Sidecar(Sidecar {
-                metadata: meta(name.clone(), namespace, managed_labels(identity, &workloads[0].env)),
-                spec: SidecarSpec { workload_selector, egress: vec![EgressListener { hosts: egress_hosts.clone() }] },
-            })),
-        ));
+        let Some(cluster_facts) = facts.get(cluster_id) else {
+            continue;
+        };
+        let sidecar = DesiredObject::Sidecar(Sidecar {
+            metadata: meta(name.clone(), namespace, &managed_labels(identity, &workloads[0].env)),
+            spec: SidecarSpec { workload_selector, egress: vec![EgressListener { hosts: egress_hosts.clone() }] },
+        });
+        out.objects.push((cluster_facts.id.clone(), Arc::new(Desired::new(sidecar))));
     }
 }

@@ -7,20 +7,28 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{DesiredObject, ObjectKey};
+use super::digest::Digest;
+use super::{Desired, DesiredObject, ObjectKey};
 
-/// An object of a kind flotilla writes, as found in a cluster (parsed into our typed form, so
-/// fields set by other field managers are invisible to the comparison).
+/// What the planner needs of an object of a kind flotilla writes, as found in a cluster: its key,
+/// whether it is ours, and the digest of our typed form of it (so fields set by other field
+/// managers are invisible to the comparison). The object itself is not kept: a member's
+/// observed state costs a few dozen bytes per object.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ObservedObject {
+    pub key: ObjectKey,
     /// Carries `app.kubernetes.io/managed-by: flotilla`.
     pub managed: bool,
-    pub object: DesiredObject,
+    pub digest: Digest,
 }
 
 impl ObservedObject {
-    pub fn new(object: DesiredObject) -> Self {
-        ObservedObject { managed: crate::model::is_managed(object.meta()), object }
+    pub fn new(object: &DesiredObject) -> Self {
+        ObservedObject {
+            key: object.key(),
+            managed: crate::model::is_managed(object.meta()),
+            digest: Digest::of(object),
+        }
     }
 }
 
@@ -28,7 +36,7 @@ impl ObservedObject {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterPlan {
     /// Missing or different: server-side apply these.
-    pub apply: Vec<Arc<DesiredObject>>,
+    pub apply: Vec<Arc<Desired>>,
     /// Managed by flotilla and no longer desired: delete these.
     pub prune: Vec<ObjectKey>,
     /// Wanted, but an object not managed by flotilla has the name: left alone, reported.
@@ -43,7 +51,7 @@ impl ClusterPlan {
 
 /// Plans a whole cluster: one merge of the two key-sorted maps, no lookups.
 pub fn plan_cluster(
-    desired: &BTreeMap<ObjectKey, Arc<DesiredObject>>,
+    desired: &BTreeMap<ObjectKey, Arc<Desired>>,
     observed: &BTreeMap<ObjectKey, ObservedObject>,
 ) -> ClusterPlan {
     let mut plan = ClusterPlan::default();
@@ -75,31 +83,14 @@ pub fn plan_cluster(
     plan
 }
 
-/// Plans only the given keys (those an incremental recompute reported as changed). Keys may
-/// repeat; each is considered once.
-pub fn plan_keys<'a>(
-    desired: &BTreeMap<ObjectKey, Arc<DesiredObject>>,
-    observed: &BTreeMap<ObjectKey, ObservedObject>,
-    keys: impl IntoIterator<Item = &'a ObjectKey>,
-) -> ClusterPlan {
-    let mut plan = ClusterPlan::default();
-    let mut sorted: Vec<&ObjectKey> = keys.into_iter().collect();
-    sorted.sort();
-    sorted.dedup();
-    for key in sorted {
-        decide(&mut plan, key, desired.get(key), observed.get(key));
-    }
-    plan
-}
-
 /// What one key needs: apply when missing or different, prune when ours and unwanted, and a
 /// conflict when someone else's object holds the name.
-fn decide(plan: &mut ClusterPlan, key: &ObjectKey, want: Option<&Arc<DesiredObject>>, have: Option<&ObservedObject>) {
+fn decide(plan: &mut ClusterPlan, key: &ObjectKey, want: Option<&Arc<Desired>>, have: Option<&ObservedObject>) {
     match (want, have) {
         (Some(want), None) => plan.apply.push(want.clone()),
         (Some(_), Some(have)) if !have.managed => plan.conflicts.push(key.clone()),
         (Some(want), Some(have)) => {
-            if !up_to_date(want, &have.object) {
+            if !up_to_date(want, have) {
                 plan.apply.push(want.clone());
             }
         }
@@ -108,19 +99,7 @@ fn decide(plan: &mut ClusterPlan, key: &ObjectKey, want: Option<&Arc<DesiredObje
     }
 }
 
-/// Same spec, and every label we set is present with our value.
-fn up_to_date(want: &DesiredObject, have: &DesiredObject) -> bool {
-    let labels_ok = {
-        let empty = BTreeMap::new();
-        let want_labels = want.meta().labels.as_ref().unwrap_or(&empty);
-        let have_labels = have.meta().labels.as_ref().unwrap_or(&empty);
-        want_labels.iter().all(|(k, v)| have_labels.get(k) == Some(v))
-    };
-    let spec_ok = match (want, have) {
-        (DesiredObject::ServiceEntry(a), DesiredObject::ServiceEntry(b)) => a.spec == b.spec,
-        (DesiredObject::DestinationRule(a), DesiredObject::DestinationRule(b)) => a.spec == b.spec,
-        (DesiredObject::Sidecar(a), DesiredObject::Sidecar(b)) => a.spec == b.spec,
-        _ => false,
-    };
-    labels_ok && spec_ok
+/// Same spec and the same values of the labels we set: the digests cover exactly those.
+fn up_to_date(want: &Desired, have: &ObservedObject) -> bool {
+    want.digest == have.digest
 }

@@ -349,7 +349,7 @@ impl Runtime {
                     self.statuses_dirty = true;
                 }
                 if let InputObject::Sidecar(s) = obj.as_ref() {
-                    self.observe(cluster, ObservedObject::new(crate::compute::DesiredObject::Sidecar((**s).clone())));
+                    self.observe(cluster, ObservedObject::new(&crate::compute::DesiredObject::Sidecar((**s).clone())));
                 }
                 self.engine().fleet.upsert(cluster, *obj);
             }
@@ -361,7 +361,7 @@ impl Runtime {
             set.remove(key);
         }
         if let Some(out) = kind.output() {
-            let k = ObjectKey { kind: out, namespace: key.0.clone(), name: key.1.clone() };
+            let k = ObjectKey::new(out, &key.0, &key.1);
             if let Some(observed) = self.observed.get_mut(cluster) {
                 observed.remove(&k);
             }
@@ -377,8 +377,7 @@ impl Runtime {
     }
 
     fn observe(&mut self, cluster: &str, o: ObservedObject) {
-        let key = o.object.key();
-        self.observed.entry(cluster.to_string()).or_default().insert(key, o);
+        self.observed.entry(cluster.to_string()).or_default().insert(o.key.clone(), o);
         self.dirty_clusters.insert(cluster.to_string());
     }
 
@@ -534,10 +533,9 @@ impl Runtime {
         writer.in_flight = false;
         let metrics = &self.shared.metrics;
         for o in report.applied {
-            let labels =
-                super::metrics::ClusterKind { cluster: cluster.to_string(), kind: o.object.kind().to_string() };
+            let labels = super::metrics::ClusterKind { cluster: cluster.to_string(), kind: o.key.kind.to_string() };
             metrics.objects_applied.get_or_create(&labels).inc();
-            self.observed.entry(cluster.to_string()).or_default().insert(o.object.key(), o);
+            self.observed.entry(cluster.to_string()).or_default().insert(o.key.clone(), o);
         }
         for k in report.pruned {
             let labels = super::metrics::ClusterKind { cluster: cluster.to_string(), kind: k.kind.to_string() };
@@ -742,7 +740,7 @@ impl Runtime {
                     }
                     m.conflicts = job.plan.conflicts.clone();
                 }
-                let wants_sync_ns = job.plan.apply.iter().any(|o| o.kind() != Kind::Sidecar);
+                let wants_sync_ns = job.plan.apply.iter().any(|o| o.key.kind != Kind::Sidecar);
                 if wants_sync_ns && !m.namespace_ready {
                     job.ensure_namespace = Some(self.opts.settings.sync_namespace.clone());
                 }
@@ -813,7 +811,7 @@ impl Runtime {
 
 fn watched_kind(w: &Watched) -> Option<WatchKind> {
     Some(match w {
-        Watched::Output(o) => match o.object.kind() {
+        Watched::Output(o) => match o.key.kind {
             Kind::ServiceEntry => WatchKind::ServiceEntry,
             Kind::DestinationRule => WatchKind::DestinationRule,
             Kind::Sidecar => WatchKind::Input(InputKind::Sidecar),
@@ -823,11 +821,13 @@ fn watched_kind(w: &Watched) -> Option<WatchKind> {
 }
 
 fn watched_key(w: &Watched) -> NsName {
-    let meta = match w {
-        Watched::Output(o) => o.object.meta(),
-        Watched::Input(obj) => obj.meta(),
-    };
-    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+    match w {
+        Watched::Output(o) => (o.key.namespace.to_string(), o.key.name.to_string()),
+        Watched::Input(obj) => {
+            let meta = obj.meta();
+            (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+        }
+    }
 }
 
 fn policy_kind(kind: InputKind) -> Option<PolicyKind> {

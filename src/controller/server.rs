@@ -109,10 +109,10 @@ async fn identity(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Respo
     let mut diagnostics = Vec::new();
     if let Some(out) = output {
         for (cluster, obj) in &out.objects {
-            if let crate::compute::DesiredObject::ServiceEntry(se) = obj.as_ref() {
+            if let crate::compute::DesiredObject::ServiceEntry(se) = &obj.object {
                 hosts.extend(se.spec.hosts.iter().cloned());
             }
-            targets.entry(cluster.as_str()).or_default().push(obj.key().to_string());
+            targets.entry(cluster).or_default().push(obj.key.to_string());
         }
         for r in &out.reports {
             let state = match &r.state {

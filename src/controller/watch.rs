@@ -59,11 +59,11 @@ pub fn spawn_member_watches(
     // with a name we want is a conflict we must see before writing.
     let ses = Api::<ServiceEntry>::namespaced(client.clone(), sync_namespace);
     spawn(&mut set, ses, all(), WatchKind::ServiceEntry, send.clone(), |o| {
-        Watched::Output(Box::new(ObservedObject::new(DesiredObject::ServiceEntry(o))))
+        Watched::Output(Box::new(ObservedObject::new(&DesiredObject::ServiceEntry(o))))
     });
     let drs = Api::<DestinationRule>::namespaced(client, sync_namespace);
     spawn(&mut set, drs, all(), WatchKind::DestinationRule, send, |o| {
-        Watched::Output(Box::new(ObservedObject::new(DesiredObject::DestinationRule(o))))
+        Watched::Output(Box::new(ObservedObject::new(&DesiredObject::DestinationRule(o))))
     });
     set
 }

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use super::metrics::Metrics;
 use super::{Input, WriteReport};
 use crate::compute::plan::{ClusterPlan, ObservedObject};
-use crate::compute::{DesiredObject, Kind, LABEL_MANAGED_BY, MANAGER, ObjectKey, PolicyKind};
+use crate::compute::{Desired, DesiredObject, Kind, LABEL_MANAGED_BY, MANAGER, ObjectKey, PolicyKind};
 use crate::crd::{ClientConnectionConfig, Dependency, GlobalTrafficPolicy, OutlierDetection, PolicyStatus};
 use crate::istio::{DestinationRule, ServiceEntry, Sidecar};
 
@@ -91,7 +91,7 @@ async fn execute(cluster: &str, client: &Client, job: WriteJob, limit: &Semaphor
     let namespace_missing = job.ensure_namespace.is_some() && !report.namespace_ready;
     let mut ops = Vec::new();
     for obj in job.plan.apply {
-        if namespace_missing && obj.kind() != Kind::Sidecar {
+        if namespace_missing && obj.key.kind != Kind::Sidecar {
             continue;
         }
         ops.push(Op::Apply(obj));
@@ -130,7 +130,7 @@ async fn execute(cluster: &str, client: &Client, job: WriteJob, limit: &Semaphor
 }
 
 enum Op {
-    Apply(Arc<DesiredObject>),
+    Apply(Arc<Desired>),
     Prune(ObjectKey),
     Status(StatusWrite),
 }
@@ -138,15 +138,15 @@ enum Op {
 async fn run_op(cluster: &str, client: &Client, op: Op, metrics: &Metrics) -> Outcome {
     match op {
         Op::Apply(obj) => {
-            let key = obj.key();
-            let result = match obj.as_ref() {
-                DesiredObject::ServiceEntry(o) => apply(client, &key, o).await.map(DesiredObject::ServiceEntry),
-                DesiredObject::DestinationRule(o) => apply(client, &key, o).await.map(DesiredObject::DestinationRule),
-                DesiredObject::Sidecar(o) => apply(client, &key, o).await.map(DesiredObject::Sidecar),
+            let key = &obj.key;
+            let result = match &obj.object {
+                DesiredObject::ServiceEntry(o) => apply(client, key, o).await.map(DesiredObject::ServiceEntry),
+                DesiredObject::DestinationRule(o) => apply(client, key, o).await.map(DesiredObject::DestinationRule),
+                DesiredObject::Sidecar(o) => apply(client, key, o).await.map(DesiredObject::Sidecar),
             };
             metrics.write(cluster, "apply", &key.kind.to_string(), result.is_ok());
             match result {
-                Ok(o) => Outcome::Applied(Box::new(ObservedObject::new(o))),
+                Ok(o) => Outcome::Applied(Box::new(ObservedObject::new(&o))),
                 Err(e) => Outcome::Failed(format!("apply {key}: {}", short(&e))),
             }
         }
