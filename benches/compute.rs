@@ -34,6 +34,18 @@ fn rss_kib() -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// CPU time of this process (all threads): steadier than wall-clock time on shared cores.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
 /// Times `rounds` recomputes, each after `change(round)` fed one object to the model.
 fn incremental(engine: &mut Engine, rounds: usize, mut change: impl FnMut(&mut Engine, usize)) -> (Duration, usize) {
     let mut samples = Vec::new();
@@ -51,7 +63,7 @@ fn incremental(engine: &mut Engine, rounds: usize, mut change: impl FnMut(&mut E
 fn main() {
     let sizes = std::env::var("FLOTILLA_BENCH_SIZES").unwrap_or_else(|_| "10x500,100x5000,500x20000".into());
     println!(
-        "size | desired objects | load | ingest | full compute (median) | incremental: GTP / scale-out / Dependency | plan, nothing changed | RSS model+desired | bytes/object"
+        "size | desired objects | load | ingest | full compute from empty, wall (CPU) | full recompute over itself, wall (CPU) | incremental: GTP / scale-out / Dependency | plan, nothing changed | RSS model+desired | bytes/object"
     );
     for size in sizes.split(',') {
         let (c, i) = size.split_once('x').expect("sizes look like 100x5000");
@@ -74,15 +86,27 @@ fn main() {
             engine.fleet.upsert(&cluster, obj);
         }
         let ingest = t.elapsed();
-        let mut fulls = Vec::new();
+        // Cold: from an empty desired state, as at start-up. Warm: everything recomputed over the
+        // desired state it already produced (a VIP table reset, a new cluster region).
         let rounds = if spec.identities > 10_000 { 1 } else { 3 };
+        let repeat: usize = std::env::var("FLOTILLA_BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+        let (mut cold, mut cold_cpu, mut warm, mut warm_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds * repeat {
+            drop(std::mem::take(&mut engine.desired));
+            engine.fleet.mark_all_dirty();
+            let (t, cpu) = (Instant::now(), cpu_time());
+            engine.recompute();
+            cold.push(t.elapsed());
+            cold_cpu.push(cpu_time() - cpu);
+        }
         for _ in 0..rounds {
             engine.fleet.mark_all_dirty();
-            let t = Instant::now();
+            let (t, cpu) = (Instant::now(), cpu_time());
             engine.recompute();
-            fulls.push(t.elapsed());
+            warm.push(t.elapsed());
+            warm_cpu.push(cpu_time() - cpu);
         }
-        let full = median(fulls);
+        let (cold, cold_cpu, warm, warm_cpu) = (median(cold), median(cold_cpu), median(warm), median(warm_cpu));
         let objects = engine.desired.object_count();
 
         // One GTP's weights flip back and forth.
@@ -179,7 +203,7 @@ fn main() {
         let model_kib = rss_after.saturating_sub(rss_before);
 
         println!(
-            "{size} | {objects} | {load:.2?} | {ingest:.2?} | {full:.2?} | {gtp_time:.2?} ({gtp_touched} ids) / {scale_time:.2?} ({scale_touched} ids) / {dep_time:.2?} ({dep_touched} ids) | {plan:.2?}, {writes} writes | {} MiB (peak {} MiB) | {}",
+            "{size} | {objects} | {load:.2?} | {ingest:.2?} | {cold:.2?} ({cold_cpu:.2?}) | {warm:.2?} ({warm_cpu:.2?}) | {gtp_time:.2?} ({gtp_touched} ids) / {scale_time:.2?} ({scale_touched} ids) / {dep_time:.2?} ({dep_touched} ids) | {plan:.2?}, {writes} writes | {} MiB (peak {} MiB) | {}",
             model_kib / 1024,
             peak / 1024,
             model_kib * 1024 / objects.max(1) as u64,

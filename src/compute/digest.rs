@@ -7,8 +7,8 @@
 //! SipHash-1-3 with 128 bits makes an accidental match between two different contents
 //! (about 2⁻¹²⁸ per comparison) far less likely than any other failure.
 
+use std::cell::RefCell;
 use std::hash::Hasher;
-use std::io;
 
 use siphasher::sip128::{Hasher128, SipHasher13};
 
@@ -22,38 +22,36 @@ pub struct Digest(u128);
 
 impl Digest {
     pub fn of(object: &DesiredObject) -> Digest {
-        let mut w = HashWriter(SipHasher13::new());
-        w.0.write_u8(object.kind() as u8);
-        let spec = match object {
-            DesiredObject::DestinationRule(o) => serde_json::to_writer(&mut w, &o.spec),
-            DesiredObject::ServiceEntry(o) => serde_json::to_writer(&mut w, &o.spec),
-            DesiredObject::Sidecar(o) => serde_json::to_writer(&mut w, &o.spec),
-        };
-        spec.expect("serialising a spec into a hasher cannot fail");
-        let labels = object.meta().labels.as_ref();
-        for key in OUR_LABELS {
-            // Length-prefixed, so that no two label sets hash the same bytes.
-            match labels.and_then(|l| l.get(key)) {
-                None => w.0.write_u8(0),
-                Some(v) => {
-                    w.0.write_u8(1);
-                    w.0.write_usize(v.len());
-                    w.0.write(v.as_bytes());
+        thread_local! {
+            // The spec is serialised here first and hashed in one call: serde_json writes a
+            // token at a time, and hashing each token on its own costs more than the copy.
+            static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        }
+        BUFFER.with_borrow_mut(|buffer| {
+            buffer.clear();
+            let spec = match object {
+                DesiredObject::DestinationRule(o) => serde_json::to_writer(&mut *buffer, &o.spec),
+                DesiredObject::ServiceEntry(o) => serde_json::to_writer(&mut *buffer, &o.spec),
+                DesiredObject::Sidecar(o) => serde_json::to_writer(&mut *buffer, &o.spec),
+            };
+            spec.expect("serialising a spec into memory cannot fail");
+            let mut h = SipHasher13::new();
+            h.write_u8(object.kind() as u8);
+            h.write_usize(buffer.len());
+            h.write(buffer);
+            let labels = object.meta().labels.as_ref();
+            for key in OUR_LABELS {
+                // Length-prefixed, so that no two label sets hash the same bytes.
+                match labels.and_then(|l| l.get(key)) {
+                    None => h.write_u8(0),
+                    Some(v) => {
+                        h.write_u8(1);
+                        h.write_usize(v.len());
+                        h.write(v.as_bytes());
+                    }
                 }
             }
-        }
-        Digest(w.0.finish128().as_u128())
-    }
-}
-
-struct HashWriter(SipHasher13);
-
-impl io::Write for HashWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+            Digest(h.finish128().as_u128())
+        })
     }
 }

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet, btree_map};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
@@ -53,16 +53,82 @@ impl fmt::Display for Kind {
 
 /// Identifies one written object inside one cluster. The names are shared (`Arc<str>`): one
 /// object's key is held by every cluster it is desired in and by every plan that names it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+///
+/// Keys order by (kind, namespace, name). The desired and observed maps are searched by key
+/// hundreds of thousands of times per full compute, and reading names that live elsewhere in
+/// memory is what such a search waits on; so a key carries the first 16 bytes of its name, and
+/// the few namespaces are shared, which settles most comparisons without reading either string.
+#[derive(Clone, Debug)]
 pub struct ObjectKey {
     pub kind: Kind,
     pub namespace: Arc<str>,
     pub name: Arc<str>,
+    /// The name's first 16 bytes, big-endian and zero-padded: ordering these orders the names
+    /// the same way (object names hold no NUL), up to a tie that the full names settle.
+    name_head: [u64; 2],
 }
 
 impl ObjectKey {
     pub fn new(kind: Kind, namespace: &str, name: &str) -> Self {
-        ObjectKey { kind, namespace: namespace.into(), name: name.into() }
+        let mut head = [0u8; 16];
+        let n = name.len().min(16);
+        head[..n].copy_from_slice(&name.as_bytes()[..n]);
+        let name_head = [
+            u64::from_be_bytes(head[..8].try_into().expect("8 bytes")),
+            u64::from_be_bytes(head[8..].try_into().expect("8 bytes")),
+        ];
+        ObjectKey { kind, namespace: shared_namespace(namespace), name: name.into(), name_head }
+    }
+}
+
+/// The same `Arc` for the same namespace, so that comparing the namespaces of two keys is mostly
+/// a pointer comparison rather than a read of memory elsewhere.
+fn shared_namespace(namespace: &str) -> Arc<str> {
+    static NAMESPACES: Mutex<BTreeSet<Arc<str>>> = Mutex::new(BTreeSet::new());
+    let mut seen = NAMESPACES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(shared) = seen.get(namespace) {
+        return shared.clone();
+    }
+    // Bounded: a fleet has few namespaces that hold written objects.
+    if seen.len() >= 4096 {
+        seen.clear();
+    }
+    let shared: Arc<str> = namespace.into();
+    seen.insert(shared.clone());
+    shared
+}
+
+fn cmp_shared(a: &Arc<str>, b: &Arc<str>) -> std::cmp::Ordering {
+    if Arc::ptr_eq(a, b) { std::cmp::Ordering::Equal } else { a.cmp(b) }
+}
+
+impl Ord for ObjectKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.kind
+            .cmp(&other.kind)
+            .then_with(|| cmp_shared(&self.namespace, &other.namespace))
+            .then_with(|| self.name_head.cmp(&other.name_head))
+            .then_with(|| cmp_shared(&self.name, &other.name))
+    }
+}
+
+impl PartialOrd for ObjectKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for ObjectKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for ObjectKey {}
+
+impl std::hash::Hash for ObjectKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (self.kind, &*self.namespace, &*self.name).hash(state);
     }
 }
 
@@ -265,60 +331,153 @@ impl DesiredState {
         self.by_identity.values().flat_map(|o| o.reports.iter())
     }
 
-    /// Replaces one identity's output; records the (cluster, key) pairs whose object changed.
-    fn replace(&mut self, identity: &str, output: IdentityOutput, changed: &mut Changed) {
-        let old = self.by_identity.remove(identity).unwrap_or_default();
-        for (cluster, obj) in &output.objects {
-            let slot = match self.by_cluster.get_mut(&**cluster) {
-                Some(slot) => slot,
-                None => self.by_cluster.entry(cluster.to_string()).or_default(),
-            };
-            match slot.entry(obj.key.clone()) {
-                btree_map::Entry::Vacant(e) => {
-                    e.insert(obj.clone());
-                }
-                btree_map::Entry::Occupied(mut e) => {
-                    let have = e.get();
-                    if Arc::ptr_eq(have, obj) || have.digest == obj.digest {
-                        continue;
-                    }
-                    e.insert(obj.clone());
-                }
-            }
-            mark_changed(changed, cluster, &obj.key);
+    /// What replacing `identity`'s output with `output` changes. Reads only, so identities are
+    /// prepared on every core.
+    fn prepare(&self, identity: &str, mut output: IdentityOutput) -> Swap {
+        let old = self.by_identity.get(identity).map_or(&[][..], |o| &o.objects[..]);
+        let same = old.len() == output.objects.len()
+            && old.iter().zip(&output.objects).all(|((c1, o1), (c2, o2))| {
+                c1 == c2 && o1.key == o2.key && (Arc::ptr_eq(o1, o2) || o1.digest == o2.digest)
+            });
+        if same {
+            // Keep the objects the clusters hold, and free the rebuilt ones here, on this core.
+            output.objects = old.to_vec();
+            return Swap { output, objects: ObjectsChange::Same };
         }
-        if !old.objects.is_empty() {
+        let mut removed = Vec::new();
+        if !old.is_empty() {
             // Objects the identity no longer produces leave the clusters that held them.
             let kept: HashSet<(&str, &ObjectKey)> = output.objects.iter().map(|(c, o)| (&**c, &o.key)).collect();
-            for (cluster, obj) in &old.objects {
-                if kept.contains(&(&**cluster, &obj.key)) {
-                    continue;
-                }
-                if let Some(slot) = self.by_cluster.get_mut(&**cluster) {
-                    slot.remove(&obj.key);
-                    if slot.is_empty() {
-                        self.by_cluster.remove(&**cluster);
-                    }
-                }
-                mark_changed(changed, cluster, &obj.key);
+            removed = old
+                .iter()
+                .filter(|(c, o)| !kept.contains(&(&**c, &o.key)))
+                .map(|(c, o)| (c.clone(), o.key.clone()))
+                .collect();
+        }
+        Swap { output, objects: ObjectsChange::Changed { removed } }
+    }
+
+    /// Swaps in the prepared outputs of `identities`, and records the (cluster, key) pairs whose
+    /// object changed, per cluster in identity order. The clusters are independent, so they are
+    /// updated on `threads` threads, each owning a fixed share of them: the result is the same.
+    fn swap(&mut self, identities: &[&str], swaps: Vec<Swap>, threads: usize, changed: &mut Changed) {
+        let threads = if swaps.len() < PARALLEL_MIN { 1 } else { threads.max(1) };
+        let mut shares: Vec<ClusterMaps> = (0..threads).map(|_| ClusterMaps::new()).collect();
+        for (id, objects) in std::mem::take(&mut self.by_cluster) {
+            shares[owner(&id, threads)].insert(id, objects);
+        }
+        let changes: Vec<Changed> = std::thread::scope(|scope| {
+            let swaps = &swaps;
+            let mut shares = shares.iter_mut().enumerate();
+            let (_, first) = shares.next().expect("at least one share");
+            let others: Vec<_> = shares
+                .map(|(n, share)| scope.spawn(move || swap_clusters(share, swaps, |c| owner(c, threads) == n)))
+                .collect();
+            let mut changes = vec![swap_clusters(first, swaps, |c| owner(c, threads) == 0)];
+            changes.extend(others.into_iter().map(|t| t.join().expect("a swap thread panicked")));
+            changes
+        });
+        for mut share in shares {
+            self.by_cluster.append(&mut share);
+        }
+        for (cluster, keys) in changes.into_iter().flatten() {
+            changed.entry(cluster).or_default().extend(keys);
+        }
+        for (identity, Swap { output, .. }) in identities.iter().zip(swaps) {
+            self.by_identity.remove(*identity);
+            if !output.objects.is_empty() || !output.diagnostics.is_empty() || !output.reports.is_empty() {
+                self.by_identity.insert(identity.to_string(), output);
             }
         }
-        if !output.objects.is_empty() || !output.diagnostics.is_empty() || !output.reports.is_empty() {
-            self.by_identity.insert(identity.to_string(), output);
+    }
+}
+
+type ClusterMaps = BTreeMap<ClusterId, BTreeMap<ObjectKey, Arc<Desired>>>;
+
+/// One identity's new output, and what it changes in the clusters.
+struct Swap {
+    output: IdentityOutput,
+    objects: ObjectsChange,
+}
+
+enum ObjectsChange {
+    /// The same objects (clusters, keys and digests) as before, which the output now holds
+    /// instead of the rebuilt ones: nothing changes in the clusters.
+    Same,
+    /// The output's objects are upserted, and these (cluster, key) pairs removed.
+    Changed { removed: Vec<(Arc<str>, ObjectKey)> },
+}
+
+/// Which of `threads` shares a cluster belongs to: fixed by its name (FNV-1a), so that every
+/// object of a cluster is swapped by the same thread, in identity order.
+fn owner(cluster: &str, threads: usize) -> usize {
+    let hash = cluster.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    (hash % threads as u64) as usize
+}
+
+/// Applies `swaps`, in order, to the clusters of `share` that `mine` selects; returns the keys
+/// that changed there.
+fn swap_clusters(share: &mut ClusterMaps, swaps: &[Swap], mine: impl Fn(&str) -> bool) -> Changed {
+    let mut changed = Changed::new();
+    let mut run_changed = Vec::new();
+    for swap in swaps {
+        let ObjectsChange::Changed { removed } = &swap.objects else {
+            continue;
+        };
+        // An identity's objects come in runs per cluster: find each run's maps once.
+        for run in swap.output.objects.chunk_by(|(a, _), (b, _)| Arc::ptr_eq(a, b)) {
+            let cluster = &run[0].0;
+            if !mine(cluster) {
+                continue;
+            }
+            let slot = match share.get_mut(&**cluster) {
+                Some(slot) => slot,
+                None => share.entry(cluster.to_string()).or_default(),
+            };
+            for (_, obj) in run {
+                match slot.entry(obj.key.clone()) {
+                    btree_map::Entry::Vacant(e) => {
+                        e.insert(obj.clone());
+                    }
+                    btree_map::Entry::Occupied(mut e) => {
+                        let have = e.get();
+                        if Arc::ptr_eq(have, obj) || have.digest == obj.digest {
+                            continue;
+                        }
+                        e.insert(obj.clone());
+                    }
+                }
+                run_changed.push(obj.key.clone());
+            }
+            if !run_changed.is_empty() {
+                changed_in(&mut changed, cluster).append(&mut run_changed);
+            }
+        }
+        for (cluster, key) in removed {
+            if !mine(cluster) {
+                continue;
+            }
+            if let Some(slot) = share.get_mut(&**cluster) {
+                slot.remove(key);
+                if slot.is_empty() {
+                    share.remove(&**cluster);
+                }
+            }
+            changed_in(&mut changed, cluster).push(key.clone());
         }
     }
+    changed
 }
 
 /// Object keys whose desired content changed (added, modified or removed), per cluster, in the
 /// order the recompute met them. A list, not a set: recording a change costs no search.
 pub type Changed = BTreeMap<ClusterId, Vec<ObjectKey>>;
 
-fn mark_changed(changed: &mut Changed, cluster: &str, key: &ObjectKey) {
-    let keys = match changed.get_mut(cluster) {
-        Some(keys) => keys,
-        None => changed.entry(cluster.to_string()).or_default(),
-    };
-    keys.push(key.clone());
+fn changed_in<'a>(changed: &'a mut Changed, cluster: &str) -> &'a mut Vec<ObjectKey> {
+    if changed.contains_key(cluster) {
+        return changed.get_mut(cluster).expect("just checked");
+    }
+    changed.entry(cluster.to_string()).or_default()
 }
 
 /// The result of one recompute.
@@ -419,10 +578,12 @@ impl Engine {
             }
         }
 
-        // 3. Build objects on every core, and swap each identity's into the desired state on this
-        //    thread, in identity order, while the next ones are being built.
-        let build = |id: &&str| objects::compute_identity(fleet, settings, facts, &pass, id, vips);
-        for_each_ordered(*threads, &identities, build, |id, output| desired.replace(id, output, &mut result.changed));
+        // 3. Build objects on every core, comparing each identity's with what it produced before;
+        //    then swap them in, each cluster's on one thread, in identity order.
+        let swaps = parallel_map(*threads, &identities, |id| {
+            desired.prepare(id, objects::compute_identity(fleet, settings, facts, &pass, id, vips))
+        });
+        desired.swap(&identities, swaps, *threads, &mut result.changed);
         result.identities = identities.len();
         result.new_vips = self.vips.take_new();
         result
@@ -537,4 +698,32 @@ fn cluster_facts(fleet: &Fleet, settings: &Settings) -> BTreeMap<ClusterId, Clus
             (id.clone(), facts)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn kind(n: u8) -> Kind {
+        [Kind::DestinationRule, Kind::ServiceEntry, Kind::Sidecar][usize::from(n % 3)]
+    }
+
+    proptest! {
+        /// The shortcuts in `ObjectKey`'s comparison (shared namespaces, the name's first 16
+        /// bytes) order keys exactly as the (kind, namespace, name) strings do. Names share long
+        /// prefixes on purpose, so that the 16 bytes often tie.
+        #[test]
+        fn object_keys_order_like_their_strings(
+            a in (0u8..3, "[a-c]{0,3}", "(stage\\.svc0000|x)[0-9a-c.-]{0,6}"),
+            b in (0u8..3, "[a-c]{0,3}", "(stage\\.svc0000|x)[0-9a-c.-]{0,6}"),
+        ) {
+            let ka = ObjectKey::new(kind(a.0), &a.1, &a.2);
+            let kb = ObjectKey::new(kind(b.0), &b.1, &b.2);
+            let strings = (kind(a.0), a.1.as_str(), a.2.as_str()).cmp(&(kind(b.0), b.1.as_str(), b.2.as_str()));
+            prop_assert_eq!(ka.cmp(&kb), strings);
+            prop_assert_eq!(ka == kb, strings.is_eq());
+            prop_assert_eq!(ka.clone().cmp(&ka), std::cmp::Ordering::Equal);
+        }
+    }
 }
