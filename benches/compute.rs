@@ -6,6 +6,8 @@
 //! clusters x identities, D=5). Sizes run smallest first in one process, so each size's memory
 //! figure is its own: RSS after compute minus RSS before loading.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -63,7 +65,7 @@ fn incremental(engine: &mut Engine, rounds: usize, mut change: impl FnMut(&mut E
 fn main() {
     let sizes = std::env::var("FLOTILLA_BENCH_SIZES").unwrap_or_else(|_| "10x500,100x5000,500x20000".into());
     println!(
-        "size | desired objects | load | ingest | full compute from empty, wall (CPU) | full recompute over itself, wall (CPU) | incremental: GTP / scale-out / Dependency | plan, nothing changed | RSS model+desired | bytes/object"
+        "size | desired objects | load | ingest | full compute from empty, wall (CPU) | full recompute over itself, wall (CPU) | incremental: GTP / scale-out / Dependency | plan, nothing changed | RSS model+desired | bytes/object | CPU stolen"
     );
     for size in sizes.split(',') {
         let (c, i) = size.split_once('x').expect("sizes look like 100x5000");
@@ -72,6 +74,7 @@ fn main() {
         let _ = std::fs::remove_dir_all(&dir);
         write_fleet_dir(&spec, &dir).unwrap();
         let (rss_before, _) = rss_kib();
+        let counters = support::CpuCounters::now();
 
         let t = Instant::now();
         let loaded = flotilla::fleet_dir::load(&dir).unwrap();
@@ -86,30 +89,7 @@ fn main() {
             engine.fleet.upsert(&cluster, obj);
         }
         let ingest = t.elapsed();
-        // Cold: from an empty desired state, as at start-up. Warm: everything recomputed over the
-        // desired state it already produced (a VIP table reset, a new cluster region).
-        let rounds = if spec.identities > 10_000 { 1 } else { 3 };
-        let repeat: usize = std::env::var("FLOTILLA_BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-        let (mut cold, mut cold_cpu, mut warm, mut warm_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..rounds * repeat {
-            drop(std::mem::take(&mut engine.desired));
-            engine.fleet.mark_all_dirty();
-            let (t, cpu) = (Instant::now(), cpu_time());
-            engine.recompute();
-            cold.push(t.elapsed());
-            cold_cpu.push(cpu_time() - cpu);
-        }
-        for _ in 0..rounds {
-            engine.fleet.mark_all_dirty();
-            let (t, cpu) = (Instant::now(), cpu_time());
-            engine.recompute();
-            warm.push(t.elapsed());
-            warm_cpu.push(cpu_time() - cpu);
-        }
-        let (cold, cold_cpu, warm, warm_cpu) = (median(cold), median(cold_cpu), median(warm), median(warm_cpu));
-        let objects = engine.desired.object_count();
-
-        // One GTP's weights flip back and forth.
+        // The objects the incremental rounds change, taken before the input is dropped.
         let gtp = loaded
             .objects
             .iter()
@@ -118,17 +98,6 @@ fn main() {
                 _ => None,
             })
             .expect("the synthetic fleet has GTPs");
-        let (gtp_time, gtp_touched) = incremental(&mut engine, 20, |e, round| {
-            let (cluster, mut g) = gtp.clone();
-            if round % 2 == 0 {
-                for p in &mut g.spec.policy {
-                    p.outlier_detection =
-                        Some(flotilla::crd::OutlierConfig { interval: Some(30), ..Default::default() });
-                }
-            }
-            e.fleet.upsert(&cluster, InputObject::GlobalTrafficPolicy(g));
-        });
-        // One Deployment scales out to a cluster it did not run in, then back.
         let (home, deployment) = loaded
             .objects
             .iter()
@@ -149,6 +118,56 @@ fn main() {
             .unwrap();
         let elsewhere = (0..spec.clusters).map(cluster_name).find(|c| *c != home).unwrap();
         let ns = deployment.metadata.namespace.clone().unwrap();
+        let first = identity_name(0);
+        let dep = loaded
+            .objects
+            .iter()
+            .find_map(|(c, o)| match o {
+                InputObject::Dependency(d) if d.spec.source == first => Some((c.clone(), d.clone())),
+                _ => None,
+            })
+            .unwrap();
+        drop(loaded);
+
+        // Cold: from an empty desired state, as at start-up. Warm: everything recomputed over the
+        // desired state it already produced (a VIP table reset, a new cluster region).
+        let rounds = if spec.identities > 10_000 { 1 } else { 3 };
+        let repeat: usize = std::env::var("FLOTILLA_BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+        let (mut cold, mut cold_cpu, mut warm, mut warm_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut memory = None;
+        for _ in 0..rounds * repeat {
+            drop(std::mem::take(&mut engine.desired));
+            engine.fleet.mark_all_dirty();
+            let (t, cpu) = (Instant::now(), cpu_time());
+            engine.recompute();
+            cold.push(t.elapsed());
+            cold_cpu.push(cpu_time() - cpu);
+            // Memory after the first compute: later rounds free and rebuild, and the allocator
+            // need not give freed memory back.
+            memory.get_or_insert_with(rss_kib);
+        }
+        for _ in 0..rounds {
+            engine.fleet.mark_all_dirty();
+            let (t, cpu) = (Instant::now(), cpu_time());
+            engine.recompute();
+            warm.push(t.elapsed());
+            warm_cpu.push(cpu_time() - cpu);
+        }
+        let (cold, cold_cpu, warm, warm_cpu) = (median(cold), median(cold_cpu), median(warm), median(warm_cpu));
+        let objects = engine.desired.object_count();
+
+        // One GTP's weights flip back and forth.
+        let (gtp_time, gtp_touched) = incremental(&mut engine, 20, |e, round| {
+            let (cluster, mut g) = gtp.clone();
+            if round % 2 == 0 {
+                for p in &mut g.spec.policy {
+                    p.outlier_detection =
+                        Some(flotilla::crd::OutlierConfig { interval: Some(30), ..Default::default() });
+                }
+            }
+            e.fleet.upsert(&cluster, InputObject::GlobalTrafficPolicy(g));
+        });
+        // One Deployment scales out to a cluster it did not run in, then back.
         let (scale_time, scale_touched) = incremental(&mut engine, 20, |e, round| {
             if round % 2 == 0 {
                 e.fleet.upsert(&elsewhere, InputObject::Service(service.clone()));
@@ -159,15 +178,6 @@ fn main() {
             }
         });
         // One client's Dependency gains and loses a destination.
-        let first = identity_name(0);
-        let dep = loaded
-            .objects
-            .iter()
-            .find_map(|(c, o)| match o {
-                InputObject::Dependency(d) if d.spec.source == first => Some((c.clone(), d.clone())),
-                _ => None,
-            })
-            .unwrap();
         let (dep_time, dep_touched) = incremental(&mut engine, 20, |e, round| {
             let (cluster, mut d) = dep.clone();
             if round % 2 == 0 {
@@ -198,15 +208,15 @@ fn main() {
         }
         let plan = t.elapsed();
         drop(observed);
-        drop(loaded);
-        let (rss_after, peak) = rss_kib();
+        let (rss_after, peak) = memory.expect("one full compute");
         let model_kib = rss_after.saturating_sub(rss_before);
 
         println!(
-            "{size} | {objects} | {load:.2?} | {ingest:.2?} | {cold:.2?} ({cold_cpu:.2?}) | {warm:.2?} ({warm_cpu:.2?}) | {gtp_time:.2?} ({gtp_touched} ids) / {scale_time:.2?} ({scale_touched} ids) / {dep_time:.2?} ({dep_touched} ids) | {plan:.2?}, {writes} writes | {} MiB (peak {} MiB) | {}",
+            "{size} | {objects} | {load:.2?} | {ingest:.2?} | {cold:.2?} ({cold_cpu:.2?}) | {warm:.2?} ({warm_cpu:.2?}) | {gtp_time:.2?} ({gtp_touched} ids) / {scale_time:.2?} ({scale_touched} ids) / {dep_time:.2?} ({dep_touched} ids) | {plan:.2?}, {writes} writes | {} MiB (peak {} MiB) | {} | {:.0}%",
             model_kib / 1024,
             peak / 1024,
             model_kib * 1024 / objects.max(1) as u64,
+            counters.steal_percent(),
         );
         drop(engine);
     }

@@ -14,6 +14,8 @@
 #[path = "../tests/testenv/mod.rs"]
 mod testenv;
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -167,6 +169,7 @@ async fn main() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut latencies = Vec::new();
+    let counters = support::CpuCounters::now();
     for round in 0..CHANGES {
         let west = if round % 2 == 0 { 70 } else { 30 };
         let t = Instant::now();
@@ -183,13 +186,18 @@ async fn main() {
         }
         latencies.push(t.elapsed());
     }
+    let steal = counters.steal_percent();
+    let mut slowest: Vec<(usize, Duration)> = latencies.iter().copied().enumerate().collect();
+    slowest.sort_by_key(|(_, d)| std::cmp::Reverse(*d));
+    let slowest: Vec<String> = slowest.iter().take(3).map(|(round, d)| format!("#{round} {d:.0?}")).collect();
     latencies.sort();
     println!(
-        "e2e: GTP change → DestinationRule written in all {} target members, {CHANGES} changes: p50 {:.0?}, p99 {:.0?}, max {:.0?}",
+        "e2e: GTP change → DestinationRule written in all {} target members, {CHANGES} changes: p50 {:.0?}, p99 {:.0?}, max {:.0?}; slowest {}; CPU stolen {steal:.0}%",
         targets.len(),
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
-        latencies.last().unwrap()
+        latencies.last().unwrap(),
+        slowest.join(", ")
     );
 
     // Restart with nothing changed.
