@@ -444,12 +444,10 @@ impl Fleet {
         self.wildcard_sources.iter().map(String::as_str)
     }
 
-    /// Destinations that `source` names explicitly (not through `*`).
-    pub fn destinations_of(&self, source: &str) -> BTreeSet<&str> {
-        self.dependencies_of(source)
-            .filter(|d| d.invalid.is_none())
-            .flat_map(|d| d.destinations.iter().map(String::as_str))
-            .collect()
+    /// Destinations that `source` names explicitly (not through `*`) in its valid Dependencies,
+    /// in order.
+    pub fn destinations_of(&self, source: &str) -> impl Iterator<Item = &str> {
+        self.named_by_source.get(source).into_iter().flatten().map(String::as_str)
     }
 
     pub fn has_wildcard(&self, source: &str) -> bool {

@@ -22,17 +22,17 @@ async fn apply_and_read_back(client: &Client, obj: &DesiredObject) -> DesiredObj
     let rejected = |e: kube::Error| -> ! { panic!("{key} rejected: {e}") };
     match obj {
         DesiredObject::ServiceEntry(o) => {
-            let api: Api<ServiceEntry> = Api::namespaced(client.clone(), &key.namespace);
+            let api: Api<ServiceEntry> = Api::namespaced(client.clone(), key.namespace);
             api.patch(&key.name, &pp, &Patch::Apply(o)).await.unwrap_or_else(|e| rejected(e));
             DesiredObject::ServiceEntry(api.get(&key.name).await.unwrap())
         }
         DesiredObject::DestinationRule(o) => {
-            let api: Api<DestinationRule> = Api::namespaced(client.clone(), &key.namespace);
+            let api: Api<DestinationRule> = Api::namespaced(client.clone(), key.namespace);
             api.patch(&key.name, &pp, &Patch::Apply(o)).await.unwrap_or_else(|e| rejected(e));
             DesiredObject::DestinationRule(api.get(&key.name).await.unwrap())
         }
         DesiredObject::Sidecar(o) => {
-            let api: Api<Sidecar> = Api::namespaced(client.clone(), &key.namespace);
+            let api: Api<Sidecar> = Api::namespaced(client.clone(), key.namespace);
             api.patch(&key.name, &pp, &Patch::Apply(o)).await.unwrap_or_else(|e| rejected(e));
             DesiredObject::Sidecar(api.get(&key.name).await.unwrap())
         }

@@ -58,6 +58,8 @@ pub struct EnvPlan<'a> {
 #[derive(Clone, Debug, Default)]
 pub struct ResolvedIdentity<'a> {
     pub envs: BTreeMap<String, EnvPlan<'a>>,
+    /// Its federated workloads, in (cluster, namespace, name) order (its Sidecars select them).
+    pub federated: Vec<(&'a Cluster, &'a Workload)>,
     /// Clusters where identities that depend on this one run.
     pub client_clusters: BTreeSet<&'a str>,
     pub diagnostics: Vec<Diagnostic>,
@@ -131,10 +133,8 @@ pub fn resolve<'a>(
     let mut out = ResolvedIdentity::default();
     // Federated workloads, grouped by env; (cluster, namespace) pairs decide policy scope.
     let mut locations: BTreeSet<(&str, &str, &str)> = BTreeSet::new();
-    for (cluster, w) in fleet.workloads_of(identity) {
-        if !cluster.is_federated(w) {
-            continue;
-        }
+    out.federated = fleet.workloads_of(identity).filter(|(cluster, w)| cluster.is_federated(w)).collect();
+    for &(cluster, w) in &out.federated {
         let service = find_service(cluster, w);
         // Opting out on the Service takes the workload out of federation entirely.
         if service.is_some_and(|s| s.opted_out) {

@@ -51,17 +51,19 @@ impl fmt::Display for Kind {
     }
 }
 
-/// Identifies one written object inside one cluster. The names are shared (`Arc<str>`): one
+/// Identifies one written object inside one cluster. The name is shared (`Arc<str>`): one
 /// object's key is held by every cluster it is desired in and by every plan that names it.
 ///
 /// Keys order by (kind, namespace, name). The desired and observed maps are searched by key
 /// hundreds of thousands of times per full compute, and reading names that live elsewhere in
 /// memory is what such a search waits on; so a key carries the first 16 bytes of its name, and
-/// the few namespaces are shared, which settles most comparisons without reading either string.
+/// namespaces are interned, which settles most comparisons without reading either string.
 #[derive(Clone, Debug)]
 pub struct ObjectKey {
     pub kind: Kind,
-    pub namespace: Arc<str>,
+    /// Interned: one copy per namespace for the life of the process. A counted reference here
+    /// would be one counter that every thread updates for every key it copies.
+    pub namespace: &'static str,
     pub name: Arc<str>,
     /// The name's first 16 bytes, big-endian and zero-padded: ordering these orders the names
     /// the same way (object names hold no NUL), up to a tie that the full names settle.
@@ -77,36 +79,49 @@ impl ObjectKey {
             u64::from_be_bytes(head[..8].try_into().expect("8 bytes")),
             u64::from_be_bytes(head[8..].try_into().expect("8 bytes")),
         ];
-        ObjectKey { kind, namespace: shared_namespace(namespace), name: name.into(), name_head }
+        ObjectKey { kind, namespace: interned_namespace(namespace), name: name.into(), name_head }
     }
 }
 
-/// The same `Arc` for the same namespace, so that comparing the namespaces of two keys is mostly
-/// a pointer comparison rather than a read of memory elsewhere.
-fn shared_namespace(namespace: &str) -> Arc<str> {
-    static NAMESPACES: Mutex<BTreeSet<Arc<str>>> = Mutex::new(BTreeSet::new());
+/// The one copy of `namespace`. Namespaces that hold written objects are few (the sync namespace
+/// and the clients' namespaces, at most 63 bytes each), so keeping every one ever seen costs
+/// little, and lets comparing two keys' namespaces be mostly a pointer comparison.
+fn interned_namespace(namespace: &str) -> &'static str {
+    thread_local! {
+        // Most objects go to the sync namespace: the last one answers without taking the lock.
+        static LAST: std::cell::Cell<&'static str> = const { std::cell::Cell::new("") };
+    }
+    let last = LAST.get();
+    if last == namespace {
+        return last;
+    }
+    static NAMESPACES: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
     let mut seen = NAMESPACES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(shared) = seen.get(namespace) {
-        return shared.clone();
-    }
-    // Bounded: a fleet has few namespaces that hold written objects.
-    if seen.len() >= 4096 {
-        seen.clear();
-    }
-    let shared: Arc<str> = namespace.into();
-    seen.insert(shared.clone());
-    shared
+    let interned = match seen.get(namespace) {
+        Some(interned) => interned,
+        None => {
+            let interned: &'static str = Box::leak(namespace.into());
+            seen.insert(interned);
+            interned
+        }
+    };
+    LAST.set(interned);
+    interned
 }
 
 fn cmp_shared(a: &Arc<str>, b: &Arc<str>) -> std::cmp::Ordering {
     if Arc::ptr_eq(a, b) { std::cmp::Ordering::Equal } else { a.cmp(b) }
 }
 
+fn cmp_interned(a: &'static str, b: &'static str) -> std::cmp::Ordering {
+    if std::ptr::eq(a, b) { std::cmp::Ordering::Equal } else { a.cmp(b) }
+}
+
 impl Ord for ObjectKey {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.kind
             .cmp(&other.kind)
-            .then_with(|| cmp_shared(&self.namespace, &other.namespace))
+            .then_with(|| cmp_interned(self.namespace, other.namespace))
             .then_with(|| self.name_head.cmp(&other.name_head))
             .then_with(|| cmp_shared(&self.name, &other.name))
     }
@@ -128,7 +143,7 @@ impl Eq for ObjectKey {}
 
 impl std::hash::Hash for ObjectKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        (self.kind, &*self.namespace, &*self.name).hash(state);
+        (self.kind, self.namespace, &*self.name).hash(state);
     }
 }
 
@@ -419,6 +434,10 @@ fn owner(cluster: &str, threads: usize) -> usize {
 /// that changed there.
 fn swap_clusters(share: &mut ClusterMaps, swaps: &[Swap], mine: impl Fn(&str) -> bool) -> Changed {
     let mut changed = Changed::new();
+    // Clusters that hold nothing yet (all of them at start-up) are filled at the end, in bulk:
+    // sorting their objects once costs far less than searching a growing tree for each.
+    let mut fresh: BTreeMap<&str, Vec<FreshOp>> = BTreeMap::new();
+    let mut seq = 0;
     let mut run_changed = Vec::new();
     for swap in swaps {
         let ObjectsChange::Changed { removed } = &swap.objects else {
@@ -432,7 +451,14 @@ fn swap_clusters(share: &mut ClusterMaps, swaps: &[Swap], mine: impl Fn(&str) ->
             }
             let slot = match share.get_mut(&**cluster) {
                 Some(slot) => slot,
-                None => share.entry(cluster.to_string()).or_default(),
+                None => {
+                    let ops = fresh.entry(cluster).or_default();
+                    for (_, obj) in run {
+                        ops.push(FreshOp { key: obj.key.clone(), seq, object: Some(obj.clone()) });
+                        seq += 1;
+                    }
+                    continue;
+                }
             };
             for (_, obj) in run {
                 match slot.entry(obj.key.clone()) {
@@ -457,6 +483,11 @@ fn swap_clusters(share: &mut ClusterMaps, swaps: &[Swap], mine: impl Fn(&str) ->
             if !mine(cluster) {
                 continue;
             }
+            if let Some(ops) = fresh.get_mut(&**cluster) {
+                ops.push(FreshOp { key: key.clone(), seq, object: None });
+                seq += 1;
+                continue;
+            }
             if let Some(slot) = share.get_mut(&**cluster) {
                 slot.remove(key);
                 if slot.is_empty() {
@@ -466,7 +497,56 @@ fn swap_clusters(share: &mut ClusterMaps, swaps: &[Swap], mine: impl Fn(&str) ->
             changed_in(&mut changed, cluster).push(key.clone());
         }
     }
+    for (cluster, ops) in fresh {
+        let (objects, keys) = replay_fresh(ops);
+        if !objects.is_empty() {
+            share.insert(cluster.to_string(), objects);
+        }
+        if !keys.is_empty() {
+            changed_in(&mut changed, cluster).extend(keys);
+        }
+    }
     changed
+}
+
+/// One upsert (with an object) or removal (without) aimed at a cluster that held nothing when
+/// the swap began, numbered in the order the swap met it.
+struct FreshOp {
+    key: ObjectKey,
+    seq: usize,
+    object: Option<Arc<Desired>>,
+}
+
+/// The map and the changed keys that applying `ops` one by one to an empty cluster would give,
+/// computed by sorting: each key's ops are replayed in order, and the changed keys are put back
+/// in the order they were met.
+fn replay_fresh(mut ops: Vec<FreshOp>) -> (BTreeMap<ObjectKey, Arc<Desired>>, Vec<ObjectKey>) {
+    // Stable: a key's ops keep their order.
+    ops.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut objects = Vec::with_capacity(ops.len());
+    let mut changed: Vec<(usize, ObjectKey)> = Vec::with_capacity(ops.len());
+    let mut ops = ops.into_iter().peekable();
+    while let Some(FreshOp { key, seq, object }) = ops.next() {
+        let mut current = None;
+        let mut next = Some((seq, object));
+        while let Some((seq, object)) = next {
+            let unchanged = match (&object, &current) {
+                (Some(new), Some(have)) => Arc::ptr_eq(have, new) || have.digest == new.digest,
+                _ => false,
+            };
+            if !unchanged {
+                current = object;
+                changed.push((seq, key.clone()));
+            }
+            next = ops.next_if(|op| op.key == key).map(|op| (op.seq, op.object));
+        }
+        if let Some(object) = current {
+            objects.push((key, object));
+        }
+    }
+    changed.sort_unstable_by_key(|(seq, _)| *seq);
+    // Already sorted by key and without duplicates, which `from_iter` recognises in one pass.
+    (objects.into_iter().collect(), changed.into_iter().map(|(_, key)| key).collect())
 }
 
 /// Object keys whose desired content changed (added, modified or removed), per cluster, in the
@@ -542,7 +622,7 @@ impl Engine {
             let mut set = dirty.identities.clone();
             for id in &dirty.identities {
                 set.extend(self.fleet.named_clients_of(id).map(str::to_string));
-                set.extend(self.fleet.destinations_of(id).into_iter().map(str::to_string));
+                set.extend(self.fleet.destinations_of(id).map(str::to_string));
             }
             set
         };
@@ -709,7 +789,51 @@ mod tests {
         [Kind::DestinationRule, Kind::ServiceEntry, Kind::Sidecar][usize::from(n % 3)]
     }
 
+    /// A Sidecar named `name` whose content is one of three (variants 0 and 1 are equal).
+    fn sidecar(name: &str, variant: u8) -> Arc<Desired> {
+        use crate::istio::{EgressListener, SidecarSpec};
+        let spec = SidecarSpec {
+            workload_selector: None,
+            egress: vec![EgressListener { hosts: vec![format!("ns/h{}", variant.max(1))] }],
+        };
+        let meta = ObjectMeta { name: Some(name.into()), namespace: Some("ns".into()), ..Default::default() };
+        Arc::new(Desired::new(DesiredObject::Sidecar(Sidecar { metadata: meta, spec })))
+    }
+
     proptest! {
+        /// Filling an empty cluster in bulk gives the map and the changed keys (in order) that
+        /// applying the same upserts and removals one by one gives.
+        #[test]
+        fn bulk_fill_equals_one_by_one(ops in proptest::collection::vec((0u8..4, proptest::option::of(0u8..3)), 0..40)) {
+            let ops: Vec<(ObjectKey, Option<Arc<Desired>>)> = ops
+                .iter()
+                .map(|(k, v)| {
+                    let name = format!("s{k}");
+                    (ObjectKey::new(Kind::Sidecar, "ns", &name), v.map(|v| sidecar(&name, v)))
+                })
+                .collect();
+            let mut map: BTreeMap<ObjectKey, Arc<Desired>> = BTreeMap::new();
+            let mut changed = Vec::new();
+            for (key, object) in &ops {
+                match object {
+                    Some(new) => {
+                        if map.get(key).is_some_and(|have| Arc::ptr_eq(have, new) || have.digest == new.digest) {
+                            continue;
+                        }
+                        map.insert(key.clone(), new.clone());
+                    }
+                    None => {
+                        map.remove(key);
+                    }
+                }
+                changed.push(key.clone());
+            }
+            let fresh = ops.into_iter().enumerate().map(|(seq, (key, object))| FreshOp { key, seq, object }).collect();
+            let (bulk, bulk_changed) = replay_fresh(fresh);
+            prop_assert_eq!(bulk, map);
+            prop_assert_eq!(bulk_changed, changed);
+        }
+
         /// The shortcuts in `ObjectKey`'s comparison (shared namespaces, the name's first 16
         /// bytes) order keys exactly as the (kind, namespace, name) strings do. Names share long
         /// prefixes on purpose, so that the 16 bytes often tie.

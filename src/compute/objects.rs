@@ -15,7 +15,7 @@ use crate::istio::{
     OutlierDetection, ServiceEntry, ServiceEntrySpec, ServicePort, Sidecar, SidecarSpec, TrafficPolicy, WorkloadEntry,
     WorkloadSelector,
 };
-use crate::model::{ClusterId, Fleet, GATEWAY_NAMESPACE, Workload};
+use crate::model::{Cluster, ClusterId, Fleet, GATEWAY_NAMESPACE, Workload};
 use crate::settings::{ExportTo, Settings, SidecarMode, VipMode};
 
 use super::identity::{EnvPlan, ExposedPort, HostPlan, PassView, ResolvedIdentity};
@@ -143,7 +143,7 @@ pub fn compute_identity(
         }
     }
 
-    sidecars_and_dependency_reports(fleet, settings, facts, pass, identity, &mut out);
+    sidecars_and_dependency_reports(fleet, settings, facts, pass, resolved, identity, &mut out);
     out
 }
 
@@ -163,13 +163,8 @@ fn managed_labels(identity: &str, env: &str) -> BTreeMap<String, String> {
     ])
 }
 
-fn meta(name: String, namespace: &str, labels: &BTreeMap<String, String>) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name),
-        namespace: Some(namespace.to_string()),
-        labels: Some(labels.clone()),
-        ..Default::default()
-    }
+fn meta(name: String, namespace: &str, labels: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta { name: Some(name), namespace: Some(namespace.to_string()), labels: Some(labels), ..Default::default() }
 }
 
 /// The ports of a host: those of its first source cluster (by id). Every endpoint maps these
@@ -281,7 +276,7 @@ fn service_entry(
         .map(|p| ServicePort { number: p.number, name: p.name.clone(), protocol: p.protocol.clone() })
         .collect();
     DesiredObject::ServiceEntry(ServiceEntry {
-        metadata: meta(format!("{}-se", host.host), &settings.sync_namespace, labels),
+        metadata: meta(format!("{}-se", host.host), &settings.sync_namespace, labels.clone()),
         spec: ServiceEntrySpec {
             hosts: vec![host.host.clone()],
             addresses: vip.into_iter().collect(),
@@ -344,7 +339,7 @@ fn destination_rule(
             http: Some(HttpSettings { max_requests_per_connection: Some(100), ..Default::default() }),
         });
     DesiredObject::DestinationRule(DestinationRule {
-        metadata: meta(name, &settings.sync_namespace, labels),
+        metadata: meta(name, &settings.sync_namespace, labels.clone()),
         spec: DestinationRuleSpec {
             host: host.host.clone(),
             traffic_policy: Some(TrafficPolicy {
@@ -399,6 +394,7 @@ fn sidecars_and_dependency_reports(
     settings: &Settings,
     facts: &BTreeMap<ClusterId, ClusterFacts>,
     pass: &PassView<'_>,
+    resolved: &ResolvedIdentity<'_>,
     identity: &str,
     out: &mut IdentityOutput,
 ) {
@@ -407,10 +403,8 @@ fn sidecars_and_dependency_reports(
         return;
     }
     // Hosts of every explicitly named destination, and destinations nothing is known about.
-    let mut hosts_by_destination: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for dest in fleet.destinations_of(identity) {
-        hosts_by_destination.insert(dest, pass.written_hosts(dest).collect());
-    }
+    let hosts_by_destination: BTreeMap<&str, Vec<&str>> =
+        fleet.destinations_of(identity).map(|dest| (dest, pass.written_hosts(dest).collect())).collect();
     let client_clusters = pass.running.of(identity);
 
     for dep in &deps {
@@ -453,16 +447,9 @@ fn sidecars_and_dependency_reports(
         out.reports.push(report);
     }
 
-    if settings.sidecar_mode == SidecarMode::Off
-        || fleet.has_wildcard(identity)
-        || fleet.destinations_of(identity).is_empty()
-    {
+    if settings.sidecar_mode == SidecarMode::Off || fleet.has_wildcard(identity) || hosts_by_destination.is_empty() {
         return;
     }
-    let mut egress_hosts = vec!["./*".to_string(), format!("{GATEWAY_NAMESPACE}/*")];
-    let dest_hosts: BTreeSet<&str> = hosts_by_destination.values().flatten().copied().collect();
-    egress_hosts.extend(dest_hosts.into_iter().map(|h| format!("{}/{h}", settings.sync_namespace)));
-
     let name = format!("{}-egress", identity.to_ascii_lowercase());
     if !is_dns_subdomain(&name) {
         out.diagnostics.push(Diagnostic::error(
@@ -472,29 +459,21 @@ fn sidecars_and_dependency_reports(
         ));
         return;
     }
+    let mut egress_hosts = vec!["./*".to_string(), format!("{GATEWAY_NAMESPACE}/*")];
+    let dest_hosts: BTreeSet<&str> = hosts_by_destination.values().flatten().copied().collect();
+    egress_hosts.extend(dest_hosts.into_iter().map(|h| format!("{}/{h}", settings.sync_namespace)));
+
     // Group the client's federated workloads by (cluster, namespace): one Sidecar per group.
-    let mut groups: BTreeMap<(&str, &str), Vec<&Workload>> = BTreeMap::new();
-    for (cluster, w) in fleet.workloads_of(identity) {
-        if cluster.is_federated(w) {
-            groups.entry((cluster.id.as_str(), w.namespace.as_str())).or_default().push(w);
-        }
+    let mut groups: BTreeMap<(&str, &str), (&Cluster, Vec<&Workload>)> = BTreeMap::new();
+    for &(cluster, w) in &resolved.federated {
+        groups.entry((cluster.id.as_str(), w.namespace.as_str())).or_insert_with(|| (cluster, Vec::new())).1.push(w);
     }
-    for ((cluster_id, namespace), workloads) in groups {
-        let cluster = &fleet.clusters[cluster_id];
+    // Groups in the same namespace, selecting the same way, for the same env, get the same
+    // Sidecar: it is built once and shared by their clusters.
+    let mut built: BTreeMap<(&str, bool, &str), Arc<Desired>> = BTreeMap::new();
+    for ((cluster_id, namespace), (cluster, workloads)) in groups {
         let by_label = workloads.iter().all(|w| w.identity_from_label);
-        let conflict = cluster
-            .foreign_sidecars
-            .range((namespace.to_string(), String::new())..)
-            .take_while(|((ns, _), _)| ns == namespace)
-            .find(|(_, selector)| match selector {
-                // Ours is namespace-wide: any other namespace-wide Sidecar clashes.
-                None => !by_label,
-                Some(sel) => {
-                    workloads.iter().any(|w| !sel.is_empty() && sel.iter().all(|(k, v)| w.pod_labels.get(k) == Some(v)))
-                }
-            })
-            .map(|((_, n), _)| n.clone());
-        if let Some(other) = conflict {
+        if let Some(other) = foreign_sidecar_in_the_way(cluster, namespace, by_label, &workloads) {
             out.diagnostics.push(Diagnostic::warning(
                 Some(cluster_id),
                 format!("Sidecar {namespace}/{other}"),
@@ -502,16 +481,43 @@ fn sidecars_and_dependency_reports(
             ));
             continue;
         }
-        let workload_selector = by_label.then(|| WorkloadSelector {
-            labels: BTreeMap::from([(fleet.identity_label().to_string(), identity.to_string())]),
-        });
         let Some(cluster_facts) = facts.get(cluster_id) else {
             continue;
         };
-        let sidecar = DesiredObject::Sidecar(Sidecar {
-            metadata: meta(name.clone(), namespace, &managed_labels(identity, &workloads[0].env)),
-            spec: SidecarSpec { workload_selector, egress: vec![EgressListener { hosts: egress_hosts.clone() }] },
+        let env = workloads[0].env.as_str();
+        let sidecar = built.entry((namespace, by_label, env)).or_insert_with(|| {
+            let workload_selector = by_label.then(|| WorkloadSelector {
+                labels: BTreeMap::from([(fleet.identity_label().to_string(), identity.to_string())]),
+            });
+            Arc::new(Desired::new(DesiredObject::Sidecar(Sidecar {
+                metadata: meta(name.clone(), namespace, managed_labels(identity, env)),
+                spec: SidecarSpec { workload_selector, egress: vec![EgressListener { hosts: egress_hosts.clone() }] },
+            })))
         });
-        out.objects.push((cluster_facts.id.clone(), Arc::new(Desired::new(sidecar))));
+        out.objects.push((cluster_facts.id.clone(), sidecar.clone()));
     }
+}
+
+/// A Sidecar of someone else's in `namespace` that already applies to these workloads: any other
+/// namespace-wide one if ours would be namespace-wide, else one whose selector matches.
+fn foreign_sidecar_in_the_way(
+    cluster: &Cluster,
+    namespace: &str,
+    by_label: bool,
+    workloads: &[&Workload],
+) -> Option<String> {
+    if cluster.foreign_sidecars.is_empty() {
+        return None;
+    }
+    cluster
+        .foreign_sidecars
+        .range((namespace.to_string(), String::new())..)
+        .take_while(|((ns, _), _)| ns == namespace)
+        .find(|(_, selector)| match selector {
+            None => !by_label,
+            Some(sel) => {
+                workloads.iter().any(|w| !sel.is_empty() && sel.iter().all(|(k, v)| w.pod_labels.get(k) == Some(v)))
+            }
+        })
+        .map(|((_, n), _)| n.clone())
 }

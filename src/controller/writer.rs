@@ -197,7 +197,7 @@ where
         + Serialize
         + DeserializeOwned,
 {
-    let api = Api::<K>::namespaced(client.clone(), &key.namespace);
+    let api = Api::<K>::namespaced(client.clone(), key.namespace);
     // Force: these objects carry our label, so every field we set is ours to set.
     api.patch(&key.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(obj)).await
 }
@@ -206,7 +206,7 @@ async fn delete<K>(client: &Client, key: &ObjectKey) -> Result<(), kube::Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + Debug + DeserializeOwned,
 {
-    let api = Api::<K>::namespaced(client.clone(), &key.namespace);
+    let api = Api::<K>::namespaced(client.clone(), key.namespace);
     match api.delete(&key.name, &DeleteParams::default()).await {
         Ok(_) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
