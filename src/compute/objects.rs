@@ -514,6 +514,7 @@ fn foreign_sidecar_in_the_way(
         .range((namespace.to_string(), String::new())..)
         .take_while(|((ns, _), _)| ns == namespace)
         .find(|(_, selector)| match selector {
+            // Ours is namespace-wide: any other namespace-wide Sidecar clashes.
             None => !by_label,
             Some(sel) => {
                 workloads.iter().any(|w| !sel.is_empty() && sel.iter().all(|(k, v)| w.pod_labels.get(k) == Some(v)))
