@@ -83,9 +83,9 @@ impl ObjectKey {
     }
 }
 
-/// The one copy of `namespace`. Namespaces that hold written objects are few (the sync namespace
-/// and the clients' namespaces, at most 63 bytes each), so keeping every one ever seen costs
-/// little, and lets comparing two keys' namespaces be mostly a pointer comparison.
+/// The one copy of `namespace`. Namespaces that hold our kinds are few (the sync namespace and
+/// those with Sidecars, at most 63 bytes each), so keeping every one ever seen costs little, and
+/// lets comparing two keys' namespaces be mostly a pointer comparison.
 fn interned_namespace(namespace: &str) -> &'static str {
     thread_local! {
         // Most objects go to the sync namespace: the last one answers without taking the lock.
