@@ -6,7 +6,6 @@ mod testenv;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use flotilla::crd::GlobalTrafficPolicy;
 use flotilla::istio::{DestinationRule, ServiceEntry, Sidecar};
@@ -294,7 +293,7 @@ async fn a_fleet_onboarded_with_the_charts_and_register_cluster_runs_on_chart_rb
     // flotilla with nothing but the hub chart's ServiceAccount.
     let token = token_for(&hub_admin, "flotilla", "flotilla").await;
     let flotilla = Flotilla::start_with_kubeconfig(&hub.kubeconfig_for("flotilla-sa", &token), "chart-rbac", &[]);
-    flotilla.wait_ready(Duration::from_secs(30)).await;
+    flotilla.wait_ready(testenv::PATIENCE).await;
     let (west, east) = (&admins[0], &admins[1]);
     for (client, ns) in [(west, "greeting"), (east, "caller")] {
         apply(client, &namespace(ns)).await;
@@ -316,7 +315,7 @@ async fn a_fleet_onboarded_with_the_charts_and_register_cluster_runs_on_chart_rb
     .unwrap();
     apply(west, &gtp).await;
 
-    let wait = Duration::from_secs(30);
+    let wait = testenv::PATIENCE;
     for (client, name) in [(west, "m-1"), (east, "m-2")] {
         let ses: Api<ServiceEntry> = Api::namespaced(client.clone(), "admiral-sync");
         let drs: Api<DestinationRule> = Api::namespaced(client.clone(), "admiral-sync");

@@ -17,7 +17,7 @@ use testenv::controller::{FLOTILLA_NAMESPACE, Flotilla, eventually};
 use testenv::{TestCluster, start_clusters};
 
 const SYNC: &str = "admiral-sync";
-const WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = testenv::PATIENCE;
 
 /// Nodes with a region and an east-west gateway with an address, as a real member has.
 async fn prepare_member(client: &Client, region: &str, gateway_ip: &str) {

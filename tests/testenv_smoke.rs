@@ -3,7 +3,7 @@
 
 mod testenv;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
@@ -138,7 +138,7 @@ async fn a_watch_sees_an_update() {
     let first = stream.next().await.unwrap().unwrap();
     assert_eq!(first.data.unwrap()["v"], "1");
     api.patch("watched", &pp, &Patch::Apply(cm("2"))).await.unwrap();
-    let seen = tokio::time::timeout(Duration::from_secs(10), async {
+    let seen = tokio::time::timeout(testenv::PATIENCE, async {
         loop {
             let cm = stream.next().await.unwrap().unwrap();
             if cm.data.as_ref().unwrap()["v"] == "2" {

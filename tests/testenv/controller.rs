@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{TestCluster, free_port, scratch_dir, spawn, wait_for_port};
+use super::{PATIENCE, TestCluster, free_port, scratch_dir, spawn, wait_for_port};
 
 /// The namespace flotilla runs in, in the hub.
 pub const FLOTILLA_NAMESPACE: &str = "flotilla";
@@ -36,10 +36,12 @@ impl Flotilla {
             FLOTILLA_NAMESPACE,
             "--stale-after",
             "8s",
+            // Short enough that a standby takes over within a test's patience, long enough
+            // that a leader whose renewal is slowed by a loaded API server keeps the lease.
             "--lease-duration",
-            "4s",
+            "10s",
             "--lease-grace",
-            "2s",
+            "6s",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -68,7 +70,7 @@ impl Flotilla {
         let log = self.dir.join(format!("flotilla-{}.log", super::now_millis()));
         std::fs::write(self.dir.join("current-log"), log.to_string_lossy().as_bytes()).unwrap();
         self.child = Some(spawn(cmd, &log));
-        wait_for_port(self.port, Duration::from_secs(30), || self.log_tail());
+        wait_for_port(self.port, PATIENCE, || self.log_tail());
     }
 
     /// SIGTERM, then wait for a clean exit.

@@ -17,6 +17,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -31,6 +32,28 @@ use kube::{Api, Client, Config};
 /// Field manager the harness applies fixtures with (never `flotilla`).
 pub const TEST_MANAGER: &str = "flotilla-testenv";
 const INSTALL_HINT: &str = "build them with: scripts/testenv-install (or set FLOTILLA_TESTENV_ASSETS)";
+/// How long a test waits for something that should happen soon (a write, a watch event, a
+/// port). Only a failing test waits this long, so it is generous: on a loaded 2-core CI machine
+/// the hypervisor can take more than half of the CPU, and every step slows down with it.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+/// How long one kube-apiserver may take from spawn to `/readyz`, once it holds a start slot.
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Start slots: how many kube-apiservers of this test process may boot at the same time.
+///
+/// Booting is the CPU-heavy part of a member's life (OpenAPI, RBAC bootstrap, CRD
+/// establishment); a running member is nearly idle. The tests of one binary run in parallel
+/// and each starts up to four members, so without a limit a 2-core machine boots a dozen at
+/// once and etcd requests time out. One slot per core keeps every boot short; waiting for a
+/// slot does not count against `READY_TIMEOUT`. `FLOTILLA_TESTENV_PARALLEL_BOOTS` overrides it.
+fn boot_slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+    SLOTS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let slots = std::env::var("FLOTILLA_TESTENV_PARALLEL_BOOTS").ok().and_then(|v| v.parse().ok()).unwrap_or(cores);
+        tokio::sync::Semaphore::new(slots.max(1))
+    })
+}
 
 /// Where kube-apiserver, etcd and the Istio CRDs are.
 #[derive(Clone, Debug)]
@@ -91,9 +114,12 @@ impl TestCluster {
         fs::write(dir.join("tokens.csv"), tokens).unwrap();
         let mut cluster =
             TestCluster { name: name.into(), port, admin_token, ca_pem: ca, dir, assets, etcd: None, apiserver: None };
+        // The slot covers etcd, the API server's boot and the CRDs being established.
+        let slot = boot_slots().acquire().await.expect("the boot semaphore is never closed");
         cluster.start_etcd();
-        cluster.start_apiserver().await;
+        cluster.boot_apiserver().await;
         cluster.install_crds().await;
+        drop(slot);
         cluster
     }
 
@@ -112,12 +138,18 @@ impl TestCluster {
             .arg("--unsafe-no-fsync")
             .arg("--log-level=error");
         self.etcd = Some(spawn(cmd, &self.dir.join("etcd.log")));
-        wait_for_port(client_port, Duration::from_secs(30), || self.log_tail("etcd.log"));
+        wait_for_port(client_port, PATIENCE, || self.log_tail("etcd.log"));
         fs::write(self.dir.join("etcd-port"), client_port.to_string()).unwrap();
     }
 
-    /// (Re)starts kube-apiserver on the same port, with the same certificates and etcd.
+    /// Restarts kube-apiserver on the same port, with the same certificates and etcd.
     pub async fn start_apiserver(&mut self) {
+        let _slot = boot_slots().acquire().await.expect("the boot semaphore is never closed");
+        self.boot_apiserver().await;
+    }
+
+    /// Spawns kube-apiserver and waits for `/readyz`; the caller holds a boot slot.
+    async fn boot_apiserver(&mut self) {
         assert!(self.apiserver.is_none(), "kube-apiserver of {} is already running", self.name);
         let etcd_port = fs::read_to_string(self.dir.join("etcd-port")).unwrap();
         let d = &self.dir;
@@ -141,7 +173,7 @@ impl TestCluster {
         let log = format!("apiserver-{}.log", now_millis());
         self.apiserver = Some(spawn(cmd, &self.dir.join(&log)));
         let client = self.client().await;
-        let deadline = Instant::now() + Duration::from_secs(90);
+        let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let req = http::Request::get("/readyz").body(Vec::new()).unwrap();
             if let Ok(body) = client.request_text(req).await
@@ -152,12 +184,20 @@ impl TestCluster {
             if let Some(status) = self.apiserver.as_mut().unwrap().try_wait().unwrap() {
                 panic!("kube-apiserver of {} exited ({status}):\n{}", self.name, self.log_tail(&log));
             }
-            assert!(
-                Instant::now() < deadline,
-                "kube-apiserver of {} not ready in 90s:\n{}",
-                self.name,
-                self.log_tail(&log)
-            );
+            if Instant::now() >= deadline {
+                // Which readiness checks still fail says more than the log does.
+                let verbose = http::Request::get("/readyz?verbose").body(Vec::new()).unwrap();
+                let checks = match client.request_text(verbose).await {
+                    Ok(body) => body,
+                    Err(e) => format!("GET /readyz?verbose: {e}"),
+                };
+                panic!(
+                    "kube-apiserver of {} not ready in {}s.\nreadiness checks:\n{checks}\nlog tail:\n{}",
+                    self.name,
+                    READY_TIMEOUT.as_secs(),
+                    self.log_tail(&log)
+                );
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -221,9 +261,9 @@ impl TestCluster {
         for crd in &crds {
             let name = crd.metadata.name.clone().unwrap();
             let established = await_condition(api.clone(), &name, conditions::is_crd_established());
-            tokio::time::timeout(Duration::from_secs(60), established)
+            tokio::time::timeout(PATIENCE, established)
                 .await
-                .unwrap_or_else(|_| panic!("CRD {name} not established in 60s"))
+                .unwrap_or_else(|_| panic!("CRD {name} not established in {}s", PATIENCE.as_secs()))
                 .unwrap();
         }
     }
