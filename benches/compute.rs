@@ -155,9 +155,11 @@ fn main() {
         }
         let (cold, cold_cpu, warm, warm_cpu) = (median(cold), median(cold_cpu), median(warm), median(warm_cpu));
         let objects = engine.desired.object_count();
+        // More rounds make the incremental recomputes dominate a profile of the bench.
+        let changes: usize = std::env::var("FLOTILLA_BENCH_CHANGES").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
 
         // One GTP's weights flip back and forth.
-        let (gtp_time, gtp_touched) = incremental(&mut engine, 20, |e, round| {
+        let (gtp_time, gtp_touched) = incremental(&mut engine, changes, |e, round| {
             let (cluster, mut g) = gtp.clone();
             if round % 2 == 0 {
                 for p in &mut g.spec.policy {
@@ -168,7 +170,7 @@ fn main() {
             e.fleet.upsert(&cluster, InputObject::GlobalTrafficPolicy(g));
         });
         // One Deployment scales out to a cluster it did not run in, then back.
-        let (scale_time, scale_touched) = incremental(&mut engine, 20, |e, round| {
+        let (scale_time, scale_touched) = incremental(&mut engine, changes, |e, round| {
             if round % 2 == 0 {
                 e.fleet.upsert(&elsewhere, InputObject::Service(service.clone()));
                 e.fleet.upsert(&elsewhere, InputObject::Deployment(deployment.clone()));
@@ -178,7 +180,7 @@ fn main() {
             }
         });
         // One client's Dependency gains and loses a destination.
-        let (dep_time, dep_touched) = incremental(&mut engine, 20, |e, round| {
+        let (dep_time, dep_touched) = incremental(&mut engine, changes, |e, round| {
             let (cluster, mut d) = dep.clone();
             if round % 2 == 0 {
                 d.spec.destinations.push(identity_name(spec.identities - 1));

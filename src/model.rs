@@ -3,7 +3,8 @@
 //! Kubernetes objects (from watches in `run`, from files in `render`) are distilled here into the
 //! few fields the engine reads, and indexed by identity so that one change can be recomputed
 //! without looking at the rest of the fleet. Every mutation records which identities it touched
-//! (`take_dirty`); that set is what the engine recomputes. No clients, clocks or I/O.
+//! and how far the change reaches (`take_dirty`, `Reach`); that is what the engine recomputes. No
+//! clients, clocks or I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -201,23 +202,42 @@ impl Cluster {
     }
 }
 
-/// Which identities need recomputing.
+/// How far a change to an identity reaches: which other identities' outputs read what changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reach {
+    /// Only its own outputs: a policy that cannot change its hosts (OutlierDetection,
+    /// ClientConnectionConfig), a user's Sidecar next to its workloads, or a Dependency (of
+    /// which it is the source, or a destination that was added or dropped).
+    Itself,
+    /// Also its named clients, whose Sidecars and Dependency statuses list its hosts, if its
+    /// hosts changed: a GTP, whose `dnsPrefix` entries are hosts.
+    Clients,
+    /// Also its destinations, which are written where it runs, and its clients if its hosts
+    /// changed: its workloads or their Services.
+    Neighbours,
+}
+
+/// Which identities need recomputing, and how far each change reaches.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Dirty {
     pub all: bool,
-    pub identities: BTreeSet<String>,
+    pub identities: BTreeMap<String, Reach>,
 }
 
 impl Dirty {
     pub fn is_empty(&self) -> bool {
         !self.all && self.identities.is_empty()
     }
-    fn touch(&mut self, identity: Option<&str>) {
-        if let Some(id) = identity
-            && !self.all
-            && !self.identities.contains(id)
-        {
-            self.identities.insert(id.to_string());
+    fn touch(&mut self, identity: Option<&str>, reach: Reach) {
+        let Some(id) = identity else { return };
+        if self.all {
+            return;
+        }
+        match self.identities.get_mut(id) {
+            Some(have) => *have = (*have).max(reach),
+            None => {
+                self.identities.insert(id.to_string(), reach);
+            }
         }
     }
 }
@@ -323,7 +343,7 @@ impl Fleet {
             clients_by_destination: BTreeMap::new(),
             wildcard_sources: BTreeSet::new(),
             named_by_source: BTreeMap::new(),
-            dirty: Dirty { all: true, identities: BTreeSet::new() },
+            dirty: Dirty { all: true, identities: BTreeMap::new() },
         }
     }
 
@@ -478,7 +498,7 @@ impl Fleet {
                 if let Some(c) = self.clusters.get_mut(cluster) {
                     c.foreign_sidecars.insert((namespace, name), selector);
                 }
-                self.touch_namespace(cluster, &meta_ns(&s.metadata));
+                self.touch_namespace(cluster, &meta_ns(&s.metadata), Reach::Itself);
             }
             InputObject::GlobalTrafficPolicy(g) => {
                 let at = ObjectRef { cluster: cluster.to_string(), namespace, name };
@@ -491,20 +511,21 @@ impl Fleet {
                     }),
                 };
                 let valid = crate::compute::policy::validate_gtp(&g.spec, &policy.env);
-                store_policy(&mut self.gtps, &mut self.gtps_by_identity, &mut self.dirty, policy, &g.spec, valid);
+                let (policies, index) = (&mut self.gtps, &mut self.gtps_by_identity);
+                store_policy(policies, index, &mut self.dirty, Reach::Clients, policy, &g.spec, valid);
             }
             InputObject::OutlierDetection(o) => {
                 let at = ObjectRef { cluster: cluster.to_string(), namespace, name };
                 let policy = policy_header(at, &o.metadata, Some(&o.spec.selector), &self.identity_label);
                 let (policies, index) = (&mut self.outlier_detections, &mut self.ods_by_identity);
-                store_policy(policies, index, &mut self.dirty, policy, &o.spec, Ok(()));
+                store_policy(policies, index, &mut self.dirty, Reach::Itself, policy, &o.spec, Ok(()));
             }
             InputObject::ClientConnectionConfig(o) => {
                 let at = ObjectRef { cluster: cluster.to_string(), namespace, name };
                 let policy = policy_header(at, &o.metadata, Some(&o.spec.selector), &self.identity_label);
                 let valid = crate::compute::policy::validate_connection_config(&o.spec);
                 let (policies, index) = (&mut self.connection_configs, &mut self.cccs_by_identity);
-                store_policy(policies, index, &mut self.dirty, policy, &o.spec, valid);
+                store_policy(policies, index, &mut self.dirty, Reach::Itself, policy, &o.spec, valid);
             }
             InputObject::Dependency(d) => {
                 let at = ObjectRef { cluster: cluster.to_string(), namespace, name };
@@ -539,22 +560,29 @@ impl Fleet {
                 if let Some(c) = self.clusters.get_mut(cluster)
                     && c.foreign_sidecars.remove(&key).is_some()
                 {
-                    self.touch_namespace(cluster, namespace);
+                    self.touch_namespace(cluster, namespace, Reach::Itself);
                 }
             }
             InputKind::GlobalTrafficPolicy => {
                 if let Some(old) = self.gtps.remove(&at) {
-                    reindex_policy(&mut self.gtps_by_identity, &mut self.dirty, &at, old.identity, None);
+                    reindex_policy(
+                        &mut self.gtps_by_identity,
+                        &mut self.dirty,
+                        Reach::Clients,
+                        &at,
+                        old.identity,
+                        None,
+                    );
                 }
             }
             InputKind::OutlierDetection => {
                 if let Some(old) = self.outlier_detections.remove(&at) {
-                    reindex_policy(&mut self.ods_by_identity, &mut self.dirty, &at, old.identity, None);
+                    reindex_policy(&mut self.ods_by_identity, &mut self.dirty, Reach::Itself, &at, old.identity, None);
                 }
             }
             InputKind::ClientConnectionConfig => {
                 if let Some(old) = self.connection_configs.remove(&at) {
-                    reindex_policy(&mut self.cccs_by_identity, &mut self.dirty, &at, old.identity, None);
+                    reindex_policy(&mut self.cccs_by_identity, &mut self.dirty, Reach::Itself, &at, old.identity, None);
                 }
             }
             InputKind::Dependency => self.set_dependency(at, None),
@@ -587,7 +615,7 @@ impl Fleet {
                 let key = (n.namespace.clone(), n.name.clone());
                 self.by_identity.entry(id.clone()).or_default().insert((cluster.to_string(), key));
             }
-            self.dirty.touch(n.identity.as_deref());
+            self.dirty.touch(n.identity.as_deref(), Reach::Neighbours);
         }
     }
 
@@ -600,7 +628,7 @@ impl Fleet {
                 self.by_identity.remove(id);
             }
         }
-        self.dirty.touch(w.identity.as_deref());
+        self.dirty.touch(w.identity.as_deref(), Reach::Neighbours);
     }
 
     fn set_service(&mut self, cluster: &str, key: NsName, new: Option<ServiceInfo>) {
@@ -619,7 +647,7 @@ impl Fleet {
         if gateway_namespace {
             self.dirty.all = true;
         }
-        self.touch_namespace(cluster, &key.0);
+        self.touch_namespace(cluster, &key.0, Reach::Neighbours);
     }
 
     fn set_node(&mut self, cluster: &str, name: String, region: Option<Option<String>>) {
@@ -646,17 +674,17 @@ impl Fleet {
             c.opted_out_namespaces.remove(namespace)
         };
         if changed {
-            self.touch_namespace(cluster, namespace);
+            self.touch_namespace(cluster, namespace, Reach::Neighbours);
         }
     }
 
     /// Marks every identity with a workload in `cluster`/`namespace`.
-    fn touch_namespace(&mut self, cluster: &str, namespace: &str) {
+    fn touch_namespace(&mut self, cluster: &str, namespace: &str, reach: Reach) {
         let Some(c) = self.clusters.get(cluster) else {
             return;
         };
         for w in c.workloads_in(namespace) {
-            self.dirty.touch(w.identity.as_deref());
+            self.dirty.touch(w.identity.as_deref(), reach);
         }
     }
 
@@ -670,10 +698,8 @@ impl Fleet {
         }
         let mut sources = BTreeSet::new();
         for d in old.iter().chain(new.iter()) {
-            self.dirty.touch(Some(&d.source));
-            for dest in &d.destinations {
-                self.dirty.touch(Some(dest));
-            }
+            // Its Sidecars and this Dependency's status.
+            self.dirty.touch(Some(&d.source), Reach::Itself);
             // A wildcard client changes the targets of every identity.
             if d.wildcard {
                 self.dirty.all = true;
@@ -696,14 +722,16 @@ impl Fleet {
         }
     }
 
-    /// Rebuilds the reverse dependency index entries of one source from its Dependencies,
-    /// touching only the destinations it named before and names now.
+    /// Rebuilds the reverse dependency index entries of one source from its Dependencies, and
+    /// marks the destinations it began or stopped naming: they are written to other clusters now.
+    /// A destination it names in another Dependency too keeps its clients, and is not marked.
     fn reindex_source(&mut self, source: &str) {
-        for dest in self.named_by_source.remove(source).unwrap_or_default() {
-            if let Some(set) = self.clients_by_destination.get_mut(&dest) {
+        let before = self.named_by_source.remove(source).unwrap_or_default();
+        for dest in &before {
+            if let Some(set) = self.clients_by_destination.get_mut(dest) {
                 set.remove(source);
                 if set.is_empty() {
-                    self.clients_by_destination.remove(&dest);
+                    self.clients_by_destination.remove(dest);
                 }
             }
         }
@@ -720,6 +748,9 @@ impl Fleet {
         for dest in &named {
             self.clients_by_destination.entry(dest.clone()).or_default().insert(source.to_string());
         }
+        for dest in before.symmetric_difference(&named) {
+            self.dirty.touch(Some(dest), Reach::Itself);
+        }
         if !named.is_empty() {
             self.named_by_source.insert(source.to_string(), named);
         }
@@ -732,6 +763,7 @@ fn store_policy<S: Clone>(
     policies: &mut BTreeMap<ObjectRef, Policy<S>>,
     index: &mut BTreeMap<String, BTreeSet<ObjectRef>>,
     dirty: &mut Dirty,
+    reach: Reach,
     mut policy: Policy<S>,
     spec: &S,
     validation: Result<(), String>,
@@ -746,12 +778,13 @@ fn store_policy<S: Clone>(
     }
     let identity = policy.identity.clone();
     let old = policies.insert(at.clone(), policy);
-    reindex_policy(index, dirty, &at, old.and_then(|p| p.identity), identity);
+    reindex_policy(index, dirty, reach, &at, old.and_then(|p| p.identity), identity);
 }
 
 fn reindex_policy(
     index: &mut BTreeMap<String, BTreeSet<ObjectRef>>,
     dirty: &mut Dirty,
+    reach: Reach,
     at: &ObjectRef,
     old: Option<String>,
     new: Option<String>,
@@ -763,11 +796,11 @@ fn reindex_policy(
                 index.remove(o);
             }
         }
-        dirty.touch(Some(o));
+        dirty.touch(Some(o), reach);
     }
     if let Some(n) = &new {
         index.entry(n.clone()).or_default().insert(at.clone());
-        dirty.touch(Some(n));
+        dirty.touch(Some(n), reach);
     }
 }
 

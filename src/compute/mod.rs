@@ -14,7 +14,7 @@ pub mod policy;
 pub mod status;
 pub mod vip;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, btree_map};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, btree_map};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
@@ -24,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
 use crate::istio::{DestinationRule, ServiceEntry, Sidecar};
-use crate::model::{ClusterId, Fleet, ObjectRef, Policy};
+use crate::model::{ClusterId, Fleet, ObjectRef, Policy, Reach};
 use crate::settings::{self, Settings};
 
 use digest::Digest;
@@ -311,6 +311,9 @@ pub struct IdentityOutput {
     pub objects: Vec<(Arc<str>, Arc<Desired>)>,
     pub diagnostics: Vec<Diagnostic>,
     pub reports: Vec<PolicyReport>,
+    /// The hosts it writes, in resolve order: what its clients list. A later change to the
+    /// identity recomputes its clients only if these move.
+    pub hosts: Vec<String>,
 }
 
 /// The desired state of the whole fleet, by identity and by cluster.
@@ -400,7 +403,11 @@ impl DesiredState {
         }
         for (identity, Swap { output, .. }) in identities.iter().zip(swaps) {
             self.by_identity.remove(*identity);
-            if !output.objects.is_empty() || !output.diagnostics.is_empty() || !output.reports.is_empty() {
+            if !output.objects.is_empty()
+                || !output.diagnostics.is_empty()
+                || !output.reports.is_empty()
+                || !output.hosts.is_empty()
+            {
                 self.by_identity.insert(identity.to_string(), output);
             }
         }
@@ -616,13 +623,24 @@ impl Engine {
             all.extend(self.desired.by_identity.keys().cloned());
             all
         } else {
-            // Clients that name us list our hosts in their Sidecars and Dependency statuses (a `*`
-            // client has no Sidecar, and its status lists only what it names); destinations are
-            // written where we run.
-            let mut set = dirty.identities.clone();
-            for id in &dirty.identities {
-                set.extend(self.fleet.named_clients_of(id).map(str::to_string));
-                set.extend(self.fleet.destinations_of(id).map(str::to_string));
+            // The model says how far each change can reach. Destinations are written where we
+            // run. Clients that name us list our hosts in their Sidecars and Dependency statuses
+            // (a `*` client has no Sidecar, and its status lists only what it names), so they are
+            // recomputed when our hosts move, which resolving us again tells.
+            let probe = identity::Running::new(&self.fleet, HashMap::new());
+            let mut set = BTreeSet::new();
+            for (id, reach) in dirty.identities {
+                if reach >= Reach::Clients {
+                    let now = identity::resolve(&self.fleet, &self.settings, &probe, &id);
+                    let before = self.desired.by_identity.get(&id).map_or(&[][..], |o| &o.hosts[..]);
+                    if !now.written_hosts().eq(before.iter().map(String::as_str)) {
+                        set.extend(self.fleet.named_clients_of(&id).map(str::to_string));
+                    }
+                }
+                if reach >= Reach::Neighbours {
+                    set.extend(self.fleet.destinations_of(&id).map(str::to_string));
+                }
+                set.insert(id);
             }
             set
         };

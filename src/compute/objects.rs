@@ -45,6 +45,7 @@ pub fn compute_identity(
     let mut out = IdentityOutput {
         diagnostics: resolved.diagnostics.clone(),
         reports: resolved.reports.clone(),
+        hosts: resolved.written_hosts().map(str::to_string).collect(),
         ..Default::default()
     };
 
