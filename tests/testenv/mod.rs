@@ -123,23 +123,50 @@ impl TestCluster {
         cluster
     }
 
+    /// Starts etcd on two free ports. A port found free can be taken by another process before
+    /// etcd binds it (tests start members in parallel, and clients take ephemeral ports), so a
+    /// start that fails with "address already in use" is retried on other ports.
     fn start_etcd(&mut self) {
-        let client_port = free_port();
-        let peer_port = free_port();
-        let data = self.dir.join("etcd");
-        let mut cmd = Command::new(self.assets.dir.join("etcd"));
-        cmd.arg(format!("--name={}", self.name))
-            .arg(format!("--data-dir={}", data.display()))
-            .arg(format!("--listen-client-urls=http://127.0.0.1:{client_port}"))
-            .arg(format!("--advertise-client-urls=http://127.0.0.1:{client_port}"))
-            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
-            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"))
-            .arg(format!("--initial-cluster={}=http://127.0.0.1:{peer_port}", self.name))
-            .arg("--unsafe-no-fsync")
-            .arg("--log-level=error");
-        self.etcd = Some(spawn(cmd, &self.dir.join("etcd.log")));
-        wait_for_port(client_port, PATIENCE, || self.log_tail("etcd.log"));
-        fs::write(self.dir.join("etcd-port"), client_port.to_string()).unwrap();
+        for attempt in 0..5 {
+            let client_port = free_port();
+            let peer_port = free_port();
+            let data = self.dir.join(format!("etcd-{attempt}"));
+            let mut cmd = Command::new(self.assets.dir.join("etcd"));
+            cmd.arg(format!("--name={}", self.name))
+                .arg(format!("--data-dir={}", data.display()))
+                .arg(format!("--listen-client-urls=http://127.0.0.1:{client_port}"))
+                .arg(format!("--advertise-client-urls=http://127.0.0.1:{client_port}"))
+                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
+                .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"))
+                .arg(format!("--initial-cluster={}=http://127.0.0.1:{peer_port}", self.name))
+                .arg("--unsafe-no-fsync")
+                .arg("--log-level=error");
+            let log = format!("etcd-{attempt}.log");
+            let mut etcd = spawn(cmd, &self.dir.join(&log));
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                if TcpStream::connect(("127.0.0.1", client_port)).is_ok() {
+                    self.etcd = Some(etcd);
+                    fs::write(self.dir.join("etcd-port"), client_port.to_string()).unwrap();
+                    return;
+                }
+                if let Some(status) = etcd.try_wait().unwrap() {
+                    let tail = self.log_tail(&log);
+                    assert!(
+                        tail.contains("address already in use"),
+                        "etcd of {} exited ({status}):\n{tail}",
+                        self.name
+                    );
+                    break; // another process took a port: try others
+                }
+                if Instant::now() >= deadline {
+                    let _ = etcd.kill();
+                    panic!("etcd of {} not listening after {:?}:\n{}", self.name, PATIENCE, self.log_tail(&log));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        panic!("etcd of {}: five starts found their ports taken", self.name);
     }
 
     /// Restarts kube-apiserver on the same port, with the same certificates and etcd.
