@@ -40,9 +40,8 @@ async fn three_clusters_start_in_parallel_and_are_separate() {
     let rss_mib: Vec<u64> = clusters.iter().map(|c| c.rss_kib() / 1024).collect();
     println!("three members ready with CRDs in {startup:.1?}; RSS per member (etcd + apiserver): {rss_mib:?} MiB");
 
-    let mut ports: Vec<u16> = clusters.iter().map(|c| c.port).collect();
-    ports.dedup();
-    assert_eq!(ports.len(), 3, "each member has its own port");
+    let addresses: std::collections::BTreeSet<_> = clusters.iter().map(|c| c.host.ip).collect();
+    assert_eq!(addresses.len(), 3, "each member has its own address");
     for c in &clusters {
         let version = c.client().await.apiserver_version().await.expect("server version");
         assert_eq!((version.major.as_str(), version.minor.as_str()), ("1", "36"), "{}: {version:?}", c.name);
@@ -158,14 +157,33 @@ async fn a_stopped_member_refuses_connections_and_comes_back() {
     apply(&client, &namespace("kept")).await;
 
     cluster.stop_apiserver();
-    let refused = std::net::TcpStream::connect(("127.0.0.1", cluster.port));
+    let refused = std::net::TcpStream::connect(cluster.api_addr());
     assert!(refused.is_err(), "a stopped member must refuse connections");
     let api: Api<Namespace> = Api::all(cluster.client().await);
     assert!(api.get("kept").await.is_err(), "requests fail while the member is down");
 
+    let address = cluster.api_addr();
     let restarted = Instant::now();
     cluster.start_apiserver().await;
+    assert_eq!(cluster.api_addr(), address, "a restarted member keeps its address");
     println!("member back in {:.1?}", restarted.elapsed());
     let api: Api<Namespace> = Api::all(cluster.client().await);
     assert!(api.get_opt("kept").await.unwrap().is_some(), "state survives the restart (etcd kept it)");
+}
+
+/// Address claims exclude each other while held, and a dropped claim frees its address.
+#[test]
+fn address_claims_never_overlap_and_are_released() {
+    use std::os::fd::AsRawFd;
+    use testenv::net::{HTTP_PORT, Host, claims_dir};
+    let a = Host::claim(&[HTTP_PORT]);
+    let b = Host::claim(&[HTTP_PORT]);
+    assert_ne!(a.ip, b.ip);
+    let path = claims_dir().join(a.ip.to_string());
+    let file = std::fs::File::options().write(true).open(&path).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    let try_lock = || unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    assert!(!try_lock(), "a held claim cannot be taken");
+    drop(a);
+    assert!(try_lock(), "a dropped claim releases its address");
 }

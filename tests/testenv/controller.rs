@@ -6,14 +6,16 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{PATIENCE, TestCluster, free_port, scratch_dir, spawn, wait_for_port};
+use super::net::{HTTP_PORT, Host};
+use super::{PATIENCE, TestCluster, scratch_dir, spawn, wait_for_listener};
 
 /// The namespace flotilla runs in, in the hub.
 pub const FLOTILLA_NAMESPACE: &str = "flotilla";
 
 pub struct Flotilla {
     pub name: String,
-    pub port: u16,
+    /// This replica's own loopback address; it serves HTTP on `HTTP_PORT` there, across restarts.
+    pub host: Host,
     dir: PathBuf,
     args: Vec<String>,
     child: Option<Child>,
@@ -50,27 +52,31 @@ impl Flotilla {
             args.extend(["--log-level".to_string(), "info,flotilla=debug".to_string()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut f = Flotilla { name: name.into(), port: 0, dir, args, child: None, kubeconfig: path };
+        let host = Host::claim(&[HTTP_PORT]);
+        let mut f = Flotilla { name: name.into(), host, dir, args, child: None, kubeconfig: path };
         f.restart();
         f
     }
 
-    /// Starts the process again (same flags, a new HTTP port).
+    /// Starts the process again (same flags, same address).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "flotilla {} is running", self.name);
-        self.port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla"));
         cmd.args(&self.args)
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .arg("--http-addr")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(self.http_addr().to_string())
             .arg("--replica-name")
             .arg(&self.name);
         let log = self.dir.join(format!("flotilla-{}.log", super::now_millis()));
         std::fs::write(self.dir.join("current-log"), log.to_string_lossy().as_bytes()).unwrap();
         self.child = Some(spawn(cmd, &log));
-        wait_for_port(self.port, PATIENCE, || self.log_tail());
+        wait_for_listener(self.http_addr(), PATIENCE, || self.log_tail());
+    }
+
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        self.host.addr(HTTP_PORT)
     }
 
     /// SIGTERM, then wait for a clean exit.
@@ -109,7 +115,7 @@ impl Flotilla {
 
     /// GET on the HTTP port: (status code, body).
     pub async fn get(&self, path: &str) -> (u16, String) {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
+        let mut stream = tokio::net::TcpStream::connect(self.http_addr()).await.unwrap();
         let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut response = Vec::new();

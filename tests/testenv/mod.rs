@@ -1,5 +1,5 @@
-//! Real member clusters for end-to-end tests: one etcd and one kube-apiserver per member, on free
-//! loopback ports, with generated certificates, a service-account signing key, static-token
+//! Real member clusters for end-to-end tests: one etcd and one kube-apiserver per member, each
+//! member on a loopback address of its own (see `net`), with generated certificates, a service-account signing key, static-token
 //! authentication and RBAC authorization; our CRDs and Istio's installed and established.
 //!
 //! The binaries come from `scripts/testenv-install` (built from the Go module proxy). A test that
@@ -10,10 +10,11 @@
 
 pub mod builders;
 pub mod controller;
+pub mod net;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -86,7 +87,9 @@ impl Assets {
 /// One member cluster: its own etcd and kube-apiserver.
 pub struct TestCluster {
     pub name: String,
-    pub port: u16,
+    /// This member's own loopback address; its etcd and kube-apiserver listen on the fixed ports
+    /// of `net` there, across restarts.
+    pub host: net::Host,
     pub admin_token: String,
     pub ca_pem: String,
     dir: PathBuf,
@@ -104,8 +107,8 @@ impl TestCluster {
     pub async fn start(name: &str) -> TestCluster {
         let assets = Assets::locate();
         let dir = scratch_dir(name);
-        let port = free_port();
-        let ca = write_certificates(&dir);
+        let host = net::Host::claim(&[net::ETCD_CLIENT_PORT, net::ETCD_PEER_PORT, net::APISERVER_PORT]);
+        let ca = write_certificates(&dir, host.ip);
         let admin_token = format!("flotilla-test-admin-{name}");
         let mut tokens = format!("{admin_token},admin,admin,\"system:masters\"\n");
         for (token, user, groups) in EXTRA_TOKENS {
@@ -113,7 +116,7 @@ impl TestCluster {
         }
         fs::write(dir.join("tokens.csv"), tokens).unwrap();
         let mut cluster =
-            TestCluster { name: name.into(), port, admin_token, ca_pem: ca, dir, assets, etcd: None, apiserver: None };
+            TestCluster { name: name.into(), host, admin_token, ca_pem: ca, dir, assets, etcd: None, apiserver: None };
         // The slot covers etcd, the API server's boot and the CRDs being established.
         let slot = boot_slots().acquire().await.expect("the boot semaphore is never closed");
         cluster.start_etcd();
@@ -123,53 +126,36 @@ impl TestCluster {
         cluster
     }
 
-    /// Starts etcd on two free ports. A port found free can be taken by another process before
-    /// etcd binds it (tests start members in parallel, and clients take ephemeral ports), so a
-    /// start that fails with "address already in use" is retried on other ports.
+    /// Starts etcd on this member's address and waits until it accepts connections.
     fn start_etcd(&mut self) {
-        for attempt in 0..5 {
-            let client_port = free_port();
-            let peer_port = free_port();
-            let data = self.dir.join(format!("etcd-{attempt}"));
-            let mut cmd = Command::new(self.assets.dir.join("etcd"));
-            cmd.arg(format!("--name={}", self.name))
-                .arg(format!("--data-dir={}", data.display()))
-                .arg(format!("--listen-client-urls=http://127.0.0.1:{client_port}"))
-                .arg(format!("--advertise-client-urls=http://127.0.0.1:{client_port}"))
-                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
-                .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"))
-                .arg(format!("--initial-cluster={}=http://127.0.0.1:{peer_port}", self.name))
-                .arg("--unsafe-no-fsync")
-                .arg("--log-level=error");
-            let log = format!("etcd-{attempt}.log");
-            let mut etcd = spawn(cmd, &self.dir.join(&log));
-            let deadline = Instant::now() + PATIENCE;
-            loop {
-                if TcpStream::connect(("127.0.0.1", client_port)).is_ok() {
-                    self.etcd = Some(etcd);
-                    fs::write(self.dir.join("etcd-port"), client_port.to_string()).unwrap();
-                    return;
-                }
-                if let Some(status) = etcd.try_wait().unwrap() {
-                    let tail = self.log_tail(&log);
-                    assert!(
-                        tail.contains("address already in use"),
-                        "etcd of {} exited ({status}):\n{tail}",
-                        self.name
-                    );
-                    break; // another process took a port: try others
-                }
-                if Instant::now() >= deadline {
-                    let _ = etcd.kill();
-                    panic!("etcd of {} not listening after {:?}:\n{}", self.name, PATIENCE, self.log_tail(&log));
-                }
-                std::thread::sleep(Duration::from_millis(50));
+        let ip = self.host.ip;
+        let (client, peer) = (net::ETCD_CLIENT_PORT, net::ETCD_PEER_PORT);
+        let mut cmd = Command::new(self.assets.dir.join("etcd"));
+        cmd.arg(format!("--name={}", self.name))
+            .arg(format!("--data-dir={}", self.dir.join("etcd").display()))
+            .arg(format!("--listen-client-urls=http://{ip}:{client}"))
+            .arg(format!("--advertise-client-urls=http://{ip}:{client}"))
+            .arg(format!("--listen-peer-urls=http://{ip}:{peer}"))
+            .arg(format!("--initial-advertise-peer-urls=http://{ip}:{peer}"))
+            .arg(format!("--initial-cluster={}=http://{ip}:{peer}", self.name))
+            .arg("--unsafe-no-fsync")
+            .arg("--log-level=error");
+        let mut etcd = spawn(cmd, &self.dir.join("etcd.log"));
+        let deadline = Instant::now() + PATIENCE;
+        while TcpStream::connect(self.host.addr(client)).is_err() {
+            if let Some(status) = etcd.try_wait().unwrap() {
+                panic!("etcd of {} exited ({status}):\n{}", self.name, self.log_tail("etcd.log"));
             }
+            if Instant::now() >= deadline {
+                let _ = etcd.kill();
+                panic!("etcd of {} not listening after {:?}:\n{}", self.name, PATIENCE, self.log_tail("etcd.log"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("etcd of {}: five starts found their ports taken", self.name);
+        self.etcd = Some(etcd);
     }
 
-    /// Restarts kube-apiserver on the same port, with the same certificates and etcd.
+    /// Restarts kube-apiserver on the same address and port, with the same certificates and etcd.
     pub async fn start_apiserver(&mut self) {
         let _slot = boot_slots().acquire().await.expect("the boot semaphore is never closed");
         self.boot_apiserver().await;
@@ -178,13 +164,13 @@ impl TestCluster {
     /// Spawns kube-apiserver and waits for `/readyz`; the caller holds a boot slot.
     async fn boot_apiserver(&mut self) {
         assert!(self.apiserver.is_none(), "kube-apiserver of {} is already running", self.name);
-        let etcd_port = fs::read_to_string(self.dir.join("etcd-port")).unwrap();
+        let ip = self.host.ip;
         let d = &self.dir;
         let mut cmd = Command::new(self.assets.dir.join("kube-apiserver"));
-        cmd.arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
-            .arg(format!("--secure-port={}", self.port))
+        cmd.arg(format!("--etcd-servers=http://{ip}:{}", net::ETCD_CLIENT_PORT))
+            .arg(format!("--bind-address={ip}"))
+            .arg(format!("--advertise-address={ip}"))
+            .arg(format!("--secure-port={}", net::APISERVER_PORT))
             .arg(format!("--tls-cert-file={}", d.join("serving.crt").display()))
             .arg(format!("--tls-private-key-file={}", d.join("serving.key").display()))
             .arg(format!("--client-ca-file={}", d.join("ca.crt").display()))
@@ -238,7 +224,12 @@ impl TestCluster {
     }
 
     pub fn server_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}", self.api_addr())
+    }
+
+    /// Where kube-apiserver listens.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.host.addr(net::APISERVER_PORT)
     }
 
     /// A kubeconfig for user `user` with bearer `token`, whose only context is the cluster name.
@@ -346,9 +337,9 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// A CA, a serving certificate for 127.0.0.1/localhost signed by it, and a service-account key.
+/// A CA, a serving certificate for the member's address signed by it, and a service-account key.
 /// Returns the CA certificate (PEM).
-fn write_certificates(dir: &Path) -> String {
+fn write_certificates(dir: &Path, ip: std::net::Ipv4Addr) -> String {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -360,7 +351,7 @@ fn write_certificates(dir: &Path) -> String {
     let issuer = Issuer::new(ca_params, ca_key);
 
     let serving_key = KeyPair::generate().unwrap();
-    let mut serving = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let mut serving = CertificateParams::new(vec![ip.to_string()]).unwrap();
     serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
     let serving_cert = serving.signed_by(&serving_key, &issuer).unwrap();
 
@@ -388,14 +379,11 @@ pub fn spawn(mut cmd: Command, log: &Path) -> Child {
     cmd.spawn().unwrap_or_else(|e| panic!("starting {:?}: {e}; {INSTALL_HINT}", cmd.get_program()))
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-pub fn wait_for_port(port: u16, timeout: Duration, log: impl Fn() -> String) {
+/// Waits until something accepts connections on `addr`.
+pub fn wait_for_listener(addr: SocketAddr, timeout: Duration, log: impl Fn() -> String) {
     let deadline = Instant::now() + timeout;
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on port {port} after {timeout:?}:\n{}", log());
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr} after {timeout:?}:\n{}", log());
         std::thread::sleep(Duration::from_millis(50));
     }
 }
