@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use flotilla::compute::plan::{ObservedObject, plan_cluster};
 use flotilla::compute::vip::VipTable;
 use flotilla::compute::{Engine, ObjectKey};
-use flotilla::model::InputObject;
+use flotilla::ingest::InputObject;
 use flotilla::settings::Settings;
 use flotilla::synth::{SynthSpec, cluster_name, identity_name, write_fleet_dir};
 
@@ -85,8 +85,8 @@ fn main() {
             engine.fleet.upsert_cluster(id, o.clone());
         }
         let t = Instant::now();
-        for (cluster, obj) in loaded.objects.iter().cloned() {
-            engine.fleet.upsert(&cluster, obj);
+        for (cluster, obj) in &loaded.objects {
+            engine.ingest(cluster, obj);
         }
         let ingest = t.elapsed();
         // The objects the incremental rounds change, taken before the input is dropped.
@@ -167,16 +167,16 @@ fn main() {
                         Some(flotilla::crd::OutlierConfig { interval: Some(30), ..Default::default() });
                 }
             }
-            e.fleet.upsert(&cluster, InputObject::GlobalTrafficPolicy(g));
+            e.ingest(&cluster, &InputObject::GlobalTrafficPolicy(g));
         });
         // One Deployment scales out to a cluster it did not run in, then back.
         let (scale_time, scale_touched) = incremental(&mut engine, changes, |e, round| {
             if round % 2 == 0 {
-                e.fleet.upsert(&elsewhere, InputObject::Service(service.clone()));
-                e.fleet.upsert(&elsewhere, InputObject::Deployment(deployment.clone()));
+                e.ingest(&elsewhere, &InputObject::Service(service.clone()));
+                e.ingest(&elsewhere, &InputObject::Deployment(deployment.clone()));
             } else {
                 let name = deployment.metadata.name.clone().unwrap();
-                e.fleet.delete(&elsewhere, flotilla::model::InputKind::Deployment, &ns, &name);
+                e.fleet.delete(&elsewhere, flotilla::meta::Kind::Deployment, &ns, &name);
             }
         });
         // One client's Dependency gains and loses a destination.
@@ -185,7 +185,7 @@ fn main() {
             if round % 2 == 0 {
                 d.spec.destinations.push(identity_name(spec.identities - 1));
             }
-            e.fleet.upsert(&cluster, InputObject::Dependency(d));
+            e.ingest(&cluster, &InputObject::Dependency(d));
         });
 
         // Plan against an observed state equal to the desired one.

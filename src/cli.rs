@@ -54,6 +54,10 @@ pub struct RenderArgs {
     /// Exit with code 2 when any error is reported (a broken file, an invalid policy).
     #[arg(long, env = "FLOTILLA_STRICT")]
     pub strict: bool,
+    /// Name of the VIP store ConfigMap in `_hub/` (as `run --vip-configmap` keeps it in the hub):
+    /// the addresses already allocated.
+    #[arg(long, default_value = "flotilla-vips", env = "FLOTILLA_VIP_CONFIGMAP")]
+    pub vip_configmap: String,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -85,9 +89,13 @@ pub struct RunArgs {
     /// A member whose watches fail this long is stale (kept as last seen, never pruned for it).
     #[arg(long, default_value = "60s", value_parser = parse_duration, env = "FLOTILLA_STALE_AFTER")]
     pub stale_after: Duration,
-    /// Quiet time that groups a burst of events into one recompute and one write per object.
+    /// Quiet time that groups a burst of events into one recompute and one write per object; a
+    /// steady stream of events still gets a pass every --debounce-max.
     #[arg(long, default_value = "50ms", value_parser = parse_duration, env = "FLOTILLA_DEBOUNCE")]
     pub debounce: Duration,
+    /// The longest a change waits for its pass while events keep arriving.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, env = "FLOTILLA_DEBOUNCE_MAX")]
+    pub debounce_max: Duration,
     /// Address of /livez, /readyz, /metrics and /debug.
     #[arg(long, default_value = "0.0.0.0:8080", env = "FLOTILLA_HTTP_ADDR")]
     pub http_addr: SocketAddr,
@@ -126,7 +134,11 @@ pub enum LogFormat {
     Json,
 }
 
-/// `500ms`, `15s`, `2m`, or plain seconds.
+/// The longest duration any flag takes: beyond it, a typo (`--debounce 5000000`) rather than an
+/// intention, and deadlines computed from it could overflow the clock.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// `500ms`, `15s`, `2m`, `1h`, or plain seconds; at most a week.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
@@ -134,13 +146,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         None => (s, "s"),
     };
     let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 15s, 2m)"))?;
-    let secs = match unit {
+    let seconds = match unit {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     };
-    Ok(Duration::from_secs_f64(secs))
+    match Duration::try_from_secs_f64(seconds) {
+        Ok(d) if d <= MAX_DURATION => Ok(d),
+        _ => Err(format!("{s:?} is longer than the longest allowed ({}h)", MAX_DURATION.as_secs() / 3600)),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -160,7 +176,7 @@ pub struct RegisterArgs {
     #[arg(long, default_value = "flotilla-system")]
     pub service_account_namespace: String,
     /// Lifetime of the token; re-run before it ends (flotilla picks up the new Secret live).
-    #[arg(long, default_value = "8760h", value_parser = parse_long_duration)]
+    #[arg(long, default_value = "8760h", value_parser = parse_token_duration)]
     pub token_duration: Duration,
     /// Namespace of the Secret in the hub (flotilla's).
     #[arg(long, default_value = "flotilla")]
@@ -177,13 +193,15 @@ pub struct RegisterArgs {
     pub gateway_port: Option<u16>,
 }
 
-/// Like `parse_duration`, plus hours (`8760h`) for token lifetimes.
-fn parse_long_duration(s: &str) -> Result<Duration, String> {
+/// A token lifetime: `8760h`, `90m`, …, at most ten years (the API server caps it anyway).
+fn parse_token_duration(s: &str) -> Result<Duration, String> {
+    const MAX_HOURS: u64 = 10 * 366 * 24;
     match s.trim().strip_suffix('h') {
-        Some(hours) => {
-            let h: u64 = hours.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 24h, 90m)"))?;
-            Ok(Duration::from_secs(h * 3600))
-        }
+        Some(hours) => match hours.parse::<u64>() {
+            Ok(h) if h <= MAX_HOURS => Ok(Duration::from_secs(h * 3600)),
+            Ok(_) => Err(format!("{s:?} is longer than ten years")),
+            Err(_) => Err(format!("{s:?} is not a duration (e.g. 24h, 90m)")),
+        },
         None => parse_duration(s),
     }
 }
@@ -251,7 +269,7 @@ pub struct EngineArgs {
 impl EngineArgs {
     /// Validates the flags into settings; the message names the flag.
     pub fn settings(&self) -> Result<Settings, String> {
-        use crate::compute::policy::{is_dns_label, is_dns_subdomain};
+        use crate::meta::{is_dns_label, is_dns_subdomain};
         if !is_dns_label(&self.sync_namespace) {
             return Err(format!("--sync-namespace {:?} is not a valid namespace name", self.sync_namespace));
         }
@@ -362,6 +380,9 @@ fn run(args: RunArgs) -> ExitCode {
     if args.lease_grace >= args.lease_duration {
         return fail("--lease-grace must be shorter than --lease-duration");
     }
+    if args.debounce > args.debounce_max {
+        return fail("--debounce must not be longer than --debounce-max");
+    }
     let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
         Ok(f) => f,
         Err(e) => return fail(&format!("--log-level {:?}: {e}", args.log_level)),
@@ -415,6 +436,7 @@ async fn run_controller(args: RunArgs, settings: crate::settings::Settings) -> a
         allow_kubeconfig_exec: args.allow_kubeconfig_exec,
         stale_after: args.stale_after,
         debounce: args.debounce,
+        debounce_max: args.debounce_max,
         http_addr: args.http_addr,
         leader_election: args.leader_elect.then(|| crate::controller::LeaseOptions {
             name: args.lease_name.clone(),
@@ -454,7 +476,7 @@ fn render(args: RenderArgs) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(&e.to_string()),
     };
-    let rendered = crate::render::render(loaded, &settings);
+    let rendered = crate::render::render(loaded, &settings, &args.vip_configmap);
     for line in &rendered.diagnostics {
         eprintln!("{line}");
     }

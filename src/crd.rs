@@ -263,6 +263,50 @@ pub struct ClusterResult {
     pub last_error: Option<String>,
 }
 
+/// What a GTP entry's `lbType` means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LbType {
+    Topology,
+    Failover,
+}
+
+impl TrafficPolicy {
+    /// `TOPOLOGY`/`FAILOVER` in any case, or Admiral's 0/1; absent means TOPOLOGY (Admiral's 0).
+    pub fn lb_type(&self) -> Result<LbType, String> {
+        match &self.lb_type {
+            None | Some(IntOrString::Int(0)) => Ok(LbType::Topology),
+            Some(IntOrString::Int(1)) => Ok(LbType::Failover),
+            Some(IntOrString::String(s)) if s.eq_ignore_ascii_case("TOPOLOGY") || s == "0" => Ok(LbType::Topology),
+            Some(IntOrString::String(s)) if s.eq_ignore_ascii_case("FAILOVER") || s == "1" => Ok(LbType::Failover),
+            Some(IntOrString::Int(i)) => Err(format!("unknown lbType {i} (use TOPOLOGY, FAILOVER, 0 or 1)")),
+            Some(IntOrString::String(s)) => Err(format!("unknown lbType {s:?} (use TOPOLOGY, FAILOVER, 0 or 1)")),
+        }
+    }
+
+    /// The prefix this entry adds, or None when it configures the default host (`dnsPrefix`
+    /// empty, `default`, or equal to the env).
+    pub fn host_prefix(&self, env: &str) -> Option<&str> {
+        let prefix = self.dns_prefix.as_deref().map(str::trim).unwrap_or("");
+        if prefix.is_empty() || prefix.eq_ignore_ascii_case("default") || prefix.eq_ignore_ascii_case(env) {
+            None
+        } else {
+            Some(prefix)
+        }
+    }
+}
+
+/// Istio's name for an `h2UpgradePolicy` given as a name or as Admiral's integer.
+pub fn h2_upgrade_policy_name(v: &IntOrString) -> Result<&'static str, String> {
+    const NAMES: [&str; 3] = ["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"];
+    match v {
+        IntOrString::Int(i) if (0..3).contains(i) => Ok(NAMES[*i as usize]),
+        IntOrString::String(s) => NAMES.iter().find(|n| n.eq_ignore_ascii_case(s)).copied().ok_or_else(|| {
+            format!("connectionPool.http.h2UpgradePolicy {s:?} is not one of DEFAULT, DO_NOT_UPGRADE, UPGRADE")
+        }),
+        IntOrString::Int(i) => Err(format!("connectionPool.http.h2UpgradePolicy {i} is not 0, 1 or 2")),
+    }
+}
+
 /// The CRDs flotilla serves, in the order `flotilla crds` prints them.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
     vec![ClientConnectionConfig::crd(), Dependency::crd(), GlobalTrafficPolicy::crd(), OutlierDetection::crd()]

@@ -12,10 +12,13 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use k8s_openapi::api::core::v1::ConfigMap;
+
 use crate::compute::plan::ObservedObject;
-use crate::compute::policy::is_dns_label;
 use crate::compute::{DesiredObject, ObjectKey};
-use crate::model::{ClusterId, ClusterOverrides, HUB, InputObject};
+use crate::ingest::InputObject;
+use crate::meta::{HUB, first_line, is_dns_label};
+use crate::model::{ClusterId, ClusterOverrides};
 
 pub const FLEET_FILE: &str = "fleet.yaml";
 pub const HUB_DIR: &str = "_hub";
@@ -55,6 +58,8 @@ pub struct LoadedFleet {
     pub objects: Vec<(ClusterId, InputObject)>,
     /// Objects of the kinds flotilla writes that are already in a member (conflict detection).
     pub observed: BTreeMap<ClusterId, BTreeMap<ObjectKey, ObservedObject>>,
+    /// ConfigMaps kept in `_hub/` by name: one of them may be the VIP store.
+    pub hub_config_maps: BTreeMap<String, ConfigMap>,
     /// Problems with single files or objects; each line names the file.
     pub problems: Vec<String>,
 }
@@ -145,11 +150,6 @@ fn manifest_files(dir: &Path, problems: &mut Vec<String>) -> Vec<PathBuf> {
     out
 }
 
-fn first_line(s: &str) -> String {
-    let line = s.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or(s);
-    line.strip_prefix("error: ").unwrap_or(line).to_string()
-}
-
 fn load_file(path: &Path, cluster: &str, fleet: &mut LoadedFleet) {
     let text = match fs::read_to_string(path) {
         Ok(t) => t,
@@ -197,6 +197,15 @@ fn load_document(path: &Path, index: usize, doc: serde_json::Value, cluster: &st
             }
         }
     }
+    // The hub's ConfigMaps (one may be the VIP store); a member's are not read.
+    if api_version == "v1" && kind == "ConfigMap" {
+        if cluster == HUB
+            && let Some(cm) = typed::<ConfigMap>(doc, &place, &mut fleet.problems)
+        {
+            fleet.hub_config_maps.insert(cm.metadata.name.clone().unwrap_or_default(), cm);
+        }
+        return;
+    }
     let problems = &mut fleet.problems;
     let input = match (group, kind.as_str()) {
         ("apps", "Deployment") => typed(doc, &place, problems).map(|o| InputObject::Deployment(Box::new(o))),
@@ -240,7 +249,9 @@ fn load_document(path: &Path, index: usize, doc: serde_json::Value, cluster: &st
     };
     let Some(mut input) = input else { return };
     if cluster == HUB && !matches!(input, InputObject::Dependency(_)) {
-        fleet.problems.push(format!("{place}: only Dependency objects are read from {HUB_DIR}/; ignored"));
+        fleet.problems.push(format!(
+            "{place}: only Dependencies (and the VIP store ConfigMap) are read from {HUB_DIR}/; ignored"
+        ));
         return;
     }
     set_default_namespace(&mut input);
@@ -249,16 +260,10 @@ fn load_document(path: &Path, index: usize, doc: serde_json::Value, cluster: &st
 
 /// Namespaced objects without a namespace land in `default`, as `kubectl apply` would put them.
 fn set_default_namespace(input: &mut InputObject) {
-    let meta = match input {
-        InputObject::Node(_) | InputObject::Namespace(_) => return,
-        InputObject::Deployment(o) => &mut o.metadata,
-        InputObject::Service(o) => &mut o.metadata,
-        InputObject::Sidecar(o) => &mut o.metadata,
-        InputObject::GlobalTrafficPolicy(o) => &mut o.metadata,
-        InputObject::OutlierDetection(o) => &mut o.metadata,
-        InputObject::ClientConnectionConfig(o) => &mut o.metadata,
-        InputObject::Dependency(o) => &mut o.metadata,
-    };
+    if matches!(input, InputObject::Node(_) | InputObject::Namespace(_)) {
+        return;
+    }
+    let meta = input.meta_mut();
     if meta.namespace.as_deref().unwrap_or("").is_empty() {
         meta.namespace = Some("default".into());
     }

@@ -1,14 +1,25 @@
 //! flotilla: federates Istio service meshes across Kubernetes clusters.
 //!
-//! Data flow (see docs/architecture.md): inputs (files for `render`, watches for `run`) →
-//! `model::Fleet` → pure `compute::Engine` → `compute::plan` → writer or printer.
+//! The layers, each using only those above it (see docs/architecture.md):
+//!
+//! * `meta` — the vocabulary: label and annotation names, kinds, name checks;
+//! * `crd`, `istio` — the kinds read (`admiral.io`) and written (`networking.istio.io`);
+//! * `settings` — the validated flags that shape output;
+//! * `model` — the fleet as plain records and indexes, and what changed;
+//! * `ingest` — Kubernetes objects → the model's records, policies judged;
+//! * `compute` — the pure engine: desired objects per member, statuses, plans;
+//! * `fleet_dir`, `render` — `render`'s input files and printer;
+//! * `controller` — `run`'s I/O: registry, watches, the one writer, HTTP, and the runtime;
+//! * `cli` — the command line.
 
 pub mod cli;
 pub mod compute;
 pub mod controller;
 pub mod crd;
 pub mod fleet_dir;
+pub mod ingest;
 pub mod istio;
+pub mod meta;
 pub mod model;
 pub mod register;
 pub mod render;

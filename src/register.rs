@@ -14,8 +14,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client};
 use serde_json::json;
 
-use crate::compute::policy::is_dns_label;
-use crate::controller::registry::{ANNOTATION_GATEWAY_ADDRESS, ANNOTATION_GATEWAY_PORT, ANNOTATION_REGION};
+use crate::meta::is_dns_label;
+use crate::meta::{ANNOTATION_GATEWAY_ADDRESS, ANNOTATION_GATEWAY_PORT, ANNOTATION_REGION};
 
 /// Records when the token in the Secret expires, so that rotation can be scheduled.
 pub const ANNOTATION_TOKEN_EXPIRES: &str = "flotilla.io/token-expires";

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::compute::plan::plan_cluster;
-use crate::compute::vip::VipTable;
+use crate::compute::vip::{self, VipTable};
 use crate::compute::{Desired, DesiredObject, Engine, PolicyState, Severity};
 use crate::fleet_dir::LoadedFleet;
 use crate::model::ClusterId;
@@ -29,14 +29,17 @@ pub struct Rendered {
     pub errors: usize,
 }
 
-/// Runs the engine over a loaded fleet.
-pub fn render(loaded: LoadedFleet, settings: &Settings) -> Rendered {
-    let mut engine = Engine::new(settings.clone(), VipTable::default());
+/// Runs the engine over a loaded fleet. The hub's VIP store (the ConfigMap `vip_store` in
+/// `_hub/`, as `run` keeps it) gives the addresses already allocated, so `render` writes the
+/// addresses `run` writes; hosts it does not hold get addresses as `run` would allocate them.
+pub fn render(loaded: LoadedFleet, settings: &Settings, vip_store: &str) -> Rendered {
+    let store = loaded.hub_config_maps.get(vip_store).map(|cm| vip::parse_store(cm.data.as_ref()));
+    let mut engine = Engine::new(settings.clone(), VipTable::from_existing(store.unwrap_or_default()));
     for (id, overrides) in &loaded.clusters {
         engine.fleet.upsert_cluster(id, overrides.clone());
     }
-    for (cluster, obj) in loaded.objects {
-        engine.fleet.upsert(&cluster, obj);
+    for (cluster, obj) in &loaded.objects {
+        engine.ingest(cluster, obj);
     }
     engine.recompute();
 
@@ -50,19 +53,17 @@ pub fn render(loaded: LoadedFleet, settings: &Settings) -> Rendered {
         }
     }
     for r in engine.desired.reports() {
-        let what = format!("{:?} {}/{}", r.kind, r.at.namespace, r.at.name);
+        let what = format!("{} {}/{}", r.kind, r.at.namespace, r.at.name);
         let at = &r.at.cluster;
+        let (_, message) = r.state.describe();
         match &r.state {
             PolicyState::Ready if !r.message.is_empty() => {
                 warnings.push(format!("warning: cluster {at}: {what}: {}", r.message))
             }
             PolicyState::Ready => {}
-            PolicyState::Conflict(w) => {
-                warnings.push(format!("warning: cluster {at}: {what}: not applied: {w} takes precedence"))
-            }
-            PolicyState::Invalid(reason) => errors.push(format!("error: cluster {at}: {what}: invalid: {reason}")),
-            PolicyState::NotApplied(reason) => {
-                warnings.push(format!("warning: cluster {at}: {what}: not applied: {reason}"))
+            PolicyState::Invalid(_) => errors.push(format!("error: cluster {at}: {what}: invalid: {message}")),
+            PolicyState::Conflict(_) | PolicyState::NotApplied(_) => {
+                warnings.push(format!("warning: cluster {at}: {what}: {message}"))
             }
         }
     }

@@ -3,13 +3,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use flotilla::compute::plan::{ObservedObject, plan_cluster};
+use flotilla::compute::plan::{ObservedObject, plan_cluster, plan_member};
 use flotilla::compute::vip::VipTable;
-use flotilla::compute::{DesiredObject, Engine, LABEL_MANAGED_BY, MANAGER};
+use flotilla::compute::{DesiredObject, Engine};
 use flotilla::crd::{
     Dependency, DependencySpec, GlobalTrafficPolicy, GlobalTrafficPolicySpec, TrafficGroup, TrafficPolicy,
 };
-use flotilla::model::{ClusterOverrides, HUB, InputKind, InputObject};
+use flotilla::ingest::InputObject;
+use flotilla::meta::{HUB, Kind, LABEL_MANAGED_BY, MANAGER};
+use flotilla::model::{ClusterHealth, ClusterOverrides};
 use flotilla::settings::Settings;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{Node, PodTemplateSpec, Service, ServicePort, ServiceSpec};
@@ -120,7 +122,7 @@ fn engine_with(clusters: &[&str], objects: &[(String, InputObject)]) -> Engine {
         engine.fleet.upsert_cluster(c, ClusterOverrides::default());
     }
     for (c, o) in objects {
-        engine.fleet.upsert(c, o.clone());
+        engine.ingest(c, o);
     }
     engine.recompute();
     engine
@@ -286,8 +288,8 @@ proptest! {
         let (c, o) = &spec.objects[drop.index(spec.objects.len())];
         let m = o.meta();
         engine.fleet.delete(c, o.kind(), m.namespace.as_deref().unwrap_or(""), m.name.as_deref().unwrap_or(""));
-        engine.fleet.upsert("c0", workload("extra", "newcomer", "newcomer", "stage"));
-        engine.fleet.upsert("c0", service("extra", "newcomer"));
+        engine.ingest("c0", &workload("extra", "newcomer", "newcomer", "stage"));
+        engine.ingest("c0", &service("extra", "newcomer"));
         engine.recompute();
         for (host, ip) in &before {
             prop_assert_eq!(engine.vips.get(host), Some(*ip), "{} moved", host);
@@ -314,7 +316,7 @@ proptest! {
         inc.recompute();
         let mut remaining = shuffled(&spec.objects, seed);
         for (c, o) in &remaining {
-            inc.fleet.upsert(c, o.clone());
+            inc.ingest(c, o);
             inc.recompute();
         }
         for (at, dests, west) in edits {
@@ -322,7 +324,7 @@ proptest! {
             let i = at.index(remaining.len());
             if let Some(edited) = edit(&remaining[i].1, &dests, west) {
                 remaining[i].1 = edited.clone();
-                inc.fleet.upsert(&remaining[i].0, edited);
+                inc.ingest(&remaining[i].0, &edited);
                 inc.recompute();
             }
         }
@@ -336,7 +338,7 @@ proptest! {
         // Same VIP table, so addresses are comparable.
         let mut full = Engine::new(Settings::default(), VipTable::from_existing(inc.vips.all().clone()));
         for c in CLUSTERS { full.fleet.upsert_cluster(c, ClusterOverrides::default()); }
-        for (c, o) in &remaining { full.fleet.upsert(c, o.clone()); }
+        for (c, o) in &remaining { full.ingest(c, o); }
         full.recompute();
         prop_assert_eq!(snapshot(&inc, &CLUSTERS), snapshot(&full, &CLUSTERS));
         // Statuses list hosts and policy verdicts: they must not go stale either.
@@ -377,7 +379,7 @@ fn removing_a_dependency_removes_what_it_caused() {
     assert!(hosts_in(&b).contains("stage.greeting.global"));
     assert!(b.iter().any(|o| matches!(o, DesiredObject::Sidecar(_))));
 
-    engine.fleet.delete(HUB, InputKind::Dependency, "flotilla", "webapp");
+    engine.fleet.delete(HUB, Kind::Dependency, "flotilla", "webapp");
     let changed = engine.recompute();
     let b: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
     assert_eq!(hosts_in(&b), BTreeSet::from(["stage.webapp.global".to_string()]), "only b's own host is left");
@@ -395,12 +397,12 @@ fn removing_a_destination_and_a_prefix_removes_exactly_their_objects() {
     assert!(hosts(&engine).contains("west.stage.greeting.global"));
 
     // The GTP loses its prefixed entry: the prefixed host goes, the default host stays.
-    engine.fleet.upsert("a", failover_gtp("sample", "g", "greeting", "stage", 80, None));
+    engine.ingest("a", &failover_gtp("sample", "g", "greeting", "stage", 80, None));
     engine.recompute();
     assert_eq!(hosts(&engine), BTreeSet::from(["stage.greeting.global".into(), "stage.webapp.global".into()]));
 
     // The Dependency no longer names greeting.
-    engine.fleet.upsert(HUB, dependency("flotilla", "webapp", "webapp", &["somebody-else"]));
+    engine.ingest(HUB, &dependency("flotilla", "webapp", "webapp", &["somebody-else"]));
     engine.recompute();
     assert_eq!(hosts(&engine), BTreeSet::from(["stage.webapp.global".into()]));
 }
@@ -427,13 +429,13 @@ fn a_destinations_prefix_reaches_its_clients_sidecars_and_statuses() {
     assert!(!status.contains(prefixed) && !sidecar.iter().any(|h| h.ends_with(prefixed)));
 
     // Only greeting's GTP changes; webapp must be recomputed all the same.
-    engine.fleet.upsert("a", failover_gtp("sample", "g", "greeting", "stage", 80, Some("west")));
+    engine.ingest("a", &failover_gtp("sample", "g", "greeting", "stage", 80, Some("west")));
     engine.recompute();
     let (sidecar, status) = listed(&engine);
     assert!(status.contains(prefixed), "{status:?}");
     assert!(sidecar.contains(&format!("admiral-sync/{prefixed}")), "{sidecar:?}");
 
-    engine.fleet.delete("a", InputKind::GlobalTrafficPolicy, "sample", "g");
+    engine.fleet.delete("a", Kind::GlobalTrafficPolicy, "sample", "g");
     engine.recompute();
     let (sidecar, status) = listed(&engine);
     assert!(!status.contains(prefixed) && !sidecar.iter().any(|h| h.ends_with(prefixed)));
@@ -444,7 +446,7 @@ fn a_gtp_change_reports_only_the_destination_rules_it_touches() {
     let mut objects = base_fleet();
     objects.push(("a".into(), failover_gtp("sample", "g", "greeting", "stage", 80, None)));
     let mut engine = engine_with(&["a", "b"], &objects);
-    engine.fleet.upsert("a", failover_gtp("sample", "g", "greeting", "stage", 60, None));
+    engine.ingest("a", &failover_gtp("sample", "g", "greeting", "stage", 60, None));
     let changed = engine.recompute();
     for (cluster, keys) in &changed.changed {
         let names: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
@@ -465,7 +467,7 @@ fn an_invalid_edit_keeps_the_previous_valid_policy() {
         unreachable!()
     };
     g.spec.policy[0].target.as_mut().unwrap()[1].weight = Some(30);
-    engine.fleet.upsert("a", InputObject::GlobalTrafficPolicy(g));
+    engine.ingest("a", &InputObject::GlobalTrafficPolicy(g));
     engine.recompute();
     let after: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
     assert_eq!(before, after);
@@ -476,14 +478,101 @@ fn an_invalid_edit_keeps_the_previous_valid_policy() {
     }
 }
 
+/// Fail static: a stale member's workloads stay, so every other member still reaches it; its
+/// own desired state still follows changes, but it is not planned (nothing written to it,
+/// nothing pruned from it) until it is synced again, and the diagnostics say why.
 #[test]
-fn a_stale_member_keeps_its_endpoints() {
+fn a_stale_member_keeps_its_endpoints_and_is_planned_only_when_back() {
+    let stale = |engine: &Engine| {
+        engine.all_diagnostics().iter().any(|d| d.cluster.as_deref() == Some("a") && d.message.contains("stale"))
+    };
     let mut engine = engine_with(&["a", "b"], &base_fleet());
-    let before: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
-    engine.fleet.set_health("a", flotilla::model::ClusterHealth::Stale);
+    let observed_in_a: BTreeMap<_, _> = engine
+        .desired
+        .cluster_map("a")
+        .unwrap()
+        .iter()
+        .map(|(k, o)| (k.clone(), ObservedObject::new(&o.object)))
+        .collect();
+    let before_in_b: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
+    assert!(before_in_b.iter().any(|o| matches!(o, DesiredObject::ServiceEntry(se) if se.spec.endpoints.iter().any(|e| e.address == "10.0.0.1"))), "b reaches a's greeting through a's gateway");
+    assert!(!stale(&engine));
+
+    engine.fleet.set_health("a", ClusterHealth::Stale);
     engine.recompute();
-    let after: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
-    assert_eq!(before, after, "fail static: nothing is withdrawn because a member is stale");
+    assert!(stale(&engine), "a stale member is reported");
+    assert_eq!(engine.desired.cluster("b").cloned().collect::<Vec<_>>(), before_in_b, "nothing is withdrawn from b");
+
+    // A change while a is down: its desired state follows, but it is not planned.
+    engine.ingest("a", &failover_gtp("sample", "g", "greeting", "stage", 80, Some("west")));
+    engine.recompute();
+    let desired_in_a = engine.desired.cluster_map("a").unwrap();
+    let waiting = plan_cluster(desired_in_a, &observed_in_a);
+    assert!(!waiting.apply.is_empty(), "the change is desired in a");
+    assert_eq!(plan_member(ClusterHealth::Stale, desired_in_a, &observed_in_a), Default::default());
+    assert_eq!(plan_member(ClusterHealth::Connecting, desired_in_a, &observed_in_a), Default::default());
+
+    engine.fleet.set_health("a", ClusterHealth::Synced);
+    engine.recompute();
+    assert!(!stale(&engine), "back: no longer reported");
+    let desired_in_a = engine.desired.cluster_map("a").unwrap();
+    assert_eq!(plan_member(ClusterHealth::Synced, desired_in_a, &observed_in_a), waiting, "planned whole once back");
+}
+
+/// Host and object names are lower-case, so identities that differ only in case would write the
+/// same objects. The first in byte order owns them, both are told, and the outcome does not
+/// depend on the order things arrived in: adding, then removing, the owner gives exactly what a
+/// full compute of each fleet gives.
+#[test]
+fn identities_that_differ_only_in_case_never_share_objects() {
+    let upper = [
+        ("a".to_string(), workload("sample", "greeting", "Greeting", "stage")),
+        ("a".to_string(), service("sample", "greeting")),
+    ];
+    let lower = [
+        ("b".to_string(), workload("web", "greeting", "greeting", "stage")),
+        ("b".to_string(), service("web", "greeting")),
+    ];
+    let mut fleet = base_fleet()[..4].to_vec();
+    fleet.extend(upper.iter().cloned());
+    fleet.extend(lower.iter().cloned());
+    let engine = engine_with(&["a", "b"], &fleet);
+    let identities = |objects: Vec<DesiredObject>| -> BTreeSet<String> {
+        objects.iter().map(|o| o_label(o, "flotilla.io/identity")).collect()
+    };
+    assert_eq!(identities(engine.desired.cluster("a").cloned().collect()), BTreeSet::from(["Greeting".to_string()]));
+    assert!(
+        engine.desired.cluster("b").next().is_none(),
+        "greeting would write Greeting's objects: nothing of it is written"
+    );
+    let diagnostics: Vec<String> = engine.all_diagnostics().iter().map(|d| d.to_string()).collect();
+    assert!(
+        diagnostics.iter().any(|d| d.contains("identity greeting") && d.contains("only in case")),
+        "{diagnostics:?}"
+    );
+    assert!(
+        diagnostics.iter().any(|d| d.contains("identity Greeting") && d.contains("\"greeting\"")),
+        "{diagnostics:?}"
+    );
+
+    // The same fleet fed the other way round, then without the owner, incrementally.
+    let mut reversed = base_fleet()[..4].to_vec();
+    reversed.extend(lower.iter().cloned());
+    reversed.extend(upper.iter().cloned());
+    let mut incremental = engine_with(&["a", "b"], &reversed);
+    assert_eq!(snapshot(&incremental, &["a", "b"]), snapshot(&engine, &["a", "b"]), "independent of input order");
+    incremental.fleet.delete("a", Kind::Deployment, "sample", "greeting");
+    incremental.recompute();
+    let mut without_owner = base_fleet()[..4].to_vec();
+    without_owner.extend(lower.iter().cloned());
+    without_owner.push(upper[1].clone());
+    let full = engine_with(&["a", "b"], &without_owner);
+    assert_eq!(snapshot(&incremental, &["a", "b"]), snapshot(&full, &["a", "b"]), "the twin takes over exactly");
+    assert_eq!(identities(full.desired.cluster("b").cloned().collect()), BTreeSet::from(["greeting".to_string()]));
+}
+
+fn o_label(o: &DesiredObject, key: &str) -> String {
+    o.meta().labels.as_ref().and_then(|l| l.get(key)).cloned().unwrap_or_default()
 }
 
 #[test]
@@ -562,7 +651,7 @@ fn threads_do_not_change_the_output() {
             engine.fleet.upsert_cluster(id, overrides.clone());
         }
         for (c, o) in &loaded.objects {
-            engine.fleet.upsert(c, o.clone());
+            engine.ingest(c, o);
         }
         let full = engine.recompute();
         let full_state = (snapshot(&engine, &clusters), engine.vips.all().clone(), engine.all_diagnostics());
@@ -570,7 +659,7 @@ fn threads_do_not_change_the_output() {
         // Every identity becomes a destination of identity 0: its Sidecar and every status move.
         let (c, mut d) = dependency.clone();
         d.spec.destinations = (0..spec.identities).map(identity_name).collect();
-        engine.fleet.upsert(&c, InputObject::Dependency(d));
+        engine.ingest(&c, &InputObject::Dependency(d));
         let incremental = engine.recompute();
         assert!(incremental.identities > 64, "the change must be big enough to be built on several threads");
         let after = (snapshot(&engine, &clusters), engine.all_diagnostics());

@@ -18,7 +18,7 @@ use testenv::start_clusters;
 
 async fn apply_and_read_back(client: &Client, obj: &DesiredObject) -> DesiredObject {
     let key = obj.key();
-    let pp = PatchParams::apply(flotilla::compute::MANAGER);
+    let pp = PatchParams::apply(flotilla::meta::MANAGER);
     let rejected = |e: kube::Error| -> ! { panic!("{key} rejected: {e}") };
     match obj {
         DesiredObject::ServiceEntry(o) => {
@@ -59,7 +59,7 @@ async fn rendered_fleets_are_accepted_by_istio_crds_and_read_back_unchanged() {
         let cli = <flotilla::cli::Cli as clap::Parser>::parse_from(argv);
         let flotilla::cli::Command::Render(render_args) = cli.command else { unreachable!() };
         let settings = render_args.engine.settings().unwrap();
-        let rendered = flotilla::render::render(flotilla::fleet_dir::load(fleet).unwrap(), &settings);
+        let rendered = flotilla::render::render(flotilla::fleet_dir::load(fleet).unwrap(), &settings, "flotilla-vips");
         assert!(rendered.clusters.len() <= clients.len(), "{}: more members than test clusters", fleet.display());
 
         // Members in id order map onto the test clusters.

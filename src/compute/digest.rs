@@ -12,7 +12,8 @@ use std::hash::Hasher;
 
 use siphasher::sip128::{Hasher128, SipHasher13};
 
-use super::{DesiredObject, LABEL_ENV, LABEL_IDENTITY, LABEL_MANAGED_BY};
+use super::DesiredObject;
+use crate::meta::{LABEL_ENV, LABEL_IDENTITY, LABEL_MANAGED_BY};
 
 /// The labels flotilla sets on everything it writes; only their values count in a digest.
 const OUR_LABELS: [&str; 3] = [LABEL_MANAGED_BY, LABEL_IDENTITY, LABEL_ENV];

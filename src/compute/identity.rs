@@ -5,11 +5,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::crd::{ClientConnectionConfigSpec, GlobalTrafficPolicySpec, OutlierDetectionSpec, TrafficPolicy};
+use crate::meta::{Kind, is_dns_subdomain};
 use crate::model::{Cluster, ClusterId, Fleet, ObjectRef, Policy, ServiceInfo, ServicePortInfo, Workload};
 use crate::settings::{ExposePorts, Settings};
 
-use super::policy::{host_prefix, is_dns_subdomain, rank};
-use super::{Diagnostic, PolicyKind, PolicyReport, PolicyState};
+use super::policy::rank;
+use super::{Diagnostic, PolicyReport, PolicyState};
 
 /// One port a host exposes, and the Service port behind it in a source cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,6 +134,18 @@ pub fn resolve<'a>(
     let mut out = ResolvedIdentity::default();
     // Federated workloads, grouped by env; (cluster, namespace) pairs decide policy scope.
     let mut locations: BTreeSet<(&str, &str, &str)> = BTreeSet::new();
+    if let Some(owner) = case_owner(fleet, identity, &mut out.diagnostics) {
+        // Its hosts and objects would be the owner's: it is not written at all.
+        out.diagnostics.push(Diagnostic::error(
+            None,
+            format!("identity {identity}"),
+            format!(
+                "differs from identity {owner:?} only in case, and host and object names are lower-case; {owner:?} (first in byte order) owns them, so nothing is written for {identity:?}"
+            ),
+        ));
+        select_policies(fleet, identity, &locations, &mut out);
+        return out;
+    }
     out.federated = fleet.workloads_of(identity).filter(|(cluster, w)| cluster.is_federated(w)).collect();
     for &(cluster, w) in &out.federated {
         let service = find_service(cluster, w);
@@ -153,6 +166,14 @@ pub fn resolve<'a>(
         locations.insert((w.env.as_str(), cluster.id.as_str(), w.namespace.as_str()));
         if env.sources.contains_key(&cluster.id) {
             continue; // the first workload (by namespace, name) with a Service speaks for the cluster
+        }
+        for problem in service.iter().flat_map(|s| &s.problems) {
+            let svc = service.expect("iterating its problems");
+            out.diagnostics.push(Diagnostic::warning(
+                Some(&cluster.id),
+                format!("Service {}/{}", svc.namespace, svc.name),
+                problem.clone(),
+            ));
         }
         let Some(svc) = service else {
             out.diagnostics.push(Diagnostic::warning(
@@ -190,6 +211,29 @@ pub fn resolve<'a>(
     out
 }
 
+/// Identities whose names differ only in case would write the same (lower-case) hosts and
+/// objects: the first in byte order owns them. Returns the owner when it is another identity;
+/// when `identity` is the owner of twins, says so in a diagnostic.
+fn case_owner<'a>(fleet: &'a Fleet, identity: &str, diagnostics: &mut Vec<Diagnostic>) -> Option<&'a str> {
+    let mut twins = fleet.case_twins(identity);
+    let owner = twins.next()?;
+    if owner != identity {
+        return Some(owner);
+    }
+    let others: Vec<String> = twins.map(|t| format!("{t:?}")).collect();
+    if !others.is_empty() {
+        diagnostics.push(Diagnostic::warning(
+            None,
+            format!("identity {identity}"),
+            format!(
+                "identities {} differ from it only in case and would write the same hosts; they are not written",
+                others.join(", ")
+            ),
+        ));
+    }
+    None
+}
+
 /// Picks the winning GTP, OutlierDetection and ClientConnectionConfig per env and reports on
 /// every policy that names the identity.
 fn select_policies<'a>(
@@ -201,7 +245,7 @@ fn select_policies<'a>(
     let applies = |p: &ObjectRef, env: &str| locations.contains(&(env, p.cluster.as_str(), p.namespace.as_str()));
 
     fn pick<'a, S>(
-        kind: PolicyKind,
+        kind: Kind,
         policies: Vec<&'a Policy<S>>,
         use_priority: bool,
         applies: &dyn Fn(&ObjectRef, &str) -> bool,
@@ -250,17 +294,16 @@ fn select_policies<'a>(
         winners
     }
 
-    let gtps =
-        pick(PolicyKind::GlobalTrafficPolicy, fleet.gtps_of(identity).collect(), true, &applies, &mut out.reports);
+    let gtps = pick(Kind::GlobalTrafficPolicy, fleet.gtps_of(identity).collect(), true, &applies, &mut out.reports);
     let ods = pick(
-        PolicyKind::OutlierDetection,
+        Kind::OutlierDetection,
         fleet.outlier_detections_of(identity).collect(),
         false,
         &applies,
         &mut out.reports,
     );
     let cccs = pick(
-        PolicyKind::ClientConnectionConfig,
+        Kind::ClientConnectionConfig,
         fleet.connection_configs_of(identity).collect(),
         false,
         &applies,
@@ -300,10 +343,10 @@ fn hosts_of<'a>(
     let mut hosts = vec![HostPlan {
         host: default_host.clone(),
         is_default: true,
-        policy: entries.iter().find(|p| host_prefix(p, &env.env).is_none()),
+        policy: entries.iter().find(|p| p.host_prefix(&env.env).is_none()),
     }];
     for p in entries {
-        if let Some(prefix) = host_prefix(p, &env.env) {
+        if let Some(prefix) = p.host_prefix(&env.env) {
             hosts.push(HostPlan {
                 host: format!("{}.{default_host}", prefix.to_ascii_lowercase()),
                 is_default: false,
@@ -347,7 +390,7 @@ fn exposed_ports(settings: &Settings, w: &Workload, svc: &ServiceInfo) -> Option
                 number: u32::from(settings.global_port),
                 name: protocol.to_ascii_lowercase(),
                 protocol,
-                service_port: mesh.port as u32,
+                service_port: u32::from(mesh.port),
             }]
         }
         ExposePorts::All => {
@@ -361,7 +404,7 @@ fn exposed_ports(settings: &Settings, w: &Workload, svc: &ServiceInfo) -> Option
                         .clone()
                         .filter(|n| !n.is_empty())
                         .unwrap_or_else(|| format!("{}-{}", protocol.to_ascii_lowercase(), p.port));
-                    ExposedPort { number: p.port as u32, name, protocol, service_port: p.port as u32 }
+                    ExposedPort { number: u32::from(p.port), name, protocol, service_port: u32::from(p.port) }
                 })
                 .collect();
             ports.sort_by_key(|p| p.number);
@@ -376,7 +419,7 @@ pub fn mesh_port<'a>(w: &Workload, svc: &'a ServiceInfo) -> Option<&'a ServicePo
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     let by_inbound = w.inbound_port.and_then(|inbound| {
         svc.ports.iter().find(|p| match &p.target_port {
-            Some(IntOrString::Int(t)) => *t == inbound,
+            Some(IntOrString::Int(t)) => *t == i32::from(inbound),
             Some(IntOrString::String(_)) => false,
             None => p.port == inbound, // targetPort defaults to port
         })

@@ -7,6 +7,7 @@
 //! events. No clients, clocks, randomness or I/O anywhere below this module.
 
 pub mod digest;
+pub mod explain;
 pub mod identity;
 pub mod objects;
 pub mod plan;
@@ -23,33 +24,14 @@ use std::sync::{Arc, Mutex, mpsc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
+use crate::ingest::InputObject;
 use crate::istio::{DestinationRule, ServiceEntry, Sidecar};
-use crate::model::{ClusterId, Fleet, ObjectRef, Policy, Reach};
+use crate::meta::Kind;
+use crate::model::{ClusterHealth, ClusterId, Fleet, ObjectRef, Policy, Reach};
 use crate::settings::{self, Settings};
 
 use digest::Digest;
 use vip::VipTable;
-
-/// The value of `app.kubernetes.io/managed-by` on everything flotilla writes, and its SSA field
-/// manager.
-pub const MANAGER: &str = "flotilla";
-pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-pub const LABEL_IDENTITY: &str = "flotilla.io/identity";
-pub const LABEL_ENV: &str = "flotilla.io/env";
-
-/// The kinds flotilla writes, in output order (apiVersion is the same for all three).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub enum Kind {
-    DestinationRule,
-    ServiceEntry,
-    Sidecar,
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
-}
 
 /// Identifies one written object inside one cluster. The name is shared (`Arc<str>`): one
 /// object's key is held by every cluster it is desired in and by every plan that names it.
@@ -249,14 +231,6 @@ impl fmt::Display for Diagnostic {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum PolicyKind {
-    ClientConnectionConfig,
-    Dependency,
-    GlobalTrafficPolicy,
-    OutlierDetection,
-}
-
 /// What happened to one policy: the basis of its status conditions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PolicyState {
@@ -270,9 +244,22 @@ pub enum PolicyState {
     NotApplied(String),
 }
 
+impl PolicyState {
+    /// The state's name (the status field `state`) and what to tell a user about it: the one
+    /// wording shared by the status, `render`'s report and `/debug`.
+    pub fn describe(&self) -> (&'static str, String) {
+        match self {
+            PolicyState::Ready => ("Ready", String::new()),
+            PolicyState::Conflict(winner) => ("Conflict", format!("not applied: {winner} takes precedence")),
+            PolicyState::Invalid(reason) => ("Invalid", reason.clone()),
+            PolicyState::NotApplied(reason) => ("NotApplied", format!("not applied: {reason}")),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyReport {
-    pub kind: PolicyKind,
+    pub kind: Kind,
     pub at: ObjectRef,
     pub generation: Option<i64>,
     pub state: PolicyState,
@@ -282,7 +269,7 @@ pub struct PolicyReport {
 }
 
 impl PolicyReport {
-    pub fn new<S>(kind: PolicyKind, p: &Policy<S>, state: PolicyState) -> Self {
+    pub fn new<S>(kind: Kind, p: &Policy<S>, state: PolicyState) -> Self {
         PolicyReport {
             kind,
             at: p.at.clone(),
@@ -299,6 +286,9 @@ impl PolicyReport {
 pub struct ClusterFacts {
     /// The cluster's id, shared by every object desired in it.
     pub id: Arc<str>,
+    /// A stale member keeps its last known objects in the model and its desired state here;
+    /// nothing is written to it or pruned from it until it is synced again (`plan::plan_member`).
+    pub health: ClusterHealth,
     pub region: Option<String>,
     pub gateway_address: Option<String>,
     pub gateway_port: u16,
@@ -314,13 +304,32 @@ pub struct IdentityOutput {
     /// The hosts it writes, in resolve order: what its clients list. A later change to the
     /// identity recomputes its clients only if these move.
     pub hosts: Vec<String>,
+    /// Members where a federated workload of it runs, and the identities that depend on it:
+    /// what `/debug/identities` and `explain` show besides the objects.
+    pub sources: BTreeSet<String>,
+    pub clients: BTreeSet<String>,
+}
+
+impl IdentityOutput {
+    fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+            && self.diagnostics.is_empty()
+            && self.reports.is_empty()
+            && self.hosts.is_empty()
+            && self.sources.is_empty()
+            && self.clients.is_empty()
+    }
 }
 
 /// The desired state of the whole fleet, by identity and by cluster.
+///
+/// Cloning it is cheap (a reference per identity and per cluster), so `run` publishes a copy
+/// after every pass for its HTTP handlers; a later pass copies a cluster's map only when it
+/// changes one that a published copy still holds.
 #[derive(Clone, Debug, Default)]
 pub struct DesiredState {
-    by_identity: BTreeMap<String, IdentityOutput>,
-    by_cluster: BTreeMap<ClusterId, BTreeMap<ObjectKey, Arc<Desired>>>,
+    by_identity: BTreeMap<String, Arc<IdentityOutput>>,
+    by_cluster: ClusterMaps,
 }
 
 impl DesiredState {
@@ -330,15 +339,20 @@ impl DesiredState {
     }
 
     pub fn cluster_map(&self, id: &str) -> Option<&BTreeMap<ObjectKey, Arc<Desired>>> {
-        self.by_cluster.get(id)
+        self.by_cluster.get(id).map(|m| &**m)
     }
 
     pub fn object_count(&self) -> usize {
-        self.by_cluster.values().map(BTreeMap::len).sum()
+        self.by_cluster.values().map(|m| m.len()).sum()
+    }
+
+    /// Every identity with an output, in order.
+    pub fn identities(&self) -> impl Iterator<Item = (&str, &IdentityOutput)> {
+        self.by_identity.iter().map(|(id, o)| (id.as_str(), &**o))
     }
 
     pub fn identity(&self, id: &str) -> Option<&IdentityOutput> {
-        self.by_identity.get(id)
+        self.by_identity.get(id).map(|o| &**o)
     }
 
     pub fn diagnostics(&self) -> impl Iterator<Item = &Diagnostic> {
@@ -403,18 +417,14 @@ impl DesiredState {
         }
         for (identity, Swap { output, .. }) in identities.iter().zip(swaps) {
             self.by_identity.remove(*identity);
-            if !output.objects.is_empty()
-                || !output.diagnostics.is_empty()
-                || !output.reports.is_empty()
-                || !output.hosts.is_empty()
-            {
-                self.by_identity.insert(identity.to_string(), output);
+            if !output.is_empty() {
+                self.by_identity.insert(identity.to_string(), Arc::new(output));
             }
         }
     }
 }
 
-type ClusterMaps = BTreeMap<ClusterId, BTreeMap<ObjectKey, Arc<Desired>>>;
+type ClusterMaps = BTreeMap<ClusterId, Arc<BTreeMap<ObjectKey, Arc<Desired>>>>;
 
 /// One identity's new output, and what it changes in the clusters.
 struct Swap {
@@ -433,8 +443,7 @@ enum ObjectsChange {
 /// Which of `threads` shares a cluster belongs to: fixed by its name (FNV-1a), so that every
 /// object of a cluster is swapped by the same thread, in identity order.
 fn owner(cluster: &str, threads: usize) -> usize {
-    let hash = cluster.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    (hash % threads as u64) as usize
+    (crate::meta::fnv1a(cluster.as_bytes()) % threads as u64) as usize
 }
 
 /// Applies `swaps`, in order, to the clusters of `share` that `mine` selects; returns the keys
@@ -457,7 +466,7 @@ fn swap_clusters(share: &mut ClusterMaps, swaps: &[Swap], mine: impl Fn(&str) ->
                 continue;
             }
             let slot = match share.get_mut(&**cluster) {
-                Some(slot) => slot,
+                Some(slot) => Arc::make_mut(slot),
                 None => {
                     let ops = fresh.entry(cluster).or_default();
                     for (_, obj) in run {
@@ -496,7 +505,7 @@ fn swap_clusters(share: &mut ClusterMaps, swaps: &[Swap], mine: impl Fn(&str) ->
                 continue;
             }
             if let Some(slot) = share.get_mut(&**cluster) {
-                slot.remove(key);
+                Arc::make_mut(slot).remove(key);
                 if slot.is_empty() {
                     share.remove(&**cluster);
                 }
@@ -507,7 +516,7 @@ fn swap_clusters(share: &mut ClusterMaps, swaps: &[Swap], mine: impl Fn(&str) ->
     for (cluster, ops) in fresh {
         let (objects, keys) = replay_fresh(ops);
         if !objects.is_empty() {
-            share.insert(cluster.to_string(), objects);
+            share.insert(cluster.to_string(), Arc::new(objects));
         }
         if !keys.is_empty() {
             changed_in(&mut changed, cluster).extend(keys);
@@ -610,15 +619,29 @@ impl Engine {
 
     /// Recomputes what the model marked dirty since the last call.
     pub fn recompute(&mut self) -> Recomputed {
-        let dirty = self.fleet.take_dirty();
+        let mut dirty = self.fleet.take_dirty();
         let mut result = Recomputed::default();
         if dirty.is_empty() {
             return result;
         }
+        if dirty.all || dirty.facts {
+            self.facts = cluster_facts(&self.fleet, &self.settings);
+        }
+        // Identities that differ only in case share hosts: one's change can move them to the other.
+        let twins: Vec<(String, Reach)> = dirty
+            .identities
+            .iter()
+            .flat_map(|(id, reach)| {
+                self.fleet.case_twins(id).filter(move |t| t != id).map(move |t| (t.to_string(), *reach))
+            })
+            .collect();
+        for (twin, reach) in twins {
+            let have = dirty.identities.entry(twin).or_insert(reach);
+            *have = (*have).max(reach);
+        }
         // A `*` client's workloads moving sets `all` in the model; naming a `*` client as a
         // destination, or editing its Dependency, only touches the identities involved.
         let identities: BTreeSet<String> = if dirty.all {
-            self.facts = cluster_facts(&self.fleet, &self.settings);
             let mut all = self.fleet.identities();
             all.extend(self.desired.by_identity.keys().cloned());
             all
@@ -705,8 +728,25 @@ impl Engine {
                     "no gateway address (no east-west or ingress gateway Service with an address in istio-system, and no override): its workloads are reachable only from inside it".into(),
                 ));
             }
+            if facts.health == ClusterHealth::Stale {
+                out.push(Diagnostic::warning(
+                    Some(id),
+                    "cluster".into(),
+                    "stale (its API server cannot be watched): its last known workloads are kept, and nothing is written to or pruned from it until it is back".into(),
+                ));
+            }
         }
         out
+    }
+
+    /// Reads one Kubernetes object into the model (see `ingest::distill`).
+    pub fn ingest(&mut self, cluster: &str, obj: &InputObject) {
+        let (namespace, name) = obj.key();
+        match crate::ingest::distill(obj, cluster, &self.settings.identity_label) {
+            Some(record) => self.fleet.upsert(cluster, &namespace, &name, record),
+            // Ignored (a Sidecar of ours): whatever was kept under its name goes.
+            None => self.fleet.delete(cluster, obj.kind(), &namespace, &name),
+        }
     }
 
     /// Every diagnostic: clusters first, then identities, de-duplicated and sorted.
@@ -789,6 +829,7 @@ fn cluster_facts(fleet: &Fleet, settings: &Settings) -> BTreeMap<ClusterId, Clus
         .map(|(id, c)| {
             let facts = ClusterFacts {
                 id: Arc::from(id.as_str()),
+                health: c.health,
                 region: c.region(),
                 gateway_address: c.gateway_address(&settings.gateway_selectors),
                 gateway_port: c.gateway_port(settings.gateway_port),

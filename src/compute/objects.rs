@@ -9,24 +9,19 @@ use std::sync::Arc;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::crd::{ConnectionPool, HttpSettings, OutlierConfig};
+use crate::crd::{ConnectionPool, HttpSettings, LbType, OutlierConfig, h2_upgrade_policy_name};
 use crate::istio::{
     ClientTls, DestinationRule, DestinationRuleSpec, Distribute, EgressListener, LoadBalancer, LocalityLbSetting,
     OutlierDetection, ServiceEntry, ServiceEntrySpec, ServicePort, Sidecar, SidecarSpec, TrafficPolicy, WorkloadEntry,
     WorkloadSelector,
 };
-use crate::model::{Cluster, ClusterId, Fleet, GATEWAY_NAMESPACE, Workload};
+use crate::meta::{GATEWAY_NAMESPACE, Kind, LABEL_TLS_MODE, is_dns_subdomain, managed_labels};
+use crate::model::{Cluster, ClusterId, Fleet, Workload};
 use crate::settings::{ExportTo, Settings, SidecarMode, VipMode};
 
 use super::identity::{EnvPlan, ExposedPort, HostPlan, PassView, ResolvedIdentity};
-use super::policy::{LbType, h2_upgrade_policy_name, is_dns_subdomain, lb_type};
 use super::vip::{VipExhausted, VipTable};
-use super::{
-    ClusterFacts, Desired, DesiredObject, Diagnostic, IdentityOutput, LABEL_ENV, LABEL_IDENTITY, LABEL_MANAGED_BY,
-    MANAGER, PolicyKind, PolicyReport, PolicyState,
-};
-
-const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+use super::{ClusterFacts, Desired, DesiredObject, Diagnostic, IdentityOutput, PolicyReport, PolicyState};
 
 /// Everything one identity contributes to the desired state of the fleet. Reads only: VIPs were
 /// allocated and identities resolved for the whole pass beforehand, so identities can be built on
@@ -46,6 +41,8 @@ pub fn compute_identity(
         diagnostics: resolved.diagnostics.clone(),
         reports: resolved.reports.clone(),
         hosts: resolved.written_hosts().map(str::to_string).collect(),
+        sources: resolved.federated.iter().map(|(c, _)| c.id.clone()).collect(),
+        clients: fleet.clients_of(identity).into_iter().map(str::to_string).collect(),
         ..Default::default()
     };
 
@@ -63,9 +60,9 @@ pub fn compute_identity(
             env.sources.keys().map(String::as_str).chain(resolved.client_clusters.iter().copied()).collect();
         // Where the winning policies took effect, for their status (only if there are any).
         let winners = [
-            env.gtp.map(|p| (PolicyKind::GlobalTrafficPolicy, &p.at)),
-            env.outlier.map(|p| (PolicyKind::OutlierDetection, &p.at)),
-            env.connection.map(|p| (PolicyKind::ClientConnectionConfig, &p.at)),
+            env.gtp.map(|p| (Kind::GlobalTrafficPolicy, &p.at)),
+            env.outlier.map(|p| (Kind::OutlierDetection, &p.at)),
+            env.connection.map(|p| (Kind::ClientConnectionConfig, &p.at)),
         ];
         let record_written = winners.iter().any(Option::is_some);
         let mut written: BTreeMap<ClusterId, BTreeSet<String>> = BTreeMap::new();
@@ -90,7 +87,7 @@ pub fn compute_identity(
             let mut entries: HashMap<EntryView, Option<(Arc<Desired>, usize)>> = HashMap::new();
             let mut rules: HashMap<RuleView, Arc<Desired>> = HashMap::new();
             // Only a FAILOVER rule depends on the target's region (it distributes from there).
-            let failover = host.policy.is_some_and(|p| matches!(lb_type(p), Ok(LbType::Failover)));
+            let failover = host.policy.is_some_and(|p| matches!(p.lb_type(), Ok(LbType::Failover)));
             for target in &targets {
                 let Some(target_facts) = facts.get(*target) else {
                     continue;
@@ -155,15 +152,6 @@ type EntryView<'a> = (Option<&'a str>, Vec<String>);
 /// source is its only endpoint, and its exportTo.
 type RuleView<'a> = (Option<&'a str>, bool, Vec<String>);
 
-/// The labels on every object flotilla writes.
-fn managed_labels(identity: &str, env: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
-        (LABEL_IDENTITY.to_string(), identity.to_string()),
-        (LABEL_ENV.to_string(), env.to_string()),
-    ])
-}
-
 fn meta(name: String, namespace: &str, labels: BTreeMap<String, String>) -> ObjectMeta {
     ObjectMeta { name: Some(name), namespace: Some(namespace.to_string()), labels: Some(labels), ..Default::default() }
 }
@@ -198,7 +186,7 @@ fn endpoints_for(env: &EnvPlan<'_>, target: &str, facts: &BTreeMap<ClusterId, Cl
                 address: gateway.clone(),
                 ports: ports.iter().map(|p| (p.name.clone(), u32::from(source_facts.gateway_port))).collect(),
                 locality: source_facts.region.clone(),
-                labels: BTreeMap::from([(TLS_MODE_LABEL.to_string(), "istio".to_string())]),
+                labels: BTreeMap::from([(LABEL_TLS_MODE.to_string(), "istio".to_string())]),
             });
         }
     }
@@ -303,7 +291,7 @@ fn destination_rule(
     target_id: &str,
 ) -> DesiredObject {
     let name = if host.is_default { format!("{}-default-dr", host.host) } else { format!("{}-dr", host.host) };
-    let locality_lb_setting = host.policy.and_then(|p| match lb_type(p).ok()? {
+    let locality_lb_setting = host.policy.and_then(|p| match p.lb_type().ok()? {
         LbType::Topology => Some(LocalityLbSetting { distribute: Vec::new(), enabled: Some(true) }),
         LbType::Failover => {
             if target.region.is_none() {
@@ -414,7 +402,7 @@ fn sidecars_and_dependency_reports(
             None => PolicyState::Ready,
         };
         let mut report = PolicyReport {
-            kind: PolicyKind::Dependency,
+            kind: Kind::Dependency,
             at: dep.at.clone(),
             generation: dep.generation,
             state,

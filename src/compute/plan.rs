@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use super::digest::Digest;
 use super::{Desired, DesiredObject, ObjectKey};
+use crate::model::ClusterHealth;
 
 /// What the planner needs of an object of a kind flotilla writes, as found in a cluster: its key,
 /// whether it is ours, and the digest of our typed form of it (so fields set by other field
@@ -26,7 +27,7 @@ impl ObservedObject {
     pub fn new(object: &DesiredObject) -> Self {
         ObservedObject {
             key: object.key(),
-            managed: crate::model::is_managed(object.meta()),
+            managed: crate::meta::is_managed(object.meta()),
             digest: Digest::of(object),
         }
     }
@@ -81,6 +82,20 @@ pub fn plan_cluster(
         }
     }
     plan
+}
+
+/// The plan for a member in `health`: only a synced member gets one. One still connecting holds
+/// objects not yet seen, and a stale one cannot be watched (fail static: nothing is written to
+/// it or pruned from it); either is planned whole once it is synced.
+pub fn plan_member(
+    health: ClusterHealth,
+    desired: &BTreeMap<ObjectKey, Arc<Desired>>,
+    observed: &BTreeMap<ObjectKey, ObservedObject>,
+) -> ClusterPlan {
+    match health {
+        ClusterHealth::Connecting | ClusterHealth::Stale => ClusterPlan::default(),
+        ClusterHealth::Synced => plan_cluster(desired, observed),
+    }
 }
 
 /// What one key needs: apply when missing or different, prune when ours and unwanted, and a

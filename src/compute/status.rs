@@ -20,11 +20,10 @@ pub fn policy_status(
     now: &str,
 ) -> PolicyStatus {
     let generation = report.generation;
-    let (ready_reason, ready_message, state) = match &report.state {
-        PolicyState::Ready => ("Applied", report.message.clone(), "Ready"),
-        PolicyState::Conflict(winner) => ("Conflict", format!("not applied: {winner} takes precedence"), "Conflict"),
-        PolicyState::Invalid(reason) => ("Invalid", reason.clone(), "Invalid"),
-        PolicyState::NotApplied(reason) => ("NotApplied", reason.clone(), "NotApplied"),
+    let (state, described) = report.state.describe();
+    let (ready_reason, ready_message) = match &report.state {
+        PolicyState::Ready => ("Applied", report.message.clone()),
+        _ => (state, described),
     };
     let ready = matches!(report.state, PolicyState::Ready);
     let conflict = match &report.state {
@@ -90,7 +89,7 @@ pub fn same_status(a: &PolicyStatus, b: &PolicyStatus) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compute::PolicyKind;
+    use crate::meta::Kind;
     use crate::model::ObjectRef;
 
     fn report(state: PolicyState) -> PolicyReport {
@@ -99,7 +98,7 @@ mod tests {
         clusters.insert("east".to_string(), ["stage.a.global".to_string()].into());
         clusters.insert("west".to_string(), ["stage.a.global".to_string()].into());
         PolicyReport {
-            kind: PolicyKind::GlobalTrafficPolicy,
+            kind: Kind::GlobalTrafficPolicy,
             at,
             generation: Some(3),
             state,

@@ -9,7 +9,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
+use crate::meta::fnv1a;
 use crate::settings::Ipv4Cidr;
+
+/// Host → address, as the VIP store ConfigMap in the hub holds them (one data key per host);
+/// entries that are not IPv4 addresses are skipped.
+pub fn parse_store(data: Option<&BTreeMap<String, String>>) -> BTreeMap<String, Ipv4Addr> {
+    data.into_iter()
+        .flatten()
+        .filter_map(|(host, ip)| ip.trim().parse::<Ipv4Addr>().ok().map(|ip| (host.clone(), ip)))
+        .collect()
+}
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VipTable {
@@ -85,16 +95,6 @@ impl VipTable {
     pub fn take_new(&mut self) -> BTreeMap<String, Ipv4Addr> {
         std::mem::take(&mut self.new)
     }
-}
-
-/// FNV-1a: a fixed, platform-independent hash (std's hasher is randomised per process).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }
 
 #[cfg(test)]

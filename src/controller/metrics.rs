@@ -114,14 +114,14 @@ impl Metrics {
     }
 
     pub fn set_cluster_state(&self, cluster: &str, state: &str) {
-        for s in super::STATES {
+        for s in super::health::State::NAMES {
             let labels = ClusterState { cluster: cluster.to_string(), state: s.to_string() };
             self.cluster_state.get_or_create(&labels).set(i64::from(s == state));
         }
     }
 
     pub fn forget_cluster(&self, cluster: &str) {
-        for s in super::STATES {
+        for s in super::health::State::NAMES {
             self.cluster_state.remove(&ClusterState { cluster: cluster.to_string(), state: s.to_string() });
         }
     }

@@ -1,19 +1,28 @@
-//! `flotilla run`: the live controller (the I/O around the pure engine).
+//! `flotilla run`: the live controller, the I/O around the pure engine.
 //!
 //! ```text
 //! hub Secrets ─► registry ─► per-member watches ─┐
-//! hub Dependencies, VIP store, lease ────────────┼─► runtime: model → engine → plan ─► writers
-//!                                                 └─ /debug, /metrics read the runtime's state
+//! hub Dependencies, VIP store, lease ────────────┼─► runtime ─► compute (blocking thread)
+//! writers: "job done" ───────────────────────────┘      │       plan per member
+//!                                                       ├─► writers: one per member + the hub's
+//!                                                       └─► published snapshot ─► /debug, /metrics
 //! ```
 //!
 //! Every watch and every writer sends its news to the runtime over one channel; the runtime is
-//! the only owner of the model, so there is no locking of business state and one event is
-//! handled at a time. The writers (one per member) are the only code that writes.
+//! the only owner of the model and of what is known of each member, and one input is handled at
+//! a time. Its decisions are small synchronous parts that take `now` and need no client
+//! (`health`, `observed`, `dispatch`, `vips`, `debounce`); `runtime` wires them to the I/O. The
+//! writers are the only code that writes.
 
+pub mod debounce;
+pub mod dispatch;
+pub mod health;
 pub mod metrics;
+pub mod observed;
 pub mod registry;
 pub mod runtime;
 pub mod server;
+pub mod vips;
 pub mod watch;
 pub mod writer;
 
@@ -22,14 +31,13 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 
+use crate::compute::ObjectKey;
 use crate::compute::plan::ObservedObject;
-use crate::compute::{Kind, ObjectKey};
-use crate::model::{InputKind, InputObject, NsName};
+use crate::ingest::InputObject;
+use crate::meta::Kind;
+use crate::model::NsName;
 use crate::settings::{LabelTerm, Settings};
 use writer::StatusWrite;
-
-/// A member's state, as reported in metrics and `/debug/clusters`.
-pub const STATES: [&str; 4] = ["connecting", "synced", "stale", "failed"];
 
 /// What `run` needs beyond the engine's settings.
 #[derive(Clone, Debug)]
@@ -42,6 +50,7 @@ pub struct Options {
     pub allow_kubeconfig_exec: bool,
     pub stale_after: Duration,
     pub debounce: Duration,
+    pub debounce_max: Duration,
     pub http_addr: SocketAddr,
     pub leader_election: Option<LeaseOptions>,
     pub vip_configmap: String,
@@ -58,45 +67,19 @@ pub struct LeaseOptions {
 
 /// The kinds watched in every member: the model's inputs, and the two kinds only flotilla writes
 /// (Sidecars are both: an input, for users' Sidecars, and an output).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum WatchKind {
-    Input(InputKind),
-    ServiceEntry,
-    DestinationRule,
-}
-
-impl WatchKind {
-    pub const MEMBER: [WatchKind; 11] = [
-        WatchKind::Input(InputKind::Deployment),
-        WatchKind::Input(InputKind::Service),
-        WatchKind::Input(InputKind::Node),
-        WatchKind::Input(InputKind::Namespace),
-        WatchKind::Input(InputKind::Sidecar),
-        WatchKind::Input(InputKind::GlobalTrafficPolicy),
-        WatchKind::Input(InputKind::OutlierDetection),
-        WatchKind::Input(InputKind::ClientConnectionConfig),
-        WatchKind::Input(InputKind::Dependency),
-        WatchKind::ServiceEntry,
-        WatchKind::DestinationRule,
-    ];
-
-    pub fn input(self) -> Option<InputKind> {
-        match self {
-            WatchKind::Input(k) => Some(k),
-            _ => None,
-        }
-    }
-
-    /// The planner's kind for what flotilla writes.
-    pub fn output(self) -> Option<Kind> {
-        match self {
-            WatchKind::ServiceEntry => Some(Kind::ServiceEntry),
-            WatchKind::DestinationRule => Some(Kind::DestinationRule),
-            WatchKind::Input(InputKind::Sidecar) => Some(Kind::Sidecar),
-            WatchKind::Input(_) => None,
-        }
-    }
-}
+pub const MEMBER_KINDS: [Kind; 11] = [
+    Kind::Deployment,
+    Kind::Service,
+    Kind::Node,
+    Kind::Namespace,
+    Kind::Sidecar,
+    Kind::GlobalTrafficPolicy,
+    Kind::OutlierDetection,
+    Kind::ClientConnectionConfig,
+    Kind::Dependency,
+    Kind::ServiceEntry,
+    Kind::DestinationRule,
+];
 
 /// One watched object.
 #[derive(Clone, Debug)]
@@ -105,14 +88,30 @@ pub enum Watched {
     Output(Box<ObservedObject>),
 }
 
+impl Watched {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Watched::Input(o) => o.kind(),
+            Watched::Output(o) => o.key.kind,
+        }
+    }
+
+    pub fn key(&self) -> NsName {
+        match self {
+            Watched::Input(o) => o.key(),
+            Watched::Output(o) => (o.key.namespace.to_string(), o.key.name.to_string()),
+        }
+    }
+}
+
 /// What a watch saw.
 #[derive(Clone, Debug)]
 pub enum Change {
     Applied(Watched),
-    Deleted(WatchKind, NsName),
+    Deleted(Kind, NsName),
     /// A complete (re)list: anything known before and not in it was deleted meanwhile.
-    Relisted(WatchKind, Vec<Watched>),
-    Failed(WatchKind, String),
+    Relisted(Kind, Vec<Watched>),
+    Failed(watch::WatchError),
 }
 
 /// Everything the runtime reacts to.
@@ -145,5 +144,7 @@ pub struct WriteReport {
     pub pruned: Vec<ObjectKey>,
     pub statuses: Vec<StatusWrite>,
     pub namespace_ready: bool,
-    pub errors: Vec<String>,
+    /// The hub's VIP store after a persist job, as written.
+    pub vip_store: Option<std::collections::BTreeMap<String, std::net::Ipv4Addr>>,
+    pub errors: Vec<writer::WriteError>,
 }

@@ -1,6 +1,6 @@
 //! Cluster registry (SPEC §2): registration Secrets in the hub → members with a checked
-//! kubeconfig each. Deciding who owns a cluster id and whether a kubeconfig is safe is pure;
-//! only `member_client` touches the network stack.
+//! kubeconfig each. Deciding who owns a cluster id, whether a kubeconfig is safe, and which
+//! members to start, rebuild or drop is pure; only `member_client` touches the network stack.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -8,12 +8,57 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-use crate::compute::policy::is_dns_label;
-use crate::model::ClusterOverrides;
+use crate::meta::{ANNOTATION_GATEWAY_ADDRESS, ANNOTATION_GATEWAY_PORT, ANNOTATION_REGION, first_line, is_dns_label};
+use crate::model::{ClusterId, ClusterOverrides};
 
-pub const ANNOTATION_REGION: &str = "flotilla.io/region";
-pub const ANNOTATION_GATEWAY_ADDRESS: &str = "flotilla.io/gateway-address";
-pub const ANNOTATION_GATEWAY_PORT: &str = "flotilla.io/gateway-port";
+/// Why a member's kubeconfig gives no client. Never contains credentials.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KubeconfigError {
+    #[error("unparsable kubeconfig: {0}")]
+    Unparsable(String),
+    #[error("kubeconfig has no current-context")]
+    NoCurrentContext,
+    #[error("current-context {0:?} is not defined")]
+    UndefinedContext(String),
+    #[error("kubeconfig refused (allow with --allow-kubeconfig-exec): {}", .0.join("; "))]
+    Refused(Vec<String>),
+    #[error("kubeconfig: {0}")]
+    Config(String),
+    #[error("client: {0}")]
+    Client(String),
+}
+
+/// What a new set of claims asks of the members: which to drop, which to (re)start with a new
+/// kubeconfig, and which keep their client but take new overrides (or a new Secret name).
+#[derive(Debug, Default, PartialEq)]
+pub struct RegistryPlan {
+    pub remove: Vec<ClusterId>,
+    pub start: Vec<(ClusterId, Registration)>,
+    pub update: Vec<(ClusterId, Registration)>,
+}
+
+/// Compares the members' current registrations with the claims of the Secrets now.
+pub fn plan_registry(
+    current: &BTreeMap<ClusterId, Registration>,
+    claims: BTreeMap<ClusterId, Registration>,
+) -> RegistryPlan {
+    let mut plan = RegistryPlan {
+        remove: current.keys().filter(|id| !claims.contains_key(*id)).cloned().collect(),
+        ..Default::default()
+    };
+    for (id, registration) in claims {
+        match current.get(&id) {
+            Some(have) if have.kubeconfig == registration.kubeconfig => {
+                if *have != registration {
+                    plan.update.push((id, registration));
+                }
+            }
+            // New, or a rotated kubeconfig: a new client.
+            _ => plan.start.push((id, registration)),
+        }
+    }
+    plan
+}
 
 /// One cluster as a registration Secret declares it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,16 +159,15 @@ fn overrides_of(secret: &Secret) -> Result<ClusterOverrides, String> {
 /// Parses a kubeconfig and refuses what would let a Secret run programs or read our files:
 /// `exec` and `auth-provider` plugins and references to local files, unless `allow_exec`.
 /// Messages never contain credentials.
-pub fn check_kubeconfig(yaml: &str, allow_exec: bool) -> Result<Kubeconfig, String> {
-    let kc =
-        Kubeconfig::from_yaml(yaml).map_err(|e| format!("unparsable kubeconfig: {}", first_line(&e.to_string())))?;
-    let context_name = kc.current_context.clone().ok_or("kubeconfig has no current-context")?;
+pub fn check_kubeconfig(yaml: &str, allow_exec: bool) -> Result<Kubeconfig, KubeconfigError> {
+    let kc = Kubeconfig::from_yaml(yaml).map_err(|e| KubeconfigError::Unparsable(first_line(&e.to_string())))?;
+    let context_name = kc.current_context.clone().ok_or(KubeconfigError::NoCurrentContext)?;
     let context = kc
         .contexts
         .iter()
         .find(|c| c.name == context_name)
         .and_then(|c| c.context.clone())
-        .ok_or(format!("current-context {context_name:?} is not defined"))?;
+        .ok_or(KubeconfigError::UndefinedContext(context_name))?;
     if allow_exec {
         return Ok(kc);
     }
@@ -155,25 +199,17 @@ pub fn check_kubeconfig(yaml: &str, allow_exec: bool) -> Result<Kubeconfig, Stri
     if context.user.is_none() && kc.auth_infos.is_empty() {
         refused.push("no user credentials".to_string());
     }
-    if refused.is_empty() {
-        Ok(kc)
-    } else {
-        Err(format!("kubeconfig refused (allow with --allow-kubeconfig-exec): {}", refused.join("; ")))
-    }
-}
-
-fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or_default().to_string()
+    if refused.is_empty() { Ok(kc) } else { Err(KubeconfigError::Refused(refused)) }
 }
 
 /// A client for a member. Connection attempts time out quickly so that a member that is down is
 /// found stale, not waited for.
-pub async fn member_client(kc: Kubeconfig) -> Result<kube::Client, String> {
+pub async fn member_client(kc: Kubeconfig) -> Result<kube::Client, KubeconfigError> {
     let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
-        .map_err(|e| format!("kubeconfig: {}", first_line(&e.to_string())))?;
+        .map_err(|e| KubeconfigError::Config(first_line(&e.to_string())))?;
     config.connect_timeout = Some(Duration::from_secs(5));
-    kube::Client::try_from(config).map_err(|e| format!("client: {}", first_line(&e.to_string())))
+    kube::Client::try_from(config).map_err(|e| KubeconfigError::Client(first_line(&e.to_string())))
 }
 
 #[cfg(test)]
@@ -225,13 +261,42 @@ mod tests {
             "user: {token: secret-token-value}",
             "user: {exec: {command: /bin/sh, apiVersion: client.authentication.k8s.io/v1}}",
         );
-        let err = check_kubeconfig(&exec, false).unwrap_err();
+        let err = check_kubeconfig(&exec, false).unwrap_err().to_string();
         assert!(err.contains("exec plugin"), "{err}");
         assert!(check_kubeconfig(&exec, true).is_ok());
         let file = TOKEN_KUBECONFIG.replace("user: {token: secret-token-value}", "user: {tokenFile: /etc/passwd}");
-        assert!(check_kubeconfig(&file, false).unwrap_err().contains("tokenFile"));
-        let garbage = check_kubeconfig("users: [: secret-token-value", false).unwrap_err();
+        assert!(check_kubeconfig(&file, false).unwrap_err().to_string().contains("tokenFile"));
+        let garbage = check_kubeconfig("users: [: secret-token-value", false).unwrap_err().to_string();
         assert!(garbage.starts_with("unparsable kubeconfig"), "{garbage}");
         assert!(!garbage.contains("secret-token-value"), "{garbage}");
+    }
+
+    #[test]
+    fn new_rotated_changed_and_removed_registrations() {
+        let reg = |secret: &str, kubeconfig: &str, region: Option<&str>| Registration {
+            secret: secret.into(),
+            kubeconfig: kubeconfig.into(),
+            overrides: ClusterOverrides { region: region.map(str::to_string), ..Default::default() },
+        };
+        let current: BTreeMap<ClusterId, Registration> = [
+            ("kept".to_string(), reg("s", "k1", None)),
+            ("rotated".to_string(), reg("s", "k2", None)),
+            ("moved".to_string(), reg("s", "k3", None)),
+            ("gone".to_string(), reg("s", "k4", None)),
+        ]
+        .into();
+        let claims: BTreeMap<ClusterId, Registration> = [
+            ("kept".to_string(), reg("s", "k1", None)),
+            ("rotated".to_string(), reg("s", "k2-new-token", None)),
+            ("moved".to_string(), reg("s", "k3", Some("eu-west-1"))),
+            ("new".to_string(), reg("t", "k5", None)),
+        ]
+        .into();
+        let plan = plan_registry(&current, claims);
+        assert_eq!(plan.remove, ["gone"]);
+        let started: Vec<&str> = plan.start.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(started, ["new", "rotated"], "a new kubeconfig is a new client");
+        let updated: Vec<&str> = plan.update.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(updated, ["moved"], "new overrides keep the client");
     }
 }

@@ -1,7 +1,7 @@
-//! HTTP: health, metrics and the debug views of SPEC §7. Reads shared state; never calls an
-//! API server.
+//! HTTP: health, metrics and the debug views of SPEC §7. Reads the snapshot the runtime
+//! published after its last pass; never waits for a pass, never calls an API server.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -13,19 +13,35 @@ use axum::routing::get;
 use serde::Serialize;
 
 use super::metrics::Metrics;
-use crate::compute::Engine;
+use crate::compute::DesiredState;
+use crate::compute::explain::identity_view;
 
-/// What the runtime publishes for the server.
+/// What the runtime shares with the server.
 pub struct Shared {
-    pub engine: RwLock<Engine>,
-    pub view: RwLock<View>,
+    /// Replaced whole after every pass; the lock is held only to swap or clone the `Arc`.
+    published: RwLock<Arc<Published>>,
     pub ready: AtomicBool,
     pub metrics: Arc<Metrics>,
 }
 
+/// The state after a pass, as the debug views show it.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub view: View,
+    pub desired: DesiredState,
+}
+
 impl Shared {
-    pub fn new(engine: Engine, metrics: Arc<Metrics>) -> Self {
-        Shared { engine: RwLock::new(engine), view: RwLock::default(), ready: AtomicBool::new(false), metrics }
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Shared { published: RwLock::default(), ready: AtomicBool::new(false), metrics }
+    }
+
+    pub fn publish(&self, published: Published) {
+        *self.published.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(published);
+    }
+
+    pub fn published(&self) -> Arc<Published> {
+        self.published.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -34,6 +50,9 @@ impl Shared {
 pub struct View {
     pub ready: bool,
     pub leader: bool,
+    /// This replica leads, every synced member holds exactly what is desired (its last plan was
+    /// empty, nothing is pending or in flight), and every status and VIP is written.
+    pub converged: bool,
     pub clusters: BTreeMap<String, ClusterView>,
     pub registration_problems: Vec<String>,
 }
@@ -51,6 +70,8 @@ pub struct ClusterView {
     pub conflicts: Vec<String>,
     /// Kinds whose first list has not completed.
     pub unlisted: Vec<String>,
+    /// Synced, and holds exactly what is desired.
+    pub converged: bool,
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
@@ -82,64 +103,22 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
 }
 
 async fn clusters(State(s): State<Arc<Shared>>) -> Response {
-    let view = s.view.read().unwrap_or_else(|e| e.into_inner()).clone();
-    axum::Json(view).into_response()
+    axum::Json(&s.published().view).into_response()
 }
 
 async fn desired(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
-    let engine = s.engine.read().unwrap_or_else(|e| e.into_inner());
-    if !engine.fleet.clusters.contains_key(&id) {
+    let published = s.published();
+    if !published.view.clusters.contains_key(&id) {
         return (StatusCode::NOT_FOUND, format!("no member {id:?}\n")).into_response();
     }
-    let objects: Vec<_> = engine.desired.cluster(&id).collect();
+    let objects: Vec<_> = published.desired.cluster(&id).collect();
     axum::Json(serde_json::json!({ "cluster": id, "objects": objects })).into_response()
 }
 
 /// Hosts, source and target clusters, the winning policies and why, and diagnostics.
 async fn identity(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
-    let engine = s.engine.read().unwrap_or_else(|e| e.into_inner());
-    let output = engine.desired.identity(&id);
-    let sources: BTreeSet<&str> = engine.fleet.clusters_running(&id);
-    if output.is_none() && sources.is_empty() {
-        return (StatusCode::NOT_FOUND, format!("no identity {id:?}\n")).into_response();
+    match identity_view(&s.published().desired, &id) {
+        Some(view) => axum::Json(view).into_response(),
+        None => (StatusCode::NOT_FOUND, format!("no identity {id:?}\n")).into_response(),
     }
-    let mut hosts: BTreeSet<String> = BTreeSet::new();
-    let mut targets: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    let mut policies = Vec::new();
-    let mut diagnostics = Vec::new();
-    if let Some(out) = output {
-        for (cluster, obj) in &out.objects {
-            if let crate::compute::DesiredObject::ServiceEntry(se) = &obj.object {
-                hosts.extend(se.spec.hosts.iter().cloned());
-            }
-            targets.entry(cluster).or_default().push(obj.key.to_string());
-        }
-        for r in &out.reports {
-            let state = match &r.state {
-                crate::compute::PolicyState::Ready => "Ready".to_string(),
-                crate::compute::PolicyState::Conflict(w) => format!("Conflict: {w} takes precedence"),
-                crate::compute::PolicyState::Invalid(why) => format!("Invalid: {why}"),
-                crate::compute::PolicyState::NotApplied(why) => format!("NotApplied: {why}"),
-            };
-            policies.push(serde_json::json!({
-                "kind": format!("{:?}", r.kind),
-                "object": r.at.to_string(),
-                "state": state,
-                "message": r.message,
-                "clusters": r.clusters,
-            }));
-        }
-        diagnostics = out.diagnostics.iter().map(|d| d.to_string()).collect();
-    }
-    let clients: BTreeSet<&str> = engine.fleet.clients_of(&id);
-    axum::Json(serde_json::json!({
-        "identity": id,
-        "hosts": hosts,
-        "sourceClusters": sources,
-        "targetClusters": targets,
-        "clients": clients,
-        "policies": policies,
-        "diagnostics": diagnostics,
-    }))
-    .into_response()
 }

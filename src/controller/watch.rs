@@ -17,13 +17,23 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinSet;
 
-use super::{Change, Input, WatchKind, Watched};
+use super::{Change, Input, Watched};
 use crate::compute::DesiredObject;
 use crate::compute::plan::ObservedObject;
 use crate::crd::{ClientConnectionConfig, Dependency, GlobalTrafficPolicy, OutlierDetection};
+use crate::ingest::InputObject;
 use crate::istio::{DestinationRule, ServiceEntry, Sidecar};
-use crate::model::{InputKind, InputObject};
+use crate::meta::{HUB, Kind};
 use crate::settings::LabelTerm;
+
+/// A watch that failed (it is retried with backoff), naming the kind and the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("watch of {kind} in cluster {cluster}: {message}")]
+pub struct WatchError {
+    pub cluster: String,
+    pub kind: Kind,
+    pub message: String,
+}
 
 /// Starts one watch per kind in a member. Dropping the set stops them all.
 pub fn spawn_member_watches(
@@ -34,12 +44,13 @@ pub fn spawn_member_watches(
     tx: UnboundedSender<Input>,
 ) -> JoinSet<()> {
     let mut set = JoinSet::new();
-    let send = move |change: Change| tx.send(Input::Member { cluster: cluster.clone(), epoch, change }).is_ok();
+    let member = cluster.clone();
+    let send = move |change: Change| tx.send(Input::Member { cluster: member.clone(), epoch, change }).is_ok();
     let all = watcher::Config::default;
     // Every input kind is watched in all namespaces, and becomes the InputObject variant of its name.
     macro_rules! watch_input {
         ($($kind:ident: $ty:ty),* $(,)?) => {$(
-            spawn(&mut set, Api::<$ty>::all(client.clone()), all(), WatchKind::Input(InputKind::$kind), send.clone(), |o| {
+            spawn(&mut set, &cluster, Api::<$ty>::all(client.clone()), all(), Kind::$kind, send.clone(), |o| {
                 Watched::Input(Box::new(InputObject::$kind(Box::new(o))))
             });
         )*};
@@ -58,11 +69,11 @@ pub fn spawn_member_watches(
     // Everything in the sync namespace, not only what carries our label: an unlabelled object
     // with a name we want is a conflict we must see before writing.
     let ses = Api::<ServiceEntry>::namespaced(client.clone(), sync_namespace);
-    spawn(&mut set, ses, all(), WatchKind::ServiceEntry, send.clone(), |o| {
+    spawn(&mut set, &cluster, ses, all(), Kind::ServiceEntry, send.clone(), |o| {
         Watched::Output(Box::new(ObservedObject::new(&DesiredObject::ServiceEntry(o))))
     });
     let drs = Api::<DestinationRule>::namespaced(client, sync_namespace);
-    spawn(&mut set, drs, all(), WatchKind::DestinationRule, send, |o| {
+    spawn(&mut set, &cluster, drs, all(), Kind::DestinationRule, send, |o| {
         Watched::Output(Box::new(ObservedObject::new(&DesiredObject::DestinationRule(o))))
     });
     set
@@ -86,9 +97,10 @@ pub fn spawn_hub_watches(
     let send = move |change: Change| hub_tx.send(Input::Hub(change)).is_ok();
     spawn(
         &mut set,
+        HUB,
         Api::<Dependency>::all(client.clone()),
         watcher::Config::default(),
-        WatchKind::Input(InputKind::Dependency),
+        Kind::Dependency,
         send,
         |o| Watched::Input(Box::new(InputObject::Dependency(Box::new(o)))),
     );
@@ -132,13 +144,7 @@ pub enum VipStoreEvent {
 
 /// Host → address from the ConfigMap; entries that are not addresses are skipped.
 pub fn parse_vip_store(cm: &ConfigMap) -> VipStoreEvent {
-    let map = cm
-        .data
-        .iter()
-        .flatten()
-        .filter_map(|(host, ip)| ip.trim().parse::<Ipv4Addr>().ok().map(|ip| (host.clone(), ip)))
-        .collect();
-    VipStoreEvent::Contents(map, cm.metadata.resource_version.clone())
+    VipStoreEvent::Contents(crate::compute::vip::parse_store(cm.data.as_ref()), cm.metadata.resource_version.clone())
 }
 
 async fn watch_secrets(api: Api<Secret>, selectors: Vec<LabelTerm>, tx: UnboundedSender<Input>) {
@@ -219,14 +225,16 @@ impl Backoff for WatchBackoff {
 /// Runs one watch, buffering a relist until it is complete.
 fn spawn<K>(
     set: &mut JoinSet<()>,
+    cluster: &str,
     api: Api<K>,
     config: watcher::Config,
-    kind: WatchKind,
+    kind: Kind,
     send: impl Fn(Change) -> bool + Send + 'static,
     convert: impl Fn(K) -> Watched + Send + 'static,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
+    let cluster = cluster.to_string();
     set.spawn(async move {
         let mut stream = watcher(api, config).backoff(backoff()).boxed();
         let mut buffer = Vec::new();
@@ -245,7 +253,7 @@ fn spawn<K>(
                     continue;
                 }
                 Ok(watcher::Event::InitDone) => Change::Relisted(kind, std::mem::take(&mut buffer)),
-                Err(e) => Change::Failed(kind, e.to_string()),
+                Err(e) => Change::Failed(WatchError { cluster: cluster.clone(), kind, message: e.to_string() }),
             };
             if !send(change) {
                 return;

@@ -1,7 +1,9 @@
 //! The one place that writes to Kubernetes: server-side apply and prune of the objects a plan
-//! names, policy status, the sync namespace, the hub's VIP store and Events on Secrets.
+//! names, policy status, the sync namespace, and, in the hub, the VIP store and Events on
+//! registration Secrets.
 //!
-//! Each member has its own writer task, so a slow or failing member never delays another; a
+//! Each member has its own writer task, and the hub one more, so a slow or failing cluster never
+//! delays another, and no write (with its retries) ever runs inside the runtime's loop; a
 //! semaphore shared by all of them bounds the requests in flight across the fleet.
 
 use std::collections::BTreeMap;
@@ -24,9 +26,25 @@ use tokio::time::Instant;
 use super::metrics::Metrics;
 use super::{Input, WriteReport};
 use crate::compute::plan::{ClusterPlan, ObservedObject};
-use crate::compute::{Desired, DesiredObject, Kind, LABEL_MANAGED_BY, MANAGER, ObjectKey, PolicyKind};
+use crate::compute::{Desired, DesiredObject, ObjectKey};
 use crate::crd::{ClientConnectionConfig, Dependency, GlobalTrafficPolicy, OutlierDetection, PolicyStatus};
 use crate::istio::{DestinationRule, ServiceEntry, Sidecar};
+use crate::meta::{HUB, Kind, LABEL_MANAGED_BY, MANAGER};
+
+/// A write that failed, naming the object and the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    #[error("apply {key} in cluster {cluster}: {message}")]
+    Apply { cluster: String, key: ObjectKey, message: String },
+    #[error("delete {key} in cluster {cluster}: {message}")]
+    Delete { cluster: String, key: ObjectKey, message: String },
+    #[error("status of {kind} {namespace}/{name} in cluster {cluster}: {message}")]
+    Status { cluster: String, kind: Kind, namespace: String, name: String, message: String },
+    #[error("namespace {namespace} in cluster {cluster}: {message}")]
+    Namespace { cluster: String, namespace: String, message: String },
+    #[error("VIP store {namespace}/{name} in the hub: {message}")]
+    VipStore { namespace: String, name: String, message: String },
+}
 
 /// Requests one writer keeps in flight within its member.
 const PER_MEMBER_CONCURRENCY: usize = 4;
@@ -40,28 +58,70 @@ pub struct WriteJob {
     pub ensure_namespace: Option<String>,
     /// When the oldest input change this job reflects was received (for the latency histogram).
     pub since: Option<Instant>,
+    /// Hub only: new VIP allocations to add to the store.
+    pub persist_vips: Option<VipStoreWrite>,
+    /// Hub only: Warning Events on registration Secrets.
+    pub events: Vec<SecretEvent>,
+}
+
+#[derive(Clone, Debug)]
+pub struct VipStoreWrite {
+    pub namespace: String,
+    pub name: String,
+    pub new: BTreeMap<String, Ipv4Addr>,
+}
+
+/// A problem with a registration Secret, published as a Warning Event on it.
+#[derive(Clone, Debug)]
+pub struct SecretEvent {
+    pub secret: ObjectReference,
+    pub reason: String,
+    pub note: String,
 }
 
 #[derive(Clone, Debug)]
 pub struct StatusWrite {
-    pub kind: PolicyKind,
+    pub kind: Kind,
     pub namespace: String,
     pub name: String,
     pub status: PolicyStatus,
 }
 
-/// Runs one cluster's writes, job after job, and reports each job's outcome to the runtime.
+/// Runs one cluster's writes, job after job, and reports each job's outcome to the runtime. The
+/// hub's writer (cluster `HUB`) also keeps the VIP store and publishes Events, with `recorder`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_writer(
     cluster: String,
     epoch: u64,
     client: Client,
+    recorder: Option<Recorder>,
     mut jobs: UnboundedReceiver<WriteJob>,
     done: UnboundedSender<Input>,
     limit: Arc<Semaphore>,
     metrics: Arc<Metrics>,
 ) {
-    while let Some(job) = jobs.recv().await {
-        let report = execute(&cluster, &client, job, &limit, &metrics).await;
+    while let Some(mut job) = jobs.recv().await {
+        let mut hub_report = WriteReport::default();
+        if let Some(write) = job.persist_vips.take() {
+            let _permit = limit.acquire().await;
+            match persist_vips(&client, &write, &metrics).await {
+                Ok(store) => hub_report.vip_store = Some(store),
+                Err(message) => hub_report.errors.push(WriteError::VipStore {
+                    namespace: write.namespace.clone(),
+                    name: write.name.clone(),
+                    message,
+                }),
+            }
+        }
+        if let Some(recorder) = &recorder {
+            for event in std::mem::take(&mut job.events) {
+                let _permit = limit.acquire().await;
+                warn_on_secret(recorder, event, &metrics).await;
+            }
+        }
+        let mut report = execute(&cluster, &client, job, &limit, &metrics).await;
+        report.vip_store = hub_report.vip_store;
+        report.errors.extend(hub_report.errors);
         if done.send(Input::WriteDone { cluster: cluster.clone(), epoch, report }).is_err() {
             return;
         }
@@ -72,7 +132,7 @@ enum Outcome {
     Applied(Box<ObservedObject>),
     Pruned(ObjectKey),
     Status(StatusWrite),
-    Failed(String),
+    Failed(WriteError),
 }
 
 async fn execute(cluster: &str, client: &Client, job: WriteJob, limit: &Semaphore, metrics: &Metrics) -> WriteReport {
@@ -81,10 +141,14 @@ async fn execute(cluster: &str, client: &Client, job: WriteJob, limit: &Semaphor
         let _permit = limit.acquire().await;
         match ensure_namespace(client, ns, cluster, metrics).await {
             Ok(()) => report.namespace_ready = true,
-            Err(e) => {
+            Err(message) => {
                 // Without the namespace no ServiceEntry or DestinationRule can land; Sidecars,
                 // prunes and statuses still can.
-                report.errors.push(format!("namespace {ns}: {e}"));
+                report.errors.push(WriteError::Namespace {
+                    cluster: cluster.to_string(),
+                    namespace: ns.clone(),
+                    message,
+                });
             }
         }
     }
@@ -125,7 +189,7 @@ async fn execute(cluster: &str, client: &Client, job: WriteJob, limit: &Semaphor
     if wrote && let Some(since) = job.since {
         metrics.change_to_write.observe(since.elapsed().as_secs_f64());
     }
-    report.errors.sort();
+    report.errors.sort_by_key(|e| e.to_string());
     report
 }
 
@@ -147,7 +211,9 @@ async fn run_op(cluster: &str, client: &Client, op: Op, metrics: &Metrics) -> Ou
             metrics.write(cluster, "apply", &key.kind.to_string(), result.is_ok());
             match result {
                 Ok(o) => Outcome::Applied(Box::new(ObservedObject::new(&o))),
-                Err(e) => Outcome::Failed(format!("apply {key}: {}", short(&e))),
+                Err(e) => {
+                    Outcome::Failed(WriteError::Apply { cluster: cluster.into(), key: key.clone(), message: short(&e) })
+                }
             }
         }
         Op::Prune(key) => {
@@ -155,24 +221,32 @@ async fn run_op(cluster: &str, client: &Client, op: Op, metrics: &Metrics) -> Ou
                 Kind::ServiceEntry => delete::<ServiceEntry>(client, &key).await,
                 Kind::DestinationRule => delete::<DestinationRule>(client, &key).await,
                 Kind::Sidecar => delete::<Sidecar>(client, &key).await,
+                other => unreachable!("plans prune only the kinds flotilla writes, not {other}"),
             };
             metrics.write(cluster, "delete", &key.kind.to_string(), result.is_ok());
             match result {
                 Ok(()) => Outcome::Pruned(key),
-                Err(e) => Outcome::Failed(format!("delete {key}: {}", short(&e))),
+                Err(e) => Outcome::Failed(WriteError::Delete { cluster: cluster.into(), key, message: short(&e) }),
             }
         }
         Op::Status(s) => {
             let result = match s.kind {
-                PolicyKind::GlobalTrafficPolicy => patch_status::<GlobalTrafficPolicy>(client, &s).await,
-                PolicyKind::Dependency => patch_status::<Dependency>(client, &s).await,
-                PolicyKind::OutlierDetection => patch_status::<OutlierDetection>(client, &s).await,
-                PolicyKind::ClientConnectionConfig => patch_status::<ClientConnectionConfig>(client, &s).await,
+                Kind::GlobalTrafficPolicy => patch_status::<GlobalTrafficPolicy>(client, &s).await,
+                Kind::Dependency => patch_status::<Dependency>(client, &s).await,
+                Kind::OutlierDetection => patch_status::<OutlierDetection>(client, &s).await,
+                Kind::ClientConnectionConfig => patch_status::<ClientConnectionConfig>(client, &s).await,
+                other => unreachable!("only policies carry a status flotilla writes, not {other}"),
             };
-            metrics.write(cluster, "status", &format!("{:?}", s.kind), result.is_ok());
+            metrics.write(cluster, "status", &s.kind.to_string(), result.is_ok());
             match result {
                 Ok(()) => Outcome::Status(s),
-                Err(e) => Outcome::Failed(format!("status of {:?} {}/{}: {}", s.kind, s.namespace, s.name, short(&e))),
+                Err(e) => Outcome::Failed(WriteError::Status {
+                    cluster: cluster.into(),
+                    kind: s.kind,
+                    namespace: s.namespace,
+                    name: s.name,
+                    message: short(&e),
+                }),
             }
         }
     }
@@ -260,13 +334,12 @@ async fn ensure_namespace(client: &Client, name: &str, cluster: &str, metrics: &
 /// Adds new host → address allocations to the hub's VIP store, with optimistic concurrency.
 /// Returns the store's contents after the write. An allocation the store already holds with a
 /// different address is not overwritten: the caller must adopt the store's view.
-pub async fn persist_vips(
+async fn persist_vips(
     client: &Client,
-    namespace: &str,
-    name: &str,
-    new: &BTreeMap<String, Ipv4Addr>,
+    write: &VipStoreWrite,
     metrics: &Metrics,
 ) -> Result<BTreeMap<String, Ipv4Addr>, String> {
+    let (namespace, name, new) = (write.namespace.as_str(), write.name.as_str(), &write.new);
     let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
     let mut last_error = String::new();
     for _attempt in 0..5 {
@@ -298,33 +371,28 @@ pub async fn persist_vips(
             None => api.create(&pp, &cm).await,
             Some(_) => api.replace(name, &pp, &cm).await,
         };
-        metrics.write("_hub", "update", "ConfigMap", result.is_ok());
+        metrics.write(HUB, "update", "ConfigMap", result.is_ok());
         match result {
             Ok(_) => return Ok(stored),
             Err(kube::Error::Api(s)) if s.code == 409 => last_error = s.message,
             Err(e) => return Err(short(&e)),
         }
     }
-    Err(format!("VIP store {namespace}/{name}: still conflicting after 5 attempts: {last_error}"))
+    Err(format!("still conflicting after 5 attempts: {last_error}"))
 }
 
-/// A Warning Event on a registration Secret (a refused kubeconfig, a claimed cluster id).
-pub async fn warn_on_secret(
-    recorder: &Recorder,
-    secret: ObjectReference,
-    reason: &str,
-    note: String,
-    metrics: &Metrics,
-) {
-    let event = Event {
+/// A Warning Event on a registration Secret (a refused kubeconfig, a claimed cluster id). Not
+/// being able to publish it is logged, not retried: the problem stays in /debug and the metrics.
+async fn warn_on_secret(recorder: &Recorder, event: SecretEvent, metrics: &Metrics) {
+    let published = Event {
         type_: EventType::Warning,
-        reason: reason.to_string(),
-        note: Some(note),
+        reason: event.reason,
+        note: Some(event.note),
         action: "Register".to_string(),
         secondary: None,
     };
-    let result = recorder.publish(&event, &secret).await;
-    metrics.write("_hub", "create", "Event", result.is_ok());
+    let result = recorder.publish(&published, &event.secret).await;
+    metrics.write(HUB, "create", "Event", result.is_ok());
     if let Err(e) = result {
         tracing::warn!(error = %short(&e), "could not publish an Event on a registration Secret");
     }

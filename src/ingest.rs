@@ -1,0 +1,305 @@
+//! Ingest: Kubernetes objects, as they arrive from a watch or a file, distilled into the model's
+//! records, and policies judged (valid, or invalid with the reason). Pure; the model keeps what
+//! comes out of here and nothing else of the objects.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::crd::{
+    ClientConnectionConfig, ClientConnectionConfigSpec, Dependency, GlobalTrafficPolicy, GlobalTrafficPolicySpec,
+    LbType, OutlierDetection,
+};
+use crate::istio::Sidecar;
+use crate::meta::{
+    ANNOTATION_ENV, ANNOTATION_INCLUDE_INBOUND_PORTS, DEFAULT_ENV, Kind, LABEL_PRIORITY, LABEL_REGION,
+    LABEL_REGION_LEGACY, annotation, has_ignore, is_dns_label, is_managed, label,
+};
+use crate::model::{DependencyEntry, ObjectRef, Policy, Record, ServiceInfo, ServicePortInfo, Workload};
+
+/// One object of a kind the engine reads.
+#[derive(Clone, Debug)]
+pub enum InputObject {
+    Deployment(Box<Deployment>),
+    Service(Box<Service>),
+    Node(Box<Node>),
+    Namespace(Box<Namespace>),
+    Sidecar(Box<Sidecar>),
+    GlobalTrafficPolicy(Box<GlobalTrafficPolicy>),
+    OutlierDetection(Box<OutlierDetection>),
+    ClientConnectionConfig(Box<ClientConnectionConfig>),
+    Dependency(Box<Dependency>),
+}
+
+/// `$body` with `$o` bound to the object inside any variant.
+macro_rules! each_input {
+    ($obj:expr, $o:ident => $body:expr) => {
+        match $obj {
+            InputObject::Deployment($o) => $body,
+            InputObject::Service($o) => $body,
+            InputObject::Node($o) => $body,
+            InputObject::Namespace($o) => $body,
+            InputObject::Sidecar($o) => $body,
+            InputObject::GlobalTrafficPolicy($o) => $body,
+            InputObject::OutlierDetection($o) => $body,
+            InputObject::ClientConnectionConfig($o) => $body,
+            InputObject::Dependency($o) => $body,
+        }
+    };
+}
+
+impl InputObject {
+    pub fn kind(&self) -> Kind {
+        match self {
+            InputObject::Deployment(_) => Kind::Deployment,
+            InputObject::Service(_) => Kind::Service,
+            InputObject::Node(_) => Kind::Node,
+            InputObject::Namespace(_) => Kind::Namespace,
+            InputObject::Sidecar(_) => Kind::Sidecar,
+            InputObject::GlobalTrafficPolicy(_) => Kind::GlobalTrafficPolicy,
+            InputObject::OutlierDetection(_) => Kind::OutlierDetection,
+            InputObject::ClientConnectionConfig(_) => Kind::ClientConnectionConfig,
+            InputObject::Dependency(_) => Kind::Dependency,
+        }
+    }
+
+    pub fn meta(&self) -> &ObjectMeta {
+        each_input!(self, o => &o.metadata)
+    }
+
+    pub fn meta_mut(&mut self) -> &mut ObjectMeta {
+        each_input!(self, o => &mut o.metadata)
+    }
+
+    /// (namespace, name); the namespace is empty for cluster-scoped kinds.
+    pub fn key(&self) -> (String, String) {
+        let m = self.meta();
+        (m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default())
+    }
+}
+
+/// What the model keeps of `obj`, seen in `cluster`; None for what it ignores (a Sidecar
+/// flotilla manages is its own output, not an input).
+pub fn distill(obj: &InputObject, cluster: &str, identity_label: &str) -> Option<Record> {
+    let (namespace, name) = obj.key();
+    let at = || ObjectRef { cluster: cluster.to_string(), namespace: namespace.clone(), name: name.clone() };
+    Some(match obj {
+        InputObject::Deployment(d) => Record::Workload(distill_workload(d, identity_label)),
+        InputObject::Service(s) => Record::Service(distill_service(s)),
+        InputObject::Node(n) => Record::Node(node_region(n)),
+        InputObject::Namespace(n) => Record::Namespace { opted_out: has_ignore(&n.metadata) },
+        InputObject::Sidecar(s) if is_managed(&s.metadata) => return None,
+        InputObject::Sidecar(s) => {
+            Record::ForeignSidecar { selector: s.spec.workload_selector.as_ref().map(|ws| ws.labels.clone()) }
+        }
+        InputObject::GlobalTrafficPolicy(g) => {
+            let mut policy = policy_header(at(), &g.metadata, Some(&g.spec.selector), identity_label);
+            policy.priority = match label(&g.metadata, LABEL_PRIORITY) {
+                None => 0,
+                Some(p) => p.trim().parse().unwrap_or_else(|_| {
+                    policy.warnings.push(format!("label {LABEL_PRIORITY}={p:?} is not an integer; using 0"));
+                    0
+                }),
+            };
+            let verdict = validate_gtp(&g.spec, &policy.env);
+            Record::GlobalTrafficPolicy(judged(policy, &g.spec, verdict))
+        }
+        InputObject::OutlierDetection(o) => {
+            let policy = policy_header(at(), &o.metadata, Some(&o.spec.selector), identity_label);
+            Record::OutlierDetection(judged(policy, &o.spec, Ok(())))
+        }
+        InputObject::ClientConnectionConfig(o) => {
+            let policy = policy_header(at(), &o.metadata, Some(&o.spec.selector), identity_label);
+            let verdict = validate_connection_config(&o.spec);
+            Record::ClientConnectionConfig(judged(policy, &o.spec, verdict))
+        }
+        InputObject::Dependency(d) => Record::Dependency(distill_dependency(at(), d)),
+    })
+}
+
+/// The policy with its spec in force when valid, or the reason it is not.
+fn judged<S: Clone>(mut policy: Policy<S>, spec: &S, verdict: Result<(), String>) -> Policy<S> {
+    match verdict {
+        Ok(()) => policy.effective = Some(spec.clone()),
+        Err(reason) => policy.invalid = Some(reason),
+    }
+    policy
+}
+
+/// Env from annotation `admiral.io/env`, label `admiral.io/env`, label `env`, then `fallback`.
+fn env_of(meta: &ObjectMeta, fallback: Option<&String>) -> String {
+    annotation(meta, ANNOTATION_ENV)
+        .or_else(|| label(meta, ANNOTATION_ENV))
+        .or_else(|| label(meta, "env"))
+        .or(fallback)
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .unwrap_or(DEFAULT_ENV)
+        .to_string()
+}
+
+/// A port number as Kubernetes allows it (1..=65535); anything else is treated as absent.
+fn valid_port(n: i32) -> Option<u16> {
+    u16::try_from(n).ok().filter(|p| *p > 0)
+}
+
+pub fn distill_workload(d: &Deployment, identity_label: &str) -> Workload {
+    let template_meta = d.spec.as_ref().and_then(|s| s.template.metadata.clone()).unwrap_or_default();
+    let (identity, identity_from_label) = match label(&template_meta, identity_label) {
+        Some(v) if !v.trim().is_empty() => (Some(v.trim().to_string()), true),
+        _ => match annotation(&template_meta, identity_label) {
+            Some(v) if !v.trim().is_empty() => (Some(v.trim().to_string()), false),
+            _ => (None, false),
+        },
+    };
+    let inbound_port = annotation(&template_meta, ANNOTATION_INCLUDE_INBOUND_PORTS)
+        .and_then(|v| v.split(',').find_map(|p| p.trim().parse::<i32>().ok().and_then(valid_port)));
+    Workload {
+        namespace: d.metadata.namespace.clone().unwrap_or_default(),
+        name: d.metadata.name.clone().unwrap_or_default(),
+        identity,
+        identity_from_label,
+        env: env_of(&template_meta, None),
+        opted_out: has_ignore(&d.metadata) || has_ignore(&template_meta),
+        pod_labels: template_meta.labels.clone().unwrap_or_default(),
+        inbound_port,
+    }
+}
+
+/// A Service's ports, without those whose numbers Kubernetes would not accept (a hand-written
+/// manifest can hold anything), which are reported instead.
+pub fn distill_service(s: &Service) -> ServiceInfo {
+    let spec = s.spec.clone().unwrap_or_default();
+    let lb_address = s
+        .status
+        .as_ref()
+        .and_then(|st| st.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .and_then(|i| i.first())
+        .and_then(|i| i.ip.clone().or_else(|| i.hostname.clone()));
+    let external_address = lb_address.or_else(|| spec.external_ips.as_ref().and_then(|ips| ips.first().cloned()));
+    let mut problems = Vec::new();
+    let ports = spec
+        .ports
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| match valid_port(p.port) {
+            Some(port) => {
+                Some(ServicePortInfo { name: p.name, port, target_port: p.target_port, app_protocol: p.app_protocol })
+            }
+            None => {
+                problems.push(format!("port {} is not a port number (1-65535); ignored", p.port));
+                None
+            }
+        })
+        .collect();
+    ServiceInfo {
+        namespace: s.metadata.namespace.clone().unwrap_or_default(),
+        name: s.metadata.name.clone().unwrap_or_default(),
+        labels: s.metadata.labels.clone().unwrap_or_default(),
+        selector: spec.selector.clone().unwrap_or_default(),
+        ports,
+        opted_out: has_ignore(&s.metadata),
+        created: s.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        external_address,
+        problems,
+    }
+}
+
+fn node_region(n: &Node) -> Option<String> {
+    label(&n.metadata, LABEL_REGION).or_else(|| label(&n.metadata, LABEL_REGION_LEGACY)).cloned()
+}
+
+fn distill_dependency(at: ObjectRef, d: &Dependency) -> DependencyEntry {
+    let source = d.spec.source.trim().to_string();
+    let mut destinations: BTreeSet<String> =
+        d.spec.destinations.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let wildcard = destinations.remove("*");
+    let invalid = if source.is_empty() { Some("spec.source is empty".to_string()) } else { None };
+    DependencyEntry { at, source, destinations, wildcard, generation: d.metadata.generation, invalid }
+}
+
+/// Identity, env and bookkeeping common to the policy kinds (spec handled by the caller).
+fn policy_header<S>(
+    at: ObjectRef,
+    meta: &ObjectMeta,
+    selector: Option<&BTreeMap<String, String>>,
+    identity_label: &str,
+) -> Policy<S> {
+    let from_selector = |key: &str| selector.and_then(|s| s.get(key));
+    let identity = label(meta, identity_label)
+        .or_else(|| from_selector(identity_label))
+        .or_else(|| from_selector("identity"))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    let env = env_of(meta, from_selector("env").or_else(|| from_selector(ANNOTATION_ENV)));
+    let mut warnings = Vec::new();
+    if identity.is_none() {
+        warnings.push(format!("no identity: set label {identity_label:?} or spec.selector.{identity_label}"));
+    }
+    Policy {
+        at,
+        identity,
+        env,
+        priority: 0,
+        created: meta.creation_timestamp.as_ref().map(|t| t.0),
+        generation: meta.generation,
+        effective: None,
+        invalid: None,
+        warnings,
+    }
+}
+
+/// Checks the rules that the CRD schema cannot express (or that objects written before the
+/// schema existed may break). The first broken rule is the reason.
+pub fn validate_gtp(spec: &GlobalTrafficPolicySpec, env: &str) -> Result<(), String> {
+    let mut seen = BTreeSet::new();
+    for (i, p) in spec.policy.iter().enumerate() {
+        let at = format!("spec.policy[{i}]");
+        let lb = p.lb_type().map_err(|e| format!("{at}: {e}"))?;
+        let prefix = p.host_prefix(env).map(str::to_ascii_lowercase);
+        if let Some(pre) = &prefix
+            && !is_dns_label(pre)
+        {
+            return Err(format!("{at}: dnsPrefix {pre:?} is not a DNS label (a-z, 0-9, '-', at most 63)"));
+        }
+        if !seen.insert(prefix.clone()) {
+            let shown = prefix.unwrap_or_else(|| "default".into());
+            return Err(format!(
+                "{at}: dnsPrefix {shown:?} appears twice (\"\", \"default\" and the env all mean the default host)"
+            ));
+        }
+        let targets = p.target.as_deref().unwrap_or_default();
+        let mut sum = 0i64;
+        let mut regions = BTreeSet::new();
+        for (j, t) in targets.iter().enumerate() {
+            if !regions.insert(t.region.trim()) {
+                return Err(format!("{at}.target[{j}]: region {:?} appears twice", t.region.trim()));
+            }
+            let w = t.weight.unwrap_or(0);
+            if !(0..=100).contains(&w) {
+                return Err(format!("{at}.target[{j}]: weight {w} is outside 0..100"));
+            }
+            if t.region.trim().is_empty() {
+                return Err(format!("{at}.target[{j}]: region is empty"));
+            }
+            sum += i64::from(w);
+        }
+        if sum != 0 && sum != 100 {
+            return Err(format!("{at}: target weights sum to {sum}, not 100"));
+        }
+        if lb == LbType::Failover && sum == 0 {
+            return Err(format!("{at}: FAILOVER needs targets whose weights sum to 100"));
+        }
+    }
+    Ok(())
+}
+
+pub fn validate_connection_config(spec: &ClientConnectionConfigSpec) -> Result<(), String> {
+    match spec.connection_pool.as_ref().and_then(|c| c.http.as_ref()).and_then(|h| h.h2_upgrade_policy.as_ref()) {
+        None => Ok(()),
+        Some(v) => crate::crd::h2_upgrade_policy_name(v).map(|_| ()),
+    }
+}

@@ -1,0 +1,165 @@
+//! The shared vocabulary: the names flotilla writes and reads on objects, the kinds it knows, and
+//! the small checks every layer needs. The leaf of the crate: it uses nothing else of ours.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// The value of `app.kubernetes.io/managed-by` on everything flotilla writes, and its
+/// server-side-apply field manager.
+pub const MANAGER: &str = "flotilla";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const LABEL_IDENTITY: &str = "flotilla.io/identity";
+pub const LABEL_ENV: &str = "flotilla.io/env";
+
+/// Admiral's names, read on workloads, Services, Namespaces and policies.
+pub const ANNOTATION_ENV: &str = "admiral.io/env";
+pub const LABEL_IGNORE: &str = "admiral.io/ignore";
+pub const ANNOTATION_INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
+pub const LABEL_PRIORITY: &str = "priority";
+pub const DEFAULT_ENV: &str = "default";
+
+pub const LABEL_REGION: &str = "topology.kubernetes.io/region";
+pub const LABEL_REGION_LEGACY: &str = "failure-domain.beta.kubernetes.io/region";
+/// Where the gateway Services live, and a namespace every Sidecar lets through.
+pub const GATEWAY_NAMESPACE: &str = "istio-system";
+/// Istio's endpoint label that turns on mTLS towards a remote gateway.
+pub const LABEL_TLS_MODE: &str = "security.istio.io/tlsMode";
+
+/// Annotations of a registration Secret that override discovery for its clusters.
+pub const ANNOTATION_REGION: &str = "flotilla.io/region";
+pub const ANNOTATION_GATEWAY_ADDRESS: &str = "flotilla.io/gateway-address";
+pub const ANNOTATION_GATEWAY_PORT: &str = "flotilla.io/gateway-port";
+
+/// The pseudo cluster id under which Dependencies kept in a hub that is not a member are stored.
+/// Not a DNS label, so it can never collide with a member's id.
+pub const HUB: &str = "_hub";
+
+/// Every kind flotilla reads or writes. Declared in alphabetical order: the order of written
+/// objects (all of one apiVersion) is the order of their kinds' names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Kind {
+    ClientConnectionConfig,
+    Dependency,
+    Deployment,
+    DestinationRule,
+    GlobalTrafficPolicy,
+    Namespace,
+    Node,
+    OutlierDetection,
+    Service,
+    ServiceEntry,
+    Sidecar,
+}
+
+impl Kind {
+    /// The kinds flotilla writes into members.
+    pub const OUTPUTS: [Kind; 3] = [Kind::DestinationRule, Kind::ServiceEntry, Kind::Sidecar];
+    /// The policy kinds, which carry a status flotilla writes.
+    pub const POLICIES: [Kind; 4] =
+        [Kind::ClientConnectionConfig, Kind::Dependency, Kind::GlobalTrafficPolicy, Kind::OutlierDetection];
+
+    pub fn is_output(self) -> bool {
+        Self::OUTPUTS.contains(&self)
+    }
+
+    pub fn is_policy(self) -> bool {
+        Self::POLICIES.contains(&self)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+pub fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a String> {
+    meta.labels.as_ref().and_then(|l| l.get(key))
+}
+
+pub fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a String> {
+    meta.annotations.as_ref().and_then(|a| a.get(key))
+}
+
+/// Whether an object carries flotilla's managed-by label: the only objects it ever modifies.
+pub fn is_managed(meta: &ObjectMeta) -> bool {
+    label(meta, LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGER)
+}
+
+/// `admiral.io/ignore: "true"` as a label or an annotation.
+pub fn has_ignore(meta: &ObjectMeta) -> bool {
+    let truthy = |v: Option<&String>| v.is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    truthy(label(meta, LABEL_IGNORE)) || truthy(annotation(meta, LABEL_IGNORE))
+}
+
+/// The labels on every object flotilla writes.
+pub fn managed_labels(identity: &str, env: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
+        (LABEL_IDENTITY.to_string(), identity.to_string()),
+        (LABEL_ENV.to_string(), env.to_string()),
+    ])
+}
+
+/// RFC 1123 label: lower-case alphanumerics and '-', starting and ending alphanumeric, ≤ 63.
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// RFC 1123 subdomain: dot-separated labels, ≤ 253 in all (the rule for object names).
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// FNV-1a: a fixed, platform-independent hash (std's hasher is randomised per process), for
+/// choices that must be the same in every process: a host's first VIP candidate.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The first non-empty line of an error message, without a leading `error: `: what a one-line
+/// report about a broken input shows.
+pub fn first_line(s: &str) -> String {
+    let line = s.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or(s.trim());
+    line.strip_prefix("error: ").unwrap_or(line).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_order_like_their_names() {
+        let all = [
+            Kind::ClientConnectionConfig,
+            Kind::Dependency,
+            Kind::Deployment,
+            Kind::DestinationRule,
+            Kind::GlobalTrafficPolicy,
+            Kind::Namespace,
+            Kind::Node,
+            Kind::OutlierDetection,
+            Kind::Service,
+            Kind::ServiceEntry,
+            Kind::Sidecar,
+        ];
+        let mut by_name = all;
+        by_name.sort_by_key(|k| k.to_string());
+        assert_eq!(by_name, all);
+    }
+
+    #[test]
+    fn dns_names_and_first_lines() {
+        assert!(is_dns_label("a-1") && !is_dns_label("-a") && !is_dns_label("A") && !is_dns_label(""));
+        assert!(is_dns_subdomain("stage.greeting.global") && !is_dns_subdomain("a..b"));
+        assert_eq!(first_line("\n  error: bad thing\nmore"), "bad thing");
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+    }
+}

@@ -1,0 +1,495 @@
+//! `Fleet`: every member's records and the policies, with the indexes that make one identity
+//! cheap to recompute, and the bookkeeping of what changed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{
+    Cluster, ClusterHealth, ClusterId, ClusterOverrides, DependencyEntry, Dirty, NsName, ObjectRef, Policy, Reach,
+    Record, ServiceInfo, Workload,
+};
+use crate::crd::{ClientConnectionConfigSpec, GlobalTrafficPolicySpec, OutlierDetectionSpec};
+use crate::meta::{GATEWAY_NAMESPACE, HUB, Kind};
+
+/// The whole fleet: members, policies, and the indexes that make per-identity recompute cheap.
+#[derive(Clone, Debug)]
+pub struct Fleet {
+    identity_label: String,
+    pub clusters: BTreeMap<ClusterId, Cluster>,
+    pub gtps: BTreeMap<ObjectRef, Policy<GlobalTrafficPolicySpec>>,
+    pub outlier_detections: BTreeMap<ObjectRef, Policy<OutlierDetectionSpec>>,
+    pub connection_configs: BTreeMap<ObjectRef, Policy<ClientConnectionConfigSpec>>,
+    pub dependencies: BTreeMap<ObjectRef, DependencyEntry>,
+    /// identity → where its workloads are (cluster, namespace, name).
+    by_identity: BTreeMap<String, BTreeSet<(ClusterId, NsName)>>,
+    /// Lower-cased identity → the identities with workloads that lower-case to it. Hosts and
+    /// object names are lower-cased, so identities that differ only in case would collide.
+    by_folded: BTreeMap<String, BTreeSet<String>>,
+    /// identity → the GTPs / ODs / CCCs that name it.
+    gtps_by_identity: BTreeMap<String, BTreeSet<ObjectRef>>,
+    ods_by_identity: BTreeMap<String, BTreeSet<ObjectRef>>,
+    cccs_by_identity: BTreeMap<String, BTreeSet<ObjectRef>>,
+    /// source identity → its Dependencies.
+    deps_by_source: BTreeMap<String, BTreeSet<ObjectRef>>,
+    /// destination identity → sources that name it explicitly.
+    clients_by_destination: BTreeMap<String, BTreeSet<String>>,
+    /// sources with a `*` destination.
+    wildcard_sources: BTreeSet<String>,
+    /// source → the destinations it currently contributes to `clients_by_destination`.
+    named_by_source: BTreeMap<String, BTreeSet<String>>,
+    dirty: Dirty,
+}
+
+impl Fleet {
+    pub fn new(identity_label: &str) -> Self {
+        Fleet {
+            identity_label: identity_label.to_string(),
+            clusters: BTreeMap::new(),
+            gtps: BTreeMap::new(),
+            outlier_detections: BTreeMap::new(),
+            connection_configs: BTreeMap::new(),
+            dependencies: BTreeMap::new(),
+            by_identity: BTreeMap::new(),
+            by_folded: BTreeMap::new(),
+            gtps_by_identity: BTreeMap::new(),
+            ods_by_identity: BTreeMap::new(),
+            cccs_by_identity: BTreeMap::new(),
+            deps_by_source: BTreeMap::new(),
+            clients_by_destination: BTreeMap::new(),
+            wildcard_sources: BTreeSet::new(),
+            named_by_source: BTreeMap::new(),
+            dirty: Dirty { all: true, facts: true, identities: BTreeMap::new() },
+        }
+    }
+
+    pub fn identity_label(&self) -> &str {
+        &self.identity_label
+    }
+
+    /// The identities touched since the last call; everything on the first call.
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Makes the next recompute a full one.
+    pub fn mark_all_dirty(&mut self) {
+        self.dirty.all = true;
+    }
+
+    /// Adds a member (or updates its overrides). A new or changed member can change endpoints,
+    /// localities and targets of many identities, so everything is recomputed.
+    pub fn upsert_cluster(&mut self, id: &str, overrides: ClusterOverrides) {
+        let cluster = self.clusters.entry(id.to_string()).or_insert_with(|| {
+            self.dirty.all = true;
+            Cluster { id: id.to_string(), ..Default::default() }
+        });
+        if cluster.overrides != overrides {
+            cluster.overrides = overrides;
+            self.dirty.all = true;
+        }
+    }
+
+    /// Removes a member and everything learned from it.
+    pub fn remove_cluster(&mut self, id: &str) {
+        let Some(cluster) = self.clusters.remove(id) else {
+            return;
+        };
+        for w in cluster.workloads.values() {
+            self.unindex_workload(id, w);
+        }
+        let in_cluster = |r: &&ObjectRef| r.cluster == id;
+        let gtps: Vec<ObjectRef> = self.gtps.keys().filter(in_cluster).cloned().collect();
+        let ods: Vec<ObjectRef> = self.outlier_detections.keys().filter(in_cluster).cloned().collect();
+        let cccs: Vec<ObjectRef> = self.connection_configs.keys().filter(in_cluster).cloned().collect();
+        let deps: Vec<ObjectRef> = self.dependencies.keys().filter(in_cluster).cloned().collect();
+        for (kind, refs) in [
+            (Kind::GlobalTrafficPolicy, gtps),
+            (Kind::OutlierDetection, ods),
+            (Kind::ClientConnectionConfig, cccs),
+            (Kind::Dependency, deps),
+        ] {
+            for r in refs {
+                self.delete(id, kind, &r.namespace, &r.name);
+            }
+        }
+        self.dirty.all = true;
+    }
+
+    /// Marks a member stale or synced. A stale member keeps its last known state (fail static),
+    /// so no identity's objects change; the per-member facts (what is written where, and the
+    /// clusters' diagnostics) do.
+    pub fn set_health(&mut self, id: &str, health: ClusterHealth) {
+        if let Some(c) = self.clusters.get_mut(id)
+            && c.health != health
+        {
+            c.health = health;
+            self.dirty.facts = true;
+        }
+    }
+
+    /// Identities that have workloads anywhere, are named by a policy, or are Dependency sources.
+    pub fn identities(&self) -> BTreeSet<String> {
+        let mut all: BTreeSet<String> = self.by_identity.keys().cloned().collect();
+        all.extend(self.gtps_by_identity.keys().cloned());
+        all.extend(self.ods_by_identity.keys().cloned());
+        all.extend(self.cccs_by_identity.keys().cloned());
+        all.extend(self.deps_by_source.keys().cloned());
+        all
+    }
+
+    /// The workloads of one identity, in (cluster, namespace, name) order.
+    pub fn workloads_of<'a>(&'a self, identity: &str) -> impl Iterator<Item = (&'a Cluster, &'a Workload)> + 'a {
+        self.by_identity.get(identity).into_iter().flatten().filter_map(move |(c, key)| {
+            let cluster = self.clusters.get(c)?;
+            let w = cluster.workloads.get(key)?;
+            Some((cluster, w))
+        })
+    }
+
+    /// The identities with workloads whose names equal `identity` but for case (itself included
+    /// if it has workloads), in byte order: the first owns the hosts they would share.
+    pub fn case_twins(&self, identity: &str) -> impl Iterator<Item = &str> {
+        self.by_folded.get(&identity.to_ascii_lowercase()).into_iter().flatten().map(String::as_str)
+    }
+
+    /// Members where a federated workload of `identity` runs (any env).
+    pub fn clusters_running(&self, identity: &str) -> BTreeSet<&str> {
+        self.workloads_of(identity).filter(|(c, w)| c.is_federated(w)).map(|(c, _)| c.id.as_str()).collect()
+    }
+
+    pub fn gtps_of(&self, identity: &str) -> impl Iterator<Item = &Policy<GlobalTrafficPolicySpec>> {
+        self.gtps_by_identity.get(identity).into_iter().flatten().filter_map(|r| self.gtps.get(r))
+    }
+    pub fn outlier_detections_of(&self, identity: &str) -> impl Iterator<Item = &Policy<OutlierDetectionSpec>> {
+        self.ods_by_identity.get(identity).into_iter().flatten().filter_map(|r| self.outlier_detections.get(r))
+    }
+    pub fn connection_configs_of(&self, identity: &str) -> impl Iterator<Item = &Policy<ClientConnectionConfigSpec>> {
+        self.cccs_by_identity.get(identity).into_iter().flatten().filter_map(|r| self.connection_configs.get(r))
+    }
+    pub fn dependencies_of(&self, source: &str) -> impl Iterator<Item = &DependencyEntry> {
+        self.deps_by_source.get(source).into_iter().flatten().filter_map(|r| self.dependencies.get(r))
+    }
+
+    /// Identities that depend on `destination`: those naming it, and those with `*`.
+    pub fn clients_of(&self, destination: &str) -> BTreeSet<&str> {
+        let mut out: BTreeSet<&str> = self.wildcard_sources.iter().map(String::as_str).collect();
+        if let Some(named) = self.clients_by_destination.get(destination) {
+            out.extend(named.iter().map(String::as_str));
+        }
+        out
+    }
+
+    /// Sources that name `destination` explicitly (not through `*`).
+    pub fn named_clients_of(&self, destination: &str) -> impl Iterator<Item = &str> {
+        self.clients_by_destination.get(destination).into_iter().flatten().map(String::as_str)
+    }
+
+    /// Sources with a `*` destination: clients of every identity.
+    pub fn wildcard_sources(&self) -> impl Iterator<Item = &str> {
+        self.wildcard_sources.iter().map(String::as_str)
+    }
+
+    /// Destinations that `source` names explicitly (not through `*`) in its valid Dependencies,
+    /// in order.
+    pub fn destinations_of(&self, source: &str) -> impl Iterator<Item = &str> {
+        self.named_by_source.get(source).into_iter().flatten().map(String::as_str)
+    }
+
+    pub fn has_wildcard(&self, source: &str) -> bool {
+        self.wildcard_sources.contains(source)
+    }
+
+    /// Adds or replaces the record of one object seen in cluster `cluster` (or `HUB`).
+    pub fn upsert(&mut self, cluster: &str, namespace: &str, name: &str, record: Record) {
+        if cluster != HUB && !self.clusters.contains_key(cluster) {
+            self.upsert_cluster(cluster, ClusterOverrides::default());
+        }
+        let key = || (namespace.to_string(), name.to_string());
+        match record {
+            Record::Workload(w) => self.set_workload(cluster, key(), Some(w)),
+            Record::Service(s) => self.set_service(cluster, key(), Some(s)),
+            Record::Node(region) => self.set_node(cluster, name.to_string(), Some(region)),
+            Record::Namespace { opted_out } => self.set_namespace_opt_out(cluster, name, opted_out),
+            Record::ForeignSidecar { selector } => {
+                if let Some(c) = self.clusters.get_mut(cluster) {
+                    c.foreign_sidecars.insert(key(), selector);
+                }
+                self.touch_namespace(cluster, namespace, Reach::Itself);
+            }
+            Record::GlobalTrafficPolicy(p) => {
+                store_policy(&mut self.gtps, &mut self.gtps_by_identity, &mut self.dirty, Reach::Clients, p)
+            }
+            Record::OutlierDetection(p) => {
+                let (policies, index) = (&mut self.outlier_detections, &mut self.ods_by_identity);
+                store_policy(policies, index, &mut self.dirty, Reach::Itself, p)
+            }
+            Record::ClientConnectionConfig(p) => {
+                let (policies, index) = (&mut self.connection_configs, &mut self.cccs_by_identity);
+                store_policy(policies, index, &mut self.dirty, Reach::Itself, p)
+            }
+            Record::Dependency(d) => self.set_dependency(d.at.clone(), Some(d)),
+        }
+    }
+
+    /// Removes one object; unknown objects are ignored.
+    pub fn delete(&mut self, cluster: &str, kind: Kind, namespace: &str, name: &str) {
+        let key = (namespace.to_string(), name.to_string());
+        let at = ObjectRef { cluster: cluster.to_string(), namespace: namespace.to_string(), name: name.to_string() };
+        match kind {
+            Kind::Deployment => self.set_workload(cluster, key, None),
+            Kind::Service => self.set_service(cluster, key, None),
+            Kind::Node => self.set_node(cluster, name.to_string(), None),
+            Kind::Namespace => self.set_namespace_opt_out(cluster, name, false),
+            Kind::Sidecar => {
+                if let Some(c) = self.clusters.get_mut(cluster)
+                    && c.foreign_sidecars.remove(&key).is_some()
+                {
+                    self.touch_namespace(cluster, namespace, Reach::Itself);
+                }
+            }
+            Kind::GlobalTrafficPolicy => {
+                if let Some(old) = self.gtps.remove(&at) {
+                    reindex_policy(
+                        &mut self.gtps_by_identity,
+                        &mut self.dirty,
+                        Reach::Clients,
+                        &at,
+                        old.identity,
+                        None,
+                    );
+                }
+            }
+            Kind::OutlierDetection => {
+                if let Some(old) = self.outlier_detections.remove(&at) {
+                    reindex_policy(&mut self.ods_by_identity, &mut self.dirty, Reach::Itself, &at, old.identity, None);
+                }
+            }
+            Kind::ClientConnectionConfig => {
+                if let Some(old) = self.connection_configs.remove(&at) {
+                    reindex_policy(&mut self.cccs_by_identity, &mut self.dirty, Reach::Itself, &at, old.identity, None);
+                }
+            }
+            Kind::Dependency => self.set_dependency(at, None),
+            // Not inputs: nothing of them is kept.
+            Kind::DestinationRule | Kind::ServiceEntry => {}
+        }
+    }
+
+    fn set_workload(&mut self, cluster: &str, key: NsName, new: Option<Workload>) {
+        let Some(c) = self.clusters.get_mut(cluster) else {
+            return;
+        };
+        let old = match &new {
+            Some(w) => c.workloads.insert(key, w.clone()),
+            None => c.workloads.remove(&key),
+        };
+        if old == new {
+            return;
+        }
+        // Where a `*` client runs decides where every identity is written.
+        let wildcard_client = [&old, &new]
+            .iter()
+            .any(|w| w.as_ref().and_then(|w| w.identity.as_ref()).is_some_and(|id| self.wildcard_sources.contains(id)));
+        if wildcard_client {
+            self.dirty.all = true;
+        }
+        if let Some(o) = &old {
+            self.unindex_workload(cluster, o);
+        }
+        if let Some(n) = &new {
+            if let Some(id) = &n.identity {
+                let key = (n.namespace.clone(), n.name.clone());
+                let places = self.by_identity.entry(id.clone()).or_default();
+                if places.is_empty() {
+                    self.by_folded.entry(id.to_ascii_lowercase()).or_default().insert(id.clone());
+                }
+                places.insert((cluster.to_string(), key));
+            }
+            self.dirty.touch(n.identity.as_deref(), Reach::Neighbours);
+        }
+    }
+
+    fn unindex_workload(&mut self, cluster: &str, w: &Workload) {
+        if let Some(id) = &w.identity
+            && let Some(set) = self.by_identity.get_mut(id)
+        {
+            set.remove(&(cluster.to_string(), (w.namespace.clone(), w.name.clone())));
+            if set.is_empty() {
+                self.by_identity.remove(id);
+                let folded = id.to_ascii_lowercase();
+                if let Some(twins) = self.by_folded.get_mut(&folded) {
+                    twins.remove(id);
+                    if twins.is_empty() {
+                        self.by_folded.remove(&folded);
+                    }
+                }
+            }
+        }
+        self.dirty.touch(w.identity.as_deref(), Reach::Neighbours);
+    }
+
+    fn set_service(&mut self, cluster: &str, key: NsName, new: Option<ServiceInfo>) {
+        let Some(c) = self.clusters.get_mut(cluster) else {
+            return;
+        };
+        let gateway_namespace = key.0 == GATEWAY_NAMESPACE;
+        let old = match &new {
+            Some(s) => c.services.insert(key.clone(), s.clone()),
+            None => c.services.remove(&key),
+        };
+        if old == new {
+            return;
+        }
+        // A gateway Service moves the address every other member uses to reach this one.
+        if gateway_namespace {
+            self.dirty.all = true;
+        }
+        self.touch_namespace(cluster, &key.0, Reach::Neighbours);
+    }
+
+    fn set_node(&mut self, cluster: &str, name: String, region: Option<Option<String>>) {
+        let Some(c) = self.clusters.get_mut(cluster) else {
+            return;
+        };
+        let before = c.region();
+        match region {
+            Some(r) => c.nodes.insert(name, r),
+            None => c.nodes.remove(&name),
+        };
+        if c.region() != before {
+            self.dirty.all = true;
+        }
+    }
+
+    fn set_namespace_opt_out(&mut self, cluster: &str, namespace: &str, opted_out: bool) {
+        let Some(c) = self.clusters.get_mut(cluster) else {
+            return;
+        };
+        let changed = if opted_out {
+            c.opted_out_namespaces.insert(namespace.to_string())
+        } else {
+            c.opted_out_namespaces.remove(namespace)
+        };
+        if changed {
+            self.touch_namespace(cluster, namespace, Reach::Neighbours);
+        }
+    }
+
+    /// Marks every identity with a workload in `cluster`/`namespace`.
+    fn touch_namespace(&mut self, cluster: &str, namespace: &str, reach: Reach) {
+        let Some(c) = self.clusters.get(cluster) else {
+            return;
+        };
+        for w in c.workloads_in(namespace) {
+            self.dirty.touch(w.identity.as_deref(), reach);
+        }
+    }
+
+    fn set_dependency(&mut self, at: ObjectRef, new: Option<DependencyEntry>) {
+        let old = match &new {
+            Some(d) => self.dependencies.insert(at.clone(), d.clone()),
+            None => self.dependencies.remove(&at),
+        };
+        if old == new {
+            return;
+        }
+        let mut sources = BTreeSet::new();
+        for d in old.iter().chain(new.iter()) {
+            // Its Sidecars and this Dependency's status.
+            self.dirty.touch(Some(&d.source), Reach::Itself);
+            // A wildcard client changes the targets of every identity.
+            if d.wildcard {
+                self.dirty.all = true;
+            }
+            sources.insert(d.source.clone());
+        }
+        if let Some(o) = &old
+            && let Some(set) = self.deps_by_source.get_mut(&o.source)
+        {
+            set.remove(&at);
+            if set.is_empty() {
+                self.deps_by_source.remove(&o.source);
+            }
+        }
+        if let Some(n) = &new {
+            self.deps_by_source.entry(n.source.clone()).or_default().insert(at);
+        }
+        for source in sources {
+            self.reindex_source(&source);
+        }
+    }
+
+    /// Rebuilds the reverse dependency index entries of one source from its Dependencies, and
+    /// marks the destinations it began or stopped naming: they are written to other clusters now.
+    /// A destination it names in another Dependency too keeps its clients, and is not marked.
+    fn reindex_source(&mut self, source: &str) {
+        let before = self.named_by_source.remove(source).unwrap_or_default();
+        for dest in &before {
+            if let Some(set) = self.clients_by_destination.get_mut(dest) {
+                set.remove(source);
+                if set.is_empty() {
+                    self.clients_by_destination.remove(dest);
+                }
+            }
+        }
+        self.wildcard_sources.remove(source);
+        let mut named = BTreeSet::new();
+        let mut wildcard = false;
+        for d in self.dependencies_of(source).filter(|d| d.invalid.is_none()) {
+            wildcard |= d.wildcard;
+            named.extend(d.destinations.iter().cloned());
+        }
+        if wildcard {
+            self.wildcard_sources.insert(source.to_string());
+        }
+        for dest in &named {
+            self.clients_by_destination.entry(dest.clone()).or_default().insert(source.to_string());
+        }
+        for dest in before.symmetric_difference(&named) {
+            self.dirty.touch(Some(dest), Reach::Itself);
+        }
+        if !named.is_empty() {
+            self.named_by_source.insert(source.to_string(), named);
+        }
+    }
+}
+
+/// Stores a judged policy under its identity. An invalid spec does not replace the last valid
+/// one, which stays in force; the reason is kept for the policy's status.
+fn store_policy<S: Clone>(
+    policies: &mut BTreeMap<ObjectRef, Policy<S>>,
+    index: &mut BTreeMap<String, BTreeSet<ObjectRef>>,
+    dirty: &mut Dirty,
+    reach: Reach,
+    mut policy: Policy<S>,
+) {
+    let at = policy.at.clone();
+    if policy.effective.is_none() {
+        policy.effective = policies.get(&at).and_then(|p| p.effective.clone());
+    }
+    let identity = policy.identity.clone();
+    let old = policies.insert(at.clone(), policy);
+    reindex_policy(index, dirty, reach, &at, old.and_then(|p| p.identity), identity);
+}
+
+fn reindex_policy(
+    index: &mut BTreeMap<String, BTreeSet<ObjectRef>>,
+    dirty: &mut Dirty,
+    reach: Reach,
+    at: &ObjectRef,
+    old: Option<String>,
+    new: Option<String>,
+) {
+    if let Some(o) = &old {
+        if let Some(set) = index.get_mut(o) {
+            set.remove(at);
+            if set.is_empty() {
+                index.remove(o);
+            }
+        }
+        dirty.touch(Some(o), reach);
+    }
+    if let Some(n) = &new {
+        index.entry(n.clone()).or_default().insert(at.clone());
+        dirty.touch(Some(n), reach);
+    }
+}

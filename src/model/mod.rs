@@ -1,0 +1,219 @@
+//! The fleet model: what flotilla knows about every member, as plain data and indexes.
+//!
+//! Records (`Record`: a workload, a Service, a judged policy, …) come from `ingest`, which
+//! distils Kubernetes objects into them; the model stores them per member, indexes them by
+//! identity so that one change can be recomputed without looking at the rest of the fleet, and
+//! records what each change touched and how far it reaches (`dirty`). No clients, clocks or I/O,
+//! and nothing of `compute`.
+
+mod dirty;
+mod fleet;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::crd::{ClientConnectionConfigSpec, GlobalTrafficPolicySpec, OutlierDetectionSpec};
+use crate::meta::GATEWAY_NAMESPACE;
+
+pub use dirty::{Dirty, Reach};
+pub use fleet::Fleet;
+
+pub type ClusterId = String;
+/// (namespace, name) of a namespaced object inside one cluster.
+pub type NsName = (String, String);
+
+/// A namespaced object somewhere in the fleet.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub cluster: ClusterId,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.cluster, self.namespace, self.name)
+    }
+}
+
+/// A member's health, as the runtime finds it from its watches (`render`'s members are all
+/// synced). An input of compute: whatever the health, a member's last known workloads stay
+/// (fail static); only a synced member is written to and pruned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ClusterHealth {
+    /// Registered; not every kind has been listed yet, so what it holds is not known.
+    Connecting,
+    #[default]
+    Synced,
+    /// Its watches have failed for too long, or its kubeconfig was refused.
+    Stale,
+}
+
+/// Per-member settings from the registration Secret's annotations or `fleet.yaml`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterOverrides {
+    pub region: Option<String>,
+    pub gateway_address: Option<String>,
+    pub gateway_port: Option<u16>,
+}
+
+/// A Deployment, reduced to what federation needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Workload {
+    pub namespace: String,
+    pub name: String,
+    pub identity: Option<String>,
+    /// Whether the identity is a pod-template label (a Sidecar can select it) or an annotation.
+    pub identity_from_label: bool,
+    pub env: String,
+    /// `admiral.io/ignore` on the workload or its pod template.
+    pub opted_out: bool,
+    pub pod_labels: BTreeMap<String, String>,
+    /// First port number in `traffic.sidecar.istio.io/includeInboundPorts`.
+    pub inbound_port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServicePortInfo {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target_port: Option<IntOrString>,
+    pub app_protocol: Option<String>,
+}
+
+/// A Service, reduced to what federation needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceInfo {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub selector: BTreeMap<String, String>,
+    pub ports: Vec<ServicePortInfo>,
+    pub opted_out: bool,
+    pub created: Option<Timestamp>,
+    /// `status.loadBalancer.ingress[0]` (ip, else hostname), else `spec.externalIPs[0]`.
+    pub external_address: Option<String>,
+    /// What was dropped while reading it (a port number Kubernetes would refuse).
+    pub problems: Vec<String>,
+}
+
+/// A policy object with what was derived from its metadata, and its last valid spec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy<S> {
+    pub at: ObjectRef,
+    pub identity: Option<String>,
+    pub env: String,
+    /// The integer `priority` label (GTPs only; absent = 0).
+    pub priority: i64,
+    pub created: Option<Timestamp>,
+    pub generation: Option<i64>,
+    /// The newest spec that passed validation. Kept when a later edit is invalid, so that a
+    /// typo never tears down working config.
+    pub effective: Option<S>,
+    /// Why the newest spec was rejected, if it was.
+    pub invalid: Option<String>,
+    /// Problems that do not invalidate the policy (e.g. an unparsable priority label).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DependencyEntry {
+    pub at: ObjectRef,
+    pub source: String,
+    pub destinations: BTreeSet<String>,
+    /// `*` among the destinations: every identity.
+    pub wildcard: bool,
+    pub generation: Option<i64>,
+    pub invalid: Option<String>,
+}
+
+/// Everything known about one member cluster.
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    pub id: ClusterId,
+    pub overrides: ClusterOverrides,
+    pub health: ClusterHealth,
+    /// Node name → its region label, if any.
+    pub nodes: BTreeMap<String, Option<String>>,
+    pub opted_out_namespaces: BTreeSet<String>,
+    pub workloads: BTreeMap<NsName, Workload>,
+    pub services: BTreeMap<NsName, ServiceInfo>,
+    /// Sidecars flotilla does not manage: their workload selector (None = the whole namespace).
+    pub foreign_sidecars: BTreeMap<NsName, Option<BTreeMap<String, String>>>,
+}
+
+impl Cluster {
+    /// The most common node region (ties: the smallest name), unless overridden.
+    pub fn region(&self) -> Option<String> {
+        if let Some(r) = &self.overrides.region {
+            return Some(r.clone());
+        }
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for region in self.nodes.values().flatten() {
+            *counts.entry(region).or_default() += 1;
+        }
+        // max_by_key returns the last maximum; iterate in reverse so ties go to the smallest name.
+        counts.iter().rev().max_by_key(|(_, n)| **n).map(|(r, _)| r.to_string())
+    }
+
+    /// The address other members use to reach this one, and how it was found.
+    pub fn gateway_address(&self, selectors: &[crate::settings::LabelTerm]) -> Option<String> {
+        if let Some(a) = &self.overrides.gateway_address {
+            return Some(a.clone());
+        }
+        for term in selectors {
+            let found = self.services_in(GATEWAY_NAMESPACE).find(|s| s.labels.get(&term.key) == Some(&term.value));
+            if let Some(svc) = found {
+                return svc.external_address.clone();
+            }
+        }
+        None
+    }
+
+    pub fn gateway_port(&self, default: u16) -> u16 {
+        self.overrides.gateway_port.unwrap_or(default)
+    }
+
+    pub fn services_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a ServiceInfo> + 'a {
+        self.services
+            .range((namespace.to_string(), String::new())..)
+            .take_while(move |((ns, _), _)| ns == namespace)
+            .map(|(_, s)| s)
+    }
+
+    pub fn workloads_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads
+            .range((namespace.to_string(), String::new())..)
+            .take_while(move |((ns, _), _)| ns == namespace)
+            .map(|(_, w)| w)
+    }
+
+    /// Whether a workload takes part in federation: not opted out itself, nor its namespace.
+    pub fn is_federated(&self, w: &Workload) -> bool {
+        w.identity.is_some() && !w.opted_out && !self.opted_out_namespaces.contains(&w.namespace)
+    }
+}
+
+/// One input object as the model keeps it (see `ingest::distill`).
+#[derive(Clone, Debug, PartialEq)]
+// Short-lived: each is built and stored at once, so the size of the largest costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Record {
+    Workload(Workload),
+    Service(ServiceInfo),
+    /// A Node's region label, if it has one.
+    Node(Option<String>),
+    Namespace {
+        opted_out: bool,
+    },
+    /// A Sidecar flotilla does not manage: its workload selector (None: the whole namespace).
+    ForeignSidecar {
+        selector: Option<BTreeMap<String, String>>,
+    },
+    GlobalTrafficPolicy(Policy<GlobalTrafficPolicySpec>),
+    OutlierDetection(Policy<OutlierDetectionSpec>),
+    ClientConnectionConfig(Policy<ClientConnectionConfigSpec>),
+    Dependency(DependencyEntry),
+}
