@@ -14,14 +14,14 @@
 
 pub mod cli;
 pub mod compute;
-pub mod controller;
+pub(crate) mod controller;
 pub mod crd;
 pub mod fleet_dir;
 pub mod ingest;
 pub mod istio;
 pub mod meta;
 pub mod model;
-pub mod register;
+pub(crate) mod register;
 pub mod render;
 pub mod settings;
 pub mod synth;

@@ -104,3 +104,38 @@ fn synth_is_deterministic_and_renders_without_errors() {
     assert!(stdout.matches("kind: ServiceEntry").count() >= 60, "every identity is written somewhere");
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+/// Values that used to overflow (a panic in `Duration`, hours wrapping) or wrap (a negative port
+/// read as a huge one) are refused with a message naming the flag or the object.
+#[test]
+fn huge_durations_and_impossible_ports_are_errors_not_panics() {
+    for (args, flag) in [
+        (vec!["run", "--debounce", "1e300"], "--debounce"),
+        (vec!["run", "--stale-after", "99999999999999999999999s"], "--stale-after"),
+        (vec!["register-cluster", "--token-duration", "18446744073709551615h"], "--token-duration"),
+    ] {
+        let (_, stderr, code) = flotilla(&args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(flag) && !stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    let (_, stderr, code) = flotilla(&["run", "--debounce", "2s", "--debounce-max", "1s"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("--debounce-max"), "{stderr}");
+
+    let dir = std::env::temp_dir().join(format!("flotilla-ports-{}", std::process::id()));
+    let member = dir.join("a");
+    std::fs::create_dir_all(&member).unwrap();
+    std::fs::write(
+        member.join("all.yaml"),
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: greeting, namespace: sample}\nspec:\n  selector: {matchLabels: {app: greeting}}\n  template:\n    metadata: {labels: {app: greeting, identity: greeting}}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: greeting, namespace: sample}\nspec:\n  selector: {app: greeting}\n  ports: [{name: http, port: -80}, {name: grpc, port: 9090}]\n",
+    )
+    .unwrap();
+    let (stdout, stderr, code) = flotilla(&["render", dir.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("Service sample/greeting: port -80 is not a port number"), "{stderr}");
+    assert!(
+        stdout.contains("greeting.sample.svc.cluster.local") && stdout.contains("grpc: 9090"),
+        "the valid port is used:\n{stdout}"
+    );
+}

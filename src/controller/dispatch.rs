@@ -56,6 +56,7 @@ impl WriterSlot {
     }
 
     /// When a failed job may be tried again.
+    #[cfg(test)]
     pub fn retry_at(&self) -> Option<Instant> {
         self.retry_at
     }

@@ -189,7 +189,7 @@ impl Driven for Runtime {
                 self.batch_started.get_or_insert(now);
                 self.apply_change(HUB, change, now);
             }
-            Input::VipStore(VipStoreEvent::Contents(store, _)) => {
+            Input::VipStore(VipStoreEvent::Contents(store)) => {
                 let first = !self.vips.loaded();
                 self.adopt_vips(Some(store), false);
                 if first {
@@ -281,8 +281,9 @@ impl Runtime {
         rt
     }
 
-    /// Replaces what a pass runs on its blocking thread (tests only need this).
-    pub fn set_compute(&mut self, compute: Compute) {
+    /// Replaces what a pass runs on its blocking thread.
+    #[cfg(test)]
+    fn set_compute(&mut self, compute: Compute) {
         self.compute = compute;
     }
 
@@ -826,7 +827,7 @@ mod tests {
             assert!(waited.is_ok(), "the debug view did not answer while the pass computed");
             engine.recompute()
         }));
-        runtime.handle(Input::VipStore(VipStoreEvent::Contents(BTreeMap::new(), None))).await;
+        runtime.handle(Input::VipStore(VipStoreEvent::Contents(BTreeMap::new()))).await;
         let pass = tokio::spawn(async move {
             runtime.pass().await;
             runtime

@@ -115,7 +115,7 @@ pub fn spawn_hub_watches(
         while let Some(event) = stream.next().await {
             let store = match event {
                 Ok(watcher::Event::Apply(cm)) => parse_vip_store(&cm),
-                Ok(watcher::Event::Delete(_)) => VipStoreEvent::Contents(BTreeMap::new(), None),
+                Ok(watcher::Event::Delete(_)) => VipStoreEvent::Contents(BTreeMap::new()),
                 Ok(watcher::Event::Init) => {
                     listed = None;
                     continue;
@@ -124,7 +124,7 @@ pub fn spawn_hub_watches(
                     listed = Some(parse_vip_store(&cm));
                     continue;
                 }
-                Ok(watcher::Event::InitDone) => listed.take().unwrap_or(VipStoreEvent::Contents(BTreeMap::new(), None)),
+                Ok(watcher::Event::InitDone) => listed.take().unwrap_or(VipStoreEvent::Contents(BTreeMap::new())),
                 Err(e) => VipStoreEvent::Failed(e.to_string()),
             };
             if tx.send(Input::VipStore(store)).is_err() {
@@ -135,16 +135,16 @@ pub fn spawn_hub_watches(
     set
 }
 
-/// What the VIP store ConfigMap holds: host → address, and its resourceVersion.
+/// What the VIP store ConfigMap holds: host → address.
 #[derive(Clone, Debug)]
 pub enum VipStoreEvent {
-    Contents(BTreeMap<String, Ipv4Addr>, Option<String>),
+    Contents(BTreeMap<String, Ipv4Addr>),
     Failed(String),
 }
 
 /// Host → address from the ConfigMap; entries that are not addresses are skipped.
 pub fn parse_vip_store(cm: &ConfigMap) -> VipStoreEvent {
-    VipStoreEvent::Contents(crate::compute::vip::parse_store(cm.data.as_ref()), cm.metadata.resource_version.clone())
+    VipStoreEvent::Contents(crate::compute::vip::parse_store(cm.data.as_ref()))
 }
 
 async fn watch_secrets(api: Api<Secret>, selectors: Vec<LabelTerm>, tx: UnboundedSender<Input>) {
