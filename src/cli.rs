@@ -33,6 +33,9 @@ pub enum Command {
     RegisterCluster(RegisterArgs),
     /// Print, offline, the exact objects `run` would write per cluster, from manifests on disk.
     Render(RenderArgs),
+    /// Write the live fleet's inputs (what the engine reads, nothing else) as a fleet directory
+    /// for render, diff and explain; members that cannot be read are marked, not dropped.
+    Snapshot(SnapshotArgs),
     /// Print the CustomResourceDefinitions flotilla serves (the content of crds/).
     Crds,
     /// Write a deterministic synthetic fleet directory, for scale runs of `render`.
@@ -62,8 +65,9 @@ pub struct RenderArgs {
     pub engine: EngineArgs,
 }
 
+/// How to reach the hub and find the members, shared by `run` and `snapshot`.
 #[derive(Debug, Args)]
-pub struct RunArgs {
+pub struct HubArgs {
     /// Kubeconfig of the hub (default: in-cluster config, then $KUBECONFIG, then ~/.kube/config).
     #[arg(long, env = "FLOTILLA_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -86,6 +90,25 @@ pub struct RunArgs {
     /// Accept kubeconfigs with exec/auth-provider plugins or local file references.
     #[arg(long, env = "FLOTILLA_ALLOW_KUBECONFIG_EXEC")]
     pub allow_kubeconfig_exec: bool,
+    /// ConfigMap in --namespace that stores the VIP of every host.
+    #[arg(long, default_value = "flotilla-vips", env = "FLOTILLA_VIP_CONFIGMAP")]
+    pub vip_configmap: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// The fleet directory to write (created; an earlier snapshot there is replaced).
+    pub out_dir: PathBuf,
+    #[command(flatten)]
+    pub hub: HubArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub hub: HubArgs,
     /// A member whose watches fail this long is stale (kept as last seen, never pruned for it).
     #[arg(long, default_value = "60s", value_parser = parse_duration, env = "FLOTILLA_STALE_AFTER")]
     pub stale_after: Duration,
@@ -113,9 +136,6 @@ pub struct RunArgs {
     /// This replica's name in the Lease (default: $POD_NAME, else the host name).
     #[arg(long, env = "FLOTILLA_REPLICA_NAME")]
     pub replica_name: Option<String>,
-    /// ConfigMap in --namespace that stores the VIP of every host.
-    #[arg(long, default_value = "flotilla-vips", env = "FLOTILLA_VIP_CONFIGMAP")]
-    pub vip_configmap: String,
     /// Write requests in flight across all members.
     #[arg(long, default_value_t = 16, env = "FLOTILLA_MAX_CONCURRENT_WRITES")]
     pub max_concurrent_writes: usize,
@@ -319,6 +339,7 @@ pub fn execute(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run(args) => run(args),
+        Command::Snapshot(args) => snapshot(args),
         Command::RegisterCluster(args) => register(args),
         Command::Render(args) => render(args),
         Command::Synth(a) => {
@@ -405,23 +426,34 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
+impl HubArgs {
+    /// A client of the hub, and flotilla's namespace there.
+    async fn connect(&self) -> anyhow::Result<(kube::Client, String)> {
+        use anyhow::Context;
+        let config = match &self.kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path)
+                    .with_context(|| format!("--kubeconfig {}", path.display()))?;
+                let opts = kube::config::KubeConfigOptions { context: self.context.clone(), ..Default::default() };
+                kube::Config::from_custom_kubeconfig(kc, &opts).await.context("hub kubeconfig")?
+            }
+            None => kube::Config::infer().await.context("hub config (in-cluster or kubeconfig)")?,
+        };
+        let namespace = self
+            .namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| config.default_namespace.clone());
+        Ok((kube::Client::try_from(config).context("hub client")?, namespace))
+    }
+
+    fn secret_namespace(&self, namespace: &str) -> String {
+        self.secret_namespace.clone().unwrap_or_else(|| namespace.to_string())
+    }
+}
+
 async fn run_controller(args: RunArgs, settings: crate::settings::Settings) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("--kubeconfig {}", path.display()))?;
-            let opts = kube::config::KubeConfigOptions { context: args.context.clone(), ..Default::default() };
-            kube::Config::from_custom_kubeconfig(kc, &opts).await.context("hub kubeconfig")?
-        }
-        None => kube::Config::infer().await.context("hub config (in-cluster or kubeconfig)")?,
-    };
-    let namespace = args
-        .namespace
-        .clone()
-        .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|s| !s.is_empty()))
-        .unwrap_or_else(|| config.default_namespace.clone());
-    let hub = kube::Client::try_from(config).context("hub client")?;
+    let (hub, namespace) = args.hub.connect().await?;
     let replica = args
         .replica_name
         .clone()
@@ -430,10 +462,10 @@ async fn run_controller(args: RunArgs, settings: crate::settings::Settings) -> a
         .unwrap_or_else(|| format!("flotilla-{}", std::process::id()));
     let opts = crate::controller::Options {
         settings,
-        secret_namespace: args.secret_namespace.clone().unwrap_or_else(|| namespace.clone()),
+        secret_namespace: args.hub.secret_namespace(&namespace),
         namespace,
-        secret_selectors: args.cluster_secret_selectors.clone(),
-        allow_kubeconfig_exec: args.allow_kubeconfig_exec,
+        secret_selectors: args.hub.cluster_secret_selectors.clone(),
+        allow_kubeconfig_exec: args.hub.allow_kubeconfig_exec,
         stale_after: args.stale_after,
         debounce: args.debounce,
         debounce_max: args.debounce_max,
@@ -444,11 +476,57 @@ async fn run_controller(args: RunArgs, settings: crate::settings::Settings) -> a
             duration_seconds: args.lease_duration.as_secs().max(1),
             grace_seconds: args.lease_grace.as_secs().max(1),
         }),
-        vip_configmap: args.vip_configmap.clone(),
+        vip_configmap: args.hub.vip_configmap.clone(),
         max_concurrent_writes: args.max_concurrent_writes,
     };
     tracing::info!(namespace = %opts.namespace, secrets = %opts.secret_namespace, leader_election = opts.leader_election.is_some(), "starting");
     crate::controller::runtime::run(hub, opts, shutdown_signal()).await
+}
+
+fn snapshot(args: SnapshotArgs) -> ExitCode {
+    let settings = match args.engine.settings() {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("starting the async runtime: {e}")),
+    };
+    let taken = runtime.block_on(async {
+        let (hub, namespace) = args.hub.connect().await?;
+        let opts = crate::snapshot::SnapshotOptions {
+            secret_namespace: args.hub.secret_namespace(&namespace),
+            namespace,
+            secret_selectors: args.hub.cluster_secret_selectors.clone(),
+            allow_kubeconfig_exec: args.hub.allow_kubeconfig_exec,
+            sync_namespace: settings.sync_namespace.clone(),
+            identity_label: settings.identity_label.clone(),
+            vip_configmap: args.hub.vip_configmap.clone(),
+        };
+        crate::snapshot::snapshot(&hub, &opts, &args.out_dir).await
+    });
+    match taken {
+        Ok(report) => {
+            for p in &report.problems {
+                eprintln!("warning: {p}");
+            }
+            for (id, why) in &report.unreachable {
+                eprintln!("error: cluster {id}: unreachable, marked in fleet.yaml: {why}");
+            }
+            eprintln!(
+                "flotilla: snapshot of {} member(s) in {}{}",
+                report.members.len(),
+                args.out_dir.display(),
+                if report.unreachable.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} unreachable", report.unreachable.len())
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("{e:#}")),
+    }
 }
 
 /// SIGTERM (what Kubernetes sends) or Ctrl-C.

@@ -47,6 +47,8 @@ pub struct ClusterOverridesFile {
     pub region: Option<String>,
     pub gateway_address: Option<String>,
     pub gateway_port: Option<u16>,
+    /// Set by `flotilla snapshot` for a member it could not read: why. Its inputs are unknown.
+    pub unreachable: Option<String>,
 }
 
 /// Everything read from a fleet directory.
@@ -58,6 +60,8 @@ pub struct LoadedFleet {
     pub objects: Vec<(ClusterId, InputObject)>,
     /// Objects of the kinds flotilla writes that are already in a member (conflict detection).
     pub observed: BTreeMap<ClusterId, BTreeMap<ObjectKey, ObservedObject>>,
+    /// Members a snapshot could not read, with why (`unreachable` in `fleet.yaml`).
+    pub unreachable: BTreeMap<ClusterId, String>,
     /// ConfigMaps kept in `_hub/` by name: one of them may be the VIP store.
     pub hub_config_maps: BTreeMap<String, ConfigMap>,
     /// Problems with single files or objects; each line names the file.
@@ -98,6 +102,9 @@ pub fn load(dir: &Path) -> Result<LoadedFleet, FleetDirError> {
                 gateway_port: o.and_then(|o| o.gateway_port),
             };
             fleet.clusters.insert(name.clone(), overrides);
+            if let Some(why) = o.and_then(|o| o.unreachable.clone()) {
+                fleet.unreachable.insert(name.clone(), why);
+            }
             name
         };
         for file in manifest_files(&sub, &mut fleet.problems) {

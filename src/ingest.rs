@@ -303,3 +303,157 @@ pub fn validate_connection_config(spec: &ClientConnectionConfigSpec) -> Result<(
         Some(v) => crate::crd::h2_upgrade_policy_name(v).map(|_| ()),
     }
 }
+
+/// `obj` with only what the engine reads of it (and what names it), for a snapshot of a live
+/// fleet: no status noise, no managed fields, no annotations the engine ignores, no credentials
+/// (Secrets are never read at all). `distill` gives the same record for the reduced object as for
+/// the whole one. None for what a snapshot leaves out: Namespaces that do not opt out, and
+/// Sidecars flotilla manages (they are its output, not its input).
+pub fn reduce(obj: &InputObject, identity_label: &str) -> Option<InputObject> {
+    use k8s_openapi::api::apps::v1::DeploymentSpec;
+    use k8s_openapi::api::core::v1::{
+        LoadBalancerIngress, LoadBalancerStatus, PodTemplateSpec, ServicePort, ServiceSpec, ServiceStatus,
+    };
+    let meta = obj.meta();
+    let keep = |keys: &[&str], map: &Option<BTreeMap<String, String>>| -> Option<BTreeMap<String, String>> {
+        let kept: BTreeMap<String, String> = map
+            .iter()
+            .flatten()
+            .filter(|(k, _)| keys.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        (!kept.is_empty()).then_some(kept)
+    };
+    // Name and namespace, the opt-out, and what else `also` names among labels and annotations.
+    let header = |labels: Option<BTreeMap<String, String>>, annotations: &[&str]| ObjectMeta {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        labels,
+        annotations: keep(annotations, &meta.annotations),
+        ..Default::default()
+    };
+    let ignore = [crate::meta::LABEL_IGNORE];
+    Some(match obj {
+        InputObject::Deployment(d) => {
+            let spec = d.spec.as_ref();
+            let template = spec.and_then(|s| s.template.metadata.as_ref());
+            let read = [identity_label, ANNOTATION_ENV, crate::meta::LABEL_IGNORE, ANNOTATION_INCLUDE_INBOUND_PORTS];
+            InputObject::Deployment(Box::new(Deployment {
+                metadata: header(keep(&ignore, &meta.labels), &ignore),
+                spec: Some(DeploymentSpec {
+                    selector: spec.map(|s| s.selector.clone()).unwrap_or_default(),
+                    template: PodTemplateSpec {
+                        metadata: template.map(|t| ObjectMeta {
+                            labels: t.labels.clone(),
+                            annotations: keep(&read, &t.annotations),
+                            ..Default::default()
+                        }),
+                        spec: None,
+                    },
+                    ..Default::default()
+                }),
+                status: None,
+            }))
+        }
+        InputObject::Service(s) => {
+            let spec = s.spec.clone().unwrap_or_default();
+            // Labels pick the gateway Service; elsewhere only the opt-out counts.
+            let labels = if meta.namespace.as_deref() == Some(crate::meta::GATEWAY_NAMESPACE) {
+                meta.labels.clone()
+            } else {
+                keep(&ignore, &meta.labels)
+            };
+            let ingress = s
+                .status
+                .as_ref()
+                .and_then(|st| st.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref())
+                .and_then(|i| i.first())
+                .map(|i| LoadBalancerIngress { ip: i.ip.clone(), hostname: i.hostname.clone(), ..Default::default() });
+            let mut metadata = header(labels, &ignore);
+            metadata.creation_timestamp = meta.creation_timestamp.clone();
+            InputObject::Service(Box::new(Service {
+                metadata,
+                spec: Some(ServiceSpec {
+                    selector: spec.selector,
+                    external_ips: spec.external_ips.filter(|ips| !ips.is_empty()).map(|ips| ips[..1].to_vec()),
+                    ports: spec.ports.map(|ports| {
+                        ports
+                            .into_iter()
+                            .map(|p| ServicePort {
+                                name: p.name,
+                                port: p.port,
+                                target_port: p.target_port,
+                                app_protocol: p.app_protocol,
+                                ..Default::default()
+                            })
+                            .collect()
+                    }),
+                    ..Default::default()
+                }),
+                status: ingress.map(|i| ServiceStatus {
+                    load_balancer: Some(LoadBalancerStatus { ingress: Some(vec![i]) }),
+                    ..Default::default()
+                }),
+            }))
+        }
+        InputObject::Node(n) => InputObject::Node(Box::new(Node {
+            metadata: ObjectMeta {
+                name: n.metadata.name.clone(),
+                labels: keep(&[LABEL_REGION, LABEL_REGION_LEGACY], &n.metadata.labels),
+                ..Default::default()
+            },
+            ..Default::default()
+        })),
+        InputObject::Namespace(n) if has_ignore(&n.metadata) => InputObject::Namespace(Box::new(Namespace {
+            metadata: header(keep(&ignore, &meta.labels), &ignore),
+            ..Default::default()
+        })),
+        InputObject::Namespace(_) => return None,
+        InputObject::Sidecar(s) if is_managed(&s.metadata) => return None,
+        InputObject::Sidecar(s) => {
+            let mut spec = crate::istio::SidecarSpec::default();
+            spec.workload_selector = s.spec.workload_selector.clone();
+            InputObject::Sidecar(Box::new(Sidecar { metadata: header(None, &[]), spec }))
+        }
+        InputObject::GlobalTrafficPolicy(p) => InputObject::GlobalTrafficPolicy(Box::new(GlobalTrafficPolicy {
+            metadata: policy_meta(meta),
+            spec: p.spec.clone(),
+            status: None,
+        })),
+        InputObject::OutlierDetection(p) => InputObject::OutlierDetection(Box::new(OutlierDetection {
+            metadata: policy_meta(meta),
+            spec: p.spec.clone(),
+            status: None,
+        })),
+        InputObject::ClientConnectionConfig(p) => {
+            InputObject::ClientConnectionConfig(Box::new(ClientConnectionConfig {
+                metadata: policy_meta(meta),
+                spec: p.spec.clone(),
+                status: None,
+            }))
+        }
+        InputObject::Dependency(p) => InputObject::Dependency(Box::new(Dependency {
+            metadata: policy_meta(meta),
+            spec: p.spec.clone(),
+            status: None,
+        })),
+    })
+}
+
+/// What the engine reads of a policy's metadata: identity, env and priority (labels and the env
+/// annotation), when it was created (the newest wins), its generation (its status says which it
+/// saw).
+fn policy_meta(meta: &ObjectMeta) -> ObjectMeta {
+    let env = meta.annotations.iter().flatten().filter(|(k, _)| k.as_str() == ANNOTATION_ENV);
+    let annotations: BTreeMap<String, String> = env.map(|(k, v)| (k.clone(), v.clone())).collect();
+    ObjectMeta {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        labels: meta.labels.clone().filter(|l| !l.is_empty()),
+        annotations: (!annotations.is_empty()).then_some(annotations),
+        creation_timestamp: meta.creation_timestamp.clone(),
+        generation: meta.generation,
+        ..Default::default()
+    }
+}

@@ -24,5 +24,6 @@ pub mod model;
 pub(crate) mod register;
 pub mod render;
 pub mod settings;
+pub mod snapshot;
 pub mod synth;
 pub mod yaml;

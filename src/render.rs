@@ -38,6 +38,10 @@ pub fn render(loaded: LoadedFleet, settings: &Settings, vip_store: &str) -> Rend
     for (id, overrides) in &loaded.clusters {
         engine.fleet.upsert_cluster(id, overrides.clone());
     }
+    // A member a snapshot could not read is as stale as run would find it.
+    for id in loaded.unreachable.keys() {
+        engine.fleet.set_health(id, crate::model::ClusterHealth::Stale);
+    }
     for (cluster, obj) in &loaded.objects {
         engine.ingest(cluster, obj);
     }
@@ -45,6 +49,11 @@ pub fn render(loaded: LoadedFleet, settings: &Settings, vip_store: &str) -> Rend
 
     let mut rendered = Rendered::default();
     let mut errors: Vec<String> = loaded.problems.iter().map(|p| format!("error: {p}")).collect();
+    for (id, why) in &loaded.unreachable {
+        errors.push(format!(
+            "error: cluster {id}: unreachable when the snapshot was taken ({why}): its workloads are unknown here, so its endpoints and config differ from what run keeps"
+        ));
+    }
     let mut warnings = Vec::new();
     for d in engine.all_diagnostics() {
         match d.severity {

@@ -3,104 +3,16 @@
 
 mod testenv;
 
-use std::time::Duration;
-
 use flotilla::crd::{Dependency, GlobalTrafficPolicy};
-use flotilla::istio::{DestinationRule, ServiceEntry, Sidecar};
+use flotilla::istio::{ServiceEntry, Sidecar};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
+use kube::Api;
 use kube::api::{DeleteParams, ListParams};
-use kube::{Api, Client};
 use serde_json::json;
-use testenv::builders::{apply, deployment, gateway_service, namespace, node, service, set_load_balancer_ip};
+use testenv::builders::apply;
 use testenv::controller::{FLOTILLA_NAMESPACE, Flotilla, eventually};
-use testenv::{TestCluster, start_clusters};
-
-const SYNC: &str = "admiral-sync";
-const WAIT: Duration = testenv::PATIENCE;
-
-/// Nodes with a region and an east-west gateway with an address, as a real member has.
-async fn prepare_member(client: &Client, region: &str, gateway_ip: &str) {
-    apply(client, &node("node-1", region)).await;
-    apply(client, &namespace("istio-system")).await;
-    apply(client, &gateway_service()).await;
-    set_load_balancer_ip(client, "istio-system", "istio-eastwestgateway", gateway_ip).await;
-}
-
-/// A namespace with a Deployment and its Service for `identity` (env stage).
-async fn deploy(client: &Client, ns: &str, identity: &str) {
-    apply(client, &namespace(ns)).await;
-    apply(client, &deployment(ns, identity, identity, "stage")).await;
-    apply(client, &service(ns, identity, "http", 80, 8080)).await;
-}
-
-fn dependency(ns: &str, name: &str, source: &str, destinations: &[&str]) -> Dependency {
-    serde_json::from_value(json!({
-        "apiVersion": "admiral.io/v1alpha1", "kind": "Dependency",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"source": source, "destinations": destinations},
-    }))
-    .unwrap()
-}
-
-fn gtp(ns: &str, name: &str, identity: &str, policies: serde_json::Value) -> GlobalTrafficPolicy {
-    serde_json::from_value(json!({
-        "apiVersion": "admiral.io/v1alpha1", "kind": "GlobalTrafficPolicy",
-        "metadata": {"name": name, "namespace": ns, "labels": {"identity": identity, "env": "stage"}},
-        "spec": {"policy": policies},
-    }))
-    .unwrap()
-}
-
-async fn get_se(client: &Client, name: &str) -> Option<ServiceEntry> {
-    Api::<ServiceEntry>::namespaced(client.clone(), SYNC).get_opt(name).await.unwrap()
-}
-
-async fn get_dr(client: &Client, name: &str) -> Option<DestinationRule> {
-    Api::<DestinationRule>::namespaced(client.clone(), SYNC).get_opt(name).await.unwrap()
-}
-
-fn endpoints(se: &ServiceEntry) -> Vec<String> {
-    se.spec.endpoints.iter().map(|e| e.address.clone()).collect()
-}
-
-fn distribute(dr: &DestinationRule) -> serde_json::Value {
-    let v = serde_json::to_value(&dr.spec).unwrap();
-    v["trafficPolicy"]["loadBalancer"]["localityLbSetting"]["distribute"].clone()
-}
-
-/// A Secret in the hub holding one kubeconfig per cluster, labelled in one of both formats.
-fn secret(name: &str, label: &str, clusters: &[(&str, String)]) -> Secret {
-    serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": name, "namespace": FLOTILLA_NAMESPACE, "labels": {label: "true"}},
-        "stringData": clusters.iter().map(|(c, k)| (c.to_string(), json!(k))).collect::<serde_json::Map<_, _>>(),
-    }))
-    .unwrap()
-}
-
-/// Waits until the replica leads and the fleet holds exactly what it wants (see `View::converged`).
-async fn converged(flotilla: &Flotilla) {
-    eventually("the fleet converged", WAIT, flotilla, || async {
-        (flotilla.json("/debug/clusters").await["converged"] == true).then_some(())
-    })
-    .await;
-}
-
-/// One fleet at a time: three fleets of API servers starting at once on two cores time out.
-static ONE_FLEET_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn start_fleet(members: &[&str]) -> (TestCluster, Vec<TestCluster>, Client, Vec<Client>) {
-    let mut names = vec!["hub"];
-    names.extend(members);
-    let mut clusters = start_clusters(&names).await;
-    let members = clusters.split_off(1);
-    let hub = clusters.pop().unwrap();
-    let hub_client = hub.client().await;
-    apply(&hub_client, &namespace(FLOTILLA_NAMESPACE)).await;
-    let clients = futures::future::join_all(members.iter().map(|m| m.client())).await;
-    (hub, members, hub_client, clients)
-}
+use testenv::fleet::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn federates_a_fleet_registered_through_secrets() {

@@ -10,7 +10,9 @@
 
 pub mod builders;
 pub mod controller;
+pub mod fleet;
 pub mod net;
+pub mod oracle;
 
 use std::collections::BTreeMap;
 use std::fs;
