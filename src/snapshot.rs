@@ -213,7 +213,7 @@ where
 fn reduced(objects: &[InputObject], identity_label: &str) -> String {
     let mut kept: Vec<InputObject> = objects.iter().filter_map(|o| reduce(o, identity_label)).collect();
     kept.sort_by_key(|o| o.key());
-    kept.iter().map(|o| input_document(o)).collect()
+    kept.iter().map(input_document).collect()
 }
 
 fn input_document(obj: &InputObject) -> String {
