@@ -29,10 +29,11 @@ pub struct Rendered {
     pub errors: usize,
 }
 
-/// Runs the engine over a loaded fleet. The hub's VIP store (the ConfigMap `vip_store` in
-/// `_hub/`, as `run` keeps it) gives the addresses already allocated, so `render` writes the
-/// addresses `run` writes; hosts it does not hold get addresses as `run` would allocate them.
-pub fn render(loaded: LoadedFleet, settings: &Settings, vip_store: &str) -> Rendered {
+/// The engine after one full compute of a loaded fleet: what `render` prints from. The hub's
+/// VIP store (the ConfigMap `vip_store` in `_hub/`, as `run` keeps it) gives the addresses already
+/// allocated, so `render` writes the addresses `run` writes; hosts it does not hold get addresses
+/// as `run` would allocate them.
+pub fn engine(loaded: &LoadedFleet, settings: &Settings, vip_store: &str) -> Engine {
     let store = loaded.hub_config_maps.get(vip_store).map(|cm| vip::parse_store(cm.data.as_ref()));
     let mut engine = Engine::new(settings.clone(), VipTable::from_existing(store.unwrap_or_default()));
     for (id, overrides) in &loaded.clusters {
@@ -46,7 +47,12 @@ pub fn render(loaded: LoadedFleet, settings: &Settings, vip_store: &str) -> Rend
         engine.ingest(cluster, obj);
     }
     engine.recompute();
+    engine
+}
 
+/// Runs the engine over a loaded fleet (see `engine`).
+pub fn render(loaded: LoadedFleet, settings: &Settings, vip_store: &str) -> Rendered {
+    let engine = engine(&loaded, settings, vip_store);
     let mut rendered = Rendered::default();
     let mut errors: Vec<String> = loaded.problems.iter().map(|p| format!("error: {p}")).collect();
     for (id, why) in &loaded.unreachable {

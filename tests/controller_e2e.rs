@@ -179,6 +179,34 @@ async fn federates_a_fleet_registered_through_secrets() {
     assert_eq!(after.spec, before.spec, "the user's object is untouched");
     assert_eq!(after.metadata.labels, before.metadata.labels);
 
+    // Someone writes into one of our objects: an extra port, which a server-side apply of ours
+    // cannot take back (the list is keyed by name). flotilla puts its own content back.
+    let intruder = json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": se_name, "namespace": SYNC},
+        "spec": {"ports": [{"number": 443, "name": "tls", "protocol": "TLS"}]},
+    });
+    let api: Api<ServiceEntry> = Api::namespaced(west.clone(), SYNC);
+    let pp = kube::api::PatchParams::apply("someone-else").force();
+    api.patch(se_name, &pp, &kube::api::Patch::Apply(&intruder)).await.unwrap();
+    eventually("flotilla's own ports back on its ServiceEntry", WAIT, &flotilla, || async {
+        let se = get_se(west, se_name).await?;
+        let names: Vec<&str> = se.spec.ports.iter().map(|p| p.name.as_str()).collect();
+        (names == ["http"]).then_some(())
+    })
+    .await;
+
+    // The Service's port is renamed: the ServiceEntry's port follows, without the old one
+    // (created by a POST, the object's ports are not all the apply's to drop: replaced whole).
+    apply(west, &testenv::builders::service("greeting", "greeting", "grpc", 80, 8080)).await;
+    eventually("the renamed port alone on greeting's ServiceEntry", WAIT, &flotilla, || async {
+        let se = get_se(west, se_name).await?;
+        let names: Vec<&str> = se.spec.ports.iter().map(|p| p.name.as_str()).collect();
+        (names == ["grpc"]).then_some(())
+    })
+    .await;
+    apply(west, &testenv::builders::service("greeting", "greeting", "http", 80, 8080)).await;
+
     // A second source of greeting in north-1: east-1 reaches both gateways.
     deploy(north, "greeting", "greeting").await;
     eventually("two endpoints in east-1", WAIT, &flotilla, || async {

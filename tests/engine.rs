@@ -616,7 +616,11 @@ fn plan_never_prunes_or_updates_objects_without_our_label() {
 
     let plan = plan_cluster(&desired, &observed);
     assert_eq!(plan.conflicts, vec![theirs.key()]);
-    assert_eq!(plan.prune, vec![ours.key()], "only our own leftover is pruned");
+    assert_eq!(
+        plan.prune.iter().map(|o| o.key.clone()).collect::<Vec<_>>(),
+        vec![ours.key()],
+        "only our own leftover is pruned"
+    );
     assert!(!plan.apply.iter().any(|o| o.key == theirs.key()), "the user's object is not overwritten");
     assert_eq!(plan.apply.len(), desired.len() - 1);
 }

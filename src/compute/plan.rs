@@ -21,6 +21,9 @@ pub struct ObservedObject {
     /// Carries `app.kubernetes.io/managed-by: flotilla`.
     pub managed: bool,
     pub digest: Digest,
+    /// The version seen: a write of ours is conditional on it, so an object that changed hands
+    /// meanwhile is never written over.
+    pub resource_version: Option<String>,
 }
 
 impl ObservedObject {
@@ -29,17 +32,33 @@ impl ObservedObject {
             key: object.key(),
             managed: crate::meta::is_managed(object.meta()),
             digest: Digest::of(object),
+            resource_version: object.meta().resource_version.clone(),
         }
+    }
+}
+
+/// One object to write, and the version of our object it replaces: None when there is none, and
+/// it must be created (if someone else's appears meanwhile, it is left alone).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Planned {
+    pub desired: Arc<Desired>,
+    pub replaces: Option<String>,
+}
+
+impl std::ops::Deref for Planned {
+    type Target = Desired;
+    fn deref(&self) -> &Desired {
+        &self.desired
     }
 }
 
 /// What to do in one cluster.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterPlan {
-    /// Missing or different: server-side apply these.
-    pub apply: Vec<Arc<Desired>>,
-    /// Managed by flotilla and no longer desired: delete these.
-    pub prune: Vec<ObjectKey>,
+    /// Missing or different: create these, or server-side apply them over the version seen.
+    pub apply: Vec<Planned>,
+    /// Managed by flotilla and no longer desired: delete these (the version seen).
+    pub prune: Vec<ObservedObject>,
     /// Wanted, but an object not managed by flotilla has the name: left alone, reported.
     pub conflicts: Vec<ObjectKey>,
 }
@@ -102,14 +121,14 @@ pub fn plan_member(
 /// conflict when someone else's object holds the name.
 fn decide(plan: &mut ClusterPlan, key: &ObjectKey, want: Option<&Arc<Desired>>, have: Option<&ObservedObject>) {
     match (want, have) {
-        (Some(want), None) => plan.apply.push(want.clone()),
+        (Some(want), None) => plan.apply.push(Planned { desired: want.clone(), replaces: None }),
         (Some(_), Some(have)) if !have.managed => plan.conflicts.push(key.clone()),
         (Some(want), Some(have)) => {
             if !up_to_date(want, have) {
-                plan.apply.push(want.clone());
+                plan.apply.push(Planned { desired: want.clone(), replaces: have.resource_version.clone() });
             }
         }
-        (None, Some(have)) if have.managed => plan.prune.push(key.clone()),
+        (None, Some(have)) if have.managed => plan.prune.push(have.clone()),
         (None, _) => {}
     }
 }

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub compute_duration: Histogram,
     pub change_to_write: Histogram,
     pub identities_recomputed: Counter,
+    pub passes: Counter,
     pub leader: Gauge,
 }
 
@@ -65,6 +66,7 @@ impl Default for Metrics {
             // 5 ms … ~164 s
             change_to_write: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
             identities_recomputed: Counter::default(),
+            passes: Counter::default(),
             leader: Gauge::default(),
         };
         let r = &mut m.registry;
@@ -99,6 +101,7 @@ impl Default for Metrics {
             m.change_to_write.clone(),
         );
         r.register("identities_recomputed", "Identities recomputed", m.identities_recomputed.clone());
+        r.register("passes", "Passes of the runtime: recompute, plan, dispatch", m.passes.clone());
         r.register("leader", "1 while this replica holds the lease and writes", m.leader.clone());
         m
     }

@@ -225,6 +225,7 @@ impl Driven for Runtime {
 
     async fn pass(&mut self) {
         let now = Instant::now();
+        self.shared.metrics.passes.inc();
         self.update_health(now);
         let ready = self.ready();
         self.shared.ready.store(ready, Ordering::Relaxed);
@@ -696,7 +697,8 @@ impl Runtime {
                 continue;
             }
             job.since = self.change_since.remove(&cluster);
-            tracing::debug!(cluster = %cluster, apply = job.plan.apply.len(), prune = job.plan.prune.len(), statuses = job.statuses.len(), "writing");
+            let first: Vec<String> = job.plan.apply.iter().take(3).map(|o| o.key.to_string()).collect();
+            tracing::debug!(cluster = %cluster, apply = job.plan.apply.len(), prune = job.plan.prune.len(), statuses = job.statuses.len(), first = ?first, "writing");
             if writer.jobs.send(job).is_ok() {
                 writer.slot.sent();
             }

@@ -25,8 +25,8 @@ use tokio::time::Instant;
 
 use super::metrics::Metrics;
 use super::{Input, WriteReport};
-use crate::compute::plan::{ClusterPlan, ObservedObject};
-use crate::compute::{Desired, DesiredObject, ObjectKey};
+use crate::compute::plan::{ClusterPlan, ObservedObject, Planned};
+use crate::compute::{DesiredObject, ObjectKey};
 use crate::crd::{ClientConnectionConfig, Dependency, GlobalTrafficPolicy, OutlierDetection, PolicyStatus};
 use crate::istio::{DestinationRule, ServiceEntry, Sidecar};
 use crate::meta::{HUB, Kind, LABEL_MANAGED_BY, MANAGER};
@@ -194,33 +194,43 @@ async fn execute(cluster: &str, client: &Client, job: WriteJob, limit: &Semaphor
 }
 
 enum Op {
-    Apply(Arc<Desired>),
-    Prune(ObjectKey),
+    Apply(Planned),
+    Prune(ObservedObject),
     Status(StatusWrite),
 }
 
 async fn run_op(cluster: &str, client: &Client, op: Op, metrics: &Metrics) -> Outcome {
     match op {
-        Op::Apply(obj) => {
-            let key = &obj.key;
-            let result = match &obj.object {
-                DesiredObject::ServiceEntry(o) => apply(client, key, o).await.map(DesiredObject::ServiceEntry),
-                DesiredObject::DestinationRule(o) => apply(client, key, o).await.map(DesiredObject::DestinationRule),
-                DesiredObject::Sidecar(o) => apply(client, key, o).await.map(DesiredObject::Sidecar),
+        Op::Apply(planned) => {
+            let key = &planned.key;
+            let result = match &planned.object {
+                DesiredObject::ServiceEntry(o) => apply(client, &planned, o, DesiredObject::ServiceEntry).await,
+                DesiredObject::DestinationRule(o) => apply(client, &planned, o, DesiredObject::DestinationRule).await,
+                DesiredObject::Sidecar(o) => apply(client, &planned, o, DesiredObject::Sidecar).await,
             };
             metrics.write(cluster, "apply", &key.kind.to_string(), result.is_ok());
+            let failed = |message: String| {
+                Outcome::Failed(WriteError::Apply { cluster: cluster.into(), key: key.clone(), message })
+            };
             match result {
-                Ok(o) => Outcome::Applied(Box::new(ObservedObject::new(&o))),
-                Err(e) => {
-                    Outcome::Failed(WriteError::Apply { cluster: cluster.into(), key: key.clone(), message: short(&e) })
+                Ok(o) if o.digest == planned.digest => Outcome::Applied(Box::new(o)),
+                // Still not what we want after a replace: reported, and retried with backoff.
+                Ok(_) => {
+                    failed("the API server keeps content flotilla did not write (after an apply and a replace)".into())
                 }
+                Err(kube::Error::Api(s)) if s.code == 409 && planned.replaces.is_none() => {
+                    failed("created by someone else since it was planned; left alone".into())
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => failed("changed since it was seen; planned again".into()),
+                Err(e) => failed(short(&e)),
             }
         }
-        Op::Prune(key) => {
+        Op::Prune(seen) => {
+            let key = seen.key.clone();
             let result = match key.kind {
-                Kind::ServiceEntry => delete::<ServiceEntry>(client, &key).await,
-                Kind::DestinationRule => delete::<DestinationRule>(client, &key).await,
-                Kind::Sidecar => delete::<Sidecar>(client, &key).await,
+                Kind::ServiceEntry => delete::<ServiceEntry>(client, &seen).await,
+                Kind::DestinationRule => delete::<DestinationRule>(client, &seen).await,
+                Kind::Sidecar => delete::<Sidecar>(client, &seen).await,
                 other => unreachable!("plans prune only the kinds flotilla writes, not {other}"),
             };
             metrics.write(cluster, "delete", &key.kind.to_string(), result.is_ok());
@@ -263,7 +273,18 @@ fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
 }
 
-async fn apply<K>(client: &Client, key: &ObjectKey, obj: &K) -> Result<K, kube::Error>
+/// Writes `obj` only over what was planned: it is created when the plan saw nothing (a 409 if
+/// someone's object appeared meanwhile), else server-side applied on condition that the object
+/// is still the version seen (a 409 if it changed hands). Returns what the member then holds.
+/// When someone else has written into one of our objects, fields it added that server-side apply
+/// cannot take back stay (an extra ServiceEntry port: the list is keyed by name); then the
+/// object is replaced whole, once, from the version just written.
+async fn apply<K>(
+    client: &Client,
+    planned: &Planned,
+    obj: &K,
+    wrap: impl Fn(K) -> DesiredObject,
+) -> Result<ObservedObject, kube::Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -271,17 +292,50 @@ where
         + Serialize
         + DeserializeOwned,
 {
+    let key = &planned.key;
     let api = Api::<K>::namespaced(client.clone(), key.namespace);
-    // Force: these objects carry our label, so every field we set is ours to set.
-    api.patch(&key.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(obj)).await
+    let pp = PostParams { field_manager: Some(MANAGER.into()), ..Default::default() };
+    let replace = |resource_version: Option<String>| {
+        let mut whole = obj.clone();
+        whole.meta_mut().resource_version = resource_version;
+        let (api, pp) = (api.clone(), pp.clone());
+        async move { api.replace(&key.name, &pp, &whole).await }
+    };
+    let written = match &planned.replaces {
+        None => api.create(&pp, obj).await?,
+        Some(seen) => {
+            let mut conditional = obj.clone();
+            conditional.meta_mut().resource_version = Some(seen.clone());
+            // Force: these objects carry our label, so every field we set is ours to set.
+            match api.patch(&key.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&conditional)).await {
+                Ok(written) => written,
+                // Merged with what another manager (or an earlier create or replace of ours)
+                // still owns, the object would be invalid (two ports with one number): replace it.
+                Err(kube::Error::Api(s)) if s.code == 422 => {
+                    return Ok(ObservedObject::new(&wrap(replace(Some(seen.clone())).await?)));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let observed = ObservedObject::new(&wrap(written.clone()));
+    if observed.digest == planned.digest {
+        return Ok(observed);
+    }
+    Ok(ObservedObject::new(&wrap(replace(written.meta().resource_version.clone()).await?)))
 }
 
-async fn delete<K>(client: &Client, key: &ObjectKey) -> Result<(), kube::Error>
+/// Deletes one of our objects, on condition that it is still the version seen (so an object
+/// that changed hands meanwhile is never deleted).
+async fn delete<K>(client: &Client, seen: &ObservedObject) -> Result<(), kube::Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + Debug + DeserializeOwned,
 {
-    let api = Api::<K>::namespaced(client.clone(), key.namespace);
-    match api.delete(&key.name, &DeleteParams::default()).await {
+    let api = Api::<K>::namespaced(client.clone(), seen.key.namespace);
+    let preconditions =
+        seen.resource_version.clone().map(|rv| kube::api::Preconditions { resource_version: Some(rv), uid: None });
+    let dp = DeleteParams { preconditions, ..Default::default() };
+    match api.delete(&seen.key.name, &dp).await {
         Ok(_) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
         Err(e) => Err(e),

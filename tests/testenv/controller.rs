@@ -108,6 +108,21 @@ impl Flotilla {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The most memory the running process has held so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let Some(child) = &self.child else { return 0 };
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Resident memory of the flotilla process, in KiB.
     pub fn rss_kib(&self) -> u64 {
         self.child.as_ref().map(|c| super::rss_of(c.id())).unwrap_or(0)

@@ -99,3 +99,27 @@ pub fn fresh_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
+
+/// Snapshots the fleet into `dir` and compares until what the members hold equals render of
+/// the snapshot, or `patience` runs out: the fleet's inputs may still be on their way to
+/// flotilla when a test stops changing them, so equality is what it converges to, not what it
+/// shows at once. Returns the last render and the differences left (empty: equal).
+pub async fn converge_to_render(
+    hub_kubeconfig: &str,
+    namespace: &str,
+    members: &[(&str, &Client)],
+    sync_namespace: &str,
+    dir: &Path,
+    patience: std::time::Duration,
+) -> (Rendered, Vec<String>) {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        snapshot(hub_kubeconfig, namespace, dir);
+        let rendered = render(dir);
+        let found = differences(&rendered, members, sync_namespace).await;
+        if found.is_empty() || tokio::time::Instant::now() >= deadline {
+            return (rendered, found);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}

@@ -1,0 +1,668 @@
+//! Faults and churn at once, then the oracle: a hub with two flotilla replicas (leader election)
+//! and three members, a seeded random schedule of workload, Service, policy, registration,
+//! outage, leader-kill and user-object changes, and at the end, once the fleet is quiet:
+//!
+//! * what flotilla owns in every member equals exactly what `render` says for a snapshot of the
+//!   fleet (content, not just names);
+//! * no user-owned object was modified (resourceVersions unchanged);
+//! * no host's VIP ever changed (sampled all through the run, in every member);
+//! * every policy's status agrees with render's verdict on it.
+//!
+//! Then a burst: 1,000 Deployment changes in one member within about a second, with the passes,
+//! writes, flotilla's peak RSS and change-to-write latency printed.
+//!
+//! `FLOTILLA_SOAK_SECONDS` (default 60) bounds the schedule; `FLOTILLA_SOAK_SEED` replays one.
+//! Any mismatch fails the test and prints the object, the member and the seed.
+
+mod testenv;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flotilla::crd::{ClientConnectionConfig, GlobalTrafficPolicy, OutlierDetection};
+use flotilla::istio::{ServiceEntry, Sidecar};
+use flotilla::meta::Kind;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+use testenv::builders::{apply, deployment, namespace, service};
+use testenv::controller::{FLOTILLA_NAMESPACE, Flotilla};
+use testenv::fleet::*;
+use testenv::{TEST_MANAGER, TestCluster, oracle};
+
+const MEMBERS: [&str; 3] = ["soak-0", "soak-1", "soak-2"];
+const IDENTITIES: [&str; 6] = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"];
+const ENVS: [&str; 2] = ["stage", "prod"];
+
+/// xorshift64*: the schedule is a function of the seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+/// What the schedule did, for the report.
+#[derive(Default, Debug)]
+struct Tally {
+    events: usize,
+    faults: BTreeMap<&'static str, usize>,
+}
+
+impl Tally {
+    fn fault(&mut self, what: &'static str) {
+        *self.faults.entry(what).or_default() += 1;
+    }
+}
+
+/// The fleet under test and what the test knows of it.
+struct Soak {
+    seed: u64,
+    rng: Rng,
+    hub: TestCluster,
+    hub_client: Client,
+    members: Vec<TestCluster>,
+    clients: Vec<Client>,
+    replicas: Vec<Flotilla>,
+    /// Members whose API server is down.
+    down: BTreeSet<usize>,
+    /// Members whose registration Secret is missing or holds a broken kubeconfig.
+    unregistered: BTreeSet<usize>,
+    /// User-owned objects: (member, kind, namespace, name) → resourceVersion when created.
+    users: BTreeMap<(usize, Kind, String, String), String>,
+    tally: Tally,
+}
+
+fn seed() -> u64 {
+    match std::env::var("FLOTILLA_SOAK_SEED") {
+        Ok(s) => s.parse().expect("FLOTILLA_SOAK_SEED is a number"),
+        Err(_) => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1,
+    }
+}
+
+fn soak_seconds() -> u64 {
+    std::env::var("FLOTILLA_SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60)
+}
+
+fn member_secret(member: &TestCluster, kubeconfig: String) -> Secret {
+    secret(&format!("member-{}", member.name), "istio/multiCluster", &[(member.name.as_str(), kubeconfig)])
+}
+
+/// A namespace per identity, the same in every member.
+fn ns_of(identity: &str) -> String {
+    format!("ns-{identity}")
+}
+
+impl Soak {
+    async fn start(seed: u64) -> Soak {
+        let (hub, members, hub_client, clients) = start_fleet(&MEMBERS).await;
+        for (i, c) in clients.iter().enumerate() {
+            prepare_member(c, ["us-west-2", "us-east-2", "eu-north-1"][i], &format!("10.9.0.{}", i + 1)).await;
+            for id in IDENTITIES {
+                apply(c, &namespace(&ns_of(id))).await;
+            }
+        }
+        for m in &members {
+            apply(&hub_client, &member_secret(m, m.admin_kubeconfig())).await;
+        }
+        let replicas = vec![Flotilla::start(&hub, "soak-a", &[]), Flotilla::start(&hub, "soak-b", &[])];
+        Soak {
+            seed,
+            rng: Rng(seed),
+            hub,
+            hub_client,
+            members,
+            clients,
+            replicas,
+            down: BTreeSet::new(),
+            unregistered: BTreeSet::new(),
+            users: BTreeMap::new(),
+            tally: Tally::default(),
+        }
+    }
+
+    fn up_member(&mut self) -> Option<usize> {
+        let up: Vec<usize> = (0..MEMBERS.len()).filter(|i| !self.down.contains(i)).collect();
+        (!up.is_empty()).then(|| *self.rng.pick(&up))
+    }
+
+    /// One step of the schedule.
+    async fn step(&mut self) {
+        self.tally.events += 1;
+        let roll = self.rng.below(100);
+        let Some(m) = self.up_member() else { return self.restart_member(*self.down.iter().next().unwrap()).await };
+        let client = self.clients[m].clone();
+        let id = *self.rng.pick(&IDENTITIES);
+        let ns = ns_of(id);
+        match roll {
+            0..=19 => {
+                // Create or change a workload: scale, relabel its env, or move its identity.
+                let env = *self.rng.pick(&ENVS);
+                let identity = if self.rng.chance(15) { *self.rng.pick(&IDENTITIES) } else { id };
+                let mut d = deployment(&ns, id, identity, env);
+                d.spec.as_mut().unwrap().replicas = Some(self.rng.below(4) as i32);
+                try_apply(&client, &d).await;
+                try_apply(&client, &service(&ns, id, "http", 80, 8080)).await;
+            }
+            20..=26 => {
+                let _ = Api::<Deployment>::namespaced(client, &ns).delete(id, &DeleteParams::default()).await;
+            }
+            27..=33 => {
+                // A Service whose selector or port moves.
+                let port_name = ["http", "grpc", "tcp-data"][self.rng.below(3)];
+                let mut s = service(&ns, id, port_name, *self.rng.pick(&[80, 8080, 9090]), 8080);
+                if self.rng.chance(30) {
+                    s.spec.as_mut().unwrap().selector = Some([("app".to_string(), "nobody".to_string())].into());
+                }
+                try_apply(&client, &s).await;
+            }
+            34..=45 => self.gtp(m, id).await,
+            46..=55 => self.dependency(m, id).await,
+            56..=62 => self.outlier_or_connection(m, id).await,
+            63..=67 => self.user_object(m, id).await,
+            68..=75 => self.registration(m).await,
+            76..=80 => {
+                self.tally.fault("member API server stopped");
+                self.members[m].stop_apiserver();
+                self.down.insert(m);
+            }
+            81..=84 => {
+                if let Some(&d) = self.down.iter().next() {
+                    self.restart_member(d).await;
+                }
+            }
+            85..=88 => self.kill_leader().await,
+            _ => {} // a quiet moment
+        }
+    }
+
+    async fn restart_member(&mut self, m: usize) {
+        self.members[m].start_apiserver().await;
+        self.down.remove(&m);
+    }
+
+    async fn gtp(&mut self, m: usize, id: &str) {
+        let client = &self.clients[m];
+        let ns = ns_of(id);
+        let name = *self.rng.pick(&["gtp-1", "gtp-2"]);
+        let api: Api<GlobalTrafficPolicy> = Api::namespaced(client.clone(), &ns);
+        if self.rng.chance(20) {
+            let _ = api.delete(name, &DeleteParams::default()).await;
+            return;
+        }
+        let west = [0, 20, 50, 80, 100][self.rng.below(5)];
+        let mut policies = vec![
+            json!({"dnsPrefix": "default", "lbType": "FAILOVER", "target": [{"region": "us-west-2", "weight": west}, {"region": "us-east-2", "weight": 100 - west}]}),
+        ];
+        if self.rng.chance(40) {
+            policies.push(json!({"dnsPrefix": "west", "lbType": "TOPOLOGY"}));
+        }
+        if self.rng.chance(15) {
+            // Valid for the schema, invalid for flotilla: the previous valid spec stays.
+            self.tally.fault("invalid policy edit");
+            policies.push(json!({"dnsPrefix": "Not_A_Label", "lbType": "TOPOLOGY"}));
+        }
+        let mut g = gtp(&ns, name, id, json!(policies));
+        g.metadata.annotations = Some([("admiral.io/env".to_string(), self.rng.pick(&ENVS).to_string())].into());
+        // Two GTPs for one identity+env conflict; a priority sometimes decides.
+        if self.rng.chance(30) {
+            g.metadata.labels.as_mut().unwrap().insert("priority".into(), self.rng.below(3).to_string());
+        }
+        try_apply(client, &g).await;
+    }
+
+    async fn dependency(&mut self, m: usize, id: &str) {
+        let mut destinations: Vec<&str> = IDENTITIES.iter().copied().filter(|_| self.rng.chance(30)).collect();
+        if self.rng.chance(5) {
+            destinations = vec!["*"];
+        }
+        let in_hub = self.rng.chance(30);
+        let (client, ns) = if in_hub {
+            (self.hub_client.clone(), FLOTILLA_NAMESPACE.to_string())
+        } else {
+            (self.clients[m].clone(), ns_of(id))
+        };
+        let name = format!("{id}-deps");
+        if self.rng.chance(20) || destinations.is_empty() {
+            let _ =
+                Api::<flotilla::crd::Dependency>::namespaced(client, &ns).delete(&name, &DeleteParams::default()).await;
+            return;
+        }
+        try_apply(&client, &dependency(&ns, &name, id, &destinations)).await;
+    }
+
+    async fn outlier_or_connection(&mut self, m: usize, id: &str) {
+        let client = &self.clients[m];
+        let ns = ns_of(id);
+        let env = *self.rng.pick(&ENVS);
+        let meta = json!({"name": format!("{id}-tuning"), "namespace": ns, "labels": {"identity": id}, "annotations": {"admiral.io/env": env}});
+        if self.rng.chance(50) {
+            let api: Api<OutlierDetection> = Api::namespaced(client.clone(), &ns);
+            if self.rng.chance(20) {
+                let _ = api.delete(&format!("{id}-tuning"), &DeleteParams::default()).await;
+                return;
+            }
+            let od: OutlierDetection = serde_json::from_value(json!({
+                "apiVersion": "admiral.io/v1alpha1", "kind": "OutlierDetection", "metadata": meta,
+                "spec": {"outlier_config": {"base_ejection_time": 30 * (1 + self.rng.below(5)), "consecutive_gateway_errors": 1 + self.rng.below(20), "interval": 10}},
+            }))
+            .unwrap();
+            try_apply(client, &od).await;
+        } else {
+            let api: Api<ClientConnectionConfig> = Api::namespaced(client.clone(), &ns);
+            if self.rng.chance(20) {
+                let _ = api.delete(&format!("{id}-tuning"), &DeleteParams::default()).await;
+                return;
+            }
+            let policy =
+                if self.rng.chance(15) { json!("SOMETIMES") } else { json!(*self.rng.pick(&["DEFAULT", "UPGRADE"])) };
+            let ccc: ClientConnectionConfig = serde_json::from_value(json!({
+                "apiVersion": "admiral.io/v1alpha1", "kind": "ClientConnectionConfig", "metadata": meta,
+                "spec": {"connectionPool": {"http": {"maxRequestsPerConnection": 1 + self.rng.below(200), "h2UpgradePolicy": policy}}},
+            }))
+            .unwrap();
+            try_apply(client, &ccc).await;
+        }
+    }
+
+    /// A user's object with a name flotilla would use: it must never be touched.
+    async fn user_object(&mut self, m: usize, id: &str) {
+        let env = *self.rng.pick(&ENVS);
+        let client = &self.clients[m];
+        let (kind, ns, name) = if self.rng.chance(60) {
+            let name = format!("{env}.{id}.global-se");
+            let se: ServiceEntry = serde_json::from_value(json!({
+                "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+                "metadata": {"name": name, "namespace": SYNC},
+                "spec": {"hosts": [format!("{id}.example.com")], "location": "MESH_EXTERNAL", "resolution": "DNS", "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}]},
+            }))
+            .unwrap();
+            if !try_apply(client, &se).await {
+                return;
+            }
+            (Kind::ServiceEntry, SYNC.to_string(), name)
+        } else {
+            let name = format!("{id}-egress");
+            let sidecar: Sidecar = serde_json::from_value(json!({
+                "apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
+                "metadata": {"name": name, "namespace": ns_of(id)},
+                "spec": {"egress": [{"hosts": ["./*", "istio-system/*"]}]},
+            }))
+            .unwrap();
+            if !try_apply(client, &sidecar).await {
+                return;
+            }
+            (Kind::Sidecar, ns_of(id), name)
+        };
+        let key = (m, kind, ns.clone(), name.clone());
+        match resource_version(client, kind, &ns, &name).await {
+            // The name was flotilla's already: the user wrote into one of its objects, which
+            // flotilla puts back (it carries flotilla's label), so it is not the user's.
+            Some((_, true)) => self.tally.fault("user wrote into one of flotilla's objects"),
+            Some((rv, false)) => {
+                self.users.entry(key).or_insert(rv);
+            }
+            None => {}
+        }
+    }
+
+    /// Rotate a member's credentials, remove its Secret, or break its kubeconfig; or restore it.
+    async fn registration(&mut self, m: usize) {
+        let secrets: Api<Secret> = Api::namespaced(self.hub_client.clone(), FLOTILLA_NAMESPACE);
+        let member = &self.members[m];
+        match self.rng.below(4) {
+            0 => {
+                self.tally.fault("credentials rotated");
+                let kubeconfig = if self.rng.chance(50) {
+                    member.kubeconfig_for("rotated", "flotilla-test-rotated")
+                } else {
+                    member.admin_kubeconfig()
+                };
+                apply(&self.hub_client, &member_secret(member, kubeconfig)).await;
+                self.unregistered.remove(&m);
+            }
+            1 => {
+                self.tally.fault("registration Secret removed");
+                let _ = secrets.delete(&format!("member-{}", member.name), &DeleteParams::default()).await;
+                self.unregistered.insert(m);
+            }
+            2 => {
+                self.tally.fault("broken kubeconfig");
+                apply(&self.hub_client, &member_secret(member, "apiVersion: v1\nclusters: [: broken".into())).await;
+                self.unregistered.insert(m);
+            }
+            _ => {
+                apply(&self.hub_client, &member_secret(member, member.admin_kubeconfig())).await;
+                self.unregistered.remove(&m);
+            }
+        }
+    }
+
+    /// SIGKILL the replica that leads (no lease release); the other takes over; it comes back.
+    async fn kill_leader(&mut self) {
+        for r in &mut self.replicas {
+            if r.is_running() && r.metric("flotilla_leader").await == 1.0 {
+                self.tally.fault("leader killed");
+                r.kill();
+                return;
+            }
+        }
+        for r in &mut self.replicas {
+            if !r.is_running() {
+                r.restart();
+            }
+        }
+    }
+
+    /// Everything back: members up and registered, both replicas running; then wait until the
+    /// leader has converged with every member synced.
+    async fn settle(&mut self) -> usize {
+        for m in self.down.clone() {
+            self.restart_member(m).await;
+        }
+        for m in 0..MEMBERS.len() {
+            apply(&self.hub_client, &member_secret(&self.members[m], self.members[m].admin_kubeconfig())).await;
+        }
+        self.unregistered.clear();
+        for r in &mut self.replicas {
+            if !r.is_running() {
+                r.restart();
+            }
+        }
+        let deadline = tokio::time::Instant::now() + WAIT * 2;
+        loop {
+            for (i, r) in self.replicas.iter().enumerate() {
+                let (code, body) = r.get("/debug/clusters").await;
+                let Ok(view) = serde_json::from_str::<serde_json::Value>(&body) else { continue };
+                let synced = MEMBERS.iter().all(|id| view["clusters"][id]["state"] == "synced");
+                if code == 200 && view["leader"] == true && view["converged"] == true && synced {
+                    return i;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let mut views = String::new();
+                for r in &self.replicas {
+                    views.push_str(&format!(
+                        "replica {}: {}\nlog:\n{}\n",
+                        r.name,
+                        r.get("/debug/clusters").await.1,
+                        r.log_tail()
+                    ));
+                }
+                panic!("seed {}: the fleet did not settle:\n{views}", self.seed);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Applies, tolerating a refusal (a member going down, an object the API server rejects).
+async fn try_apply<K>(client: &Client, obj: &K) -> bool
+where
+    K: kube::Resource<DynamicType = ()> + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let resource = kube::api::ApiResource::erase::<K>(&());
+    let api: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), obj.meta().namespace.as_deref().unwrap_or("default"), &resource);
+    let name = obj.meta().name.clone().unwrap_or_default();
+    api.patch(&name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(obj)).await.is_ok()
+}
+
+/// An object's resourceVersion, and whether it carries flotilla's label.
+async fn resource_version(client: &Client, kind: Kind, ns: &str, name: &str) -> Option<(String, bool)> {
+    let meta = match kind {
+        Kind::ServiceEntry => Api::<ServiceEntry>::namespaced(client.clone(), ns).get_opt(name).await.ok()??.metadata,
+        Kind::Sidecar => Api::<Sidecar>::namespaced(client.clone(), ns).get_opt(name).await.ok()??.metadata,
+        other => panic!("no user objects of kind {other}"),
+    };
+    Some((meta.resource_version.clone()?, flotilla::meta::is_managed(&meta)))
+}
+
+/// Samples every member's ServiceEntries and records each host's address; an address that moves
+/// is a failure, reported with the seed.
+fn track_vips(
+    clients: Vec<Client>,
+    seen: Arc<Mutex<BTreeMap<String, String>>>,
+    moved: Arc<Mutex<Vec<String>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            for (m, client) in clients.iter().enumerate() {
+                let api: Api<ServiceEntry> = Api::namespaced(client.clone(), SYNC);
+                let Ok(list) = tokio::time::timeout(Duration::from_secs(2), api.list(&ListParams::default())).await
+                else {
+                    continue;
+                };
+                let Ok(list) = list else { continue };
+                for se in list.items.iter().filter(|se| flotilla::meta::is_managed(&se.metadata)) {
+                    let (Some(host), Some(ip)) = (se.spec.hosts.first(), se.spec.addresses.first()) else { continue };
+                    // Only flotilla's own form of its objects (`<host>-se`): someone writing into
+                    // one shows other hosts for a moment, until flotilla puts its own back.
+                    if se.metadata.name.as_deref() != Some(format!("{host}-se").as_str()) {
+                        continue;
+                    }
+                    let mut seen = seen.lock().unwrap();
+                    match seen.get(host) {
+                        Some(before) if before != ip => moved
+                            .lock()
+                            .unwrap()
+                            .push(format!("member {}: host {host} moved from {before} to {ip}", MEMBERS[m])),
+                        Some(_) => {}
+                        None => {
+                            seen.insert(host.clone(), ip.clone());
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
+/// The status flotilla wrote on every policy in the snapshot agrees with render's verdict.
+async fn status_mismatches(soak: &Soak, dir: &std::path::Path) -> Vec<String> {
+    let loaded = flotilla::fleet_dir::load(dir).unwrap();
+    let engine = flotilla::render::engine(&loaded, &flotilla::settings::Settings::default(), "flotilla-vips");
+    let mut found = Vec::new();
+    for report in engine.desired.reports() {
+        let client = match report.at.cluster.as_str() {
+            flotilla::meta::HUB => &soak.hub_client,
+            member => &soak.clients[MEMBERS.iter().position(|m| *m == member).expect("a member")],
+        };
+        let (ns, name) = (&report.at.namespace, &report.at.name);
+        let status = match report.kind {
+            Kind::GlobalTrafficPolicy => Api::<GlobalTrafficPolicy>::namespaced(client.clone(), ns)
+                .get(name)
+                .await
+                .ok()
+                .map(|o| (o.status, o.metadata.generation)),
+            Kind::OutlierDetection => Api::<OutlierDetection>::namespaced(client.clone(), ns)
+                .get(name)
+                .await
+                .ok()
+                .map(|o| (o.status, o.metadata.generation)),
+            Kind::ClientConnectionConfig => Api::<ClientConnectionConfig>::namespaced(client.clone(), ns)
+                .get(name)
+                .await
+                .ok()
+                .map(|o| (o.status, o.metadata.generation)),
+            Kind::Dependency => Api::<flotilla::crd::Dependency>::namespaced(client.clone(), ns)
+                .get(name)
+                .await
+                .ok()
+                .map(|o| (o.status, o.metadata.generation)),
+            _ => None,
+        };
+        let (want, _) = report.state.describe();
+        match status {
+            Some((Some(s), generation)) if s.state.as_deref() == Some(want) && s.observed_generation == generation => {}
+            other => found.push(format!(
+                "{} {}: render says {want}, the object carries {:?}",
+                report.kind,
+                report.at,
+                other.map(|(s, _)| s.and_then(|s| s.state))
+            )),
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn churn_and_faults_leave_exactly_what_render_says() {
+    let seed = seed();
+    let seconds = soak_seconds();
+    println!("soak: seed {seed} (replay with FLOTILLA_SOAK_SEED={seed}), {seconds} s");
+    let _serial = ONE_FLEET_AT_A_TIME.lock().await;
+    let mut soak = Soak::start(seed).await;
+    let seen = Arc::new(Mutex::new(BTreeMap::new()));
+    let moved = Arc::new(Mutex::new(Vec::new()));
+    let tracker = track_vips(soak.clients.clone(), seen.clone(), moved.clone());
+
+    let until = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < until {
+        soak.step().await;
+        tokio::time::sleep(Duration::from_millis(soak.rng.below(150) as u64)).await;
+    }
+    let leader = soak.settle().await;
+    tracker.abort();
+
+    let dir = oracle::fresh_dir("soak");
+    let members: Vec<(&str, &Client)> = MEMBERS.iter().copied().zip(soak.clients.iter()).collect();
+    let hub_kubeconfig = soak.hub.admin_kubeconfig();
+    let (_, mut failures) =
+        oracle::converge_to_render(&hub_kubeconfig, FLOTILLA_NAMESPACE, &members, SYNC, &dir, WAIT).await;
+    failures.extend(moved.lock().unwrap().iter().cloned());
+    for ((m, kind, ns, name), rv) in &soak.users {
+        let now = resource_version(&soak.clients[*m], *kind, ns, name).await.map(|(rv, _)| rv);
+        if now.as_ref() != Some(rv) {
+            failures.push(format!(
+                "member {}: the user's {kind} {ns}/{name} was touched: resourceVersion {rv} → {now:?}",
+                MEMBERS[*m]
+            ));
+        }
+    }
+    // Statuses follow the objects: give them the same patience.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let statuses = loop {
+        let found = status_mismatches(&soak, &dir).await;
+        if found.is_empty() || tokio::time::Instant::now() >= deadline {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    failures.extend(statuses);
+    let writes = soak.replicas[leader].metric("flotilla_api_writes_total").await;
+    let rss: Vec<u64> = soak.replicas.iter().map(|r| r.peak_rss_kib() / 1024).collect();
+    println!(
+        "soak: seed {seed}: {} events, faults {:?}, {} hosts tracked, leader's writes {writes}, peak RSS of the replicas {rss:?} MiB, mismatches {}",
+        soak.tally.events,
+        soak.tally.faults,
+        seen.lock().unwrap().len(),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "seed {seed}: the fleet is not what render says (replay with FLOTILLA_SOAK_SEED={seed}):\n{}",
+        failures.join("\n")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    burst(&soak, leader).await;
+}
+
+/// 1,000 Deployment changes in one member in about a second: each changed object is written
+/// once per pass at most, and the figures are printed.
+async fn burst(soak: &Soak, leader: usize) {
+    let flotilla = &soak.replicas[leader];
+    let client = &soak.clients[0];
+    let ns = "burst";
+    apply(client, &namespace(ns)).await;
+    let before_writes = flotilla.metric("flotilla_api_writes_total").await;
+    let before_passes = flotilla.metric("flotilla_passes_total").await;
+    let latency_before = histogram(flotilla, "flotilla_change_to_write_seconds").await;
+    let started = Instant::now();
+    // 200 workloads, 5 changes each (the last env wins): 1,000 changes.
+    let changes: Vec<(usize, usize)> = (0..5).flat_map(|round| (0..200).map(move |i| (i, round))).collect();
+    futures::stream::iter(changes)
+        .for_each_concurrent(64, |(i, round)| async move {
+            let name = format!("burst-{i:03}");
+            let env = ["e0", "e1", "e2", "e3", "stage"][round];
+            try_apply(client, &deployment(ns, &name, &name, env)).await;
+            if round == 0 {
+                try_apply(client, &service(ns, &name, "http", 80, 8080)).await;
+            }
+        })
+        .await;
+    let sent = started.elapsed();
+    converge(flotilla).await;
+    let objects = 200 * 2; // a ServiceEntry and a DestinationRule each, in the one member
+    let writes = flotilla.metric("flotilla_api_writes_total").await - before_writes;
+    let passes = flotilla.metric("flotilla_passes_total").await - before_passes;
+    let latency = histogram(flotilla, "flotilla_change_to_write_seconds").await;
+    let (p50, p99) = quantiles(&latency_before, &latency);
+    println!(
+        "burst: 1000 Deployment changes sent in {sent:.1?}; {passes} passes, {writes} writes for {objects} objects, peak RSS {} MiB, change→write p50 ≤ {p50} s, p99 ≤ {p99} s",
+        flotilla.peak_rss_kib() / 1024
+    );
+    let busy_passes = passes.min((sent.as_secs_f64() / 0.05).ceil() + 4.0);
+    assert!(
+        writes <= objects as f64 * busy_passes,
+        "seed {}: {writes} writes for {objects} objects in {passes} passes",
+        soak.seed
+    );
+    // Every stage identity is written exactly as it ends.
+    let ses = Api::<ServiceEntry>::namespaced(client.clone(), SYNC).list(&ListParams::default()).await.unwrap();
+    let burst_hosts = ses.items.iter().filter(|s| s.spec.hosts[0].starts_with("stage.burst-")).count();
+    assert_eq!(burst_hosts, 200, "seed {}: every workload ends in env stage", soak.seed);
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    assert_eq!(services.list(&ListParams::default()).await.unwrap().items.len(), 200);
+}
+
+async fn converge(flotilla: &Flotilla) {
+    testenv::controller::eventually("the burst written", WAIT, flotilla, || async {
+        (flotilla.json("/debug/clusters").await["converged"] == true).then_some(())
+    })
+    .await;
+}
+
+/// A histogram's cumulative bucket counts by upper bound.
+async fn histogram(flotilla: &Flotilla, name: &str) -> Vec<(f64, f64)> {
+    let (_, body) = flotilla.get("/metrics").await;
+    let prefix = format!("{name}_bucket{{le=\"");
+    body.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Upper bounds of the buckets holding the 50th and 99th percentile of what was observed between
+/// two readings of a histogram.
+fn quantiles(before: &[(f64, f64)], after: &[(f64, f64)]) -> (f64, f64) {
+    let counts: Vec<(f64, f64)> =
+        after.iter().map(|(le, n)| (*le, n - before.iter().find(|(b, _)| b == le).map_or(0.0, |(_, m)| *m))).collect();
+    let total = counts.last().map_or(0.0, |(_, n)| *n);
+    let at = |q: f64| counts.iter().find(|(_, n)| *n >= q * total).map_or(f64::NAN, |(le, _)| *le);
+    (at(0.5), at(0.99))
+}
+
+use futures::StreamExt;
