@@ -93,6 +93,19 @@ impl Flotilla {
         }
     }
 
+    /// SIGSTOP: the process holds still (no watch event is read, no lease renewed) until `resume`.
+    pub fn pause(&self) {
+        if let Some(child) = &self.child {
+            unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Some(child) = &self.child {
+            unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+        }
+    }
+
     /// SIGKILL: a crash, no lease release.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -149,9 +162,14 @@ impl Flotilla {
 
     /// Sum of every sample of a metric (all label sets).
     pub async fn metric(&self, name: &str) -> f64 {
+        self.metric_with(name, "").await
+    }
+
+    /// Sum of the samples of a metric whose labels contain `labels` (e.g. `verb="apply"`).
+    pub async fn metric_with(&self, name: &str, labels: &str) -> f64 {
         let (_, body) = self.get("/metrics").await;
         body.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(labels))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
