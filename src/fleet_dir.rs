@@ -242,15 +242,16 @@ fn load_document(path: &Path, index: usize, doc: serde_json::Value, cluster: &st
             let Some(mut object) = observed else { return };
             default_namespace(&mut object);
             let observed = ObservedObject::new(&object);
-            // A Sidecar someone else manages is also an input: it can block ours.
-            let foreign_sidecar = match (object, observed.managed) {
+            // A Sidecar or ServiceEntry someone else manages is also an input: it can block ours.
+            let foreign = match (object, observed.managed) {
                 (DesiredObject::Sidecar(s), false) => Some(InputObject::Sidecar(Box::new(s))),
+                (DesiredObject::ServiceEntry(se), false) => Some(InputObject::ServiceEntry(Box::new(se))),
                 _ => None,
             };
             if cluster != HUB {
                 fleet.observed.entry(cluster.to_string()).or_default().insert(observed.key.clone(), observed);
             }
-            foreign_sidecar
+            foreign
         }
         _ => None, // kinds flotilla does not read are ignored
     };

@@ -12,7 +12,7 @@ use crate::crd::{
     ClientConnectionConfig, ClientConnectionConfigSpec, Dependency, GlobalTrafficPolicy, GlobalTrafficPolicySpec,
     LbType, OutlierDetection,
 };
-use crate::istio::Sidecar;
+use crate::istio::{ServiceEntry, Sidecar};
 use crate::meta::{
     ANNOTATION_ENV, ANNOTATION_INCLUDE_INBOUND_PORTS, DEFAULT_ENV, Kind, LABEL_PRIORITY, LABEL_REGION,
     LABEL_REGION_LEGACY, annotation, has_ignore, is_dns_label, is_managed, label,
@@ -27,6 +27,8 @@ pub enum InputObject {
     Node(Box<Node>),
     Namespace(Box<Namespace>),
     Sidecar(Box<Sidecar>),
+    /// ServiceEntries in the sync namespace: someone else's hold hosts flotilla then leaves alone.
+    ServiceEntry(Box<ServiceEntry>),
     GlobalTrafficPolicy(Box<GlobalTrafficPolicy>),
     OutlierDetection(Box<OutlierDetection>),
     ClientConnectionConfig(Box<ClientConnectionConfig>),
@@ -42,6 +44,7 @@ macro_rules! each_input {
             InputObject::Node($o) => $body,
             InputObject::Namespace($o) => $body,
             InputObject::Sidecar($o) => $body,
+            InputObject::ServiceEntry($o) => $body,
             InputObject::GlobalTrafficPolicy($o) => $body,
             InputObject::OutlierDetection($o) => $body,
             InputObject::ClientConnectionConfig($o) => $body,
@@ -58,6 +61,7 @@ impl InputObject {
             InputObject::Node(_) => Kind::Node,
             InputObject::Namespace(_) => Kind::Namespace,
             InputObject::Sidecar(_) => Kind::Sidecar,
+            InputObject::ServiceEntry(_) => Kind::ServiceEntry,
             InputObject::GlobalTrafficPolicy(_) => Kind::GlobalTrafficPolicy,
             InputObject::OutlierDetection(_) => Kind::OutlierDetection,
             InputObject::ClientConnectionConfig(_) => Kind::ClientConnectionConfig,
@@ -94,6 +98,8 @@ pub fn distill(obj: &InputObject, cluster: &str, identity_label: &str) -> Option
         InputObject::Sidecar(s) => {
             Record::ForeignSidecar { selector: s.spec.workload_selector.as_ref().map(|ws| ws.labels.clone()) }
         }
+        InputObject::ServiceEntry(se) if is_managed(&se.metadata) => return None,
+        InputObject::ServiceEntry(se) => Record::ForeignServiceEntry { hosts: se.spec.hosts.clone() },
         InputObject::GlobalTrafficPolicy(g) => {
             let mut policy = policy_header(at(), &g.metadata, Some(&g.spec.selector), identity_label);
             policy.priority = match label(&g.metadata, LABEL_PRIORITY) {
@@ -415,6 +421,11 @@ pub fn reduce(obj: &InputObject, identity_label: &str) -> Option<InputObject> {
             let mut spec = crate::istio::SidecarSpec::default();
             spec.workload_selector = s.spec.workload_selector.clone();
             InputObject::Sidecar(Box::new(Sidecar { metadata: header(None, &[]), spec }))
+        }
+        InputObject::ServiceEntry(se) if is_managed(&se.metadata) => return None,
+        InputObject::ServiceEntry(se) => {
+            let spec = crate::istio::ServiceEntrySpec { hosts: se.spec.hosts.clone(), ..Default::default() };
+            InputObject::ServiceEntry(Box::new(ServiceEntry { metadata: header(None, &[]), spec }))
         }
         InputObject::GlobalTrafficPolicy(p) => InputObject::GlobalTrafficPolicy(Box::new(GlobalTrafficPolicy {
             metadata: policy_meta(meta),

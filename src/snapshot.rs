@@ -223,6 +223,7 @@ fn input_document(obj: &InputObject) -> String {
         InputObject::Node(o) => document(&**o),
         InputObject::Namespace(o) => document(&**o),
         InputObject::Sidecar(o) => document(&**o),
+        InputObject::ServiceEntry(o) => document(&**o),
         InputObject::GlobalTrafficPolicy(o) => document(&**o),
         InputObject::OutlierDetection(o) => document(&**o),
         InputObject::ClientConnectionConfig(o) => document(&**o),

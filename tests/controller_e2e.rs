@@ -160,7 +160,8 @@ async fn federates_a_fleet_registered_through_secrets() {
     .await;
     assert!(invalid.message.contains("not_a_label") && invalid.message.contains("DNS label"), "{invalid:?}");
 
-    // Someone else's ServiceEntry with a name flotilla wants is left alone and reported.
+    // Someone else's ServiceEntry with the name flotilla would give a host is left alone and
+    // reported, and nothing else is written for that host there (no DestinationRule either).
     let users_se: ServiceEntry = serde_json::from_value(json!({
         "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
         "metadata": {"name": "stage.mine.global-se", "namespace": SYNC},
@@ -169,12 +170,12 @@ async fn federates_a_fleet_registered_through_secrets() {
     .unwrap();
     let before = apply(east, &users_se).await;
     deploy(east, "mine", "mine").await;
-    eventually("the conflict in /debug/clusters", WAIT, &flotilla, || async {
-        let view = flotilla.json("/debug/clusters").await;
-        let conflicts = view["clusters"]["east-1"]["conflicts"].to_string();
-        conflicts.contains("stage.mine.global-se").then_some(())
+    eventually("the held host reported in /debug/identities/mine", WAIT, &flotilla, || async {
+        let (code, body) = flotilla.get("/debug/identities/mine").await;
+        (code == 200 && body.contains("stage.mine.global-se is not managed by flotilla")).then_some(())
     })
     .await;
+    assert!(get_dr(east, "stage.mine.global-default-dr").await.is_none(), "no traffic policy of ours on their host");
     let after = get_se(east, "stage.mine.global-se").await.unwrap();
     assert_eq!(after.spec, before.spec, "the user's object is untouched");
     assert_eq!(after.metadata.labels, before.metadata.labels);

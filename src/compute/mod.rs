@@ -627,6 +627,14 @@ impl Engine {
         if dirty.all || dirty.facts {
             self.facts = cluster_facts(&self.fleet, &self.settings);
         }
+        // Hosts someone else's ServiceEntry began or stopped holding: whoever writes them.
+        if !dirty.hosts.is_empty() {
+            for (id, out) in &self.desired.by_identity {
+                if out.hosts.iter().any(|h| dirty.hosts.contains(h)) {
+                    dirty.identities.entry(id.clone()).or_insert(Reach::Itself);
+                }
+            }
+        }
         // Identities that differ only in case share hosts: one's change can move them to the other.
         let twins: Vec<(String, Reach)> = dirty
             .identities

@@ -92,6 +92,18 @@ pub fn compute_identity(
                 let Some(target_facts) = facts.get(*target) else {
                     continue;
                 };
+                // Someone else's ServiceEntry holds the host here: nothing of ours for it, not even
+                // a DestinationRule (it would apply our traffic policy to their service).
+                if let Some((ns, name)) =
+                    fleet.clusters.get(*target).and_then(|c| c.foreign_holder_of(&settings.sync_namespace, &host.host))
+                {
+                    out.diagnostics.push(Diagnostic::warning(
+                        Some(target),
+                        format!("host {}", host.host),
+                        format!("ServiceEntry {ns}/{name} is not managed by flotilla and holds this host (or its name); nothing is written for the host in this cluster"),
+                    ));
+                    continue;
+                }
                 let local = env.sources.contains_key(*target).then_some(*target);
                 let export_to = export_to(fleet, settings, resolved, env, identity, target);
                 let built = entries.entry((local, export_to.clone())).or_insert_with(|| {

@@ -343,8 +343,15 @@ impl Runtime {
                     self.observed.set_status((kind, at), status);
                     self.statuses_dirty = true;
                 }
-                if let InputObject::Sidecar(s) = obj.as_ref() {
-                    self.observe(cluster, ObservedObject::new(&DesiredObject::Sidecar((**s).clone())));
+                // Kinds that are inputs and outputs at once.
+                match obj.as_ref() {
+                    InputObject::Sidecar(s) => {
+                        self.observe(cluster, ObservedObject::new(&DesiredObject::Sidecar((**s).clone())))
+                    }
+                    InputObject::ServiceEntry(se) => {
+                        self.observe(cluster, ObservedObject::new(&DesiredObject::ServiceEntry((**se).clone())))
+                    }
+                    _ => {}
                 }
                 self.engine().ingest(cluster, &obj);
             }

@@ -69,8 +69,9 @@ pub fn spawn_member_watches(
     // Everything in the sync namespace, not only what carries our label: an unlabelled object
     // with a name we want is a conflict we must see before writing.
     let ses = Api::<ServiceEntry>::namespaced(client.clone(), sync_namespace);
+    // Both an output, and an input: someone else's holds hosts flotilla then leaves alone.
     spawn(&mut set, &cluster, ses, all(), Kind::ServiceEntry, send.clone(), |o| {
-        Watched::Output(Box::new(ObservedObject::new(&DesiredObject::ServiceEntry(o))))
+        Watched::Input(Box::new(InputObject::ServiceEntry(Box::new(o))))
     });
     let drs = Api::<DestinationRule>::namespaced(client, sync_namespace);
     spawn(&mut set, &cluster, drs, all(), Kind::DestinationRule, send, |o| {

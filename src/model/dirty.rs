@@ -25,11 +25,14 @@ pub struct Dirty {
     /// Only the per-member facts (a member's health): no identity's objects depend on them.
     pub facts: bool,
     pub identities: BTreeMap<String, Reach>,
+    /// Hosts someone else's ServiceEntry began or stopped holding: the identities that write
+    /// them are recomputed (compute knows which those are).
+    pub hosts: std::collections::BTreeSet<String>,
 }
 
 impl Dirty {
     pub fn is_empty(&self) -> bool {
-        !self.all && !self.facts && self.identities.is_empty()
+        !self.all && !self.facts && self.identities.is_empty() && self.hosts.is_empty()
     }
     pub(super) fn touch(&mut self, identity: Option<&str>, reach: Reach) {
         let Some(id) = identity else { return };

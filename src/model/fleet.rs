@@ -57,7 +57,7 @@ impl Fleet {
             clients_by_destination: BTreeMap::new(),
             wildcard_sources: BTreeSet::new(),
             named_by_source: BTreeMap::new(),
-            dirty: Dirty { all: true, facts: true, identities: BTreeMap::new() },
+            dirty: Dirty { all: true, facts: true, identities: BTreeMap::new(), hosts: BTreeSet::new() },
         }
     }
 
@@ -215,6 +215,12 @@ impl Fleet {
                 }
                 self.touch_namespace(cluster, namespace, Reach::Itself);
             }
+            Record::ForeignServiceEntry { hosts } => {
+                if let Some(c) = self.clusters.get_mut(cluster) {
+                    let old = c.foreign_service_entries.insert(key(), hosts.clone());
+                    self.dirty.hosts.extend(held_hosts(name, old.iter().flatten().chain(&hosts)));
+                }
+            }
             Record::GlobalTrafficPolicy(p) => {
                 store_policy(&mut self.gtps, &mut self.gtps_by_identity, &mut self.dirty, Reach::Clients, p)
             }
@@ -269,8 +275,15 @@ impl Fleet {
                 }
             }
             Kind::Dependency => self.set_dependency(at, None),
-            // Not inputs: nothing of them is kept.
-            Kind::DestinationRule | Kind::ServiceEntry => {}
+            Kind::ServiceEntry => {
+                if let Some(c) = self.clusters.get_mut(cluster)
+                    && let Some(old) = c.foreign_service_entries.remove(&key)
+                {
+                    self.dirty.hosts.extend(held_hosts(name, &old));
+                }
+            }
+            // Not an input: nothing of it is kept.
+            Kind::DestinationRule => {}
         }
     }
 
@@ -451,6 +464,13 @@ impl Fleet {
             self.named_by_source.insert(source.to_string(), named);
         }
     }
+}
+
+/// The hosts a foreign ServiceEntry named `name` holding `hosts` keeps from flotilla.
+fn held_hosts<'a>(name: &str, hosts: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    let mut held: Vec<String> = hosts.into_iter().cloned().collect();
+    held.extend(name.strip_suffix("-se").map(str::to_string));
+    held
 }
 
 /// Stores a judged policy under its identity. An invalid spec does not replace the last valid

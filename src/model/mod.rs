@@ -142,6 +142,8 @@ pub struct Cluster {
     pub services: BTreeMap<NsName, ServiceInfo>,
     /// Sidecars flotilla does not manage: their workload selector (None = the whole namespace).
     pub foreign_sidecars: BTreeMap<NsName, Option<BTreeMap<String, String>>>,
+    /// ServiceEntries flotilla does not manage (in the sync namespace): the hosts they hold.
+    pub foreign_service_entries: BTreeMap<NsName, Vec<String>>,
 }
 
 impl Cluster {
@@ -190,6 +192,17 @@ impl Cluster {
             .map(|(_, w)| w)
     }
 
+    /// Someone else's ServiceEntry in the sync namespace that holds `host` here, or has the name
+    /// flotilla would give the host's (`<host>-se`): flotilla then writes nothing for that host in
+    /// this cluster. (`run` watches ServiceEntries in the sync namespace only.)
+    pub fn foreign_holder_of(&self, sync_namespace: &str, host: &str) -> Option<&NsName> {
+        self.foreign_service_entries
+            .iter()
+            .filter(|((ns, _), _)| ns == sync_namespace)
+            .find(|((_, name), hosts)| hosts.iter().any(|h| h == host) || name.strip_suffix("-se") == Some(host))
+            .map(|(key, _)| key)
+    }
+
     /// Whether a workload takes part in federation: not opted out itself, nor its namespace.
     pub fn is_federated(&self, w: &Workload) -> bool {
         w.identity.is_some() && !w.opted_out && !self.opted_out_namespaces.contains(&w.namespace)
@@ -211,6 +224,10 @@ pub enum Record {
     /// A Sidecar flotilla does not manage: its workload selector (None: the whole namespace).
     ForeignSidecar {
         selector: Option<BTreeMap<String, String>>,
+    },
+    /// A ServiceEntry flotilla does not manage: the hosts it holds.
+    ForeignServiceEntry {
+        hosts: Vec<String>,
     },
     GlobalTrafficPolicy(Policy<GlobalTrafficPolicySpec>),
     OutlierDetection(Policy<OutlierDetectionSpec>),
