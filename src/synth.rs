@@ -112,7 +112,7 @@ pub fn generate(spec: &SynthSpec) -> BTreeMap<String, String> {
             let doc = files.get_mut(&cluster_name(c)).expect("cluster file");
             let _ = write!(
                 doc,
-                "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {id}, namespace: ns-{id}}}\nspec:\n  selector: {{matchLabels: {{app: {id}}}}}\n  template:\n    metadata:\n      labels: {{app: {id}, identity: {id}}}\n      annotations: {{admiral.io/env: {env}}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: {id}, namespace: ns-{id}}}\nspec:\n  selector: {{app: {id}}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n"
+                "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {id}, namespace: ns-{id}}}\nspec:\n  selector: {{matchLabels: {{app: {id}}}}}\n  template:\n    metadata:\n      labels: {{app: {id}, identity: {id}}}\n      annotations: {{admiral.io/env: {env}}}\n    spec:\n      containers:\n      - {{name: app, image: example.com/{id}:1, ports: [{{containerPort: 8080}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: {id}, namespace: ns-{id}}}\nspec:\n  selector: {{app: {id}}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n"
             );
             if c == first_cluster {
                 let dests = destinations.iter().map(|d| format!("\"{d}\"")).collect::<Vec<_>>().join(", ");

@@ -87,3 +87,48 @@ async fn rendered_fleets_are_accepted_by_istio_crds_and_read_back_unchanged() {
     println!("{applied} rendered objects from {} fleets accepted and read back unchanged", fleets.len());
     assert!(applied > 50, "the fleets render a meaningful number of objects ({applied})");
 }
+
+/// A synthetic fleet is valid Kubernetes: every object `flotilla synth` writes is accepted by a
+/// real API server (server-side dry run), Deployments with their containers included.
+#[tokio::test(flavor = "multi_thread")]
+async fn synthetic_fleets_are_valid_kubernetes() {
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    let cluster = testenv::TestCluster::start("synth").await;
+    let client = cluster.client().await;
+    let spec = flotilla::synth::SynthSpec { clusters: 2, identities: 40, ..Default::default() };
+    let dir = std::env::temp_dir().join(format!("flotilla-synth-valid-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    flotilla::synth::write_fleet_dir(&spec, &dir).unwrap();
+    let member = dir.join(flotilla::synth::cluster_name(0));
+    let mut docs = Vec::new();
+    for entry in std::fs::read_dir(&member).unwrap() {
+        docs.extend(flotilla::yaml::parse_documents(&std::fs::read_to_string(entry.unwrap().path()).unwrap()).unwrap());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    let namespaces: BTreeSet<String> = docs
+        .iter()
+        .filter_map(|d| d.pointer("/metadata/namespace").and_then(|n| n.as_str()).map(str::to_string))
+        .collect();
+    for ns in &namespaces {
+        apply(&client, &namespace(ns)).await;
+    }
+    let pp = PatchParams::apply("flotilla-testenv").dry_run();
+    let mut kinds = BTreeSet::new();
+    for doc in &docs {
+        let object: DynamicObject = serde_json::from_value(doc.clone()).unwrap();
+        let types = object.types.clone().expect("apiVersion and kind");
+        let (group, version) = types.api_version.split_once('/').unwrap_or(("", &types.api_version));
+        let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, &types.kind));
+        let name = object.metadata.name.clone().unwrap();
+        let api: Api<DynamicObject> = match &object.metadata.namespace {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+            None => Api::all_with(client.clone(), &resource),
+        };
+        api.patch(&name, &pp, &Patch::Apply(&object))
+            .await
+            .unwrap_or_else(|e| panic!("synthetic {} {name} rejected: {e}", types.kind));
+        kinds.insert(types.kind);
+    }
+    assert!(kinds.contains("Deployment") && kinds.contains("Service"), "{kinds:?}");
+    println!("{} synthetic objects of kinds {kinds:?} accepted", docs.len());
+}
