@@ -11,6 +11,7 @@
 pub mod builders;
 pub mod controller;
 pub mod fleet;
+pub mod istio;
 pub mod net;
 pub mod oracle;
 
@@ -183,6 +184,9 @@ impl TestCluster {
             .arg("--authorization-mode=RBAC")
             .arg("--service-cluster-ip-range=10.96.0.0/16")
             .arg("--enable-priority-and-fairness=false")
+            // No controller runs here to mint service-account tokens: Pods (which the Istio
+            // tests create for istiod and the analyzers) are admitted without them.
+            .arg("--disable-admission-plugins=ServiceAccount")
             .arg("--profiling=false")
             .arg("--v=0");
         let log = format!("apiserver-{}.log", now_millis());
