@@ -212,45 +212,45 @@ impl Istiod {
         out
     }
 
-    /// `flotilla-xds` as the Pod `namespace/pod` with address `ip`: one full sync.
-    pub fn xds(&self, namespace: &str, pod: &str, ip: &str) -> Value {
+    /// The flags that make `flotilla-xds` the Pod `namespace/pod` with address `ip` and labels,
+    /// in `locality` (`region/zone`, as its node's labels would give it).
+    fn proxy_args(&self, namespace: &str, pod: &str, ip: &str, labels: &[(&str, &str)], locality: &str) -> Vec<String> {
+        let addr = self.host.addr(ISTIOD_GRPC).to_string();
+        let mut args: Vec<String> = ["--addr", &addr, "--namespace", namespace, "--pod", pod, "--ip", ip]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for (k, v) in labels {
+            args.extend(["--label".to_string(), format!("{k}={v}")]);
+        }
+        args.extend(["--locality".to_string(), locality.to_string()]);
+        args
+    }
+
+    /// `flotilla-xds` as the Pod `namespace/pod` with address `ip` and labels: one full sync.
+    pub fn xds(&self, namespace: &str, pod: &str, ip: &str, labels: &[(&str, &str)], locality: &str) -> Value {
         let out = Command::new(assets().join("flotilla-xds"))
-            .args([
-                "--addr",
-                &self.host.addr(ISTIOD_GRPC).to_string(),
-                "--namespace",
-                namespace,
-                "--pod",
-                pod,
-                "--ip",
-                ip,
-            ])
+            .args(self.proxy_args(namespace, pod, ip, labels, locality))
             .args(["--timeout", "60s"])
             .output()
             .expect("running flotilla-xds");
-        assert!(
-            out.status.success(),
-            "flotilla-xds failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.log_tail()
-        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "flotilla-xds failed: {stderr}\n{}", self.log_tail());
         serde_json::from_slice(&out.stdout).expect("flotilla-xds prints JSON")
     }
 
     /// `flotilla-xds --watch` as a child process, printing one JSON line per push.
-    pub fn watch(&self, namespace: &str, pod: &str, ip: &str, log: &Path) -> Child {
+    pub fn watch(
+        &self,
+        namespace: &str,
+        pod: &str,
+        ip: &str,
+        labels: &[(&str, &str)],
+        locality: &str,
+        log: &Path,
+    ) -> Child {
         let mut cmd = Command::new(assets().join("flotilla-xds"));
-        cmd.args([
-            "--addr",
-            &self.host.addr(ISTIOD_GRPC).to_string(),
-            "--namespace",
-            namespace,
-            "--pod",
-            pod,
-            "--ip",
-            ip,
-        ])
-        .args(["--watch", "--timeout", "60s"]);
+        cmd.args(self.proxy_args(namespace, pod, ip, labels, locality)).args(["--watch", "--timeout", "60s"]);
         spawn(cmd, log)
     }
 
