@@ -216,6 +216,10 @@ fn load_document(path: &Path, index: usize, doc: serde_json::Value, cluster: &st
     let problems = &mut fleet.problems;
     let input = match (group, kind.as_str()) {
         ("apps", "Deployment") => typed(doc, &place, problems).map(|o| InputObject::Deployment(Box::new(o))),
+        ("argoproj.io", "Rollout") => typed(doc, &place, problems).map(|o| InputObject::Rollout(Box::new(o))),
+        ("networking.istio.io", "VirtualService") => {
+            typed(doc, &place, problems).map(|o| InputObject::VirtualService(Box::new(o)))
+        }
         ("", "Service") if api_version == "v1" => {
             typed(doc, &place, problems).map(|o| InputObject::Service(Box::new(o)))
         }

@@ -8,6 +8,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use crate::argo::{Rollout, VirtualService};
 use crate::crd::{
     ClientConnectionConfig, ClientConnectionConfigSpec, Dependency, GlobalTrafficPolicy, GlobalTrafficPolicySpec,
     LbType, OutlierDetection,
@@ -17,12 +18,17 @@ use crate::meta::{
     ANNOTATION_ENV, ANNOTATION_INCLUDE_INBOUND_PORTS, DEFAULT_ENV, Kind, LABEL_PRIORITY, LABEL_REGION,
     LABEL_REGION_LEGACY, annotation, has_ignore, is_dns_label, is_managed, label,
 };
-use crate::model::{DependencyEntry, ObjectRef, Policy, Record, ServiceInfo, ServicePortInfo, Workload};
+use crate::model::{
+    DependencyEntry, ObjectRef, Policy, Record, RolloutPlan, ServiceInfo, ServicePortInfo, VsRoute, Workload,
+};
 
 /// One object of a kind the engine reads.
 #[derive(Clone, Debug)]
 pub enum InputObject {
     Deployment(Box<Deployment>),
+    Rollout(Box<Rollout>),
+    /// VirtualServices: a canary Rollout reads its weights from the one it names.
+    VirtualService(Box<VirtualService>),
     Service(Box<Service>),
     Node(Box<Node>),
     Namespace(Box<Namespace>),
@@ -40,6 +46,8 @@ macro_rules! each_input {
     ($obj:expr, $o:ident => $body:expr) => {
         match $obj {
             InputObject::Deployment($o) => $body,
+            InputObject::Rollout($o) => $body,
+            InputObject::VirtualService($o) => $body,
             InputObject::Service($o) => $body,
             InputObject::Node($o) => $body,
             InputObject::Namespace($o) => $body,
@@ -57,6 +65,8 @@ impl InputObject {
     pub fn kind(&self) -> Kind {
         match self {
             InputObject::Deployment(_) => Kind::Deployment,
+            InputObject::Rollout(_) => Kind::Rollout,
+            InputObject::VirtualService(_) => Kind::VirtualService,
             InputObject::Service(_) => Kind::Service,
             InputObject::Node(_) => Kind::Node,
             InputObject::Namespace(_) => Kind::Namespace,
@@ -91,6 +101,8 @@ pub fn distill(obj: &InputObject, cluster: &str, identity_label: &str) -> Option
     let at = || ObjectRef { cluster: cluster.to_string(), namespace: namespace.clone(), name: name.clone() };
     Some(match obj {
         InputObject::Deployment(d) => Record::Workload(distill_workload(d, identity_label)),
+        InputObject::Rollout(r) => Record::Workload(distill_rollout(r, identity_label)),
+        InputObject::VirtualService(vs) => Record::VirtualService { routes: vs_routes(vs) },
         InputObject::Service(s) => Record::Service(distill_service(s)),
         InputObject::Node(n) => Record::Node(node_region(n)),
         InputObject::Namespace(n) => Record::Namespace { opted_out: has_ignore(&n.metadata) },
@@ -152,7 +164,58 @@ fn valid_port(n: i32) -> Option<u16> {
 }
 
 pub fn distill_workload(d: &Deployment, identity_label: &str) -> Workload {
-    let template_meta = d.spec.as_ref().and_then(|s| s.template.metadata.clone()).unwrap_or_default();
+    let template = d.spec.as_ref().and_then(|s| s.template.metadata.as_ref());
+    workload(&d.metadata, template, identity_label, None)
+}
+
+/// A Rollout is a workload like a Deployment (identity, env and opt-outs from its pod template),
+/// plus how its strategy picks Services.
+pub fn distill_rollout(r: &Rollout, identity_label: &str) -> Workload {
+    let template = r.spec.template.as_ref().and_then(|t| t.metadata.as_ref());
+    workload(&r.metadata, template, identity_label, Some(rollout_plan(r)))
+}
+
+fn rollout_plan(r: &Rollout) -> RolloutPlan {
+    let strategy = r.spec.strategy.as_ref();
+    let named = |s: &Option<String>| s.as_ref().map(|n| n.trim().to_string()).filter(|n| !n.is_empty());
+    if let Some(bg) = strategy.and_then(|s| s.blue_green.as_ref()) {
+        return RolloutPlan::BlueGreen { active: named(&bg.active_service), preview: named(&bg.preview_service) };
+    }
+    let Some(canary) = strategy.and_then(|s| s.canary.as_ref()) else {
+        return RolloutPlan::None;
+    };
+    let istio = canary.traffic_routing.as_ref().and_then(|t| t.istio.as_ref());
+    match (istio, named(&canary.stable_service), named(&canary.canary_service)) {
+        (Some(istio), Some(stable), Some(canary_service)) => {
+            let vs = istio.virtual_service.as_ref().or(istio.virtual_services.first());
+            RolloutPlan::WeightedCanary {
+                stable,
+                canary: canary_service,
+                virtual_service: vs.map(|v| (v.name.clone(), v.routes.clone())),
+            }
+        }
+        (_, stable, _) => RolloutPlan::Canary { stable },
+    }
+}
+
+fn vs_routes(vs: &VirtualService) -> Vec<VsRoute> {
+    vs.spec
+        .http
+        .iter()
+        .map(|r| VsRoute {
+            name: r.name.clone(),
+            destinations: r.route.iter().map(|d| (d.destination.host.clone(), d.weight.unwrap_or(0))).collect(),
+        })
+        .collect()
+}
+
+fn workload(
+    meta: &ObjectMeta,
+    template: Option<&ObjectMeta>,
+    identity_label: &str,
+    rollout: Option<RolloutPlan>,
+) -> Workload {
+    let template_meta = template.cloned().unwrap_or_default();
     let (identity, identity_from_label) = match label(&template_meta, identity_label) {
         Some(v) if !v.trim().is_empty() => (Some(v.trim().to_string()), true),
         _ => match annotation(&template_meta, identity_label) {
@@ -163,14 +226,15 @@ pub fn distill_workload(d: &Deployment, identity_label: &str) -> Workload {
     let inbound_port = annotation(&template_meta, ANNOTATION_INCLUDE_INBOUND_PORTS)
         .and_then(|v| v.split(',').find_map(|p| p.trim().parse::<i32>().ok().and_then(valid_port)));
     Workload {
-        namespace: d.metadata.namespace.clone().unwrap_or_default(),
-        name: d.metadata.name.clone().unwrap_or_default(),
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
         identity,
         identity_from_label,
         env: env_of(&template_meta, None),
-        opted_out: has_ignore(&d.metadata) || has_ignore(&template_meta),
+        opted_out: has_ignore(meta) || has_ignore(&template_meta),
         pod_labels: template_meta.labels.clone().unwrap_or_default(),
         inbound_port,
+        rollout,
     }
 }
 
@@ -361,6 +425,44 @@ pub fn reduce(obj: &InputObject, identity_label: &str) -> Option<InputObject> {
                 status: None,
             }))
         }
+        InputObject::Rollout(r) => {
+            let template = r.spec.template.as_ref().and_then(|t| t.metadata.as_ref());
+            let read = [identity_label, ANNOTATION_ENV, crate::meta::LABEL_IGNORE, ANNOTATION_INCLUDE_INBOUND_PORTS];
+            let spec = crate::argo::RolloutSpec {
+                selector: r.spec.selector.clone(),
+                template: Some(PodTemplateSpec {
+                    metadata: template.map(|t| ObjectMeta {
+                        labels: t.labels.clone(),
+                        annotations: keep(&read, &t.annotations),
+                        ..Default::default()
+                    }),
+                    spec: None,
+                }),
+                strategy: r.spec.strategy.clone(),
+            };
+            InputObject::Rollout(Box::new(Rollout { metadata: header(keep(&ignore, &meta.labels), &ignore), spec }))
+        }
+        InputObject::VirtualService(vs) => InputObject::VirtualService(Box::new(VirtualService {
+            metadata: header(None, &[]),
+            spec: crate::argo::VirtualServiceSpec {
+                http: vs
+                    .spec
+                    .http
+                    .iter()
+                    .map(|r| crate::argo::HttpRoute {
+                        name: r.name.clone(),
+                        route: r
+                            .route
+                            .iter()
+                            .map(|d| crate::argo::RouteDestination {
+                                destination: crate::argo::Destination { host: d.destination.host.clone() },
+                                weight: d.weight,
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            },
+        })),
         InputObject::Service(s) => {
             let spec = s.spec.clone().unwrap_or_default();
             // Labels pick the gateway Service; elsewhere only the opt-out counts.

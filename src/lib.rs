@@ -3,7 +3,8 @@
 //! The layers, each using only those above it (see docs/architecture.md):
 //!
 //! * `meta` — the vocabulary: label and annotation names, kinds, name checks;
-//! * `crd`, `istio` — the kinds read (`admiral.io`) and written (`networking.istio.io`);
+//! * `crd`, `argo`, `istio` — the kinds read (`admiral.io`, Argo Rollouts) and written
+//!   (`networking.istio.io`);
 //! * `settings` — the validated flags that shape output;
 //! * `model` — the fleet as plain records and indexes, and what changed;
 //! * `ingest` — Kubernetes objects → the model's records, policies judged;
@@ -12,6 +13,7 @@
 //! * `controller` — `run`'s I/O: registry, watches, the one writer, HTTP, and the runtime;
 //! * `cli` — the command line.
 
+pub mod argo;
 pub mod cli;
 pub mod compute;
 pub(crate) mod controller;

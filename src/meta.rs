@@ -48,9 +48,11 @@ pub enum Kind {
     Namespace,
     Node,
     OutlierDetection,
+    Rollout,
     Service,
     ServiceEntry,
     Sidecar,
+    VirtualService,
 }
 
 impl Kind {
@@ -146,9 +148,11 @@ mod tests {
             Kind::Namespace,
             Kind::Node,
             Kind::OutlierDetection,
+            Kind::Rollout,
             Kind::Service,
             Kind::ServiceEntry,
             Kind::Sidecar,
+            Kind::VirtualService,
         ];
         let mut by_name = all;
         by_name.sort_by_key(|k| k.to_string());

@@ -219,6 +219,8 @@ fn reduced(objects: &[InputObject], identity_label: &str) -> String {
 fn input_document(obj: &InputObject) -> String {
     match obj {
         InputObject::Deployment(o) => document(&**o),
+        InputObject::Rollout(o) => document(&**o),
+        InputObject::VirtualService(o) => document(&**o),
         InputObject::Service(o) => document(&**o),
         InputObject::Node(o) => document(&**o),
         InputObject::Namespace(o) => document(&**o),

@@ -4,9 +4,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use crate::argo::LABEL_POD_TEMPLATE_HASH;
 use crate::crd::{ClientConnectionConfigSpec, GlobalTrafficPolicySpec, OutlierDetectionSpec, TrafficPolicy};
 use crate::meta::{Kind, is_dns_subdomain};
-use crate::model::{Cluster, ClusterId, Fleet, ObjectRef, Policy, ServiceInfo, ServicePortInfo, Workload};
+use crate::model::{Cluster, ClusterId, Fleet, ObjectRef, Policy, RolloutPlan, ServiceInfo, ServicePortInfo, Workload};
 use crate::settings::{ExposePorts, Settings};
 
 use super::policy::rank;
@@ -24,35 +25,74 @@ pub struct ExposedPort {
     pub service_port: u32,
 }
 
-/// Where an identity+env runs in one cluster, and how to reach it there.
+/// A Service behind one host in a source cluster: where one local endpoint points.
+#[derive(Clone, Debug)]
+pub struct Local<'a> {
+    pub service: &'a ServiceInfo,
+    pub ports: Vec<ExposedPort>,
+    /// A canary Rollout's share of the traffic (from its VirtualService); None: unweighted.
+    pub weight: Option<u32>,
+}
+
+/// Where a host of an identity+env is served in one cluster: one local endpoint per Service
+/// (usually one; a Deployment beside a Rollout, or a weighted canary, give more).
 #[derive(Clone, Debug)]
 pub struct Source<'a> {
     pub cluster: &'a Cluster,
-    pub workload: &'a Workload,
-    pub service: &'a ServiceInfo,
-    pub ports: Vec<ExposedPort>,
+    pub locals: Vec<Local<'a>>,
+}
+
+impl Source<'_> {
+    /// The ports this source exposes: its first Service's.
+    pub fn ports(&self) -> &[ExposedPort] {
+        &self.locals[0].ports
+    }
+}
+
+/// Which of an identity+env's hosts: the default one, or a Rollout's canary or preview host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Variant {
+    Default,
+    Canary,
+    Preview,
 }
 
 /// One host of an identity+env and the policy entry that configures it, if any.
 #[derive(Clone, Debug)]
 pub struct HostPlan<'a> {
     pub host: String,
+    /// The variant's own host (a DestinationRule named `<host>-default-dr`), not a GTP prefix's.
     pub is_default: bool,
     pub policy: Option<&'a TrafficPolicy>,
+}
+
+/// The hosts of one variant and where they are served: the same sources for all of them.
+#[derive(Clone, Debug)]
+pub struct HostGroup<'a> {
+    pub variant: Variant,
+    /// One source per cluster, in cluster order.
+    pub sources: BTreeMap<ClusterId, Source<'a>>,
+    pub hosts: Vec<HostPlan<'a>>,
 }
 
 /// An identity+env, resolved.
 #[derive(Clone, Debug)]
 pub struct EnvPlan<'a> {
     pub env: String,
-    /// One source per cluster, in cluster order.
-    pub sources: BTreeMap<ClusterId, Source<'a>>,
+    /// The default host's group, and a Rollout's canary and preview hosts' when it has them.
+    pub groups: BTreeMap<Variant, HostGroup<'a>>,
     pub gtp: Option<&'a Policy<GlobalTrafficPolicySpec>>,
     pub outlier: Option<&'a Policy<OutlierDetectionSpec>>,
     pub connection: Option<&'a Policy<ClientConnectionConfigSpec>>,
-    pub hosts: Vec<HostPlan<'a>>,
     /// Namespaces of this identity+env's workloads per cluster (for `exportTo`).
     pub namespaces: BTreeMap<ClusterId, BTreeSet<String>>,
+}
+
+impl EnvPlan<'_> {
+    /// Groups with at least one source: what is written.
+    pub fn served(&self) -> impl Iterator<Item = &HostGroup<'_>> {
+        self.groups.values().filter(|g| !g.sources.is_empty())
+    }
 }
 
 /// An identity, resolved: its envs, the clusters of its clients, and what was found wrong.
@@ -68,9 +108,9 @@ pub struct ResolvedIdentity<'a> {
 }
 
 impl ResolvedIdentity<'_> {
-    /// Every host that is written somewhere (an env with at least one source).
+    /// Every host that is written somewhere (a group with at least one source).
     pub fn written_hosts(&self) -> impl Iterator<Item = &str> {
-        self.envs.values().filter(|e| !e.sources.is_empty()).flat_map(|e| e.hosts.iter().map(|h| h.host.as_str()))
+        self.envs.values().flat_map(|e| e.served()).flat_map(|g| g.hosts.iter().map(|h| h.host.as_str()))
     }
 }
 
@@ -146,53 +186,76 @@ pub fn resolve<'a>(
         select_policies(fleet, identity, &locations, &mut out);
         return out;
     }
+    for (cluster, w) in fleet.workloads_of(identity) {
+        if matches!(w.rollout, Some(RolloutPlan::None)) && !w.opted_out {
+            out.diagnostics.push(Diagnostic::warning(
+                Some(&cluster.id),
+                w.describe(),
+                "has no strategy (blueGreen or canary): not federated".into(),
+            ));
+        }
+    }
     out.federated = fleet.workloads_of(identity).filter(|(cluster, w)| cluster.is_federated(w)).collect();
+    // A Deployment and a Rollout (at most one of each) speak for a cluster, per host variant.
+    let mut spoken: BTreeSet<(Variant, &str, bool)> = BTreeSet::new();
     for &(cluster, w) in &out.federated {
-        let service = find_service(cluster, w);
-        // Opting out on the Service takes the workload out of federation entirely.
-        if service.is_some_and(|s| s.opted_out) {
+        let picked = services_of(cluster, w);
+        // Opting out on the (first) Service takes the workload out of federation entirely.
+        if picked.first().is_some_and(|(_, s, _)| s.opted_out) {
             continue;
         }
         let env = out.envs.entry(w.env.clone()).or_insert_with(|| EnvPlan {
             env: w.env.clone(),
-            sources: BTreeMap::new(),
+            groups: BTreeMap::new(),
             gtp: None,
             outlier: None,
             connection: None,
-            hosts: Vec::new(),
             namespaces: BTreeMap::new(),
         });
         env.namespaces.entry(cluster.id.clone()).or_default().insert(w.namespace.clone());
         locations.insert((w.env.as_str(), cluster.id.as_str(), w.namespace.as_str()));
-        if env.sources.contains_key(&cluster.id) {
-            continue; // the first workload (by namespace, name) with a Service speaks for the cluster
-        }
-        for problem in service.iter().flat_map(|s| &s.problems) {
-            let svc = service.expect("iterating its problems");
-            out.diagnostics.push(Diagnostic::warning(
-                Some(&cluster.id),
-                format!("Service {}/{}", svc.namespace, svc.name),
-                problem.clone(),
-            ));
-        }
-        let Some(svc) = service else {
-            out.diagnostics.push(Diagnostic::warning(
-                Some(&cluster.id),
-                format!("Deployment {}/{}", w.namespace, w.name),
-                format!("identity {identity:?} has no Service selecting its pods; it contributes no endpoint"),
-            ));
-            continue;
-        };
-        match exposed_ports(settings, w, svc) {
-            None => out.diagnostics.push(Diagnostic::warning(
-                Some(&cluster.id),
-                format!("Service {}/{}", svc.namespace, svc.name),
-                "has no ports; it contributes no endpoint".into(),
-            )),
-            Some(ports) => {
-                env.sources.insert(cluster.id.clone(), Source { cluster, workload: w, service: svc, ports });
+        if picked.is_empty() {
+            if !spoken.contains(&(Variant::Default, cluster.id.as_str(), w.rollout.is_some())) {
+                out.diagnostics.push(Diagnostic::warning(
+                    Some(&cluster.id),
+                    w.describe(),
+                    format!("identity {identity:?} has no Service selecting its pods; it contributes no endpoint"),
+                ));
             }
+            continue;
         }
+        let mut speaking = BTreeSet::new();
+        for (variant, svc, weight) in picked {
+            let slot = (variant, cluster.id.as_str(), w.rollout.is_some());
+            if spoken.contains(&slot) {
+                continue; // the first workload (by namespace, name) of its kind speaks for the cluster
+            }
+            for problem in &svc.problems {
+                out.diagnostics.push(Diagnostic::warning(
+                    Some(&cluster.id),
+                    format!("Service {}/{}", svc.namespace, svc.name),
+                    problem.clone(),
+                ));
+            }
+            let Some(ports) = exposed_ports(settings, w, svc) else {
+                out.diagnostics.push(Diagnostic::warning(
+                    Some(&cluster.id),
+                    format!("Service {}/{}", svc.namespace, svc.name),
+                    "has no ports; it contributes no endpoint".into(),
+                ));
+                continue;
+            };
+            let group = env.groups.entry(variant).or_insert_with(|| HostGroup {
+                variant,
+                sources: BTreeMap::new(),
+                hosts: Vec::new(),
+            });
+            let source =
+                group.sources.entry(cluster.id.clone()).or_insert_with(|| Source { cluster, locals: Vec::new() });
+            source.locals.push(Local { service: svc, ports, weight });
+            speaking.insert(slot);
+        }
+        spoken.extend(speaking);
     }
 
     out.client_clusters = running.wildcard_clients.clone();
@@ -206,7 +269,10 @@ pub fn resolve<'a>(
     select_policies(fleet, identity, &locations, &mut out);
 
     for env in out.envs.values_mut() {
-        env.hosts = hosts_of(settings, identity, env, &mut out.diagnostics);
+        let (env_name, gtp) = (env.env.clone(), env.gtp);
+        for group in env.groups.values_mut() {
+            group.hosts = hosts_of(settings, identity, &env_name, gtp, group.variant, &mut out.diagnostics);
+        }
     }
     out
 }
@@ -330,25 +396,36 @@ fn select_policies<'a>(
     }
 }
 
-/// The default host, then one host per prefixed policy entry of the winning GTP.
+/// A variant's own host, then (for the default and canary hosts) one host per prefixed policy
+/// entry of the winning GTP.
 fn hosts_of<'a>(
     settings: &Settings,
     identity: &str,
-    env: &EnvPlan<'a>,
+    env: &str,
+    gtp: Option<&'a Policy<GlobalTrafficPolicySpec>>,
+    variant: Variant,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Vec<HostPlan<'a>> {
-    let default_host = format!("{}.{}.{}", env.env, identity, settings.hostname_suffix).to_ascii_lowercase();
-    let entries: &'a [TrafficPolicy] =
-        env.gtp.and_then(|g| g.effective.as_ref()).map(|s| s.policy.as_slice()).unwrap_or(&[]);
+    let default_host = format!("{env}.{identity}.{}", settings.hostname_suffix).to_ascii_lowercase();
+    let own = match variant {
+        Variant::Default => default_host,
+        Variant::Canary => format!("canary.{default_host}"),
+        Variant::Preview => format!("preview.{default_host}"),
+    };
+    // A preview host takes no policy (as Admiral: its GTP expansion skips preview hosts).
+    let entries: &'a [TrafficPolicy] = match variant {
+        Variant::Preview => &[],
+        _ => gtp.and_then(|g| g.effective.as_ref()).map(|s| s.policy.as_slice()).unwrap_or(&[]),
+    };
     let mut hosts = vec![HostPlan {
-        host: default_host.clone(),
+        host: own.clone(),
         is_default: true,
-        policy: entries.iter().find(|p| p.host_prefix(&env.env).is_none()),
+        policy: entries.iter().find(|p| p.host_prefix(env).is_none()),
     }];
     for p in entries {
-        if let Some(prefix) = p.host_prefix(&env.env) {
+        if let Some(prefix) = p.host_prefix(env) {
             hosts.push(HostPlan {
-                host: format!("{}.{default_host}", prefix.to_ascii_lowercase()),
+                host: format!("{}.{own}", prefix.to_ascii_lowercase()),
                 is_default: false,
                 policy: Some(p),
             });
@@ -372,12 +449,99 @@ fn hosts_of<'a>(
     hosts
 }
 
+/// The Services a workload is served by, per host variant, with weights: a Deployment's one
+/// Service; a Rollout's as its strategy picks them (Admiral's rules).
+fn services_of<'a>(cluster: &'a Cluster, w: &'a Workload) -> Vec<(Variant, &'a ServiceInfo, Option<u32>)> {
+    let named = |name: &Option<String>| name.as_deref().and_then(|n| selecting(cluster, w).find(|s| s.name == n));
+    let containing = |part: &str| selecting(cluster, w).filter(|s| s.name.contains(part)).min_by(oldest);
+    let mut out = Vec::new();
+    match &w.rollout {
+        None => out.extend(find_service(cluster, w).map(|s| (Variant::Default, s, None))),
+        Some(RolloutPlan::None) => {}
+        Some(RolloutPlan::BlueGreen { active, preview }) => {
+            let active = named(active).or_else(|| containing("active-service"));
+            out.extend(active.map(|s| (Variant::Default, s, None)));
+            if !out.is_empty() {
+                out.extend(named(preview).map(|s| (Variant::Preview, s, None)));
+            }
+        }
+        Some(RolloutPlan::Canary { stable }) => {
+            let pick = containing("root-service").or_else(|| named(stable)).or_else(|| containing("stable-service"));
+            out.extend(pick.or_else(|| find_service(cluster, w)).map(|s| (Variant::Default, s, None)));
+        }
+        Some(RolloutPlan::WeightedCanary { stable, canary, virtual_service }) => {
+            let (Some(stable_svc), canary_svc) = (named(&Some(stable.clone())), named(&Some(canary.clone()))) else {
+                return out;
+            };
+            match route_weights(cluster, w, virtual_service.as_ref(), stable, canary) {
+                // Stable only: no VirtualService, or no route of it that names the Services.
+                None => out.push((Variant::Default, stable_svc, None)),
+                Some((to_stable, to_canary)) => {
+                    if to_stable > 0 {
+                        out.push((Variant::Default, stable_svc, Some(to_stable)));
+                    }
+                    if let Some(c) = canary_svc.filter(|_| to_canary > 0) {
+                        out.push((Variant::Default, c, Some(to_canary)));
+                    }
+                }
+            }
+            out.extend(canary_svc.map(|s| (Variant::Canary, s, None)));
+        }
+    }
+    out
+}
+
+/// The weights a canary's VirtualService route gives its stable and canary Services: the route
+/// the Rollout names (its first), else the VirtualService's only HTTP route.
+fn route_weights(
+    cluster: &Cluster,
+    w: &Workload,
+    virtual_service: Option<&(String, Vec<String>)>,
+    stable: &str,
+    canary: &str,
+) -> Option<(u32, u32)> {
+    let (name, routes) = virtual_service?;
+    let (namespace, name) = match name.split_once('/') {
+        Some((ns, n)) => (ns.to_string(), n.to_string()),
+        None => (w.namespace.clone(), name.clone()),
+    };
+    let http = cluster.virtual_services.get(&(namespace, name))?;
+    let route = match routes.first() {
+        Some(wanted) => http.iter().find(|r| r.name.as_deref() == Some(wanted.as_str()))?,
+        None if http.len() == 1 => &http[0],
+        None => return None,
+    };
+    // A destination names a Service by its short name or a longer form of it.
+    let is = |host: &str, svc: &str| host == svc || host.strip_prefix(svc).is_some_and(|rest| rest.starts_with('.'));
+    let weight_of = |svc: &str| -> Option<u32> {
+        route.destinations.iter().find(|(h, _)| is(h, svc)).map(|(_, weight)| u32::try_from(*weight).unwrap_or(0))
+    };
+    let (s, c) = (weight_of(stable), weight_of(canary));
+    if s.is_none() && c.is_none() {
+        return None;
+    }
+    Some((s.unwrap_or(0), c.unwrap_or(0)))
+}
+
+fn oldest(a: &&ServiceInfo, b: &&ServiceInfo) -> std::cmp::Ordering {
+    a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name))
+}
+
+/// Services in the workload's namespace whose non-empty selector matches its pods (Argo's
+/// `rollouts-pod-template-hash` left out of the comparison).
+fn selecting<'a>(cluster: &'a Cluster, w: &'a Workload) -> impl Iterator<Item = &'a ServiceInfo> + 'a {
+    cluster.services_in(&w.namespace).filter(move |s| {
+        !s.selector.is_empty()
+            && s.selector
+                .iter()
+                .filter(|(k, _)| k.as_str() != LABEL_POD_TEMPLATE_HASH)
+                .all(|(k, v)| w.pod_labels.get(k) == Some(v))
+    })
+}
+
 /// The oldest Service in the workload's namespace whose non-empty selector matches its pods.
 pub fn find_service<'a>(cluster: &'a Cluster, w: &'a Workload) -> Option<&'a ServiceInfo> {
-    cluster
-        .services_in(&w.namespace)
-        .filter(|s| !s.selector.is_empty() && s.selector.iter().all(|(k, v)| w.pod_labels.get(k) == Some(v)))
-        .min_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)))
+    selecting(cluster, w).min_by(oldest)
 }
 
 /// The ports a host exposes for this source: the mesh port only, or every Service port.

@@ -19,7 +19,7 @@ use crate::meta::{GATEWAY_NAMESPACE, Kind, LABEL_TLS_MODE, is_dns_subdomain, man
 use crate::model::{Cluster, ClusterId, Fleet, Workload};
 use crate::settings::{ExportTo, Settings, SidecarMode, VipMode};
 
-use super::identity::{EnvPlan, ExposedPort, HostPlan, PassView, ResolvedIdentity};
+use super::identity::{EnvPlan, ExposedPort, HostGroup, HostPlan, PassView, ResolvedIdentity};
 use super::vip::{VipExhausted, VipTable};
 use super::{ClusterFacts, Desired, DesiredObject, Diagnostic, IdentityOutput, PolicyReport, PolicyState};
 
@@ -47,7 +47,7 @@ pub fn compute_identity(
     };
 
     for env in resolved.envs.values() {
-        if env.sources.is_empty() {
+        if env.served().next().is_none() {
             out.diagnostics.push(Diagnostic::warning(
                 None,
                 format!("identity {identity}"),
@@ -55,9 +55,6 @@ pub fn compute_identity(
             ));
             continue;
         }
-        check_port_agreement(identity, env, &mut out.diagnostics);
-        let targets: BTreeSet<&str> =
-            env.sources.keys().map(String::as_str).chain(resolved.client_clusters.iter().copied()).collect();
         // Where the winning policies took effect, for their status (only if there are any).
         let winners = [
             env.gtp.map(|p| (Kind::GlobalTrafficPolicy, &p.at)),
@@ -67,82 +64,101 @@ pub fn compute_identity(
         let record_written = winners.iter().any(Option::is_some);
         let mut written: BTreeMap<ClusterId, BTreeSet<String>> = BTreeMap::new();
         let labels = managed_labels(identity, &env.env);
-        for host in &env.hosts {
-            let vip = match settings.vip_mode {
-                VipMode::None => None,
-                // Allocated for every written host before the pass built anything; missing only
-                // when the range is exhausted.
-                VipMode::Allocate => match vips.get(&host.host) {
-                    Some(ip) => Some(ip.to_string()),
-                    None => {
-                        let e = VipExhausted { cidr: settings.vip_cidr.to_string(), host: host.host.clone() };
-                        out.diagnostics.push(Diagnostic::error(None, format!("identity {identity}"), e.to_string()));
-                        continue;
-                    }
-                },
-            };
-            // Targets differ only by where they stand: which source they are (if any), their
-            // region, and (with --export-to=dependents) their exportTo. Targets standing in the same
-            // place share one object instead of building it again.
-            let mut entries: HashMap<EntryView, Option<(Arc<Desired>, usize)>> = HashMap::new();
-            let mut rules: HashMap<RuleView, Arc<Desired>> = HashMap::new();
-            // Only a FAILOVER rule depends on the target's region (it distributes from there).
-            let failover = host.policy.is_some_and(|p| matches!(p.lb_type(), Ok(LbType::Failover)));
-            for target in &targets {
-                let Some(target_facts) = facts.get(*target) else {
-                    continue;
+        for group in env.served() {
+            check_port_agreement(identity, &env.env, group, &mut out.diagnostics);
+            let targets: BTreeSet<&str> =
+                group.sources.keys().map(String::as_str).chain(resolved.client_clusters.iter().copied()).collect();
+            for host in &group.hosts {
+                let vip = match settings.vip_mode {
+                    VipMode::None => None,
+                    // Allocated for every written host before the pass built anything; missing only
+                    // when the range is exhausted.
+                    VipMode::Allocate => match vips.get(&host.host) {
+                        Some(ip) => Some(ip.to_string()),
+                        None => {
+                            let e = VipExhausted { cidr: settings.vip_cidr.to_string(), host: host.host.clone() };
+                            out.diagnostics.push(Diagnostic::error(
+                                None,
+                                format!("identity {identity}"),
+                                e.to_string(),
+                            ));
+                            continue;
+                        }
+                    },
                 };
-                // Someone else's ServiceEntry holds the host here: nothing of ours for it, not even
-                // a DestinationRule (it would apply our traffic policy to their service).
-                if let Some((ns, name)) =
-                    fleet.clusters.get(*target).and_then(|c| c.foreign_holder_of(&settings.sync_namespace, &host.host))
-                {
-                    out.diagnostics.push(Diagnostic::warning(
+                // Targets differ only by where they stand: which source they are (if any), their
+                // region, and (with --export-to=dependents) their exportTo. Targets standing in the same
+                // place share one object instead of building it again.
+                let mut entries: HashMap<EntryView, Option<(Arc<Desired>, usize)>> = HashMap::new();
+                let mut rules: HashMap<RuleView, Arc<Desired>> = HashMap::new();
+                // Only a FAILOVER rule depends on the target's region (it distributes from there).
+                let failover = host.policy.is_some_and(|p| matches!(p.lb_type(), Ok(LbType::Failover)));
+                for target in &targets {
+                    let Some(target_facts) = facts.get(*target) else {
+                        continue;
+                    };
+                    // Someone else's ServiceEntry holds the host here: nothing of ours for it, not even
+                    // a DestinationRule (it would apply our traffic policy to their service).
+                    if let Some((ns, name)) = fleet
+                        .clusters
+                        .get(*target)
+                        .and_then(|c| c.foreign_holder_of(&settings.sync_namespace, &host.host))
+                    {
+                        out.diagnostics.push(Diagnostic::warning(
                         Some(target),
                         format!("host {}", host.host),
                         format!("ServiceEntry {ns}/{name} is not managed by flotilla and holds this host (or its name); nothing is written for the host in this cluster"),
                     ));
-                    continue;
-                }
-                let local = env.sources.contains_key(*target).then_some(*target);
-                let export_to = export_to(fleet, settings, resolved, env, identity, target);
-                let built = entries.entry((local, export_to.clone())).or_insert_with(|| {
-                    let endpoints = endpoints_for(env, target, facts);
-                    let count = endpoints.len();
-                    (count > 0).then(|| {
-                        let se = service_entry(settings, env, host, vip.clone(), endpoints, export_to.clone(), &labels);
-                        (Arc::new(Desired::new(se)), count)
-                    })
-                });
-                let Some((entry, endpoint_count)) = built.clone() else {
-                    continue;
-                };
-                let only_local = endpoint_count == 1 && local.is_some();
-                let build_rule = |diagnostics: &mut Vec<Diagnostic>| {
-                    Arc::new(Desired::new(destination_rule(
-                        settings,
-                        env,
-                        host,
-                        target_facts,
-                        only_local,
-                        export_to.clone(),
-                        &labels,
-                        diagnostics,
-                        target,
-                    )))
-                };
-                let rule = match (&target_facts.region, failover) {
-                    // Without a region a FAILOVER rule carries a diagnostic naming the target: build it.
-                    (None, true) => build_rule(&mut out.diagnostics),
-                    (region, _) => rules
-                        .entry((region.as_deref().filter(|_| failover), only_local, export_to.clone()))
-                        .or_insert_with(|| build_rule(&mut out.diagnostics))
-                        .clone(),
-                };
-                out.objects.push((target_facts.id.clone(), entry));
-                out.objects.push((target_facts.id.clone(), rule));
-                if record_written {
-                    written.entry(target.to_string()).or_default().insert(host.host.clone());
+                        continue;
+                    }
+                    let local = group.sources.contains_key(*target).then_some(*target);
+                    let export_to = export_to(fleet, settings, resolved, env, identity, target);
+                    let built = entries.entry((local, export_to.clone())).or_insert_with(|| {
+                        let endpoints = endpoints_for(group, target, facts);
+                        let count = endpoints.len();
+                        (count > 0).then(|| {
+                            let se = service_entry(
+                                settings,
+                                group,
+                                host,
+                                vip.clone(),
+                                endpoints,
+                                export_to.clone(),
+                                &labels,
+                            );
+                            (Arc::new(Desired::new(se)), count)
+                        })
+                    });
+                    let Some((entry, endpoint_count)) = built.clone() else {
+                        continue;
+                    };
+                    let only_local = endpoint_count == 1 && local.is_some();
+                    let build_rule = |diagnostics: &mut Vec<Diagnostic>| {
+                        Arc::new(Desired::new(destination_rule(
+                            settings,
+                            env,
+                            host,
+                            target_facts,
+                            only_local,
+                            export_to.clone(),
+                            &labels,
+                            diagnostics,
+                            target,
+                        )))
+                    };
+                    let rule = match (&target_facts.region, failover) {
+                        // Without a region a FAILOVER rule carries a diagnostic naming the target: build it.
+                        (None, true) => build_rule(&mut out.diagnostics),
+                        (region, _) => rules
+                            .entry((region.as_deref().filter(|_| failover), only_local, export_to.clone()))
+                            .or_insert_with(|| build_rule(&mut out.diagnostics))
+                            .clone(),
+                    };
+                    out.objects.push((target_facts.id.clone(), entry));
+                    out.objects.push((target_facts.id.clone(), rule));
+                    if record_written {
+                        written.entry(target.to_string()).or_default().insert(host.host.clone());
+                    }
                 }
             }
         }
@@ -170,35 +186,40 @@ fn meta(name: String, namespace: &str, labels: BTreeMap<String, String>) -> Obje
 
 /// The ports of a host: those of its first source cluster (by id). Every endpoint maps these
 /// names, whatever its own Service calls them.
-fn host_ports<'a>(env: &'a EnvPlan<'_>) -> &'a [ExposedPort] {
-    &env.sources.values().next().expect("env with sources").ports
+fn host_ports<'a>(group: &'a HostGroup<'_>) -> &'a [ExposedPort] {
+    group.sources.values().next().expect("a group with sources").ports()
 }
 
-/// One endpoint per source cluster, as seen from `target`: the local Service in its own cluster,
-/// the source's gateway elsewhere (sources without a gateway are unreachable from outside).
-fn endpoints_for(env: &EnvPlan<'_>, target: &str, facts: &BTreeMap<ClusterId, ClusterFacts>) -> Vec<WorkloadEntry> {
-    let ports = host_ports(env);
+/// One endpoint per source cluster, as seen from `target`: in its own cluster, the local
+/// Services (one per Service behind the host there, weighted for a canary); elsewhere the
+/// source's gateway (sources without a gateway are unreachable from outside).
+fn endpoints_for(group: &HostGroup<'_>, target: &str, facts: &BTreeMap<ClusterId, ClusterFacts>) -> Vec<WorkloadEntry> {
+    let ports = host_ports(group);
     let mut endpoints = Vec::new();
-    for (source_id, source) in &env.sources {
+    for (source_id, source) in &group.sources {
         let source_facts = &facts[source_id];
         if source_id == target {
-            // The host's port N is this Service's port N (all ports), or its mesh port (primary).
-            let local_port = |p: &ExposedPort| match source.ports.as_slice() {
-                [only] if ports.len() == 1 => Some(only.service_port),
-                own => own.iter().find(|o| o.number == p.number).map(|o| o.service_port),
-            };
-            endpoints.push(WorkloadEntry {
-                address: format!("{}.{}.svc.cluster.local", source.service.name, source.service.namespace),
-                ports: ports.iter().filter_map(|p| Some((p.name.clone(), local_port(p)?))).collect(),
-                locality: source_facts.region.clone(),
-                labels: BTreeMap::new(),
-            });
+            for local in &source.locals {
+                // The host's port N is this Service's port N (all ports), or its mesh port (primary).
+                let local_port = |p: &ExposedPort| match local.ports.as_slice() {
+                    [only] if ports.len() == 1 => Some(only.service_port),
+                    own => own.iter().find(|o| o.number == p.number).map(|o| o.service_port),
+                };
+                endpoints.push(WorkloadEntry {
+                    address: format!("{}.{}.svc.cluster.local", local.service.name, local.service.namespace),
+                    ports: ports.iter().filter_map(|p| Some((p.name.clone(), local_port(p)?))).collect(),
+                    locality: source_facts.region.clone(),
+                    labels: BTreeMap::new(),
+                    weight: local.weight,
+                });
+            }
         } else if let Some(gateway) = &source_facts.gateway_address {
             endpoints.push(WorkloadEntry {
                 address: gateway.clone(),
                 ports: ports.iter().map(|p| (p.name.clone(), u32::from(source_facts.gateway_port))).collect(),
                 locality: source_facts.region.clone(),
                 labels: BTreeMap::from([(LABEL_TLS_MODE.to_string(), "istio".to_string())]),
+                weight: None,
             });
         }
     }
@@ -206,23 +227,24 @@ fn endpoints_for(env: &EnvPlan<'_>, target: &str, facts: &BTreeMap<ClusterId, Cl
 }
 
 /// Sources whose ports disagree with the host's (taken from the first source) are reported.
-fn check_port_agreement(identity: &str, env: &EnvPlan<'_>, diagnostics: &mut Vec<Diagnostic>) {
-    let ports = host_ports(env);
-    let (first_id, _) = env.sources.iter().next().expect("env with sources");
-    for (id, source) in env.sources.iter().skip(1) {
-        let same = source.ports.len() == ports.len()
-            && source.ports.iter().zip(ports).all(|(a, b)| a.number == b.number && a.protocol == b.protocol);
+fn check_port_agreement(identity: &str, env: &str, group: &HostGroup<'_>, diagnostics: &mut Vec<Diagnostic>) {
+    let ports = host_ports(group);
+    let (first_id, _) = group.sources.iter().next().expect("a group with sources");
+    for (id, source) in group.sources.iter().skip(1) {
+        let theirs = source.ports();
+        let same = theirs.len() == ports.len()
+            && theirs.iter().zip(ports).all(|(a, b)| a.number == b.number && a.protocol == b.protocol);
         if !same {
             let show = |ps: &[ExposedPort]| {
                 ps.iter().map(|p| format!("{}/{}", p.number, p.protocol)).collect::<Vec<_>>().join(",")
             };
+            let svc = source.locals[0].service;
             diagnostics.push(Diagnostic::warning(
                 Some(id),
-                format!("Service {}/{}", source.service.namespace, source.service.name),
+                format!("Service {}/{}", svc.namespace, svc.name),
                 format!(
-                    "identity {identity:?} env {:?} exposes {} here but {} in cluster {first_id}; the host uses {first_id}'s ports",
-                    env.env,
-                    show(&source.ports),
+                    "identity {identity:?} env {env:?} exposes {} here but {} in cluster {first_id}; the host uses {first_id}'s ports",
+                    show(theirs),
                     show(ports)
                 ),
             ));
@@ -261,7 +283,7 @@ fn export_to(
 
 fn service_entry(
     settings: &Settings,
-    env: &EnvPlan<'_>,
+    group: &HostGroup<'_>,
     host: &HostPlan<'_>,
     vip: Option<String>,
     endpoints: Vec<WorkloadEntry>,
@@ -270,9 +292,7 @@ fn service_entry(
 ) -> DesiredObject {
     // The first source cluster (by id) defines the ports; they are the same everywhere for a
     // well-formed identity.
-    let first = env.sources.values().next().expect("env with sources");
-    let ports = first
-        .ports
+    let ports = host_ports(group)
         .iter()
         .map(|p| ServicePort { number: p.number, name: p.name.clone(), protocol: p.protocol.clone() })
         .collect();

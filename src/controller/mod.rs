@@ -66,9 +66,11 @@ pub struct LeaseOptions {
 }
 
 /// The kinds watched in every member: the model's inputs, and the two kinds only flotilla writes
-/// (Sidecars are both: an input, for users' Sidecars, and an output).
-pub const MEMBER_KINDS: [Kind; 11] = [
+/// (Sidecars and ServiceEntries are both: users' are inputs). Rollouts only where their CRD is.
+pub const MEMBER_KINDS: [Kind; 13] = [
     Kind::Deployment,
+    Kind::Rollout,
+    Kind::VirtualService,
     Kind::Service,
     Kind::Node,
     Kind::Namespace,

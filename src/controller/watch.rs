@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::{StreamExt, stream};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Secret, Service};
+use kube::api::ListParams;
 use kube::runtime::utils::Backoff;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -18,6 +19,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinSet;
 
 use super::{Change, Input, Watched};
+use crate::argo::{Rollout, VirtualService};
 use crate::compute::DesiredObject;
 use crate::compute::plan::ObservedObject;
 use crate::crd::{ClientConnectionConfig, Dependency, GlobalTrafficPolicy, OutlierDetection};
@@ -72,6 +74,19 @@ pub fn spawn_member_watches(
     // Both an output, and an input: someone else's holds hosts flotilla then leaves alone.
     spawn(&mut set, &cluster, ses, all(), Kind::ServiceEntry, send.clone(), |o| {
         Watched::Input(Box::new(InputObject::ServiceEntry(Box::new(o))))
+    });
+    // A canary Rollout reads its weights from a VirtualService (Istio's CRDs are in every member).
+    spawn(
+        &mut set,
+        &cluster,
+        Api::<VirtualService>::all(client.clone()),
+        all(),
+        Kind::VirtualService,
+        send.clone(),
+        |o| Watched::Input(Box::new(InputObject::VirtualService(Box::new(o)))),
+    );
+    spawn_optional(&mut set, &cluster, Api::<Rollout>::all(client.clone()), Kind::Rollout, send.clone(), |o| {
+        Watched::Input(Box::new(InputObject::Rollout(Box::new(o))))
     });
     let drs = Api::<DestinationRule>::namespaced(client, sync_namespace);
     spawn(&mut set, &cluster, drs, all(), Kind::DestinationRule, send, |o| {
@@ -230,37 +245,109 @@ fn spawn<K>(
     api: Api<K>,
     config: watcher::Config,
     kind: Kind,
-    send: impl Fn(Change) -> bool + Send + 'static,
-    convert: impl Fn(K) -> Watched + Send + 'static,
+    send: impl Fn(Change) -> bool + Send + Sync + 'static,
+    convert: impl Fn(K) -> Watched + Send + Sync + 'static,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
     let cluster = cluster.to_string();
     set.spawn(async move {
-        let mut stream = watcher(api, config).backoff(backoff()).boxed();
-        let mut buffer = Vec::new();
-        while let Some(event) = stream.next().await {
-            let change = match event {
-                Ok(watcher::Event::Apply(o)) => Change::Applied(convert(strip(o))),
-                Ok(watcher::Event::Delete(o)) => {
-                    Change::Deleted(kind, (o.namespace().unwrap_or_default(), o.name_any()))
-                }
-                Ok(watcher::Event::Init) => {
-                    buffer.clear();
+        watch_kind(&cluster, api, config, kind, &send, &convert, false).await;
+    });
+}
+
+/// How often a member without an optional kind's CRD (Argo Rollouts) is asked again.
+const ABSENT_KIND_PROBE: Duration = Duration::from_secs(30);
+
+/// Like `spawn`, for a kind whose CRD a member may not have (Argo's Rollout): while it is
+/// missing, the kind counts as listed and empty (no error, no stale member), and the member is
+/// asked again every 30 s, so a CRD installed later is picked up without a restart.
+fn spawn_optional<K>(
+    set: &mut JoinSet<()>,
+    cluster: &str,
+    api: Api<K>,
+    kind: Kind,
+    send: impl Fn(Change) -> bool + Send + Sync + 'static,
+    convert: impl Fn(K) -> Watched + Send + Sync + 'static,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let cluster = cluster.to_string();
+    set.spawn(async move {
+        let mut absent = false;
+        loop {
+            match api.list(&ListParams::default().limit(1)).await {
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    if !absent && !send(Change::Relisted(kind, Vec::new())) {
+                        return;
+                    }
+                    absent = true;
+                    tokio::time::sleep(ABSENT_KIND_PROBE).await;
                     continue;
                 }
-                Ok(watcher::Event::InitApply(o)) => {
-                    buffer.push(convert(strip(o)));
+                Err(e) => {
+                    if !send(Change::Failed(WatchError { cluster: cluster.clone(), kind, message: e.to_string() })) {
+                        return;
+                    }
+                    tokio::time::sleep(WATCH_BACKOFF_MAX).await;
                     continue;
                 }
-                Ok(watcher::Event::InitDone) => Change::Relisted(kind, std::mem::take(&mut buffer)),
-                Err(e) => Change::Failed(WatchError { cluster: cluster.clone(), kind, message: e.to_string() }),
-            };
-            if !send(change) {
+                Ok(_) => {}
+            }
+            // Returns when the kind went away (its CRD was deleted), or the runtime is gone.
+            if !watch_kind(&cluster, api.clone(), watcher::Config::default(), kind, &send, &convert, true).await {
                 return;
             }
+            if !send(Change::Relisted(kind, Vec::new())) {
+                return;
+            }
+            absent = true;
         }
     });
+}
+
+/// Runs one watch, buffering a relist until it is complete. With `until_absent`, returns true
+/// as soon as the API server says the kind does not exist; false when the runtime is gone.
+async fn watch_kind<K>(
+    cluster: &str,
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    send: &(impl Fn(Change) -> bool + Sync),
+    convert: &(impl Fn(K) -> Watched + Sync),
+    until_absent: bool,
+) -> bool
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let mut stream = watcher(api, config).backoff(backoff()).boxed();
+    let mut buffer = Vec::new();
+    while let Some(event) = stream.next().await {
+        let change = match event {
+            Ok(watcher::Event::Apply(o)) => Change::Applied(convert(strip(o))),
+            Ok(watcher::Event::Delete(o)) => Change::Deleted(kind, (o.namespace().unwrap_or_default(), o.name_any())),
+            Ok(watcher::Event::Init) => {
+                buffer.clear();
+                continue;
+            }
+            Ok(watcher::Event::InitApply(o)) => {
+                buffer.push(convert(strip(o)));
+                continue;
+            }
+            Ok(watcher::Event::InitDone) => Change::Relisted(kind, std::mem::take(&mut buffer)),
+            Err(
+                watcher::Error::InitialListFailed(kube::Error::Api(s))
+                | watcher::Error::WatchStartFailed(kube::Error::Api(s)),
+            ) if until_absent && s.code == 404 => {
+                return true;
+            }
+            Err(e) => Change::Failed(WatchError { cluster: cluster.to_string(), kind, message: e.to_string() }),
+        };
+        if !send(change) {
+            return false;
+        }
+    }
+    false
 }
 
 /// managedFields are large and never read.

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     Cluster, ClusterHealth, ClusterId, ClusterOverrides, DependencyEntry, Dirty, NsName, ObjectRef, Policy, Reach,
-    Record, ServiceInfo, Workload,
+    Record, ServiceInfo, Workload, WorkloadKey,
 };
 use crate::crd::{ClientConnectionConfigSpec, GlobalTrafficPolicySpec, OutlierDetectionSpec};
 use crate::meta::{GATEWAY_NAMESPACE, HUB, Kind};
@@ -20,7 +20,7 @@ pub struct Fleet {
     pub connection_configs: BTreeMap<ObjectRef, Policy<ClientConnectionConfigSpec>>,
     pub dependencies: BTreeMap<ObjectRef, DependencyEntry>,
     /// identity → where its workloads are (cluster, namespace, name).
-    by_identity: BTreeMap<String, BTreeSet<(ClusterId, NsName)>>,
+    by_identity: BTreeMap<String, BTreeSet<(ClusterId, WorkloadKey)>>,
     /// Lower-cased identity → the identities with workloads that lower-case to it. Hosts and
     /// object names are lower-cased, so identities that differ only in case would collide.
     by_folded: BTreeMap<String, BTreeSet<String>>,
@@ -205,7 +205,14 @@ impl Fleet {
         }
         let key = || (namespace.to_string(), name.to_string());
         match record {
-            Record::Workload(w) => self.set_workload(cluster, key(), Some(w)),
+            Record::Workload(w) => self.set_workload(cluster, w.key(), Some(w)),
+            Record::VirtualService { routes } => {
+                if let Some(c) = self.clusters.get_mut(cluster) {
+                    c.virtual_services.insert(key(), routes);
+                }
+                // Only the weights of the canary Rollouts next to it can change.
+                self.touch_namespace(cluster, namespace, Reach::Itself);
+            }
             Record::Service(s) => self.set_service(cluster, key(), Some(s)),
             Record::Node(region) => self.set_node(cluster, name.to_string(), Some(region)),
             Record::Namespace { opted_out } => self.set_namespace_opt_out(cluster, name, opted_out),
@@ -241,7 +248,15 @@ impl Fleet {
         let key = (namespace.to_string(), name.to_string());
         let at = ObjectRef { cluster: cluster.to_string(), namespace: namespace.to_string(), name: name.to_string() };
         match kind {
-            Kind::Deployment => self.set_workload(cluster, key, None),
+            Kind::Deployment => self.set_workload(cluster, (namespace.into(), name.into(), false), None),
+            Kind::Rollout => self.set_workload(cluster, (namespace.into(), name.into(), true), None),
+            Kind::VirtualService => {
+                if let Some(c) = self.clusters.get_mut(cluster)
+                    && c.virtual_services.remove(&key).is_some()
+                {
+                    self.touch_namespace(cluster, namespace, Reach::Itself);
+                }
+            }
             Kind::Service => self.set_service(cluster, key, None),
             Kind::Node => self.set_node(cluster, name.to_string(), None),
             Kind::Namespace => self.set_namespace_opt_out(cluster, name, false),
@@ -287,7 +302,7 @@ impl Fleet {
         }
     }
 
-    fn set_workload(&mut self, cluster: &str, key: NsName, new: Option<Workload>) {
+    fn set_workload(&mut self, cluster: &str, key: WorkloadKey, new: Option<Workload>) {
         let Some(c) = self.clusters.get_mut(cluster) else {
             return;
         };
@@ -310,7 +325,7 @@ impl Fleet {
         }
         if let Some(n) = &new {
             if let Some(id) = &n.identity {
-                let key = (n.namespace.clone(), n.name.clone());
+                let key = n.key();
                 let places = self.by_identity.entry(id.clone()).or_default();
                 if places.is_empty() {
                     self.by_folded.entry(id.to_ascii_lowercase()).or_default().insert(id.clone());
@@ -325,7 +340,7 @@ impl Fleet {
         if let Some(id) = &w.identity
             && let Some(set) = self.by_identity.get_mut(id)
         {
-            set.remove(&(cluster.to_string(), (w.namespace.clone(), w.name.clone())));
+            set.remove(&(cluster.to_string(), w.key()));
             if set.is_empty() {
                 self.by_identity.remove(id);
                 let folded = id.to_ascii_lowercase();

@@ -23,6 +23,9 @@ pub use fleet::Fleet;
 pub type ClusterId = String;
 /// (namespace, name) of a namespaced object inside one cluster.
 pub type NsName = (String, String);
+/// (namespace, name, whether it is a Rollout) of a workload: a Deployment and a Rollout may share
+/// a name (during a migration from one to the other they usually do).
+pub type WorkloadKey = (String, String, bool);
 
 /// A namespaced object somewhere in the fleet.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -59,7 +62,7 @@ pub struct ClusterOverrides {
     pub gateway_port: Option<u16>,
 }
 
-/// A Deployment, reduced to what federation needs.
+/// A Deployment or an Argo Rollout, reduced to what federation needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Workload {
     pub namespace: String,
@@ -73,6 +76,43 @@ pub struct Workload {
     pub pod_labels: BTreeMap<String, String>,
     /// First port number in `traffic.sidecar.istio.io/includeInboundPorts`.
     pub inbound_port: Option<u16>,
+    /// None for a Deployment; for a Rollout, how it picks its Services.
+    pub rollout: Option<RolloutPlan>,
+}
+
+impl Workload {
+    pub fn key(&self) -> WorkloadKey {
+        (self.namespace.clone(), self.name.clone(), self.rollout.is_some())
+    }
+
+    /// What the workload is, for messages: `Deployment ns/name` or `Rollout ns/name`.
+    pub fn describe(&self) -> String {
+        let kind = if self.rollout.is_some() { "Rollout" } else { "Deployment" };
+        format!("{kind} {}/{}", self.namespace, self.name)
+    }
+}
+
+/// How a Rollout picks the Services behind its hosts (Argo's strategies, as Admiral reads them).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RolloutPlan {
+    /// The active Service serves the default host; the preview Service, if there is one, the
+    /// host `preview.<default host>`.
+    BlueGreen { active: Option<String>, preview: Option<String> },
+    /// Istio traffic routing with both Services: the default host has a local endpoint per
+    /// Service of weight > 0 (weights from the named VirtualService's route), and the host
+    /// `canary.<default host>` the canary Service.
+    WeightedCanary { stable: String, canary: String, virtual_service: Option<(String, Vec<String>)> },
+    /// A canary without Istio traffic routing: one host, on the root Service (else the stable).
+    Canary { stable: Option<String> },
+    /// No strategy: not federated.
+    None,
+}
+
+/// One HTTP route of a VirtualService: its name and the (destination host, weight) pairs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VsRoute {
+    pub name: Option<String>,
+    pub destinations: Vec<(String, i32)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -138,10 +178,12 @@ pub struct Cluster {
     /// Node name → its region label, if any.
     pub nodes: BTreeMap<String, Option<String>>,
     pub opted_out_namespaces: BTreeSet<String>,
-    pub workloads: BTreeMap<NsName, Workload>,
+    pub workloads: BTreeMap<WorkloadKey, Workload>,
     pub services: BTreeMap<NsName, ServiceInfo>,
     /// Sidecars flotilla does not manage: their workload selector (None = the whole namespace).
     pub foreign_sidecars: BTreeMap<NsName, Option<BTreeMap<String, String>>>,
+    /// VirtualServices (a canary Rollout's weights): their HTTP routes.
+    pub virtual_services: BTreeMap<NsName, Vec<VsRoute>>,
     /// ServiceEntries flotilla does not manage (in the sync namespace): the hosts they hold.
     pub foreign_service_entries: BTreeMap<NsName, Vec<String>>,
 }
@@ -187,8 +229,8 @@ impl Cluster {
 
     pub fn workloads_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
         self.workloads
-            .range((namespace.to_string(), String::new())..)
-            .take_while(move |((ns, _), _)| ns == namespace)
+            .range((namespace.to_string(), String::new(), false)..)
+            .take_while(move |((ns, _, _), _)| ns == namespace)
             .map(|(_, w)| w)
     }
 
@@ -204,8 +246,12 @@ impl Cluster {
     }
 
     /// Whether a workload takes part in federation: not opted out itself, nor its namespace.
+    /// A Rollout without a strategy is not federated (reported).
     pub fn is_federated(&self, w: &Workload) -> bool {
-        w.identity.is_some() && !w.opted_out && !self.opted_out_namespaces.contains(&w.namespace)
+        w.identity.is_some()
+            && !w.opted_out
+            && !self.opted_out_namespaces.contains(&w.namespace)
+            && !matches!(w.rollout, Some(RolloutPlan::None))
     }
 }
 
@@ -228,6 +274,10 @@ pub enum Record {
     /// A ServiceEntry flotilla does not manage: the hosts it holds.
     ForeignServiceEntry {
         hosts: Vec<String>,
+    },
+    /// A VirtualService: its HTTP routes (only the weights a canary Rollout reads).
+    VirtualService {
+        routes: Vec<VsRoute>,
     },
     GlobalTrafficPolicy(Policy<GlobalTrafficPolicySpec>),
     OutlierDetection(Policy<OutlierDetectionSpec>),

@@ -74,6 +74,22 @@ pub fn member_inputs(objects: &[&InputObject], extra_namespaces: &[&str]) -> Str
     let mut docs: Vec<Value> = Vec::new();
     let mut namespaces: BTreeSet<String> = extra_namespaces.iter().map(|s| s.to_string()).collect();
     namespaces.insert("istio-system".into());
+    // A workload's Pod, with the sidecar injection would give it.
+    let pod = |meta: &kube::api::ObjectMeta, template: Option<&kube::api::ObjectMeta>| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": format!("{}-0", meta.name.as_deref().unwrap_or_default()),
+                "namespace": meta.namespace,
+                "labels": template.and_then(|t| t.labels.clone()),
+                "annotations": {"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}"},
+            },
+            "spec": {"containers": [
+                {"name": "app", "image": "example.com/app:1"},
+                {"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.30.3"},
+            ]},
+        })
+    };
     for obj in objects {
         if let Some(ns) = &obj.meta().namespace {
             namespaces.insert(ns.clone());
@@ -81,20 +97,10 @@ pub fn member_inputs(objects: &[&InputObject], extra_namespaces: &[&str]) -> Str
         match obj {
             InputObject::Deployment(d) => {
                 docs.push(serde_json::to_value(d).unwrap());
-                let template = d.spec.as_ref().and_then(|s| s.template.metadata.clone()).unwrap_or_default();
-                docs.push(json!({
-                    "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {
-                        "name": format!("{}-0", d.metadata.name.as_deref().unwrap_or_default()),
-                        "namespace": d.metadata.namespace,
-                        "labels": template.labels,
-                        "annotations": {"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}"},
-                    },
-                    "spec": {"containers": [
-                        {"name": "app", "image": "example.com/app:1"},
-                        {"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.30.3"},
-                    ]},
-                }));
+                docs.push(pod(&d.metadata, d.spec.as_ref().and_then(|s| s.template.metadata.as_ref())));
+            }
+            InputObject::Rollout(r) => {
+                docs.push(pod(&r.metadata, r.spec.template.as_ref().and_then(|t| t.metadata.as_ref())))
             }
             InputObject::Service(s) => docs.push(serde_json::to_value(s).unwrap()),
             InputObject::Node(n) => docs.push(serde_json::to_value(n).unwrap()),
