@@ -245,6 +245,9 @@ pub struct SynthArgs {
     /// One identity in N has a GlobalTrafficPolicy (0: none).
     #[arg(long, default_value_t = 10)]
     pub gtp_every: usize,
+    /// One identity in N runs as an Argo Rollout, blue-green or a routed canary by turns (0: none).
+    #[arg(long, default_value_t = 10)]
+    pub rollout_every: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
 }
@@ -353,6 +356,7 @@ pub fn execute(cli: Cli) -> ExitCode {
                 dependencies: a.dependencies,
                 wildcard_every: a.wildcard_every,
                 gtp_every: a.gtp_every,
+                rollout_every: a.rollout_every,
                 seed: a.seed,
             };
             match crate::synth::write_fleet_dir(&spec, &a.out_dir) {

@@ -17,6 +17,7 @@ use kube::{Api, Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::argo::{Rollout, VirtualService};
 use crate::compute::DesiredObject;
 use crate::controller::registry::{Registration, check_kubeconfig, member_client, resolve_claims};
 use crate::crd::{ClientConnectionConfig, Dependency, GlobalTrafficPolicy, OutlierDetection};
@@ -176,7 +177,17 @@ async fn member_files(client: Client, opts: &SnapshotOptions) -> Result<Vec<(Str
         "outlierdetections.yaml": OutlierDetection,
         "clientconnectionconfigs.yaml": ClientConnectionConfig,
         "dependencies.yaml": Dependency,
+        "virtualservices.yaml": VirtualService,
     );
+    // Rollouts where their CRD is installed (a member without it has none).
+    match list::<Rollout>(Api::all(client.clone())).await {
+        Ok(rollouts) => {
+            let objects: Vec<InputObject> = rollouts.into_iter().map(|o| InputObject::Rollout(Box::new(o))).collect();
+            files.push(("rollouts.yaml".to_string(), reduced(&objects, label)));
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e),
+    }
     // Someone else's ServiceEntries and DestinationRules in the sync namespace: names flotilla
     // must not write over (render reports them as conflicts, as run does).
     let mut foreign: Vec<DesiredObject> = Vec::new();

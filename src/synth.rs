@@ -1,6 +1,6 @@
 //! A deterministic synthetic fleet for scale runs: C clusters across R regions, I identities each
 //! running in 1–3 clusters behind a Service, each a client of D destinations (a few with `*`),
-//! GTPs on a fraction of them. The same seed gives the same fleet, as objects (for benchmarks)
+//! GTPs on a fraction of them, Argo Rollouts (blue-green and routed canaries) for another. The same seed gives the same fleet, as objects (for benchmarks)
 //! or as a fleet directory (`flotilla synth`, then `flotilla render`).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,6 +19,9 @@ pub struct SynthSpec {
     pub wildcard_every: usize,
     /// One identity in this many has a GTP (0: none).
     pub gtp_every: usize,
+    /// One identity in this many runs as an Argo Rollout, blue-green or a routed canary by turns
+    /// (0: none).
+    pub rollout_every: usize,
     pub seed: u64,
 }
 
@@ -31,6 +34,7 @@ impl Default for SynthSpec {
             dependencies: 5,
             wildcard_every: 1000,
             gtp_every: 10,
+            rollout_every: 10,
             seed: 1,
         }
     }
@@ -107,13 +111,58 @@ pub fn generate(spec: &SynthSpec) -> BTreeMap<String, String> {
             }
         }
         let gtp = spec.gtp_every > 0 && i % spec.gtp_every == 0;
+        // Some(true): a blue-green Rollout; Some(false): a routed canary; None: a Deployment.
+        let rollout = (spec.rollout_every > 0 && i % spec.rollout_every == 1 % spec.rollout_every)
+            .then_some((i / spec.rollout_every.max(1)) % 2 == 0);
         let first_cluster = *clusters.iter().next().expect("at least one cluster");
         for &c in clusters {
             let doc = files.get_mut(&cluster_name(c)).expect("cluster file");
-            let _ = write!(
-                doc,
-                "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {id}, namespace: ns-{id}}}\nspec:\n  selector: {{matchLabels: {{app: {id}}}}}\n  template:\n    metadata:\n      labels: {{app: {id}, identity: {id}}}\n      annotations: {{admiral.io/env: {env}}}\n    spec:\n      containers:\n      - {{name: app, image: example.com/{id}:1, ports: [{{containerPort: 8080}}]}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: {id}, namespace: ns-{id}}}\nspec:\n  selector: {{app: {id}}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n"
+            let pod = format!(
+                "  selector: {{matchLabels: {{app: {id}}}}}\n  template:\n    metadata:\n      labels: {{app: {id}, identity: {id}}}\n      annotations: {{admiral.io/env: {env}}}\n    spec:\n      containers:\n      - {{name: app, image: example.com/{id}:1, ports: [{{containerPort: 8080}}]}}\n"
             );
+            let service = |name: &str| {
+                format!(
+                    "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns-{id}}}\nspec:\n  selector: {{app: {id}}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n"
+                )
+            };
+            match rollout {
+                None => {
+                    let _ = write!(
+                        doc,
+                        "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {id}, namespace: ns-{id}}}\nspec:\n{pod}"
+                    );
+                    doc.push_str(&service(&id));
+                }
+                Some(blue_green) => {
+                    let (second, strategy) = if blue_green {
+                        (
+                            "preview",
+                            format!(
+                                "  strategy:\n    blueGreen: {{activeService: {id}, previewService: {id}-preview}}\n"
+                            ),
+                        )
+                    } else {
+                        (
+                            "canary",
+                            format!(
+                                "  strategy:\n    canary:\n      stableService: {id}\n      canaryService: {id}-canary\n      trafficRouting:\n        istio:\n          virtualService: {{name: {id}-vs}}\n"
+                            ),
+                        )
+                    };
+                    let _ = write!(
+                        doc,
+                        "---\napiVersion: argoproj.io/v1alpha1\nkind: Rollout\nmetadata: {{name: {id}, namespace: ns-{id}}}\nspec:\n{pod}{strategy}"
+                    );
+                    doc.push_str(&service(&id));
+                    doc.push_str(&service(&format!("{id}-{second}")));
+                    if !blue_green {
+                        let _ = write!(
+                            doc,
+                            "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {id}-vs, namespace: ns-{id}}}\nspec:\n  hosts: [{id}.ns-{id}.svc.cluster.local]\n  http:\n  - route:\n    - {{destination: {{host: {id}}}, weight: 90}}\n    - {{destination: {{host: {id}-canary}}, weight: 10}}\n"
+                        );
+                    }
+                }
+            }
             if c == first_cluster {
                 let dests = destinations.iter().map(|d| format!("\"{d}\"")).collect::<Vec<_>>().join(", ");
                 let _ = write!(

@@ -46,6 +46,50 @@ fn workload(ns: &str, name: &str, identity: &str, env: &str) -> InputObject {
     }))
 }
 
+/// A Rollout of `identity` whose pods are `app: <name>`: blue-green (active `<name>`, preview
+/// `<name>-preview`) or a canary routed by the VirtualService `<name>-vs` (stable `<name>`,
+/// canary `<name>-canary`).
+fn rollout(ns: &str, name: &str, identity: &str, env: &str, canary: bool) -> InputObject {
+    let strategy = if canary {
+        serde_json::json!({"canary": {"stableService": name, "canaryService": format!("{name}-canary"),
+            "trafficRouting": {"istio": {"virtualService": {"name": format!("{name}-vs")}}}}})
+    } else {
+        serde_json::json!({"blueGreen": {"activeService": name, "previewService": format!("{name}-preview")}})
+    };
+    InputObject::Rollout(Box::new(
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"template": {"metadata": {"labels": {"app": name, "identity": identity}, "annotations": {"admiral.io/env": env}}},
+                     "strategy": strategy},
+        }))
+        .unwrap(),
+    ))
+}
+
+/// A Service named `name` selecting `app: <app>` (and Argo's ReplicaSet hash, ignored).
+fn named_service(ns: &str, name: &str, app: &str) -> InputObject {
+    let InputObject::Service(mut s) = service(ns, app) else { unreachable!() };
+    s.metadata.name = Some(name.into());
+    s.spec.as_mut().unwrap().selector.as_mut().unwrap().insert("rollouts-pod-template-hash".into(), "abc".into());
+    InputObject::Service(s)
+}
+
+/// A canary's VirtualService: one route, `stable` gets `weight`, the canary the rest.
+fn virtual_service(ns: &str, stable: &str, weight: i32) -> InputObject {
+    InputObject::VirtualService(Box::new(
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": format!("{stable}-vs"), "namespace": ns},
+            "spec": {"http": [{"route": [
+                {"destination": {"host": stable}, "weight": weight},
+                {"destination": {"host": format!("{stable}-canary")}, "weight": 100 - weight},
+            ]}]},
+        }))
+        .unwrap(),
+    ))
+}
+
 fn service(ns: &str, app: &str) -> InputObject {
     InputObject::Service(Box::new(Service {
         metadata: meta(Some(ns), app, &[], &[]),
@@ -151,7 +195,12 @@ fn destination(choice: usize) -> &'static str {
 }
 
 fn fleet_strategy() -> impl Strategy<Value = FleetSpec> {
-    let workloads = prop::collection::vec((0..4usize, 0..6usize, 0..2usize, 0..2usize, any::<bool>()), 1..14);
+    // (cluster, identity, namespace, env, with a Service, kind: 0 Deployment, 1 blue-green
+    // Rollout, 2 routed canary Rollout, 3 both a Deployment and a canary, as in a migration)
+    let workloads = prop::collection::vec(
+        (0..4usize, 0..6usize, 0..2usize, 0..2usize, any::<bool>(), 0..4usize, 0..=100i32),
+        1..14,
+    );
     let deps = prop::collection::vec((0..6usize, prop::collection::vec(0..DESTINATION_CHOICES, 1..4), 0..5usize), 0..5);
     let gtps = prop::collection::vec((0..4usize, 0..6usize, 0..2usize, 0..=100i32, any::<bool>()), 0..4);
     let infra = prop::collection::vec((0..3usize, any::<bool>()), 4);
@@ -166,12 +215,24 @@ fn fleet_strategy() -> impl Strategy<Value = FleetSpec> {
                 objects.push((c.clone(), gateway(&format!("10.0.0.{i}"))));
             }
         }
-        for (c, id, ns, env, with_service) in workloads {
+        for (c, id, ns, env, with_service, kind, weight) in workloads {
             let ns = format!("ns{ns}");
-            let name = format!("{}-{}", IDS[id], ["stage", "prod"][env]);
-            objects.push((CLUSTERS[c].into(), workload(&ns, &name, IDS[id], ["stage", "prod"][env])));
+            let env = ["stage", "prod"][env];
+            let name = format!("{}-{env}", IDS[id]);
+            let c = CLUSTERS[c].to_string();
+            if kind == 0 || kind == 3 {
+                objects.push((c.clone(), workload(&ns, &name, IDS[id], env)));
+            }
+            if kind > 0 {
+                objects.push((c.clone(), rollout(&ns, &name, IDS[id], env, kind != 1)));
+                let second = if kind == 1 { "preview" } else { "canary" };
+                objects.push((c.clone(), named_service(&ns, &format!("{name}-{second}"), &name)));
+                if kind != 1 {
+                    objects.push((c.clone(), virtual_service(&ns, &name, weight)));
+                }
+            }
             if with_service {
-                objects.push((CLUSTERS[c].into(), service(&ns, &name)));
+                objects.push((c, service(&ns, &name)));
             }
         }
         for (k, (src, dests, place)) in deps.into_iter().enumerate() {
@@ -213,10 +274,16 @@ fn shuffled(objects: &[(String, InputObject)], seed: u64) -> Vec<(String, InputO
     out
 }
 
-/// An edit of a Dependency (other destinations) or of a GTP (other weights, and
-/// its prefixed entry added or dropped by the weight's parity); other objects are left alone.
+/// An edit of a Dependency (other destinations), of a GTP (other weights, and its prefixed
+/// entry added or dropped by the weight's parity) or of a canary's VirtualService (other
+/// weights); other objects are left alone.
 fn edit(object: &InputObject, dests: &[usize], west: i32) -> Option<InputObject> {
     match object {
+        InputObject::VirtualService(vs) => {
+            let ns = vs.metadata.namespace.clone().unwrap_or_default();
+            let name = vs.metadata.name.clone().unwrap_or_default();
+            Some(virtual_service(&ns, name.strip_suffix("-vs").unwrap_or(&name), west))
+        }
         InputObject::Dependency(d) => {
             let mut d = d.clone();
             d.spec.destinations = dests.iter().map(|&k| destination(k).to_string()).collect();

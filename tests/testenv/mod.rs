@@ -73,7 +73,7 @@ impl Assets {
             let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
             home.join(".cache/flotilla/testenv/current")
         });
-        for file in ["kube-apiserver", "etcd", "istio-crds.yaml"] {
+        for file in ["kube-apiserver", "etcd", "istio-crds.yaml", "rollout-crd.yaml"] {
             let path = dir.join(file);
             assert!(path.exists(), "test environment incomplete: {} is missing; {INSTALL_HINT}", path.display());
         }
@@ -81,9 +81,19 @@ impl Assets {
     }
 
     pub fn istio_crds(&self) -> Vec<CustomResourceDefinition> {
-        let text = fs::read_to_string(self.dir.join("istio-crds.yaml")).expect("reading istio-crds.yaml");
-        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).expect("parsing istio-crds.yaml");
-        docs.into_iter().filter(|d| !d.is_null()).map(|d| serde_json::from_value(d).expect("an Istio CRD")).collect()
+        self.crds("istio-crds.yaml")
+    }
+
+    /// Argo Rollouts' Rollout CRD.
+    pub fn rollout_crd(&self) -> Vec<CustomResourceDefinition> {
+        self.crds("rollout-crd.yaml")
+    }
+
+    fn crds(&self, file: &str) -> Vec<CustomResourceDefinition> {
+        let text = fs::read_to_string(self.dir.join(file)).unwrap_or_else(|e| panic!("reading {file}: {e}"));
+        let docs: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("parsing {file}: {e}"));
+        docs.into_iter().filter(|d| !d.is_null()).map(|d| serde_json::from_value(d).expect("a CRD")).collect()
     }
 }
 
@@ -106,8 +116,18 @@ pub const EXTRA_TOKENS: &[(&str, &str, &str)] =
     &[("flotilla-test-nobody", "nobody", ""), ("flotilla-test-rotated", "rotated", "system:masters")];
 
 impl TestCluster {
-    /// Starts etcd and kube-apiserver, waits for `/readyz`, installs the CRDs.
+    /// Starts etcd and kube-apiserver, waits for `/readyz`, installs the CRDs (flotilla's,
+    /// Istio's and Argo's Rollout).
     pub async fn start(name: &str) -> TestCluster {
+        Self::start_with(name, true).await
+    }
+
+    /// A member without Argo Rollouts' CRD, as many are.
+    pub async fn start_without_rollouts(name: &str) -> TestCluster {
+        Self::start_with(name, false).await
+    }
+
+    async fn start_with(name: &str, rollouts: bool) -> TestCluster {
         let assets = Assets::locate();
         let dir = scratch_dir(name);
         let host = net::Host::claim(&[net::ETCD_CLIENT_PORT, net::ETCD_PEER_PORT, net::APISERVER_PORT]);
@@ -124,7 +144,7 @@ impl TestCluster {
         let slot = boot_slots().acquire().await.expect("the boot semaphore is never closed");
         cluster.start_etcd();
         cluster.boot_apiserver().await;
-        cluster.install_crds().await;
+        cluster.install_crds(rollouts).await;
         drop(slot);
         cluster
     }
@@ -271,12 +291,15 @@ impl TestCluster {
         }
     }
 
-    /// Applies flotilla's CRDs and Istio's, and waits until all are Established.
-    async fn install_crds(&self) {
+    /// Applies flotilla's CRDs and Istio's (and Argo's Rollout), and waits until all are Established.
+    pub async fn install_crds(&self, rollouts: bool) {
         let client = self.client().await;
         let api: Api<CustomResourceDefinition> = Api::all(client);
         let mut crds = flotilla::crd::all_crds();
         crds.extend(self.assets.istio_crds());
+        if rollouts {
+            crds.extend(self.assets.rollout_crd());
+        }
         let pp = PatchParams::apply(TEST_MANAGER).force();
         for crd in &crds {
             let name = crd.metadata.name.clone().unwrap();
