@@ -113,7 +113,7 @@ pub fn generate(spec: &SynthSpec) -> BTreeMap<String, String> {
         let gtp = spec.gtp_every > 0 && i % spec.gtp_every == 0;
         // Some(true): a blue-green Rollout; Some(false): a routed canary; None: a Deployment.
         let rollout = (spec.rollout_every > 0 && i % spec.rollout_every == 1 % spec.rollout_every)
-            .then_some((i / spec.rollout_every.max(1)) % 2 == 0);
+            .then_some((i / spec.rollout_every.max(1)).is_multiple_of(2));
         let first_cluster = *clusters.iter().next().expect("at least one cluster");
         for &c in clusters {
             let doc = files.get_mut(&cluster_name(c)).expect("cluster file");
