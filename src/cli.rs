@@ -36,6 +36,12 @@ pub enum Command {
     /// Write the live fleet's inputs (what the engine reads, nothing else) as a fleet directory
     /// for render, diff and explain; members that cannot be read are marked, not dropped.
     Snapshot(SnapshotArgs),
+    /// What a change of the fleet's inputs does to every member: the objects created, changed
+    /// and pruned, and the policies whose verdict changes. Exit 0: no change, 3: changes, 1: error.
+    Diff(DiffArgs),
+    /// Why a host's objects exist where they do: where its identity runs, which Dependency
+    /// brought it to each member, which policies won and over which.
+    Explain(ExplainArgs),
     /// Print the CustomResourceDefinitions flotilla serves (the content of crds/).
     Crds,
     /// Write a deterministic synthetic fleet directory, for scale runs of `render`.
@@ -99,6 +105,49 @@ pub struct HubArgs {
 pub struct SnapshotArgs {
     /// The fleet directory to write (created; an earlier snapshot there is replaced).
     pub out_dir: PathBuf,
+    #[command(flatten)]
+    pub hub: HubArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// BEFORE and AFTER fleet directories; with --live, only AFTER.
+    #[arg(required = true, num_args = 1..=2)]
+    pub fleet_dirs: Vec<PathBuf>,
+    /// Compare with what flotilla owns in the live members now (through the hub) instead of a
+    /// BEFORE directory.
+    #[arg(long)]
+    pub live: bool,
+    #[arg(long, value_enum, default_value = "text", env = "FLOTILLA_FORMAT")]
+    pub format: ReportFormat,
+    #[command(flatten)]
+    pub hub: HubArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// A host flotilla writes, e.g. stage.greeting.global.
+    pub host: String,
+    /// The fleet directory (or --live).
+    pub fleet_dir: Option<PathBuf>,
+    /// Explain from a snapshot of the live fleet, taken now through the hub.
+    #[arg(long)]
+    pub live: bool,
+    /// Only this member.
+    #[arg(long)]
+    pub cluster: Option<String>,
+    #[arg(long, value_enum, default_value = "text", env = "FLOTILLA_FORMAT")]
+    pub format: ReportFormat,
     #[command(flatten)]
     pub hub: HubArgs,
     #[command(flatten)]
@@ -343,6 +392,8 @@ pub fn execute(cli: Cli) -> ExitCode {
         }
         Command::Run(args) => run(args),
         Command::Snapshot(args) => snapshot(args),
+        Command::Diff(args) => diff(args),
+        Command::Explain(args) => explain(args),
         Command::RegisterCluster(args) => register(args),
         Command::Render(args) => render(args),
         Command::Synth(a) => {
@@ -487,6 +538,140 @@ async fn run_controller(args: RunArgs, settings: crate::settings::Settings) -> a
     crate::controller::runtime::run(hub, opts, shutdown_signal()).await
 }
 
+impl HubArgs {
+    fn snapshot_options(&self, namespace: String, settings: &Settings) -> crate::snapshot::SnapshotOptions {
+        crate::snapshot::SnapshotOptions {
+            secret_namespace: self.secret_namespace(&namespace),
+            namespace,
+            secret_selectors: self.cluster_secret_selectors.clone(),
+            allow_kubeconfig_exec: self.allow_kubeconfig_exec,
+            sync_namespace: settings.sync_namespace.clone(),
+            identity_label: settings.identity_label.clone(),
+            vip_configmap: self.vip_configmap.clone(),
+        }
+    }
+
+    /// A snapshot of the live fleet in a temporary directory, and what flotilla owns there now.
+    fn live(&self, settings: &Settings) -> anyhow::Result<(tempdir::TempDir, crate::snapshot::Owned)> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async {
+            let (hub, namespace) = self.connect().await?;
+            let opts = self.snapshot_options(namespace, settings);
+            let dir = tempdir::TempDir::new()?;
+            let report = crate::snapshot::snapshot(&hub, &opts, dir.path()).await?;
+            for (id, why) in &report.unreachable {
+                eprintln!("error: cluster {id}: unreachable: {why}");
+            }
+            let owned = crate::snapshot::owned(&hub, &opts).await?;
+            Ok((dir, owned))
+        })
+    }
+}
+
+/// A scratch directory removed when dropped.
+mod tempdir {
+    pub struct TempDir(std::path::PathBuf);
+    impl TempDir {
+        pub fn new() -> std::io::Result<TempDir> {
+            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+            let dir = std::env::temp_dir().join(format!("flotilla-{}-{nanos}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            Ok(TempDir(dir))
+        }
+        pub fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Loads and renders a fleet directory: the engine after its compute, and what it prints.
+fn rendered(
+    dir: &std::path::Path,
+    settings: &Settings,
+    vip_store: &str,
+) -> Result<(crate::compute::Engine, crate::render::Rendered), String> {
+    let loaded = crate::fleet_dir::load(dir).map_err(|e| e.to_string())?;
+    let engine = crate::render::engine(&loaded, settings, vip_store);
+    Ok((engine, crate::render::render(loaded, settings, vip_store)))
+}
+
+fn diff(args: DiffArgs) -> ExitCode {
+    let settings = match args.engine.settings() {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let store = args.hub.vip_configmap.clone();
+    let side = |dir: &std::path::Path| -> Result<crate::diff::Side, String> {
+        let (engine, rendered) = rendered(dir, &settings, &store)?;
+        Ok(crate::diff::Side::rendered(&engine, &rendered))
+    };
+    let sides = match (args.live, args.fleet_dirs.as_slice()) {
+        (false, [before, after]) => side(before).and_then(|b| Ok((b, side(after)?))),
+        (true, [after]) => match args.hub.live(&settings) {
+            Err(e) => Err(format!("{e:#}")),
+            Ok((snapshot, owned)) => side(snapshot.path()).and_then(|mut now| {
+                // The objects as they are in the members, and the policies' verdicts as of now.
+                now.objects = owned;
+                Ok((now, side(after)?))
+            }),
+        },
+        (false, _) => Err("diff needs BEFORE and AFTER fleet directories (or --live and AFTER)".into()),
+        (true, _) => Err("with --live, diff takes only the AFTER fleet directory".into()),
+    };
+    let (before, after) = match sides {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let d = crate::diff::diff(&before, &after);
+    let text = match args.format {
+        ReportFormat::Text => crate::diff::to_text(&d),
+        ReportFormat::Json => serde_json::to_string_pretty(&d).expect("serialising JSON") + "\n",
+    };
+    if let Err(e) = print_stdout(&text) {
+        return fail(&e);
+    }
+    if d.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(3) }
+}
+
+fn explain(args: ExplainArgs) -> ExitCode {
+    let settings = match args.engine.settings() {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let live;
+    let dir = match (&args.fleet_dir, args.live) {
+        (Some(dir), false) => dir.as_path(),
+        (None, true) => match args.hub.live(&settings) {
+            Ok((snapshot, _)) => {
+                live = snapshot;
+                live.path()
+            }
+            Err(e) => return fail(&format!("{e:#}")),
+        },
+        _ => return fail("explain needs a fleet directory, or --live"),
+    };
+    let (engine, _) = match rendered(dir, &settings, &args.hub.vip_configmap) {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    let Some(explained) = crate::compute::explain::explain_host(&engine, &args.host, args.cluster.as_deref()) else {
+        return fail(&format!("no identity writes host {:?}", args.host));
+    };
+    let text = match args.format {
+        ReportFormat::Text => crate::compute::explain::to_text(&explained),
+        ReportFormat::Json => serde_json::to_string_pretty(&explained).expect("serialising JSON") + "\n",
+    };
+    match print_stdout(&text) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
 fn snapshot(args: SnapshotArgs) -> ExitCode {
     let settings = match args.engine.settings() {
         Ok(s) => s,
@@ -498,15 +683,7 @@ fn snapshot(args: SnapshotArgs) -> ExitCode {
     };
     let taken = runtime.block_on(async {
         let (hub, namespace) = args.hub.connect().await?;
-        let opts = crate::snapshot::SnapshotOptions {
-            secret_namespace: args.hub.secret_namespace(&namespace),
-            namespace,
-            secret_selectors: args.hub.cluster_secret_selectors.clone(),
-            allow_kubeconfig_exec: args.hub.allow_kubeconfig_exec,
-            sync_namespace: settings.sync_namespace.clone(),
-            identity_label: settings.identity_label.clone(),
-            vip_configmap: args.hub.vip_configmap.clone(),
-        };
+        let opts = args.hub.snapshot_options(namespace, &settings);
         crate::snapshot::snapshot(&hub, &opts, &args.out_dir).await
     });
     match taken {

@@ -18,6 +18,7 @@ pub mod cli;
 pub mod compute;
 pub(crate) mod controller;
 pub mod crd;
+pub mod diff;
 pub mod fleet_dir;
 pub mod ingest;
 pub mod istio;

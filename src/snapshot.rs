@@ -116,6 +116,37 @@ pub async fn snapshot(hub: &Client, opts: &SnapshotOptions, out: &Path) -> anyho
     Ok(report)
 }
 
+/// The objects flotilla owns in each reachable member, as they are now.
+pub type Owned = BTreeMap<String, BTreeMap<crate::compute::ObjectKey, DesiredObject>>;
+
+/// What flotilla owns now in every member `hub` registers (its ServiceEntries and
+/// DestinationRules in the sync namespace, its Sidecars anywhere); unreachable members are left
+/// out (`snapshot` reports them).
+pub async fn owned(hub: &Client, opts: &SnapshotOptions) -> anyhow::Result<Owned> {
+    let secrets = registration_secrets(hub, opts).await?;
+    let (claims, _) = resolve_claims(&secrets);
+    let mut out = Owned::new();
+    for (id, reg) in claims {
+        let Ok(kubeconfig) = check_kubeconfig(&reg.kubeconfig, opts.allow_kubeconfig_exec) else { continue };
+        let Ok(client) = member_client(kubeconfig).await else { continue };
+        let lp = ListParams::default().labels(&format!("{}={}", crate::meta::LABEL_MANAGED_BY, crate::meta::MANAGER));
+        let listed = async {
+            let mut objects = Vec::new();
+            let ses = Api::<ServiceEntry>::namespaced(client.clone(), &opts.sync_namespace).list(&lp).await?;
+            objects.extend(ses.items.into_iter().map(DesiredObject::ServiceEntry));
+            let drs = Api::<DestinationRule>::namespaced(client.clone(), &opts.sync_namespace).list(&lp).await?;
+            objects.extend(drs.items.into_iter().map(DesiredObject::DestinationRule));
+            let sidecars = Api::<Sidecar>::all(client.clone()).list(&lp).await?;
+            objects.extend(sidecars.items.into_iter().map(DesiredObject::Sidecar));
+            Ok::<_, kube::Error>(objects)
+        };
+        if let Ok(Ok(objects)) = tokio::time::timeout(MEMBER_TIMEOUT, listed).await {
+            out.insert(id, objects.into_iter().filter(|o| is_managed(o.meta())).map(|o| (o.key(), o)).collect());
+        }
+    }
+    Ok(out)
+}
+
 /// An output directory that is missing, empty, or an earlier snapshot (it has `fleet.yaml`).
 fn prepare_out_dir(out: &Path) -> anyhow::Result<()> {
     if out.exists() {

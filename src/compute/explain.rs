@@ -69,3 +69,103 @@ pub fn identity_view(desired: &DesiredState, identity: &str) -> Option<IdentityV
         diagnostics: out.diagnostics.iter().map(|d| d.to_string()).collect(),
     })
 }
+
+/// Why one host is written where it is: the identity's view, and per member a reason a person
+/// can check (a workload of the identity runs there; a client runs there, through which
+/// Dependency).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HostExplanation {
+    pub host: String,
+    pub identity: IdentityView,
+    /// Members where the host's ServiceEntry is written, each with why.
+    pub clusters: BTreeMap<String, Vec<String>>,
+}
+
+/// Explains `host` (optionally in one member only), or None when no identity writes it.
+pub fn explain_host(engine: &super::Engine, host: &str, cluster: Option<&str>) -> Option<HostExplanation> {
+    let host = host.to_ascii_lowercase();
+    let (identity, _) = engine.desired.identities().find(|(_, out)| out.hosts.iter().any(|h| *h == host))?;
+    let view = identity_view(&engine.desired, identity)?;
+    let fleet = &engine.fleet;
+    let written: BTreeSet<String> = engine
+        .desired
+        .identity(identity)?
+        .objects
+        .iter()
+        .filter(|(c, o)| {
+            matches!(&o.object, DesiredObject::ServiceEntry(se) if se.spec.hosts.contains(&host))
+                && cluster.is_none_or(|want| &**c == want)
+        })
+        .map(|(c, _)| c.to_string())
+        .collect();
+    let mut clusters = BTreeMap::new();
+    for member in written {
+        let mut why = Vec::new();
+        let runs = |id: &str| -> Vec<String> {
+            fleet
+                .workloads_of(id)
+                .filter(|(c, w)| c.id == member && c.is_federated(w))
+                .map(|(_, w)| w.describe())
+                .collect()
+        };
+        for w in runs(identity) {
+            why.push(format!("source: {w} of {identity} runs here"));
+        }
+        for client in &view.clients {
+            let places = runs(client);
+            if places.is_empty() {
+                continue;
+            }
+            let through: Vec<String> =
+                fleet
+                    .dependencies_of(client)
+                    .filter(|d| d.invalid.is_none() && (d.wildcard || d.destinations.contains(identity)))
+                    .map(|d| {
+                        if d.wildcard {
+                            format!("\"*\" in Dependency {}", d.at)
+                        } else {
+                            format!("Dependency {}", d.at)
+                        }
+                    })
+                    .collect();
+            why.push(format!(
+                "client: {} of {client} runs here and depends on {identity} through {}",
+                places.join(", "),
+                through.join(" and ")
+            ));
+        }
+        clusters.insert(member, why);
+    }
+    Some(HostExplanation { host, identity: view, clusters })
+}
+
+/// The explanation for people.
+pub fn to_text(e: &HostExplanation) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let v = &e.identity;
+    let _ = writeln!(out, "host {} (identity {})", e.host, v.identity);
+    let _ = writeln!(out, "  runs in: {}", list(&v.source_clusters));
+    let _ = writeln!(out, "  clients: {}", list(&v.clients));
+    for (member, why) in &e.clusters {
+        let _ = writeln!(out, "  written in {member}:");
+        for reason in why {
+            let _ = writeln!(out, "    - {reason}");
+        }
+    }
+    if !v.policies.is_empty() {
+        let _ = writeln!(out, "  policies:");
+        for p in &v.policies {
+            let message = if p.message.is_empty() { String::new() } else { format!(" ({})", p.message) };
+            let _ = writeln!(out, "    - {} {}: {}{message}", p.kind, p.object, p.state);
+        }
+    }
+    for d in &v.diagnostics {
+        let _ = writeln!(out, "  {d}");
+    }
+    out
+}
+
+fn list(items: &BTreeSet<String>) -> String {
+    if items.is_empty() { "(none)".into() } else { items.iter().cloned().collect::<Vec<_>>().join(", ") }
+}
