@@ -84,7 +84,7 @@ pub struct HostExplanation {
 /// Explains `host` (optionally in one member only), or None when no identity writes it.
 pub fn explain_host(engine: &super::Engine, host: &str, cluster: Option<&str>) -> Option<HostExplanation> {
     let host = host.to_ascii_lowercase();
-    let (identity, _) = engine.desired.identities().find(|(_, out)| out.hosts.iter().any(|h| *h == host))?;
+    let (identity, _) = engine.desired.identities().find(|(_, out)| out.hosts.contains(&host))?;
     let view = identity_view(&engine.desired, identity)?;
     let fleet = &engine.fleet;
     let written: BTreeSet<String> = engine
