@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::controller::tls::CertSource;
 use crate::render::Format;
 use crate::settings::{ExportTo, ExposePorts, Ipv4Cidr, LabelTerm, Settings, SidecarMode, VipMode};
 
@@ -96,6 +97,10 @@ pub struct HubArgs {
     /// Accept kubeconfigs with exec/auth-provider plugins or local file references.
     #[arg(long, env = "FLOTILLA_ALLOW_KUBECONFIG_EXEC")]
     pub allow_kubeconfig_exec: bool,
+    /// Accept kubeconfigs that set insecure-skip-tls-verify (the member's certificate is then
+    /// not checked).
+    #[arg(long, env = "FLOTILLA_ALLOW_INSECURE_SKIP_TLS_VERIFY")]
+    pub allow_insecure_skip_tls_verify: bool,
     /// ConfigMap in --namespace that stores the VIP of every host.
     #[arg(long, default_value = "flotilla-vips", env = "FLOTILLA_VIP_CONFIGMAP")]
     pub vip_configmap: String,
@@ -168,9 +173,31 @@ pub struct RunArgs {
     /// The longest a change waits for its pass while events keep arriving.
     #[arg(long, default_value = "1s", value_parser = parse_duration, env = "FLOTILLA_DEBOUNCE_MAX")]
     pub debounce_max: Duration,
-    /// Address of /livez, /readyz, /metrics and /debug.
+    /// Plain HTTP address of the probes /livez and /readyz (and, with --http-auth=none, of
+    /// /metrics and /debug too).
     #[arg(long, default_value = "0.0.0.0:8080", env = "FLOTILLA_HTTP_ADDR")]
     pub http_addr: SocketAddr,
+    /// HTTPS address of /metrics and /debug.
+    #[arg(long, default_value = "0.0.0.0:8443", env = "FLOTILLA_SECURE_ADDR")]
+    pub secure_addr: SocketAddr,
+    /// Who may read /metrics and /debug: `kubernetes` (a bearer token the hub's TokenReview
+    /// accepts, whose user a SubjectAccessReview allows to `get` the path), or `none` (plain
+    /// HTTP on --http-addr to anyone: for local runs only).
+    #[arg(long, value_enum, default_value = "kubernetes", env = "FLOTILLA_HTTP_AUTH")]
+    pub http_auth: HttpAuth,
+    /// PEM certificate (chain) to serve on --secure-addr, re-read when it changes; without it a
+    /// self-signed one is made at start.
+    #[arg(long, requires = "tls_key_file", env = "FLOTILLA_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of --tls-cert-file.
+    #[arg(long, requires = "tls_cert_file", env = "FLOTILLA_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Names (DNS or IP) of the self-signed certificate; repeatable.
+    #[arg(long = "tls-san", value_delimiter = ',', default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()], env = "FLOTILLA_TLS_SAN")]
+    pub tls_sans: Vec<String>,
+    /// How long an authorisation decision is reused (a removed role stops working within it).
+    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "FLOTILLA_AUTH_CACHE_TTL")]
+    pub auth_cache_ttl: Duration,
     /// Elect a leader through a Lease in --namespace; only the leader writes.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "FLOTILLA_LEADER_ELECT")]
     pub leader_elect: bool,
@@ -195,6 +222,12 @@ pub struct RunArgs {
     pub log_level: String,
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HttpAuth {
+    Kubernetes,
+    None,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -502,6 +535,13 @@ impl HubArgs {
         Ok((kube::Client::try_from(config).context("hub client")?, namespace))
     }
 
+    fn kubeconfig_trust(&self) -> crate::controller::registry::KubeconfigTrust {
+        crate::controller::registry::KubeconfigTrust {
+            allow_exec: self.allow_kubeconfig_exec,
+            allow_insecure_skip_tls_verify: self.allow_insecure_skip_tls_verify,
+        }
+    }
+
     fn secret_namespace(&self, namespace: &str) -> String {
         self.secret_namespace.clone().unwrap_or_else(|| namespace.to_string())
     }
@@ -520,11 +560,19 @@ async fn run_controller(args: RunArgs, settings: crate::settings::Settings) -> a
         secret_namespace: args.hub.secret_namespace(&namespace),
         namespace,
         secret_selectors: args.hub.cluster_secret_selectors.clone(),
-        allow_kubeconfig_exec: args.hub.allow_kubeconfig_exec,
+        kubeconfig_trust: args.hub.kubeconfig_trust(),
         stale_after: args.stale_after,
         debounce: args.debounce,
         debounce_max: args.debounce_max,
         http_addr: args.http_addr,
+        secure: (args.http_auth == HttpAuth::Kubernetes).then(|| crate::controller::SecureOptions {
+            addr: args.secure_addr,
+            certificate: match (&args.tls_cert_file, &args.tls_key_file) {
+                (Some(cert), Some(key)) => CertSource::Files { cert: cert.clone(), key: key.clone() },
+                _ => CertSource::SelfSigned { names: args.tls_sans.clone() },
+            },
+            auth_cache_ttl: args.auth_cache_ttl,
+        }),
         leader_election: args.leader_elect.then(|| crate::controller::LeaseOptions {
             name: args.lease_name.clone(),
             identity: replica,
@@ -544,7 +592,7 @@ impl HubArgs {
             secret_namespace: self.secret_namespace(&namespace),
             namespace,
             secret_selectors: self.cluster_secret_selectors.clone(),
-            allow_kubeconfig_exec: self.allow_kubeconfig_exec,
+            kubeconfig_trust: self.kubeconfig_trust(),
             sync_namespace: settings.sync_namespace.clone(),
             identity_label: settings.identity_label.clone(),
             vip_configmap: self.vip_configmap.clone(),

@@ -133,9 +133,38 @@ pub fn first_line(s: &str) -> String {
     line.strip_prefix("error: ").unwrap_or(line).to_string()
 }
 
+/// An error and its causes on one line, `outer: cause: root`, each said once: a TLS failure
+/// shows as "… client error (Connect): invalid peer certificate: UnknownIssuer", not "connect".
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = e.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_chains_name_every_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("client error (Connect)")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("invalid peer certificate: UnknownIssuer"));
+        assert_eq!(error_chain(&e), "client error (Connect): invalid peer certificate: UnknownIssuer");
+        #[derive(Debug, thiserror::Error)]
+        #[error("list failed: {0}")]
+        struct Repeats(#[source] std::io::Error);
+        assert_eq!(error_chain(&Repeats(std::io::Error::other("refused"))), "list failed: refused");
+    }
 
     #[test]
     fn kinds_order_like_their_names() {

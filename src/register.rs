@@ -111,6 +111,10 @@ pub async fn registration_secret(opts: &RegisterOptions) -> anyhow::Result<(Stri
         cluster_entry["certificate-authority-data"] = json!(ca);
     }
     if cluster.insecure_skip_tls_verify == Some(true) {
+        eprintln!(
+            "warning: context {:?} sets insecure-skip-tls-verify; `flotilla run` refuses such a member unless it is started with --allow-insecure-skip-tls-verify",
+            opts.context.as_deref().unwrap_or("(current)")
+        );
         cluster_entry["insecure-skip-tls-verify"] = json!(true);
     }
     if let Some(name) = &cluster.tls_server_name {

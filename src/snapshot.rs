@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 
 use crate::argo::{Rollout, VirtualService};
 use crate::compute::DesiredObject;
-use crate::controller::registry::{Registration, check_kubeconfig, member_client, resolve_claims};
+use crate::controller::registry::{KubeconfigTrust, Registration, check_kubeconfig, member_client, resolve_claims};
 use crate::crd::{ClientConnectionConfig, Dependency, GlobalTrafficPolicy, OutlierDetection};
 use crate::fleet_dir::{FLEET_FILE, HUB_DIR};
 use crate::ingest::{InputObject, reduce};
@@ -35,7 +35,7 @@ pub struct SnapshotOptions {
     pub namespace: String,
     pub secret_namespace: String,
     pub secret_selectors: Vec<LabelTerm>,
-    pub allow_kubeconfig_exec: bool,
+    pub kubeconfig_trust: KubeconfigTrust,
     pub sync_namespace: String,
     pub identity_label: String,
     pub vip_configmap: String,
@@ -127,7 +127,7 @@ pub async fn owned(hub: &Client, opts: &SnapshotOptions) -> anyhow::Result<Owned
     let (claims, _) = resolve_claims(&secrets);
     let mut out = Owned::new();
     for (id, reg) in claims {
-        let Ok(kubeconfig) = check_kubeconfig(&reg.kubeconfig, opts.allow_kubeconfig_exec) else { continue };
+        let Ok(kubeconfig) = check_kubeconfig(&reg.kubeconfig, opts.kubeconfig_trust) else { continue };
         let Ok(client) = member_client(kubeconfig).await else { continue };
         let lp = ListParams::default().labels(&format!("{}={}", crate::meta::LABEL_MANAGED_BY, crate::meta::MANAGER));
         let listed = async {
@@ -179,7 +179,7 @@ async fn registration_secrets(hub: &Client, opts: &SnapshotOptions) -> anyhow::R
 /// Every file of one member: `<kind>.yaml`, documents sorted by namespace and name; or why the
 /// member could not be read.
 async fn read_member(id: &str, reg: &Registration, opts: &SnapshotOptions) -> Result<Vec<(String, String)>, String> {
-    let kubeconfig = check_kubeconfig(&reg.kubeconfig, opts.allow_kubeconfig_exec).map_err(|e| e.to_string())?;
+    let kubeconfig = check_kubeconfig(&reg.kubeconfig, opts.kubeconfig_trust).map_err(|e| e.to_string())?;
     let client = member_client(kubeconfig).await.map_err(|e| e.to_string())?;
     match tokio::time::timeout(MEMBER_TIMEOUT, member_files(client, opts)).await {
         Ok(Ok(files)) => Ok(files),

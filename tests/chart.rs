@@ -94,6 +94,29 @@ fn the_hub_chart_lints_templates_and_is_locked_down() {
         assert!(c["resources"]["requests"]["memory"].is_string(), "{values}");
         assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/livez");
         assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+        // Probes on the plain port; the views behind authentication on the HTTPS one.
+        assert_eq!(c["livenessProbe"]["httpGet"]["port"], "http");
+        assert_eq!(c["readinessProbe"]["httpGet"]["port"], "http");
+        let ports: Vec<&str> = c["ports"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+        assert_eq!(ports, ["http", "https"], "{values}");
+        // The hub role reviews tokens and access, and may do nothing else with them.
+        let hub_role = of_kind(&docs, "ClusterRole").into_iter().find(|r| r["metadata"]["name"] == "flotilla").unwrap();
+        for (group, resource) in
+            [("authentication.k8s.io", "tokenreviews"), ("authorization.k8s.io", "subjectaccessreviews")]
+        {
+            let rules = hub_role["rules"].as_array().unwrap();
+            let rule =
+                rules.iter().find(|r| r["resources"] == json!([resource])).unwrap_or_else(|| panic!("{resource}"));
+            assert_eq!((&rule["apiGroups"], &rule["verbs"]), (&json!([group]), &json!(["create"])), "{values}");
+        }
+        // The reader roles tests/security_e2e.rs exercises, rule for rule.
+        for (role, urls) in
+            [("flotilla-metrics-reader", json!(["/metrics"])), ("flotilla-debug-reader", json!(["/debug", "/debug/*"]))]
+        {
+            let found = of_kind(&docs, "ClusterRole").into_iter().find(|r| r["metadata"]["name"] == role);
+            let rules = &found.unwrap_or_else(|| panic!("{values}: no {role}"))["rules"];
+            assert_eq!(rules, &json!([{"nonResourceURLs": urls, "verbs": ["get"]}]), "{values}");
+        }
         // Secrets: read-only, through a Role in one namespace, never a ClusterRole.
         assert!(rules_granting(&docs, "ClusterRole", "secrets").is_empty(), "{values}: a ClusterRole grants Secrets");
         let secret_roles = rules_granting(&docs, "Role", "secrets");
@@ -119,7 +142,35 @@ fn the_hub_chart_lints_templates_and_is_locked_down() {
     assert_eq!(of_kind(&ha, "Deployment")[0]["spec"]["replicas"], 2);
     assert_eq!(of_kind(&ha, "PodDisruptionBudget").len(), 1);
     let all = template("flotilla", "charts/flotilla", "flotilla", "charts/flotilla/ci/everything-values.yaml", &[]);
-    assert_eq!(of_kind(&all, "ServiceMonitor").len(), 1);
+    let monitor = of_kind(&all, "ServiceMonitor");
+    assert_eq!(monitor.len(), 1);
+    let endpoint = &monitor[0]["spec"]["endpoints"][0];
+    assert_eq!((&endpoint["port"], &endpoint["scheme"]), (&json!("https"), &json!("https")), "{endpoint}");
+    assert_eq!(endpoint["bearerTokenFile"], "/var/run/secrets/kubernetes.io/serviceaccount/token");
+    assert_eq!(endpoint["tlsConfig"]["insecureSkipVerify"], true, "fits the self-signed certificate");
+    // A mounted certificate and authentication off.
+    let mounted = template(
+        "flotilla",
+        "charts/flotilla",
+        "flotilla",
+        "charts/flotilla/ci/default-values.yaml",
+        &["http.tls.secretName=flotilla-tls"],
+    );
+    let pod = &of_kind(&mounted, "Deployment")[0]["spec"]["template"]["spec"];
+    assert_eq!(pod["volumes"][0]["secret"]["secretName"], "flotilla-tls");
+    let args = pod["containers"][0]["args"].to_string();
+    assert!(args.contains("--tls-cert-file=/etc/flotilla/tls/tls.crt") && !args.contains("--tls-san"), "{args}");
+    let open = template(
+        "flotilla",
+        "charts/flotilla",
+        "flotilla",
+        "charts/flotilla/ci/default-values.yaml",
+        &["http.auth=none"],
+    );
+    let open_role = of_kind(&open, "ClusterRole")[0]["rules"].to_string();
+    assert!(!open_role.contains("tokenreviews"), "no review rights without authentication: {open_role}");
+    let args = of_kind(&open, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("--http-auth=none") && !args.contains("--secure-addr"), "{args}");
     let secret_role = rules_granting(&all, "Role", "secrets")[0];
     assert_eq!(secret_role["metadata"]["namespace"], "flotilla-clusters");
 
@@ -259,11 +310,21 @@ async fn a_fleet_onboarded_with_the_charts_and_register_cluster_runs_on_chart_rb
     let (hub, members) = (&clusters[0], &clusters[1..]);
     let hub_admin = hub.client().await;
     apply(&hub_admin, &namespace("flotilla")).await;
+    // Prometheus's ServiceAccount, bound to the metrics reader role through the chart's values.
+    let prometheus = ["kind=ServiceAccount", "name=prometheus", "namespace=monitoring"]
+        .map(|kv| format!("metrics.readerRoles.subjects[0].{kv}"));
+    let set: Vec<&str> = prometheus.iter().map(String::as_str).collect();
     apply_docs(
         &hub_admin,
-        &template("flotilla", "charts/flotilla", "flotilla", "charts/flotilla/ci/default-values.yaml", &[]),
+        &template("flotilla", "charts/flotilla", "flotilla", "charts/flotilla/ci/default-values.yaml", &set),
     )
     .await;
+    apply(&hub_admin, &namespace("monitoring")).await;
+    let account: ServiceAccount = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "prometheus", "namespace": "monitoring"},
+    }))
+    .unwrap();
+    apply(&hub_admin, &account).await;
 
     let scratch = testenv::scratch_dir("register");
     let mut admins = Vec::new();
@@ -292,8 +353,26 @@ async fn a_fleet_onboarded_with_the_charts_and_register_cluster_runs_on_chart_rb
 
     // flotilla with nothing but the hub chart's ServiceAccount.
     let token = token_for(&hub_admin, "flotilla", "flotilla").await;
-    let flotilla = Flotilla::start_with_kubeconfig(&hub.kubeconfig_for("flotilla-sa", &token), "chart-rbac", &[]);
+    let mut flotilla = Flotilla::start_with_kubeconfig(
+        &hub.kubeconfig_for("flotilla-sa", &token),
+        "chart-rbac",
+        &["--http-auth", "kubernetes"],
+    );
     flotilla.wait_ready(testenv::PATIENCE).await;
+    // What the ServiceMonitor does: /metrics over HTTPS with Prometheus's token. The chart's hub
+    // role lets flotilla review it; the reader role lets Prometheus in, and nothing more.
+    let scraper = token_for(&hub_admin, "monitoring", "prometheus").await;
+    let (code, body, _) = flotilla.https_get("/metrics", Some(&scraper)).await;
+    assert_eq!(code, 200, "{body}\n{}", flotilla.log_tail());
+    assert!(body.contains("flotilla_passes_total"), "{body}");
+    assert_eq!(
+        flotilla.https_get("/debug/clusters", Some(&scraper)).await.0,
+        403,
+        "the metrics role grants /metrics only"
+    );
+    assert_eq!(flotilla.https_get("/metrics", Some(&token)).await.0, 403, "flotilla's own account is no reader");
+    assert_eq!(flotilla.https_get("/metrics", None).await.0, 401);
+    flotilla.read_with_token(&hub.admin_token);
     let (west, east) = (&admins[0], &admins[1]);
     for (client, ns) in [(west, "greeting"), (east, "caller")] {
         apply(client, &namespace(ns)).await;

@@ -14,6 +14,7 @@
 //! (`health`, `observed`, `dispatch`, `vips`, `debounce`); `runtime` wires them to the I/O. The
 //! writers are the only code that writes.
 
+pub mod auth;
 pub mod debounce;
 pub mod dispatch;
 pub mod health;
@@ -22,6 +23,7 @@ pub mod observed;
 pub mod registry;
 pub mod runtime;
 pub mod server;
+pub mod tls;
 pub mod vips;
 pub mod watch;
 pub mod writer;
@@ -47,14 +49,25 @@ pub struct Options {
     pub namespace: String,
     pub secret_namespace: String,
     pub secret_selectors: Vec<LabelTerm>,
-    pub allow_kubeconfig_exec: bool,
+    pub kubeconfig_trust: registry::KubeconfigTrust,
     pub stale_after: Duration,
     pub debounce: Duration,
     pub debounce_max: Duration,
+    /// The probes; and everything else when `secure` is None.
     pub http_addr: SocketAddr,
+    /// HTTPS with authorisation for /metrics and /debug; None: no authentication at all.
+    pub secure: Option<SecureOptions>,
     pub leader_election: Option<LeaseOptions>,
     pub vip_configmap: String,
     pub max_concurrent_writes: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct SecureOptions {
+    pub addr: SocketAddr,
+    pub certificate: tls::CertSource,
+    /// How long an authorisation decision is reused.
+    pub auth_cache_ttl: Duration,
 }
 
 #[derive(Clone, Debug)]

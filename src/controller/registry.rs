@@ -156,10 +156,20 @@ fn overrides_of(secret: &Secret) -> Result<ClusterOverrides, String> {
     })
 }
 
-/// Parses a kubeconfig and refuses what would let a Secret run programs or read our files:
-/// `exec` and `auth-provider` plugins and references to local files, unless `allow_exec`.
-/// Messages never contain credentials.
-pub fn check_kubeconfig(yaml: &str, allow_exec: bool) -> Result<Kubeconfig, KubeconfigError> {
+/// What a registration's kubeconfig may hold beyond a server, its CA and a token or client key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KubeconfigTrust {
+    /// `exec` and `auth-provider` plugins, and references to local files.
+    pub allow_exec: bool,
+    /// `insecure-skip-tls-verify: true`: anyone on the path to that member could read its
+    /// token and feed flotilla a false view of it.
+    pub allow_insecure_skip_tls_verify: bool,
+}
+
+/// Parses a kubeconfig and refuses what would let a Secret run programs or read our files
+/// (`exec` and `auth-provider` plugins, references to local files) or talk to a member without
+/// checking its certificate, unless `trust` allows it. Messages never contain credentials.
+pub fn check_kubeconfig(yaml: &str, trust: KubeconfigTrust) -> Result<Kubeconfig, KubeconfigError> {
     let kc = Kubeconfig::from_yaml(yaml).map_err(|e| KubeconfigError::Unparsable(first_line(&e.to_string())))?;
     let context_name = kc.current_context.clone().ok_or(KubeconfigError::NoCurrentContext)?;
     let context = kc
@@ -168,10 +178,20 @@ pub fn check_kubeconfig(yaml: &str, allow_exec: bool) -> Result<Kubeconfig, Kube
         .find(|c| c.name == context_name)
         .and_then(|c| c.context.clone())
         .ok_or(KubeconfigError::UndefinedContext(context_name))?;
-    if allow_exec {
-        return Ok(kc);
-    }
     let mut refused = Vec::new();
+    if !trust.allow_insecure_skip_tls_verify {
+        for named in &kc.clusters {
+            if named.cluster.as_ref().is_some_and(|c| c.insecure_skip_tls_verify == Some(true)) {
+                refused.push(format!(
+                    "cluster {:?} sets insecure-skip-tls-verify (give its certificate-authority-data, or pass --allow-insecure-skip-tls-verify)",
+                    named.name
+                ));
+            }
+        }
+    }
+    if trust.allow_exec {
+        return if refused.is_empty() { Ok(kc) } else { Err(KubeconfigError::Refused(refused)) };
+    }
     for named in &kc.auth_infos {
         let Some(auth) = &named.auth_info else { continue };
         let user = &named.name;
@@ -256,17 +276,25 @@ mod tests {
 
     #[test]
     fn unsafe_kubeconfigs_are_refused_without_leaking_credentials() {
-        assert!(check_kubeconfig(TOKEN_KUBECONFIG, false).is_ok());
+        assert!(check_kubeconfig(TOKEN_KUBECONFIG, KubeconfigTrust::default()).is_ok());
         let exec = TOKEN_KUBECONFIG.replace(
             "user: {token: secret-token-value}",
             "user: {exec: {command: /bin/sh, apiVersion: client.authentication.k8s.io/v1}}",
         );
-        let err = check_kubeconfig(&exec, false).unwrap_err().to_string();
+        let err = check_kubeconfig(&exec, KubeconfigTrust::default()).unwrap_err().to_string();
         assert!(err.contains("exec plugin"), "{err}");
-        assert!(check_kubeconfig(&exec, true).is_ok());
+        assert!(check_kubeconfig(&exec, KubeconfigTrust { allow_exec: true, ..Default::default() }).is_ok());
         let file = TOKEN_KUBECONFIG.replace("user: {token: secret-token-value}", "user: {tokenFile: /etc/passwd}");
-        assert!(check_kubeconfig(&file, false).unwrap_err().to_string().contains("tokenFile"));
-        let garbage = check_kubeconfig("users: [: secret-token-value", false).unwrap_err().to_string();
+        assert!(check_kubeconfig(&file, KubeconfigTrust::default()).unwrap_err().to_string().contains("tokenFile"));
+        let insecure = TOKEN_KUBECONFIG.replace("certificate-authority-data: AAAA", "insecure-skip-tls-verify: true");
+        let err = check_kubeconfig(&insecure, KubeconfigTrust::default()).unwrap_err().to_string();
+        assert!(err.contains("cluster \"c\" sets insecure-skip-tls-verify"), "{err}");
+        let err = check_kubeconfig(&insecure, KubeconfigTrust { allow_exec: true, ..Default::default() }).unwrap_err();
+        assert!(err.to_string().contains("insecure-skip-tls-verify"), "allowing plugins does not allow this: {err}");
+        let allowed = KubeconfigTrust { allow_insecure_skip_tls_verify: true, ..Default::default() };
+        assert!(check_kubeconfig(&insecure, allowed).is_ok());
+        let garbage =
+            check_kubeconfig("users: [: secret-token-value", KubeconfigTrust::default()).unwrap_err().to_string();
         assert!(garbage.starts_with("unparsable kubeconfig"), "{garbage}");
         assert!(!garbage.contains("secret-token-value"), "{garbage}");
     }

@@ -97,15 +97,37 @@ pub struct Runtime {
     change_since: BTreeMap<ClusterId, Instant>,
 }
 
+/// The plain listener for the probes, and the HTTPS one for the views unless authentication is
+/// off (then the plain one serves everything, and the log says so at every start).
+async fn spawn_servers(
+    hub: &Client,
+    opts: &Options,
+    shared: &Arc<Shared>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let plain = tokio::net::TcpListener::bind(opts.http_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("--http-addr {}: {e}", opts.http_addr))?;
+    let Some(secure) = &opts.secure else {
+        tracing::warn!(addr = %opts.http_addr, "AUTHENTICATION IS OFF (--http-auth=none): /metrics and /debug, which show the whole fleet's topology, are served over plain HTTP to anyone who can reach this address");
+        return Ok(vec![tokio::spawn(super::server::serve_plain(plain, shared.clone(), true))]);
+    };
+    let tcp = tokio::net::TcpListener::bind(secure.addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("--secure-addr {}: {e}", secure.addr))?;
+    let tls = super::tls::TlsListener::new(tcp, secure.certificate.clone())?;
+    let authorizer = Arc::new(super::auth::Authorizer::new(hub.clone(), secure.auth_cache_ttl));
+    tracing::info!(probes = %opts.http_addr, secure = %secure.addr, "serving /livez and /readyz over HTTP; /metrics and /debug over HTTPS to callers the hub authorises");
+    Ok(vec![
+        tokio::spawn(super::server::serve_plain(plain, shared.clone(), false)),
+        tokio::spawn(super::server::serve_secure(tls, shared.clone(), authorizer)),
+    ])
+}
+
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(hub: Client, opts: Options, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let shared = Arc::new(Shared::new(metrics.clone()));
-    let listener = tokio::net::TcpListener::bind(opts.http_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("--http-addr {}: {e}", opts.http_addr))?;
-    tracing::info!(addr = %opts.http_addr, "serving /livez, /readyz, /metrics and /debug");
-    let server = tokio::spawn(super::server::serve(listener, shared.clone()));
+    let servers = spawn_servers(&hub, &opts, &shared).await?;
 
     let (tx, mut rx) = unbounded_channel();
     let _hub_watches = spawn_hub_watches(
@@ -134,7 +156,9 @@ pub async fn run(hub: Client, opts: Options, shutdown: impl std::future::Future<
     if let Some(task) = lease {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
-    server.abort();
+    for server in servers {
+        server.abort();
+    }
     Ok(())
 }
 
@@ -440,7 +464,7 @@ impl Runtime {
         let previous = self.members.remove(id);
         let ever_synced = previous.as_ref().is_some_and(|m| m.health.ever_synced());
         self.writers.remove(id);
-        let client = match check_kubeconfig(&registration.kubeconfig, self.opts.allow_kubeconfig_exec) {
+        let client = match check_kubeconfig(&registration.kubeconfig, self.opts.kubeconfig_trust) {
             Ok(kc) => member_client(kc).await,
             Err(e) => Err(e),
         };
@@ -802,11 +826,12 @@ mod tests {
             namespace: "flotilla".into(),
             secret_namespace: "flotilla".into(),
             secret_selectors: Vec::new(),
-            allow_kubeconfig_exec: false,
+            kubeconfig_trust: Default::default(),
             stale_after: Duration::from_secs(60),
             debounce: Duration::from_millis(50),
             debounce_max: Duration::from_secs(1),
             http_addr: "127.0.0.1:0".parse().expect("an address"),
+            secure: None,
             leader_election: None,
             vip_configmap: "flotilla-vips".into(),
             max_concurrent_writes: 1,
@@ -820,7 +845,7 @@ mod tests {
         let shared = Arc::new(Shared::new(Arc::new(Metrics::default())));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a listener");
         let addr = listener.local_addr().expect("its address");
-        tokio::spawn(super::super::server::serve(listener, shared.clone()));
+        tokio::spawn(super::super::server::serve_plain(listener, shared.clone(), true));
 
         let (tx, _rx) = unbounded_channel();
         let mut runtime = Runtime::new(unreachable_hub(), options(), shared, tx);

@@ -1,18 +1,23 @@
 //! HTTP: health, metrics and the debug views of SPEC §7. Reads the snapshot the runtime
-//! published after its last pass; never waits for a pass, never calls an API server.
+//! published after its last pass; never waits for a pass. The probes are plain and open; the
+//! views are served over HTTPS to callers the hub's API authorises (`auth`), or, with
+//! `--http-auth=none`, beside the probes to anyone.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
 
+use super::auth::{Authorizer, Decision};
 use super::metrics::Metrics;
+use super::tls::TlsListener;
 use crate::compute::DesiredState;
 use crate::compute::explain::identity_view;
 
@@ -74,17 +79,60 @@ pub struct ClusterView {
     pub converged: bool,
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
-    let app = Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+fn probes() -> Router<Arc<Shared>> {
+    Router::new().route("/livez", get(|| async { "ok\n" })).route("/readyz", get(readyz))
+}
+
+fn views() -> Router<Arc<Shared>> {
+    Router::new()
         .route("/metrics", get(metrics))
         .route("/debug/clusters", get(clusters))
         .route("/debug/clusters/{id}/desired", get(desired))
         .route("/debug/identities/{id}", get(identity))
-        .with_state(shared);
-    if let Err(e) = axum::serve(listener, app).await {
+}
+
+/// The plain listener: the probes, and with `open_views` (no authentication) everything else.
+pub async fn serve_plain(listener: tokio::net::TcpListener, shared: Arc<Shared>, open_views: bool) {
+    let app = if open_views { probes().merge(views()) } else { probes() };
+    if let Err(e) = axum::serve(listener, app.with_state(shared)).await {
         tracing::error!(error = %e, "HTTP server stopped");
+    }
+}
+
+/// The HTTPS listener: metrics and debug views, each request authorised first.
+pub async fn serve_secure(listener: TlsListener, shared: Arc<Shared>, authorizer: Arc<Authorizer>) {
+    let app = views().layer(axum::middleware::from_fn_with_state(authorizer, authorize)).with_state(shared);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "HTTPS server stopped");
+    }
+}
+
+/// 401 without a token the hub accepts, 403 when its user may not `get` the path, 503 when the
+/// hub cannot be asked (never a guess).
+async fn authorize(State(authorizer): State<Arc<Authorizer>>, request: Request, next: Next) -> Response {
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let path = request.uri().path().to_string();
+    match authorizer.check(token, &path).await {
+        Ok(Decision::Allowed) => next.run(request).await,
+        Ok(Decision::Unauthenticated) => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "a bearer token the hub accepts is required\n",
+        )
+            .into_response(),
+        Ok(Decision::Forbidden(user)) => {
+            tracing::debug!(user = %user, path = %path, "request forbidden");
+            (StatusCode::FORBIDDEN, format!("{user:?} may not get {path}\n")).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, path = %path, "could not authorise a request");
+            (StatusCode::SERVICE_UNAVAILABLE, "the hub could not be asked who may read this\n").into_response()
+        }
     }
 }
 

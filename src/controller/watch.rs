@@ -286,7 +286,11 @@ fn spawn_optional<K>(
                     continue;
                 }
                 Err(e) => {
-                    if !send(Change::Failed(WatchError { cluster: cluster.clone(), kind, message: e.to_string() })) {
+                    if !send(Change::Failed(WatchError {
+                        cluster: cluster.clone(),
+                        kind,
+                        message: crate::meta::error_chain(&e),
+                    })) {
                         return;
                     }
                     tokio::time::sleep(WATCH_BACKOFF_MAX).await;
@@ -341,7 +345,9 @@ where
             ) if until_absent && s.code == 404 => {
                 return true;
             }
-            Err(e) => Change::Failed(WatchError { cluster: cluster.to_string(), kind, message: e.to_string() }),
+            Err(e) => {
+                Change::Failed(WatchError { cluster: cluster.to_string(), kind, message: crate::meta::error_chain(&e) })
+            }
         };
         if !send(change) {
             return false;

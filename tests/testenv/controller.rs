@@ -2,11 +2,16 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateDer;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::net::{HTTP_PORT, Host};
+use super::net::{HTTP_PORT, Host, SECURE_PORT};
 use super::{PATIENCE, TestCluster, scratch_dir, spawn, wait_for_listener};
 
 /// The namespace flotilla runs in, in the hub.
@@ -20,6 +25,8 @@ pub struct Flotilla {
     args: Vec<String>,
     child: Option<Child>,
     kubeconfig: PathBuf,
+    /// With authentication on: the bearer token `get` uses for /metrics and /debug (over HTTPS).
+    reader_token: Option<String>,
 }
 
 impl Flotilla {
@@ -48,12 +55,16 @@ impl Flotilla {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        // Tests read /metrics and /debug plainly unless they test the secure listener.
+        if !extra.contains(&"--http-auth") {
+            args.extend(["--http-auth".to_string(), "none".to_string()]);
+        }
         if !extra.contains(&"--log-level") {
             args.extend(["--log-level".to_string(), "info,flotilla=debug".to_string()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let host = Host::claim(&[HTTP_PORT]);
-        let mut f = Flotilla { name: name.into(), host, dir, args, child: None, kubeconfig: path };
+        let host = Host::claim(&[HTTP_PORT, SECURE_PORT]);
+        let mut f = Flotilla { name: name.into(), host, dir, args, child: None, kubeconfig: path, reader_token: None };
         f.restart();
         f
     }
@@ -67,6 +78,8 @@ impl Flotilla {
             .arg(&self.kubeconfig)
             .arg("--http-addr")
             .arg(self.http_addr().to_string())
+            .arg("--secure-addr")
+            .arg(self.secure_addr().to_string())
             .arg("--replica-name")
             .arg(&self.name);
         let log = self.dir.join(format!("flotilla-{}.log", super::now_millis()));
@@ -77,6 +90,39 @@ impl Flotilla {
 
     pub fn http_addr(&self) -> std::net::SocketAddr {
         self.host.addr(HTTP_PORT)
+    }
+
+    /// The HTTPS listener of /metrics and /debug (when started with `--http-auth kubernetes`).
+    pub fn secure_addr(&self) -> std::net::SocketAddr {
+        self.host.addr(SECURE_PORT)
+    }
+
+    /// GET over HTTPS with an optional bearer token: (status code, body, the certificate chain
+    /// served). The server's certificate is not checked, as a scraper set up with
+    /// `insecureSkipVerify` would not; tests compare the chain themselves.
+    pub async fn https_get(&self, path: &str, token: Option<&str>) -> (u16, String, Vec<CertificateDer<'static>>) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(self.secure_addr()).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+        let chain =
+            stream.get_ref().1.peer_certificates().unwrap_or_default().iter().map(|c| c.clone().into_owned()).collect();
+        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        if let Err(e) = stream.read_to_end(&mut response).await {
+            // A server may close without TLS's close_notify once the response is complete.
+            assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "reading {path}: {e}");
+        }
+        let (code, body) = parse_response(&response);
+        (code, body, chain)
     }
 
     /// SIGTERM, then wait for a clean exit.
@@ -141,17 +187,24 @@ impl Flotilla {
         self.child.as_ref().map(|c| super::rss_of(c.id())).unwrap_or(0)
     }
 
-    /// GET on the HTTP port: (status code, body).
+    /// Reads /metrics and /debug over HTTPS with this token from now on (`--http-auth kubernetes`).
+    pub fn read_with_token(&mut self, token: &str) {
+        self.reader_token = Some(token.to_string());
+    }
+
+    /// GET: (status code, body). Probes on the plain port; the views there too, or over HTTPS
+    /// with the reader token when one is set.
     pub async fn get(&self, path: &str) -> (u16, String) {
+        if let Some(token) = self.reader_token.as_deref().filter(|_| !matches!(path, "/livez" | "/readyz")) {
+            let (code, body, _) = self.https_get(path, Some(token)).await;
+            return (code, body);
+        }
         let mut stream = tokio::net::TcpStream::connect(self.http_addr()).await.unwrap();
         let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await.unwrap();
-        let text = String::from_utf8_lossy(&response).to_string();
-        let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        (code, body)
+        parse_response(&response)
     }
 
     pub async fn json(&self, path: &str) -> serde_json::Value {
@@ -194,6 +247,53 @@ impl Flotilla {
 impl Drop for Flotilla {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// (status code, body) of a raw HTTP/1.1 response.
+fn parse_response(response: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(response).to_string();
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+/// Accepts any server certificate (signatures in the handshake are still checked).
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

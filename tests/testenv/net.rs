@@ -22,6 +22,7 @@ pub const ETCD_CLIENT_PORT: u16 = 2379;
 pub const ETCD_PEER_PORT: u16 = 2380;
 pub const APISERVER_PORT: u16 = 6443;
 pub const HTTP_PORT: u16 = 8080;
+pub const SECURE_PORT: u16 = 8443;
 
 /// The addresses handed out: 127.1.0.1 … 127.1.255.254 (65,024 of them).
 const FIRST: u32 = u32::from_be_bytes([127, 1, 0, 0]);
