@@ -1,14 +1,16 @@
 //! End-to-end figures on the test environment, printed (never asserted): a hub and 3 real member
-//! API servers, 300 identities, `flotilla run` (release build) as a child process.
+//! API servers (FLOTILLA_BENCH_MEMBERS), 300 identities (FLOTILLA_BENCH_IDENTITIES),
+//! `flotilla run` (release build) as a child process.
 //!
 //! * start → converged: from spawning flotilla until every member holds exactly the objects
 //!   flotilla wants there;
 //! * GTP change → written: 50 weight changes, each timed until the DestinationRule carries the new
 //!   weights in every target member (watched, not polled); p50 / p99;
-//! * restart with no change: write requests the new process issues.
+//! * restart with no change: write requests the new process issues;
+//! * a member down and back: from its API server answering again until the fleet has converged.
 //!
-//! Run: `cargo bench --bench e2e` (needs scripts/testenv-install; FLOTILLA_BENCH_IDENTITIES to
-//! change the 300).
+//! Run: `cargo bench --bench e2e` (needs scripts/testenv-install). Every member is a whole etcd +
+//! kube-apiserver (about 400 MiB together): 20 members fit in 24 GiB.
 
 // The test environment's harness (it allows its own dead code).
 #[path = "../tests/testenv/mod.rs"]
@@ -79,28 +81,37 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let identities: usize = std::env::var("FLOTILLA_BENCH_IDENTITIES").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    let knob = |var: &str, default: usize| std::env::var(var).ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+    let identities = knob("FLOTILLA_BENCH_IDENTITIES", 300);
+    let n = knob("FLOTILLA_BENCH_MEMBERS", 3).max(2);
     let t = Instant::now();
-    let clusters = start_clusters(&["hub", "m-0", "m-1", "m-2"]).await;
-    let (hub, members) = (&clusters[0], &clusters[1..]);
-    println!("e2e: 4 API servers up in {:.1?}", t.elapsed());
+    let names: Vec<String> = std::iter::once("hub".to_string()).chain((0..n).map(|i| format!("m-{i}"))).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    // Started a few at a time: a burst of many API servers on two cores misses its deadlines.
+    let mut clusters = Vec::new();
+    for chunk in names.chunks(4) {
+        clusters.extend(start_clusters(chunk).await);
+    }
+    let (hub, members) = clusters.split_at_mut(1);
+    let hub = &hub[0];
+    println!("e2e: {} API servers up in {:.1?}", n + 1, t.elapsed());
     let hub_client = hub.client().await;
     apply(&hub_client, &namespace(FLOTILLA_NAMESPACE)).await;
     let mut clients = Vec::new();
     for (i, m) in members.iter().enumerate() {
         let c = m.client().await;
-        apply(&c, &node("node-1", REGIONS[i])).await;
+        apply(&c, &node("node-1", REGIONS[i % REGIONS.len()])).await;
         apply(&c, &namespace("istio-system")).await;
         apply(&c, &gateway_service()).await;
         set_load_balancer_ip(&c, "istio-system", "istio-eastwestgateway", &format!("10.1.0.{}", i + 1)).await;
         clients.push((m.name.clone(), c));
     }
-    // Identity i runs in member i % 3 (and every fifth also in the next one); it calls the next
+    // Identity i runs in member i % n (and every fifth also in the next one); it calls the next
     // three identities.
     let t = Instant::now();
     for i in 0..identities {
         let id = identity(i);
-        let homes: Vec<usize> = if i % 5 == 0 { vec![i % 3, (i + 1) % 3] } else { vec![i % 3] };
+        let homes: Vec<usize> = if i % 5 == 0 { vec![i % n, (i + 1) % n] } else { vec![i % n] };
         for h in &homes {
             let c = &clients[*h].1;
             apply(c, &namespace(&id)).await;
@@ -139,7 +150,7 @@ async fn main() {
     let total: usize = futures::future::join_all(clients.iter().map(|(_, c)| managed_count(c))).await.into_iter().sum();
     let writes = flotilla.metric("flotilla_api_writes_total").await;
     println!(
-        "e2e: start → converged {start_to_converged:.2?} ({total} objects in 3 members, {} write requests, flotilla RSS {} MiB)",
+        "e2e: start → converged {start_to_converged:.2?} ({total} objects in {n} members, {} write requests, flotilla RSS {} MiB)",
         writes as u64,
         flotilla.rss_kib() / 1024
     );
@@ -212,4 +223,30 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let writes = flotilla.metric("flotilla_api_writes_total").await;
     println!("e2e: restart with no change: ready and leading after {ready:.2?}, {} write requests", writes as u64);
+
+    // A member down long enough to go stale, a change meanwhile, then back.
+    let (victim, victim_id) = (&mut members[1], clients[1].0.clone());
+    victim.stop_apiserver();
+    let stale = Instant::now();
+    while flotilla.json("/debug/clusters").await["clusters"][&victim_id]["state"] != "stale" {
+        assert!(stale.elapsed() < Duration::from_secs(120), "{victim_id} never went stale:\n{}", flotilla.log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    apply(&clients[0].1, &gtp(55)).await;
+    victim.start_apiserver().await;
+    let t = Instant::now();
+    while !converged(&flotilla, &clients).await {
+        assert!(t.elapsed() < Duration::from_secs(300), "not converged after the member came back:\n{}", flotilla.log_tail());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "e2e: member down and back: down {:.1?} (until stale, and a GTP change meanwhile); converged {:.2?} after its API server answered again",
+        t.duration_since(stale),
+        t.elapsed()
+    );
+    println!(
+        "e2e: flotilla over the whole run: {:.1} CPU seconds, peak RSS {} MiB",
+        flotilla.cpu_seconds(),
+        flotilla.peak_rss_kib() / 1024
+    );
 }

@@ -27,6 +27,8 @@ pub struct Flotilla {
     kubeconfig: PathBuf,
     /// With authentication on: the bearer token `get` uses for /metrics and /debug (over HTTPS).
     reader_token: Option<String>,
+    /// The plain and the HTTPS port on `host`.
+    ports: [u16; 2],
 }
 
 impl Flotilla {
@@ -36,6 +38,11 @@ impl Flotilla {
     }
 
     pub fn start_with_kubeconfig(kubeconfig: &str, name: &str, extra: &[&str]) -> Flotilla {
+        Self::start_on_ports(kubeconfig, name, extra, [HTTP_PORT, SECURE_PORT])
+    }
+
+    /// On other ports than the usual: beside a program that holds them on every address.
+    pub fn start_on_ports(kubeconfig: &str, name: &str, extra: &[&str], ports: [u16; 2]) -> Flotilla {
         let dir = scratch_dir(&format!("flotilla-{name}"));
         let path = dir.join("hub.kubeconfig");
         std::fs::write(&path, kubeconfig).unwrap();
@@ -63,8 +70,9 @@ impl Flotilla {
             args.extend(["--log-level".to_string(), "info,flotilla=debug".to_string()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let host = Host::claim(&[HTTP_PORT, SECURE_PORT]);
-        let mut f = Flotilla { name: name.into(), host, dir, args, child: None, kubeconfig: path, reader_token: None };
+        let host = Host::claim(&ports);
+        let mut f =
+            Flotilla { name: name.into(), host, dir, args, child: None, kubeconfig: path, reader_token: None, ports };
         f.restart();
         f
     }
@@ -89,12 +97,12 @@ impl Flotilla {
     }
 
     pub fn http_addr(&self) -> std::net::SocketAddr {
-        self.host.addr(HTTP_PORT)
+        self.host.addr(self.ports[0])
     }
 
     /// The HTTPS listener of /metrics and /debug (when started with `--http-auth kubernetes`).
     pub fn secure_addr(&self) -> std::net::SocketAddr {
-        self.host.addr(SECURE_PORT)
+        self.host.addr(self.ports[1])
     }
 
     /// GET over HTTPS with an optional bearer token: (status code, body, the certificate chain
@@ -167,19 +175,22 @@ impl Flotilla {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
 
     /// The most memory the running process has held so far (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
-        let Some(child) = &self.child else { return 0 };
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
+        self.pid().map(super::peak_rss_of).unwrap_or(0)
+    }
+
+    /// CPU seconds the running process has used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.pid().map(super::cpu_seconds_of).unwrap_or(0.0)
     }
 
     /// Resident memory of the flotilla process, in KiB.
