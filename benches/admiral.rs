@@ -193,16 +193,15 @@ fn workload(ns: &str, id: &str) -> [Value; 3] {
 
 /// Members where identity `i` runs: `i % 3`, and every fifth also the next one.
 fn homes(i: usize) -> Vec<usize> {
-    if i % 5 == 0 { vec![i % 3, (i + 1) % 3] } else { vec![i % 3] }
+    if i.is_multiple_of(5) { vec![i % 3, (i + 1) % 3] } else { vec![i % 3] }
 }
 
 fn gtp(i: usize, west: i64) -> Value {
     let id = identity(i);
-    let failover = |prefix: &str, w: i64| {
-        json!({"dnsPrefix": prefix, "lbType": 1, "target": [{"region": REGIONS[0], "weight": w}, {"region": REGIONS[1], "weight": 100 - w}]})
-    };
+    let failover = |prefix: &str, w: i64| json!({"dnsPrefix": prefix, "lbType": 1, "target": [{"region": REGIONS[0], "weight": w}, {"region": REGIONS[1], "weight": 100 - w}]});
     // Alternately FAILOVER and TOPOLOGY on the default host, every other one with a second host.
-    let mut policy = vec![if i % 20 == 0 { failover("default", west) } else { json!({"dnsPrefix": "default", "lbType": 0}) }];
+    let mut policy =
+        vec![if i.is_multiple_of(20) { failover("default", west) } else { json!({"dnsPrefix": "default", "lbType": 0}) }];
     if i % 20 == 10 || i == 0 {
         policy.push(failover("west", 100));
     }
@@ -225,20 +224,23 @@ fn synthetic_fleet(n: usize) -> Vec<(Place, Value)> {
         if i < CHANGES {
             destinations.push(format!("fresh-{i:02}"));
         }
-        out.push((Place::Hub, json!({"apiVersion": "admiral.io/v1alpha1", "kind": "Dependency",
+        out.push((
+            Place::Hub,
+            json!({"apiVersion": "admiral.io/v1alpha1", "kind": "Dependency",
             "metadata": {"name": format!("{id}-deps"), "namespace": DEPENDENCIES},
-            "spec": {"source": id, "identityLabel": "identity", "destinations": destinations}})));
+            "spec": {"source": id, "identityLabel": "identity", "destinations": destinations}}),
+        ));
         let home = Place::Member(homes(i)[0]);
-        if i % 10 == 0 {
+        if i.is_multiple_of(10) {
             out.push((home, gtp(i, 50)));
         }
-        if i % 7 == 0 {
+        if i.is_multiple_of(7) {
             out.push((home, json!({"apiVersion": "admiral.io/v1alpha1", "kind": "OutlierDetection",
                 "metadata": {"name": format!("{id}-od"), "namespace": id, "labels": {"identity": id}, "annotations": {"admiral.io/env": "stage"}},
                 "spec": {"selector": {"identity": id, "env": "stage"},
                     "outlier_config": {"base_ejection_time": 180, "consecutive_gateway_errors": 10, "interval": 28}}})));
         }
-        if i % 11 == 0 {
+        if i.is_multiple_of(11) {
             out.push((home, json!({"apiVersion": "admiral.io/v1alpha1", "kind": "ClientConnectionConfig",
                 "metadata": {"name": format!("{id}-ccc"), "namespace": id, "labels": {"identity": id}, "annotations": {"admiral.io/env": "stage"}},
                 "spec": {"connectionPool": {"http": {"http2MaxRequests": 100, "maxRequestsPerConnection": 100, "idleTimeout": "1s"}}}})));
@@ -260,7 +262,8 @@ struct Fleet {
 
 impl Fleet {
     async fn start(label: &'static str) -> Fleet {
-        let names: Vec<String> = std::iter::once(format!("{label}-hub")).chain(MEMBERS.iter().map(|m| format!("{label}-{m}"))).collect();
+        let names: Vec<String> =
+            std::iter::once(format!("{label}-hub")).chain(MEMBERS.iter().map(|m| format!("{label}-{m}"))).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let mut clusters = testenv::start_clusters(&refs).await;
         let members = clusters.split_off(1);
@@ -286,7 +289,8 @@ impl Fleet {
             }
         }
         for (place, ns) in &namespaces {
-            apply_doc(self.client(*place), &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})).await;
+            apply_doc(self.client(*place), &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
+                .await;
         }
         let places: BTreeSet<Place> = docs.iter().map(|(p, _)| *p).collect();
         futures::future::join_all(places.iter().map(|place| async move {
@@ -301,10 +305,15 @@ impl Fleet {
     /// on has Admiral's own CRDs, as its install does). Sent as YAML: the API server's parser
     /// takes the multi-line quoted scalars of these files, which ours refuses.
     async fn install_admiral_crds(&self, source: &Path) {
-        let files = ["install/admiral/base/crds.yaml", "install/admiralremote/base/crds.yaml", "admiral/crd/clientconnectionconfig.yaml"];
+        let files = [
+            "install/admiral/base/crds.yaml",
+            "install/admiralremote/base/crds.yaml",
+            "admiral/crd/clientconnectionconfig.yaml",
+        ];
         let mut crds = Vec::new();
         for f in files {
-            let text = std::fs::read_to_string(source.join(f)).unwrap_or_else(|e| panic!("{}: {e}", source.join(f).display()));
+            let text =
+                std::fs::read_to_string(source.join(f)).unwrap_or_else(|e| panic!("{}: {e}", source.join(f).display()));
             for part in text.split("\n---") {
                 if !part.contains("kind: CustomResourceDefinition") {
                     continue;
@@ -317,7 +326,9 @@ impl Fleet {
         }
         for client in std::iter::once(&self.hub_client).chain(&self.clients) {
             for (name, yaml) in &crds {
-                let url = format!("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}?fieldManager={FIELD_MANAGER}&force=true");
+                let url = format!(
+                    "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}?fieldManager={FIELD_MANAGER}&force=true"
+                );
                 let req = http::Request::patch(url)
                     .header("Content-Type", "application/apply-patch+yaml")
                     .body(yaml.clone().into_bytes())
@@ -353,13 +364,20 @@ impl Controller {
         // compared, and the routing policy CRD in its repo does not load); client connection
         // configs on (compared).
         let args = [
-            "--kube_config", kubeconfig.to_str().unwrap(),
-            "--secret_namespace", "admiral",
-            "--dependency_namespace", DEPENDENCIES,
-            "--sync_namespace", SYNC,
-            "--sync_period", ADMIRAL_SYNC_PERIOD,
-            "--gateway_app", "istio-eastwestgateway",
-            "--exportto_identity_list", "*",
+            "--kube_config",
+            kubeconfig.to_str().unwrap(),
+            "--secret_namespace",
+            "admiral",
+            "--dependency_namespace",
+            DEPENDENCIES,
+            "--sync_namespace",
+            SYNC,
+            "--sync_period",
+            ADMIRAL_SYNC_PERIOD,
+            "--gateway_app",
+            "istio-eastwestgateway",
+            "--exportto_identity_list",
+            "*",
             "--enable_sw_aware_ns_caches=true",
             "--enable_dependency_processing=true",
             "--enable_client_connection_config_processing=true",
@@ -374,7 +392,9 @@ impl Controller {
         .to_vec();
         // More flags for a run, e.g. "--deployment_or_rollout_worker_concurrency=1".
         let mut args = args;
-        args.extend(std::env::var("FLOTILLA_ADMIRAL_EXTRA_ARGS").unwrap_or_default().split_whitespace().map(String::from));
+        args.extend(
+            std::env::var("FLOTILLA_ADMIRAL_EXTRA_ARGS").unwrap_or_default().split_whitespace().map(String::from),
+        );
         println!("admiral flags: {}", args[2..].join(" "));
         let mut c = Controller::Admiral { binary, args, log_dir, child: None };
         c.start();
@@ -382,8 +402,14 @@ impl Controller {
     }
 
     fn flotilla(fleet: &Fleet) -> Controller {
-        let extra = ["--log-level", "warn", "--secret-namespace", "admiral", "--cluster-secret-selector", "admiral/sync=true"];
-        Controller::Flotilla(Box::new(Flotilla::start_on_ports(&fleet.hub.admin_kubeconfig(), "beside-admiral", &extra, [18080, 18443])))
+        let extra =
+            ["--log-level", "warn", "--secret-namespace", "admiral", "--cluster-secret-selector", "admiral/sync=true"];
+        Controller::Flotilla(Box::new(Flotilla::start_on_ports(
+            &fleet.hub.admin_kubeconfig(),
+            "beside-admiral",
+            &extra,
+            [18080, 18443],
+        )))
     }
 
     fn start(&mut self) {
@@ -429,8 +455,16 @@ const OUTPUT_KINDS: [&str; 5] = ["ServiceEntry", "DestinationRule", "Sidecar", "
 
 fn is_ours(o: &DynamicObject, label: &str) -> bool {
     match label {
-        "admiral" => o.metadata.annotations.as_ref().is_some_and(|a| a.get("app.kubernetes.io/created-by").is_some_and(|v| v == "admiral")),
-        _ => o.metadata.labels.as_ref().is_some_and(|l| l.get("app.kubernetes.io/managed-by").is_some_and(|v| v == "flotilla")),
+        "admiral" => o
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.get("app.kubernetes.io/created-by").is_some_and(|v| v == "admiral")),
+        _ => o
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.get("app.kubernetes.io/managed-by").is_some_and(|v| v == "flotilla")),
     }
 }
 
@@ -471,7 +505,12 @@ async fn dump(fleet: &Fleet, label: &str) -> Dump {
         for kind in OUTPUT_KINDS {
             let list = api(client, kind, None).list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
             for o in list.into_iter().filter(|o| is_ours(o, label)) {
-                let key = (id.to_string(), kind.to_string(), o.metadata.namespace.clone().unwrap_or_default(), o.metadata.name.clone().unwrap_or_default());
+                let key = (
+                    id.to_string(),
+                    kind.to_string(),
+                    o.metadata.namespace.clone().unwrap_or_default(),
+                    o.metadata.name.clone().unwrap_or_default(),
+                );
                 out.insert(key, normalise(kind, &o.data["spec"]));
             }
         }
@@ -529,7 +568,13 @@ fn compare(title: &str, admiral: &Dump, flotilla: &Dump) -> String {
         match (admiral.get(*key), flotilla.get(*key)) {
             (Some(_), None) | (None, Some(_)) => {
                 let side = if admiral.contains_key(*key) { "Admiral only" } else { "flotilla only" };
-                let where_ = if ns == SYNC { SYNC.to_string() } else if ns == "istio-system" { ns.clone() } else { "workload namespaces".into() };
+                let where_ = if ns == SYNC {
+                    SYNC.to_string()
+                } else if ns == "istio-system" {
+                    ns.clone()
+                } else {
+                    "workload namespaces".into()
+                };
                 only.entry((kind.clone(), where_, side)).or_default().push(format!("{member}/{name}"));
             }
             (Some(a), Some(f)) => {
@@ -539,7 +584,12 @@ fn compare(title: &str, admiral: &Dump, flotilla: &Dump) -> String {
                     same += 1;
                 }
                 for (path, av, fv) in diffs {
-                    let e = fields.entry((kind.clone(), pattern(&path))).or_insert((0, String::new(), String::new(), String::new()));
+                    let e = fields.entry((kind.clone(), pattern(&path))).or_insert((
+                        0,
+                        String::new(),
+                        String::new(),
+                        String::new(),
+                    ));
                     if e.0 == 0 {
                         (e.1, e.2, e.3) = (format!("{member}/{name}"), short(&av), short(&fv));
                     }
@@ -559,7 +609,9 @@ fn compare(title: &str, admiral: &Dump, flotilla: &Dump) -> String {
     for ((kind, where_, side), names) in &only {
         md.push_str(&format!("| {side} | {kind} | {where_} | {} | `{}` |\n", names.len(), names[0]));
     }
-    md.push_str("\n| kind | field | objects differing | e.g. object | Admiral | flotilla |\n|---|---|---|---|---|---|\n");
+    md.push_str(
+        "\n| kind | field | objects differing | e.g. object | Admiral | flotilla |\n|---|---|---|---|---|---|\n",
+    );
     for ((kind, field), (n, example, a, f)) in &fields {
         md.push_str(&format!("| {kind} | `{field}` | {n} | `{example}` | `{a}` | `{f}` |\n"));
     }
@@ -583,7 +635,10 @@ async fn owned_digest(fleet: &Fleet, label: &str) -> (usize, u64) {
             for o in api(client, kind, None).list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default() {
                 if is_ours(&o, label) {
                     n += 1;
-                    text.push_str(&format!("{kind}/{:?}/{:?}/{:?};", o.metadata.namespace, o.metadata.name, o.metadata.resource_version));
+                    text.push_str(&format!(
+                        "{kind}/{:?}/{:?}/{:?};",
+                        o.metadata.namespace, o.metadata.name, o.metadata.resource_version
+                    ));
                 }
             }
         }
@@ -617,7 +672,9 @@ async fn write_requests(fleet: &Fleet) -> (u64, u64) {
         let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
         let text = client.request_text(req).await.unwrap();
         for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
-            let write = ["verb=\"POST\"", "verb=\"PUT\"", "verb=\"PATCH\"", "verb=\"DELETE\"", "verb=\"APPLY\""].iter().any(|v| line.contains(v));
+            let write = ["verb=\"POST\"", "verb=\"PUT\"", "verb=\"PATCH\"", "verb=\"DELETE\"", "verb=\"APPLY\""]
+                .iter()
+                .any(|v| line.contains(v));
             let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
             if write && line.contains("group=\"networking.istio.io\"") {
                 istio += value;
@@ -657,7 +714,12 @@ struct Figures {
     dump_all: Dump,
 }
 
-async fn measure(fleet: &Fleet, label: &'static str, mut controller: impl FnMut() -> Controller, identities: usize) -> Figures {
+async fn measure(
+    fleet: &Fleet,
+    label: &'static str,
+    mut controller: impl FnMut() -> Controller,
+    identities: usize,
+) -> Figures {
     let mut f = Figures::default();
     let t = Instant::now();
     let before = write_requests(fleet).await;
@@ -675,7 +737,7 @@ async fn measure(fleet: &Fleet, label: &'static str, mut controller: impl FnMut(
         }
     }
     for round in 0..CHANGES {
-        let west = if round % 2 == 0 { 70 } else { 30 };
+        let west = if round.is_multiple_of(2) { 70 } else { 30 };
         let t = Instant::now();
         apply_doc(&fleet.clients[homes(0)[0]], &gtp(0, west)).await;
         loop {
@@ -730,7 +792,12 @@ async fn measure(fleet: &Fleet, label: &'static str, mut controller: impl FnMut(
     settle(fleet, label, Instant::now()).await;
     let after = write_requests(fleet).await;
     f.restart_writes = (after.0 - before.0, after.1 - before.1);
-    f.dump_example = f.dump_all.iter().filter(|(k, _)| !k.3.contains("id-") && !k.3.contains("fresh-")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    f.dump_example = f
+        .dump_all
+        .iter()
+        .filter(|(k, _)| !k.3.contains("id-") && !k.3.contains("fresh-"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     c.stop();
     let _ = identities;
     f
@@ -758,7 +825,8 @@ async fn main() {
             }
         }
         for ns in ["admiral", SYNC, "flotilla"] {
-            apply_doc(&fleet.hub_client, &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})).await;
+            apply_doc(&fleet.hub_client, &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
+                .await;
         }
         let t = Instant::now();
         fleet.apply_all(&inputs).await;
@@ -783,31 +851,82 @@ async fn main() {
         v.sort();
         v
     };
-    let (ag, fg, ad, fd) = (sorted(&admiral.gtp), sorted(&flotilla.gtp), sorted(&admiral.deployment), sorted(&flotilla.deployment));
+    let (ag, fg, ad, fd) =
+        (sorted(&admiral.gtp), sorted(&flotilla.gtp), sorted(&admiral.deployment), sorted(&flotilla.deployment));
     report.push_str("| measure | Admiral | flotilla | flotilla / Admiral |\n|---|---|---|---|\n");
-    report.push_str(&row("start → settled (last write)", secs(admiral.start_to_converged), secs(flotilla.start_to_converged), ratio(flotilla.start_to_converged.as_secs_f64(), admiral.start_to_converged.as_secs_f64())));
-    report.push_str(&row("objects owned in the members", admiral.objects.to_string(), flotilla.objects.to_string(), ratio(flotilla.objects as f64, admiral.objects as f64)));
-    for (what, a, f) in [("GTP change → DR in every member", &ag, &fg), ("new Deployment → SE in every client member", &ad, &fd)] {
+    report.push_str(&row(
+        "start → settled (last write)",
+        secs(admiral.start_to_converged),
+        secs(flotilla.start_to_converged),
+        ratio(flotilla.start_to_converged.as_secs_f64(), admiral.start_to_converged.as_secs_f64()),
+    ));
+    report.push_str(&row(
+        "objects owned in the members",
+        admiral.objects.to_string(),
+        flotilla.objects.to_string(),
+        ratio(flotilla.objects as f64, admiral.objects as f64),
+    ));
+    for (what, a, f) in
+        [("GTP change → DR in every member", &ag, &fg), ("new Deployment → SE in every client member", &ad, &fd)]
+    {
         for (p, name) in [(0.5, "p50"), (0.99, "p99")] {
             let (x, y) = (percentile(a, p), percentile(f, p));
-            report.push_str(&row(&format!("{what}, {name} of {CHANGES}"), secs(x), secs(y), ratio(y.as_secs_f64(), x.as_secs_f64())));
+            report.push_str(&row(
+                &format!("{what}, {name} of {CHANGES}"),
+                secs(x),
+                secs(y),
+                ratio(y.as_secs_f64(), x.as_secs_f64()),
+            ));
         }
     }
-    report.push_str(&row("CPU seconds (start to the end of the changes)", format!("{:.1}", admiral.cpu_seconds), format!("{:.1}", flotilla.cpu_seconds), ratio(flotilla.cpu_seconds, admiral.cpu_seconds)));
-    report.push_str(&row("peak RSS", format!("{} MiB", admiral.peak_mib), format!("{} MiB", flotilla.peak_mib), ratio(flotilla.peak_mib as f64, admiral.peak_mib as f64)));
-    report.push_str(&row("Istio write requests (same span)", admiral.writes.0.to_string(), flotilla.writes.0.to_string(), ratio(flotilla.writes.0 as f64, admiral.writes.0 as f64)));
-    report.push_str(&row("status write requests (same span)", admiral.writes.1.to_string(), flotilla.writes.1.to_string(), "–".into()));
-    report.push_str(&row("Istio writes of a restart with nothing changed", admiral.restart_writes.0.to_string(), flotilla.restart_writes.0.to_string(), "–".into()));
+    report.push_str(&row(
+        "CPU seconds (start to the end of the changes)",
+        format!("{:.1}", admiral.cpu_seconds),
+        format!("{:.1}", flotilla.cpu_seconds),
+        ratio(flotilla.cpu_seconds, admiral.cpu_seconds),
+    ));
+    report.push_str(&row(
+        "peak RSS",
+        format!("{} MiB", admiral.peak_mib),
+        format!("{} MiB", flotilla.peak_mib),
+        ratio(flotilla.peak_mib as f64, admiral.peak_mib as f64),
+    ));
+    report.push_str(&row(
+        "Istio write requests (same span)",
+        admiral.writes.0.to_string(),
+        flotilla.writes.0.to_string(),
+        ratio(flotilla.writes.0 as f64, admiral.writes.0 as f64),
+    ));
+    report.push_str(&row(
+        "status write requests (same span)",
+        admiral.writes.1.to_string(),
+        flotilla.writes.1.to_string(),
+        "–".into(),
+    ));
+    report.push_str(&row(
+        "Istio writes of a restart with nothing changed",
+        admiral.restart_writes.0.to_string(),
+        flotilla.restart_writes.0.to_string(),
+        "–".into(),
+    ));
     report.push('\n');
     report.push_str(&compare("The example fleet", &admiral.dump_example, &flotilla.dump_example));
     report.push('\n');
-    report.push_str(&compare("Everything (example + synthetic, after the changes' first settle)", &admiral.dump_all, &flotilla.dump_all));
+    report.push_str(&compare(
+        "Everything (example + synthetic, after the changes' first settle)",
+        &admiral.dump_all,
+        &flotilla.dump_all,
+    ));
     println!("\n{report}");
-    let out = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("admiral-compare");
+    let out =
+        PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("admiral-compare");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("report.md"), &report).unwrap();
     for (name, d) in [("admiral.json", &admiral.dump_all), ("flotilla.json", &flotilla.dump_all)] {
-        let as_list: Vec<Value> = d.iter().map(|((m, k, ns, n), v)| json!({"member": m, "kind": k, "namespace": ns, "name": n, "spec": v})).collect();
+        let as_list: Vec<Value> = d
+            .iter()
+            .map(|((m, k, ns, n), v)| json!({"member": m, "kind": k, "namespace": ns, "name": n, "spec": v}))
+            .collect();
         std::fs::write(out.join(name), serde_json::to_string_pretty(&as_list).unwrap()).unwrap();
     }
     println!("compare: report in {}", out.display());

@@ -111,7 +111,7 @@ async fn main() {
     let t = Instant::now();
     for i in 0..identities {
         let id = identity(i);
-        let homes: Vec<usize> = if i % 5 == 0 { vec![i % n, (i + 1) % n] } else { vec![i % n] };
+        let homes: Vec<usize> = if i.is_multiple_of(5) { vec![i % n, (i + 1) % n] } else { vec![i % n] };
         for h in &homes {
             let c = &clients[*h].1;
             apply(c, &namespace(&id)).await;
@@ -182,7 +182,7 @@ async fn main() {
     let mut latencies = Vec::new();
     let counters = support::CpuCounters::now();
     for round in 0..CHANGES {
-        let west = if round % 2 == 0 { 70 } else { 30 };
+        let west = if round.is_multiple_of(2) { 70 } else { 30 };
         let t = Instant::now();
         apply(&clients[0].1, &gtp(west)).await;
         loop {
@@ -236,7 +236,11 @@ async fn main() {
     victim.start_apiserver().await;
     let t = Instant::now();
     while !converged(&flotilla, &clients).await {
-        assert!(t.elapsed() < Duration::from_secs(300), "not converged after the member came back:\n{}", flotilla.log_tail());
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "not converged after the member came back:\n{}",
+            flotilla.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!(
@@ -245,7 +249,7 @@ async fn main() {
         t.elapsed()
     );
     println!(
-        "e2e: flotilla over the whole run: {:.1} CPU seconds, peak RSS {} MiB",
+        "e2e: the restarted flotilla process, from its restart to here: {:.1} CPU seconds, peak RSS {} MiB",
         flotilla.cpu_seconds(),
         flotilla.peak_rss_kib() / 1024
     );

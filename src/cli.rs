@@ -369,6 +369,10 @@ pub struct EngineArgs {
     pub export_to: ExportTo,
     #[arg(long, value_enum, default_value = "generate", env = "FLOTILLA_SIDECAR_MODE")]
     pub sidecar_mode: SidecarMode,
+    /// Slow start for new endpoints (`warmupDurationSecs` of every DestinationRule), as Admiral
+    /// writes it; 0 leaves it out.
+    #[arg(long, default_value = "45s", value_parser = parse_duration, env = "FLOTILLA_WARMUP_DURATION")]
+    pub warmup_duration: Duration,
 }
 
 impl EngineArgs {
@@ -399,6 +403,7 @@ impl EngineArgs {
             vip_cidr: self.vip_cidr,
             export_to: self.export_to,
             sidecar_mode: self.sidecar_mode,
+            warmup_seconds: u32::try_from(self.warmup_duration.as_secs()).unwrap_or(u32::MAX),
         })
     }
 }

@@ -119,6 +119,9 @@ pub struct Settings {
     pub vip_cidr: Ipv4Cidr,
     pub export_to: ExportTo,
     pub sidecar_mode: SidecarMode,
+    /// Slow start of new endpoints in every DestinationRule, in seconds (Admiral's
+    /// `--default_warmup_duration_in_seconds`, 45); 0 leaves it out.
+    pub warmup_seconds: u32,
 }
 
 impl Default for Settings {
@@ -138,6 +141,7 @@ impl Default for Settings {
             vip_cidr: "240.0.0.0/16".parse().expect("valid default CIDR"),
             export_to: ExportTo::All,
             sidecar_mode: SidecarMode::Generate,
+            warmup_seconds: 45,
         }
     }
 }

@@ -741,3 +741,61 @@ fn threads_do_not_change_the_output() {
     let four = run(4);
     assert!(one == four, "4 threads computed something else than 1 thread");
 }
+
+/// `--export-to=dependents` as Admiral computes it: the gateway's namespace and the identity's
+/// own only where it runs, clients' namespaces everywhere, `*` past 35 namespaces. And outlier
+/// detection per cluster: none on a lone local or gateway-IP endpoint.
+#[test]
+fn export_to_and_outlier_detection_follow_admiral() {
+    let settings = Settings { export_to: flotilla::settings::ExportTo::Dependents, ..Settings::default() };
+    let build = |objects: &[(String, InputObject)]| {
+        let mut engine = Engine::new(settings.clone(), VipTable::default());
+        for c in ["a", "b"] {
+            engine.fleet.upsert_cluster(c, ClusterOverrides::default());
+        }
+        for (c, o) in objects {
+            engine.ingest(c, o);
+        }
+        engine.recompute();
+        engine
+    };
+    let of = |engine: &Engine, cluster: &str, name: &str| -> (Vec<String>, Option<u32>) {
+        let objects: Vec<DesiredObject> = engine.desired.cluster(cluster).cloned().collect();
+        let se = objects.iter().find_map(|o| match o {
+            DesiredObject::ServiceEntry(se) if se.metadata.name.as_deref() == Some(&format!("{name}-se")) => Some(se),
+            _ => None,
+        });
+        let dr = objects.iter().find_map(|o| match o {
+            DesiredObject::DestinationRule(dr) if dr.spec.host == name => Some(dr),
+            _ => None,
+        });
+        let (se, dr) = (se.expect("the ServiceEntry"), dr.expect("the DestinationRule"));
+        assert_eq!(se.spec.export_to, dr.spec.export_to, "the DR is exported like the SE");
+        let od = dr.spec.traffic_policy.as_ref().and_then(|t| t.outlier_detection.as_ref());
+        (se.spec.export_to.clone(), od.map(|o| o.max_ejection_percent))
+    };
+    let engine = build(&base_fleet());
+    let host = "stage.greeting.global";
+    assert_eq!(
+        of(&engine, "a", host),
+        (vec!["istio-system".into(), "sample".into()], None),
+        "source: lone local endpoint"
+    );
+    assert_eq!(of(&engine, "b", host), (vec!["web".into()], None), "client only: lone gateway IP, no istio-system");
+
+    // 36 client namespaces in b: everyone.
+    let mut fleet = base_fleet();
+    for i in 0..36 {
+        let (ns, id) = (format!("client-{i:02}"), format!("client-{i:02}"));
+        fleet.push(("b".into(), workload(&ns, &id, &id, "stage")));
+        fleet.push(("b".into(), service(&ns, &id)));
+        fleet.push((HUB.into(), dependency("flotilla", &id, &id, &["greeting"])));
+    }
+    assert_eq!(of(&build(&fleet), "b", host).0, vec!["*".to_string()]);
+
+    // Greeting in b too: two endpoints everywhere, ejectable.
+    let mut fleet = base_fleet();
+    fleet.push(("b".into(), workload("sample", "greeting", "greeting", "stage")));
+    fleet.push(("b".into(), service("sample", "greeting")));
+    assert_eq!(of(&build(&fleet), "b", host).1, Some(100));
+}

@@ -89,7 +89,7 @@ pub fn compute_identity(
                 // Targets differ only by where they stand: which source they are (if any), their
                 // region, and (with --export-to=dependents) their exportTo. Targets standing in the same
                 // place share one object instead of building it again.
-                let mut entries: HashMap<EntryView, Option<(Arc<Desired>, usize)>> = HashMap::new();
+                let mut entries: HashMap<EntryView, Option<(Arc<Desired>, Ejection)>> = HashMap::new();
                 let mut rules: HashMap<RuleView, Arc<Desired>> = HashMap::new();
                 // Only a FAILOVER rule depends on the target's region (it distributes from there).
                 let failover = host.policy.is_some_and(|p| matches!(p.lb_type(), Ok(LbType::Failover)));
@@ -115,8 +115,8 @@ pub fn compute_identity(
                     let export_to = export_to(fleet, settings, resolved, env, identity, target);
                     let built = entries.entry((local, export_to.clone())).or_insert_with(|| {
                         let endpoints = endpoints_for(group, target, facts);
-                        let count = endpoints.len();
-                        (count > 0).then(|| {
+                        let ejection = Ejection::of(&endpoints);
+                        (!endpoints.is_empty()).then(|| {
                             let se = service_entry(
                                 settings,
                                 group,
@@ -126,20 +126,19 @@ pub fn compute_identity(
                                 export_to.clone(),
                                 &labels,
                             );
-                            (Arc::new(Desired::new(se)), count)
+                            (Arc::new(Desired::new(se)), ejection)
                         })
                     });
-                    let Some((entry, endpoint_count)) = built.clone() else {
+                    let Some((entry, ejection)) = built.clone() else {
                         continue;
                     };
-                    let only_local = endpoint_count == 1 && local.is_some();
                     let build_rule = |diagnostics: &mut Vec<Diagnostic>| {
                         Arc::new(Desired::new(destination_rule(
                             settings,
                             env,
                             host,
                             target_facts,
-                            only_local,
+                            ejection,
                             export_to.clone(),
                             &labels,
                             diagnostics,
@@ -150,7 +149,7 @@ pub fn compute_identity(
                         // Without a region a FAILOVER rule carries a diagnostic naming the target: build it.
                         (None, true) => build_rule(&mut out.diagnostics),
                         (region, _) => rules
-                            .entry((region.as_deref().filter(|_| failover), only_local, export_to.clone()))
+                            .entry((region.as_deref().filter(|_| failover), ejection, export_to.clone()))
                             .or_insert_with(|| build_rule(&mut out.diagnostics))
                             .clone(),
                     };
@@ -176,9 +175,34 @@ pub fn compute_identity(
 /// Where a target stands for a ServiceEntry: the source it is (if any) and its exportTo.
 type EntryView<'a> = (Option<&'a str>, Vec<String>);
 
-/// Where a target stands for a DestinationRule: its region (for FAILOVER only), whether the
-/// source is its only endpoint, and its exportTo.
-type RuleView<'a> = (Option<&'a str>, bool, Vec<String>);
+/// Where a target stands for a DestinationRule: its region (for FAILOVER only), how far its
+/// endpoints may be ejected, and its exportTo.
+type RuleView<'a> = (Option<&'a str>, Ejection, Vec<String>);
+
+/// How much of a host's endpoints outlier detection may eject in one cluster, as Admiral decides
+/// it: a lone endpoint that is the local Service or a gateway IP is never ejected (no outlier
+/// detection: there is nowhere else to go); a lone gateway known by name, up to a third (its
+/// name resolves to several addresses); several endpoints, all of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Ejection {
+    Never,
+    Third,
+    All,
+}
+
+impl Ejection {
+    fn of(endpoints: &[WorkloadEntry]) -> Ejection {
+        match endpoints {
+            [one]
+                if one.address.ends_with(".svc.cluster.local") || one.address.parse::<std::net::Ipv4Addr>().is_ok() =>
+            {
+                Ejection::Never
+            }
+            [_] => Ejection::Third,
+            _ => Ejection::All,
+        }
+    }
+}
 
 fn meta(name: String, namespace: &str, labels: BTreeMap<String, String>) -> ObjectMeta {
     ObjectMeta { name: Some(name), namespace: Some(namespace.to_string()), labels: Some(labels), ..Default::default() }
@@ -265,8 +289,11 @@ fn export_to(
     if settings.export_to == ExportTo::All {
         return Vec::new();
     }
-    let mut namespaces: BTreeSet<String> = BTreeSet::from([GATEWAY_NAMESPACE.to_string()]);
+    // As Admiral: in a cluster where the identity runs, the gateway's namespace and its own;
+    // everywhere, its clients' namespaces; past `MAX_EXPORT_NAMESPACES`, everyone.
+    let mut namespaces: BTreeSet<String> = BTreeSet::new();
     if let Some(own) = env.namespaces.get(target) {
+        namespaces.insert(GATEWAY_NAMESPACE.to_string());
         namespaces.extend(own.iter().cloned());
     }
     if !resolved.client_clusters.is_empty() {
@@ -278,8 +305,14 @@ fn export_to(
             }
         }
     }
+    if namespaces.len() > MAX_EXPORT_NAMESPACES {
+        return vec!["*".to_string()];
+    }
     namespaces.into_iter().collect()
 }
+
+/// Admiral's `--exportto_max_namespaces` default: a longer list is replaced by `*`.
+const MAX_EXPORT_NAMESPACES: usize = 35;
 
 fn service_entry(
     settings: &Settings,
@@ -316,7 +349,7 @@ fn destination_rule(
     env: &EnvPlan<'_>,
     host: &HostPlan<'_>,
     target: &ClusterFacts,
-    only_local: bool,
+    ejection: Ejection,
     export_to: Vec<String>,
     labels: &BTreeMap<String, String>,
     diagnostics: &mut Vec<Diagnostic>,
@@ -345,10 +378,11 @@ fn destination_rule(
             Some(LocalityLbSetting { distribute: vec![Distribute { from, to }], enabled: None })
         }
     });
-    let outlier_detection = (!only_local).then(|| {
+    let outlier_detection = (ejection != Ejection::Never).then(|| {
         let gtp_outlier = host.policy.and_then(|p| p.outlier_detection.as_ref());
         let od_outlier = env.outlier.and_then(|o| o.effective.as_ref()).and_then(|s| s.outlier_config.as_ref());
-        outlier_detection(gtp_outlier, od_outlier)
+        let max_ejection_percent = if ejection == Ejection::Third { 33 } else { 100 };
+        OutlierDetection { max_ejection_percent, ..outlier_detection(gtp_outlier, od_outlier) }
     });
     let connection_pool = env
         .connection
@@ -366,7 +400,12 @@ fn destination_rule(
             traffic_policy: Some(TrafficPolicy {
                 tls: Some(ClientTls { mode: "ISTIO_MUTUAL".into() }),
                 connection_pool: Some(connection_pool),
-                load_balancer: Some(LoadBalancer { simple: "LEAST_REQUEST".into(), locality_lb_setting }),
+                load_balancer: Some(LoadBalancer {
+                    simple: "LEAST_REQUEST".into(),
+                    locality_lb_setting,
+                    warmup_duration_secs: (settings.warmup_seconds > 0)
+                        .then(|| format!("{}s", settings.warmup_seconds)),
+                }),
                 outlier_detection,
             }),
             export_to,
