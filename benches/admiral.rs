@@ -200,8 +200,11 @@ fn gtp(i: usize, west: i64) -> Value {
     let id = identity(i);
     let failover = |prefix: &str, w: i64| json!({"dnsPrefix": prefix, "lbType": 1, "target": [{"region": REGIONS[0], "weight": w}, {"region": REGIONS[1], "weight": 100 - w}]});
     // Alternately FAILOVER and TOPOLOGY on the default host, every other one with a second host.
-    let mut policy =
-        vec![if i.is_multiple_of(20) { failover("default", west) } else { json!({"dnsPrefix": "default", "lbType": 0}) }];
+    let mut policy = vec![if i.is_multiple_of(20) {
+        failover("default", west)
+    } else {
+        json!({"dnsPrefix": "default", "lbType": 0})
+    }];
     if i % 20 == 10 || i == 0 {
         policy.push(failover("west", 100));
     }

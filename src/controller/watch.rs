@@ -238,6 +238,47 @@ impl Backoff for WatchBackoff {
     }
 }
 
+/// How one watcher ended.
+enum Ended {
+    /// The runtime is gone: stop.
+    RuntimeGone,
+    /// The API server says the kind does not exist (optional kinds only).
+    Absent,
+    /// It failed (reported); `listed` if it had completed a list first.
+    Failed { listed: bool },
+}
+
+/// Watches `kind` for as long as the runtime lives: a failed watcher is reported and started
+/// again from a fresh list after a backoff. Resuming the old watcher instead would be silent
+/// when it works again (kube's watcher re-watches from its last resourceVersion without an
+/// event), and a kind nobody changes would keep its member stale for ever.
+async fn watch_forever<K>(
+    cluster: &str,
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    send: &(impl Fn(Change) -> bool + Sync),
+    convert: &(impl Fn(K) -> Watched + Sync),
+    until_absent: bool,
+) -> bool
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let mut delays = backoff();
+    loop {
+        match watch_kind(cluster, api.clone(), config.clone(), kind, send, convert, until_absent).await {
+            Ended::RuntimeGone => return false,
+            Ended::Absent => return true,
+            Ended::Failed { listed } => {
+                if listed {
+                    delays.reset();
+                }
+                tokio::time::sleep(delays.next().unwrap_or(WATCH_BACKOFF_MAX)).await;
+            }
+        }
+    }
+}
+
 /// Runs one watch, buffering a relist until it is complete.
 fn spawn<K>(
     set: &mut JoinSet<()>,
@@ -252,7 +293,7 @@ fn spawn<K>(
 {
     let cluster = cluster.to_string();
     set.spawn(async move {
-        watch_kind(&cluster, api, config, kind, &send, &convert, false).await;
+        watch_forever(&cluster, api, config, kind, &send, &convert, false).await;
     });
 }
 
@@ -299,7 +340,7 @@ fn spawn_optional<K>(
                 Ok(_) => {}
             }
             // Returns when the kind went away (its CRD was deleted), or the runtime is gone.
-            if !watch_kind(&cluster, api.clone(), watcher::Config::default(), kind, &send, &convert, true).await {
+            if !watch_forever(&cluster, api.clone(), watcher::Config::default(), kind, &send, &convert, true).await {
                 return;
             }
             if !send(Change::Relisted(kind, Vec::new())) {
@@ -310,8 +351,8 @@ fn spawn_optional<K>(
     });
 }
 
-/// Runs one watch, buffering a relist until it is complete. With `until_absent`, returns true
-/// as soon as the API server says the kind does not exist; false when the runtime is gone.
+/// Runs one watcher, buffering a relist until it is complete, until it fails once. With
+/// `until_absent`, ends as soon as the API server says the kind does not exist.
 async fn watch_kind<K>(
     cluster: &str,
     api: Api<K>,
@@ -320,12 +361,13 @@ async fn watch_kind<K>(
     send: &(impl Fn(Change) -> bool + Sync),
     convert: &(impl Fn(K) -> Watched + Sync),
     until_absent: bool,
-) -> bool
+) -> Ended
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    let mut stream = watcher(api, config).backoff(backoff()).boxed();
+    let mut stream = watcher(api, config).boxed();
     let mut buffer = Vec::new();
+    let mut listed = false;
     while let Some(event) = stream.next().await {
         let change = match event {
             Ok(watcher::Event::Apply(o)) => Change::Applied(convert(strip(o))),
@@ -338,22 +380,31 @@ where
                 buffer.push(convert(strip(o)));
                 continue;
             }
-            Ok(watcher::Event::InitDone) => Change::Relisted(kind, std::mem::take(&mut buffer)),
+            Ok(watcher::Event::InitDone) => {
+                listed = true;
+                Change::Relisted(kind, std::mem::take(&mut buffer))
+            }
             Err(
                 watcher::Error::InitialListFailed(kube::Error::Api(s))
                 | watcher::Error::WatchStartFailed(kube::Error::Api(s)),
             ) if until_absent && s.code == 404 => {
-                return true;
+                return Ended::Absent;
             }
             Err(e) => {
-                Change::Failed(WatchError { cluster: cluster.to_string(), kind, message: crate::meta::error_chain(&e) })
+                let failed = Change::Failed(WatchError {
+                    cluster: cluster.to_string(),
+                    kind,
+                    message: crate::meta::error_chain(&e),
+                });
+                return if send(failed) { Ended::Failed { listed } } else { Ended::RuntimeGone };
             }
         };
         if !send(change) {
-            return false;
+            return Ended::RuntimeGone;
         }
     }
-    false
+    // kube's watcher never ends; if it did, start again.
+    Ended::Failed { listed }
 }
 
 /// managedFields are large and never read.
