@@ -146,6 +146,15 @@ fn failover_gtp(ns: &str, name: &str, identity: &str, env: &str, west: i32, pref
 }
 
 fn gateway(ip: &str) -> InputObject {
+    gateway_at(serde_json::json!({"ip": ip}))
+}
+
+/// A gateway whose load balancer has a name, not an address (as on AWS).
+fn gateway_named(hostname: &str) -> InputObject {
+    gateway_at(serde_json::json!({"hostname": hostname}))
+}
+
+fn gateway_at(ingress: serde_json::Value) -> InputObject {
     let mut svc = Service {
         metadata: meta(Some("istio-system"), "istio-eastwestgateway", &[("istio", "eastwestgateway")], &[]),
         spec: Some(ServiceSpec {
@@ -154,7 +163,7 @@ fn gateway(ip: &str) -> InputObject {
         }),
         ..Default::default()
     };
-    svc.status = serde_json::from_value(serde_json::json!({"loadBalancer": {"ingress": [{"ip": ip}]}})).unwrap();
+    svc.status = serde_json::from_value(serde_json::json!({"loadBalancer": {"ingress": [ingress]}})).unwrap();
     InputObject::Service(Box::new(svc))
 }
 
@@ -792,6 +801,11 @@ fn export_to_and_outlier_detection_follow_admiral() {
         fleet.push((HUB.into(), dependency("flotilla", &id, &id, &["greeting"])));
     }
     assert_eq!(of(&build(&fleet), "b", host).0, vec!["*".to_string()]);
+
+    // a's gateway known by name: b's lone endpoint may be ejected up to a third.
+    let mut fleet = base_fleet();
+    fleet[1] = ("a".into(), gateway_named("gateway.a.example.com"));
+    assert_eq!(of(&build(&fleet), "b", host).1, Some(33), "a lone gateway by name");
 
     // Greeting in b too: two endpoints everywhere, ejectable.
     let mut fleet = base_fleet();
