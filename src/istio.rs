@@ -44,6 +44,8 @@ pub struct ServiceEntrySpec {
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "camelCase")]
+// Proto3 JSON leaves out zero values, so every field may be missing.
+#[serde(default)]
 pub struct ServicePort {
     pub number: u32,
     #[serde(default)]
@@ -54,6 +56,8 @@ pub struct ServicePort {
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+// Proto3 JSON leaves out zero values, so every field may be missing.
+#[serde(default)]
 pub struct WorkloadEntry {
     pub address: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -102,12 +106,16 @@ pub struct TrafficPolicy {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+// Proto3 JSON leaves out zero values, so every field may be missing.
+#[serde(default)]
 pub struct ClientTls {
     pub mode: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+// Proto3 JSON leaves out zero values, so every field may be missing.
+#[serde(default)]
 pub struct LoadBalancer {
     pub simple: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -126,6 +134,8 @@ pub struct LocalityLbSetting {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+// Proto3 JSON leaves out zero values, so every field may be missing.
+#[serde(default)]
 pub struct Distribute {
     pub from: String,
     pub to: BTreeMap<String, u32>,
@@ -133,6 +143,8 @@ pub struct Distribute {
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+// Proto3 JSON leaves out zero values, so every field may be missing.
+#[serde(default)]
 pub struct OutlierDetection {
     pub consecutive_gateway_errors: u32,
     #[serde(rename = "consecutive5xxErrors")]
@@ -170,4 +182,38 @@ pub struct WorkloadSelector {
 pub struct EgressListener {
     #[serde(default)]
     pub hosts: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Istio's own tools write proto3 JSON, which leaves out zero values: such an object must
+    /// decode, or one DestinationRule would stop the watch of its whole kind in a member.
+    #[test]
+    fn objects_without_their_zero_fields_decode() {
+        let dr: DestinationRule = serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "DestinationRule",
+            "metadata": {"name": "a", "namespace": "admiral-sync"},
+            "spec": {"host": "a.global", "trafficPolicy": {
+                "outlierDetection": {"consecutive5xxErrors": 3, "interval": "10s"},
+                "loadBalancer": {"localityLbSetting": {"distribute": [{"from": "us-west-2/*"}]}},
+                "tls": {}
+            }}
+        }))
+        .expect("a DestinationRule without its zero fields");
+        let policy = dr.spec.traffic_policy.expect("a traffic policy");
+        let od = policy.outlier_detection.expect("outlier detection");
+        assert_eq!((od.consecutive_gateway_errors, od.consecutive_5xx_errors), (0, 3));
+        assert_eq!(policy.load_balancer.expect("a load balancer").simple, "");
+        let se: ServiceEntry = serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "ServiceEntry",
+            "metadata": {"name": "a", "namespace": "admiral-sync"},
+            "spec": {"hosts": ["a.global"], "ports": [{"name": "http"}], "endpoints": [{"locality": "x"}]}
+        }))
+        .expect("a ServiceEntry without its zero fields");
+        assert_eq!(se.spec.ports[0].number, 0);
+    }
 }

@@ -116,6 +116,34 @@ impl Metrics {
         }
     }
 
+    /// Counts what a write job applied and pruned in `cluster`.
+    pub fn written(&self, cluster: &str, report: &super::WriteReport) {
+        for o in &report.applied {
+            let labels = ClusterKind { cluster: cluster.to_string(), kind: o.key.kind.to_string() };
+            self.objects_applied.get_or_create(&labels).inc();
+        }
+        for k in &report.pruned {
+            let labels = ClusterKind { cluster: cluster.to_string(), kind: k.kind.to_string() };
+            self.objects_pruned.get_or_create(&labels).inc();
+        }
+    }
+
+    /// What a member should hold, and the conflicts found there, by kind.
+    pub fn set_member_objects(
+        &self,
+        cluster: &str,
+        desired: impl Iterator<Item = crate::meta::Kind> + Clone,
+        conflicts: &[crate::compute::ObjectKey],
+    ) {
+        for kind in crate::meta::Kind::OUTPUTS {
+            let labels = ClusterKind { cluster: cluster.to_string(), kind: kind.to_string() };
+            let n = desired.clone().filter(|k| *k == kind).count();
+            self.objects_desired.get_or_create(&labels).set(n as i64);
+            let c = conflicts.iter().filter(|k| k.kind == kind).count();
+            self.conflicts.get_or_create(&labels).set(c as i64);
+        }
+    }
+
     pub fn set_cluster_state(&self, cluster: &str, state: &str) {
         for s in super::health::State::NAMES {
             let labels = ClusterState { cluster: cluster.to_string(), state: s.to_string() };

@@ -64,6 +64,21 @@ impl Observed {
         }
     }
 
+    /// What a finished write job left in `cluster`: the objects as the API server returned
+    /// them, the ones pruned, and the statuses written.
+    pub fn written(&mut self, cluster: &str, report: &mut super::WriteReport) {
+        for o in report.applied.drain(..) {
+            self.observe_output(cluster, o);
+        }
+        for k in &report.pruned {
+            self.remove_output(cluster, k);
+        }
+        for s in report.statuses.drain(..) {
+            let at = ObjectRef { cluster: cluster.to_string(), namespace: s.namespace, name: s.name };
+            self.set_status((s.kind, at), Some(s.status));
+        }
+    }
+
     /// The objects of the kinds flotilla writes that `cluster` holds.
     pub fn outputs(&self, cluster: &str) -> Option<&BTreeMap<ObjectKey, ObservedObject>> {
         self.outputs.get(cluster)

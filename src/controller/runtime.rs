@@ -19,49 +19,36 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::{Client, Resource};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use tokio::sync::{Notify, Semaphore};
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::debounce::{Debounce, Driven, drive};
 use super::dispatch::WriterSlot;
 use super::health::{MemberHealth, State};
+use super::member::Member;
 use super::metrics::Metrics;
-use super::observed::{Observed, StatusKey};
+use super::observed::Observed;
 use super::registry::{
     Registration, RegistrationProblem, check_kubeconfig, member_client, plan_registry, resolve_claims,
 };
-use super::server::{ClusterView, Published, Shared, View};
+use super::server::{Published, Shared, View};
+use super::statuses::PendingStatuses;
 use super::vips::{Adoption, VipStore};
 use super::watch::{VipStoreEvent, spawn_hub_watches, spawn_member_watches};
-use super::writer::{SecretEvent, StatusWrite, VipStoreWrite, WriteJob, run_writer};
+use super::writer::{SecretEvent, VipStoreWrite, WriteJob, run_writer};
 use super::{Change, Input, MEMBER_KINDS, Options, Watched, WriteReport};
-use crate::compute::plan::{ObservedObject, plan_member};
-use crate::compute::status::{policy_status, same_status};
+use crate::compute::plan::ObservedObject;
 use crate::compute::vip::VipTable;
-use crate::compute::{DesiredObject, Engine, ObjectKey, Recomputed};
+use crate::compute::{DesiredObject, Engine, Recomputed};
 use crate::crd::PolicyStatus;
 use crate::ingest::InputObject;
 use crate::meta::{HUB, Kind, MANAGER};
-use crate::model::{ClusterHealth, ClusterId, NsName, ObjectRef};
+use crate::model::{ClusterId, NsName, ObjectRef};
 
 /// How often health and retries are looked at when nothing happens.
 const TICK: Duration = Duration::from_secs(1);
 
 /// What a pass runs on its blocking thread: `Engine::recompute`, or a slower stand-in in tests.
 pub type Compute = Arc<dyn Fn(&mut Engine) -> Recomputed + Send + Sync>;
-
-/// A registered member: its watches, its health, and the Secret it came from.
-struct Member {
-    registration: Registration,
-    health: MemberHealth,
-    /// Watches stop when this is dropped.
-    _watches: Option<JoinSet<()>>,
-    namespace_ready: bool,
-    conflicts: Vec<ObjectKey>,
-    /// Whether the last plan made for it was empty: with nothing dirty and nothing in flight,
-    /// the member holds exactly what is desired.
-    last_plan_empty: bool,
-}
 
 /// A writer task (one per member, plus the hub's) and its slot.
 struct Writer {
@@ -86,7 +73,7 @@ pub struct Runtime {
     reported: BTreeSet<RegistrationProblem>,
     events: Vec<SecretEvent>,
     observed: Observed,
-    pending_status: BTreeMap<ClusterId, BTreeMap<StatusKey, PolicyStatus>>,
+    statuses: PendingStatuses,
     statuses_dirty: bool,
     vips: VipStore,
     leader: bool,
@@ -97,37 +84,11 @@ pub struct Runtime {
     change_since: BTreeMap<ClusterId, Instant>,
 }
 
-/// The plain listener for the probes, and the HTTPS one for the views unless authentication is
-/// off (then the plain one serves everything, and the log says so at every start).
-async fn spawn_servers(
-    hub: &Client,
-    opts: &Options,
-    shared: &Arc<Shared>,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let plain = tokio::net::TcpListener::bind(opts.http_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("--http-addr {}: {e}", opts.http_addr))?;
-    let Some(secure) = &opts.secure else {
-        tracing::warn!(addr = %opts.http_addr, "AUTHENTICATION IS OFF (--http-auth=none): /metrics and /debug, which show the whole fleet's topology, are served over plain HTTP to anyone who can reach this address");
-        return Ok(vec![tokio::spawn(super::server::serve_plain(plain, shared.clone(), true))]);
-    };
-    let tcp = tokio::net::TcpListener::bind(secure.addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("--secure-addr {}: {e}", secure.addr))?;
-    let tls = super::tls::TlsListener::new(tcp, secure.certificate.clone())?;
-    let authorizer = Arc::new(super::auth::Authorizer::new(hub.clone(), secure.auth_cache_ttl));
-    tracing::info!(probes = %opts.http_addr, secure = %secure.addr, "serving /livez and /readyz over HTTP; /metrics and /debug over HTTPS to callers the hub authorises");
-    Ok(vec![
-        tokio::spawn(super::server::serve_plain(plain, shared.clone(), false)),
-        tokio::spawn(super::server::serve_secure(tls, shared.clone(), authorizer)),
-    ])
-}
-
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(hub: Client, opts: Options, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let shared = Arc::new(Shared::new(metrics.clone()));
-    let servers = spawn_servers(&hub, &opts, &shared).await?;
+    let servers = super::server::start(&hub, &opts, &shared).await?;
 
     let (tx, mut rx) = unbounded_channel();
     let _hub_watches = spawn_hub_watches(
@@ -144,7 +105,9 @@ pub async fn run(hub: Client, opts: Options, shutdown: impl std::future::Future<
             let _ = tx.send(Input::Leader(true));
             None
         }
-        Some(lease) => Some(spawn_lease(hub.clone(), &opts.namespace, lease, tx.clone(), stop_lease.clone()).await?),
+        Some(lease) => {
+            Some(super::lease::spawn(hub.clone(), &opts.namespace, lease, tx.clone(), stop_lease.clone()).await?)
+        }
     };
 
     let mut debounce = Debounce::new(opts.debounce, opts.debounce_max);
@@ -160,41 +123,6 @@ pub async fn run(hub: Client, opts: Options, shutdown: impl std::future::Future<
         server.abort();
     }
     Ok(())
-}
-
-async fn spawn_lease(
-    hub: Client,
-    namespace: &str,
-    lease: &super::LeaseOptions,
-    tx: UnboundedSender<Input>,
-    stop: Arc<Notify>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let manager = kube_lease_manager::LeaseManagerBuilder::new(hub, &lease.name)
-        .with_namespace(namespace)
-        .with_identity(&lease.identity)
-        .with_duration(lease.duration_seconds)
-        .with_grace(lease.grace_seconds)
-        .with_field_manager(MANAGER)
-        .build()
-        .await
-        .map_err(|e| anyhow::anyhow!("lease {namespace}/{}: {e}", lease.name))?;
-    let (mut leader, manager_task) = manager.watch().await;
-    Ok(tokio::spawn(async move {
-        let _ = tx.send(Input::Leader(*leader.borrow()));
-        loop {
-            tokio::select! {
-                changed = leader.changed() => {
-                    if changed.is_err() || tx.send(Input::Leader(*leader.borrow())).is_err() {
-                        break;
-                    }
-                }
-                _ = stop.notified() => break,
-            }
-        }
-        // Dropping the receiver makes the manager release the lease and end.
-        drop(leader);
-        let _ = manager_task.await;
-    }))
 }
 
 impl Driven for Runtime {
@@ -293,7 +221,7 @@ impl Runtime {
             reported: BTreeSet::new(),
             events: Vec::new(),
             observed: Observed::default(),
-            pending_status: BTreeMap::new(),
+            statuses: PendingStatuses::default(),
             statuses_dirty: true,
             vips: VipStore::default(),
             leader: false,
@@ -450,7 +378,7 @@ impl Runtime {
         self.members.remove(id);
         self.writers.remove(id);
         self.observed.forget_cluster(id);
-        self.pending_status.remove(id);
+        self.statuses.forget(id);
         self.dirty_clusters.remove(id);
         self.change_since.remove(id);
         self.shared.metrics.forget_cluster(id);
@@ -483,15 +411,7 @@ impl Runtime {
         };
         self.shared.metrics.set_cluster_state(id, health.state().name());
         self.engine().fleet.set_health(id, health.state().cluster_health());
-        let member = Member {
-            registration,
-            health,
-            _watches: watches,
-            namespace_ready: false,
-            conflicts: Vec::new(),
-            last_plan_empty: false,
-        };
-        self.members.insert(id.to_string(), member);
+        self.members.insert(id.to_string(), Member::new(registration, health, watches));
         result
     }
 
@@ -532,7 +452,7 @@ impl Runtime {
         }
     }
 
-    fn write_done(&mut self, cluster: &str, epoch: u64, report: WriteReport, now: Instant) {
+    fn write_done(&mut self, cluster: &str, epoch: u64, mut report: WriteReport, now: Instant) {
         let Some(writer) = self.writers.get_mut(cluster).filter(|w| w.slot.epoch == epoch) else {
             return;
         };
@@ -544,21 +464,8 @@ impl Runtime {
         if writer.slot.done(error, now) {
             self.statuses_dirty = true;
         }
-        let metrics = &self.shared.metrics;
-        for o in report.applied {
-            let labels = super::metrics::ClusterKind { cluster: cluster.to_string(), kind: o.key.kind.to_string() };
-            metrics.objects_applied.get_or_create(&labels).inc();
-            self.observed.observe_output(cluster, o);
-        }
-        for k in report.pruned {
-            let labels = super::metrics::ClusterKind { cluster: cluster.to_string(), kind: k.kind.to_string() };
-            metrics.objects_pruned.get_or_create(&labels).inc();
-            self.observed.remove_output(cluster, &k);
-        }
-        for s in report.statuses {
-            let at = ObjectRef { cluster: cluster.to_string(), namespace: s.namespace, name: s.name };
-            self.observed.set_status((s.kind, at), Some(s.status));
-        }
+        self.shared.metrics.written(cluster, &report);
+        self.observed.written(cluster, &mut report);
         if report.namespace_ready
             && let Some(m) = self.members.get_mut(cluster)
         {
@@ -624,36 +531,17 @@ impl Runtime {
         self.vips.allocated(recomputed.new_vips);
     }
 
-    /// Compares every policy's wanted status with what it carries; queues the differences.
+    /// Queues the statuses that policies should carry and do not, naming every cluster's error.
     fn queue_statuses(&mut self) {
         let errors: BTreeMap<ClusterId, String> = self
             .writers
             .iter()
             .filter_map(|(id, w)| w.slot.last_error().map(|e| (id.clone(), e.to_string())))
-            .chain(self.members.iter().filter_map(|(id, m)| match m.health.state() {
-                State::Failed(e) => Some((id.clone(), e.clone())),
-                State::Stale => Some((id.clone(), "member is stale: its API server cannot be watched".to_string())),
-                _ => None,
-            }))
+            .chain(self.members.iter().filter_map(|(id, m)| m.status_error().map(|e| (id.clone(), e))))
             .collect();
         let stamp = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
         let engine = self.engine.as_ref().expect("the engine is home between passes");
-        let mut queued = 0;
-        for report in engine.desired.reports() {
-            let key = (report.kind, report.at.clone());
-            let Some(observed) = self.observed.status(&key) else {
-                continue; // not (or no longer) watched: nothing to write to
-            };
-            let wanted = policy_status(report, &errors, observed.as_ref(), &stamp);
-            if observed.as_ref().is_some_and(|o| same_status(o, &wanted)) {
-                if let Some(p) = self.pending_status.get_mut(&report.at.cluster) {
-                    p.remove(&key);
-                }
-                continue;
-            }
-            self.pending_status.entry(report.at.cluster.clone()).or_default().insert(key, wanted);
-            queued += 1;
-        }
+        let queued = self.statuses.queue(engine.desired.reports(), &self.observed, &errors, &stamp);
         if queued > 0 {
             tracing::debug!(queued, "policy statuses to write");
         }
@@ -667,12 +555,12 @@ impl Runtime {
         let candidates: BTreeSet<ClusterId> = self
             .dirty_clusters
             .iter()
+            .chain(self.statuses.clusters())
             .cloned()
-            .chain(self.pending_status.keys().cloned())
             .chain(hub_work.then(|| HUB.to_string()))
             .collect();
         let engine = self.engine.as_ref().expect("the engine is home between passes");
-        let empty = BTreeMap::new();
+        let (no_desired, no_outputs) = (BTreeMap::new(), BTreeMap::new());
         for cluster in candidates {
             let Some(writer) = self.writers.get_mut(&cluster) else {
                 self.dirty_clusters.remove(&cluster);
@@ -681,50 +569,37 @@ impl Runtime {
             if !writer.slot.ready(now) {
                 continue;
             }
-            let mut job = WriteJob::default();
-            if cluster == HUB {
-                job.persist_vips = self.vips.job().map(|new| VipStoreWrite {
-                    namespace: self.opts.namespace.clone(),
-                    name: self.opts.vip_configmap.clone(),
-                    new,
-                });
-                job.events = std::mem::take(&mut self.events);
-            } else if !settled {
-                continue;
-            }
-            let health = match self.members.get(&cluster) {
-                Some(m) => m.health.state().cluster_health(),
-                None => ClusterHealth::Synced, // the hub, for its policies' statuses
-            };
-            if cluster != HUB && self.dirty_clusters.remove(&cluster) {
-                let desired = engine.desired.cluster_map(&cluster).unwrap_or(&empty);
-                let observed = self.observed.outputs(&cluster).unwrap_or(&BTreeMap::new()).clone();
-                job.plan = plan_member(health, desired, &observed);
-                let m = self.members.get_mut(&cluster).expect("a writer of a member has a member");
-                if job.plan.conflicts != m.conflicts {
-                    for key in job.plan.conflicts.iter().filter(|k| !m.conflicts.contains(k)) {
+            let member = self.members.get_mut(&cluster);
+            let mut job = match member {
+                // The hub: its policies' statuses, the VIP store, Events.
+                None => WriteJob {
+                    persist_vips: self.vips.job().map(|new| VipStoreWrite {
+                        namespace: self.opts.namespace.clone(),
+                        name: self.opts.vip_configmap.clone(),
+                        new,
+                    }),
+                    events: std::mem::take(&mut self.events),
+                    ..Default::default()
+                },
+                // A member's writes wait until every VIP they carry is in the store.
+                Some(_) if !settled => continue,
+                Some(m) if self.dirty_clusters.remove(&cluster) => {
+                    let desired = engine.desired.cluster_map(&cluster).unwrap_or(&no_desired);
+                    let observed = self.observed.outputs(&cluster).unwrap_or(&no_outputs);
+                    let (job, new_conflicts) = m.plan(desired, observed, &self.opts.settings.sync_namespace);
+                    for key in new_conflicts {
                         tracing::warn!(cluster = %cluster, object = %key, "exists and is not managed by flotilla; left alone");
                     }
-                    m.conflicts = job.plan.conflicts.clone();
+                    job
                 }
-                m.last_plan_empty = job.plan.is_empty();
-                let wants_sync_ns = job.plan.apply.iter().any(|o| o.key.kind != Kind::Sidecar);
-                if wants_sync_ns && !m.namespace_ready {
-                    job.ensure_namespace = Some(self.opts.settings.sync_namespace.clone());
-                }
+                Some(_) => WriteJob::default(),
+            };
+            // Statuses go only to a member that can be written.
+            let writable = self.members.get(&cluster).is_none_or(|m| *m.health.state() == State::Synced);
+            if writable {
+                job.statuses = self.statuses.take(&cluster, &self.observed);
             }
-            // Statuses go only to a member that can be written; a status written since it was
-            // queued (by the job that just finished) is dropped.
-            if health == ClusterHealth::Synced {
-                for ((kind, at), status) in self.pending_status.remove(&cluster).unwrap_or_default() {
-                    let current = self.observed.status(&(kind, at.clone())).cloned().flatten();
-                    if current.is_some_and(|c| same_status(&c, &status)) {
-                        continue;
-                    }
-                    job.statuses.push(StatusWrite { kind, namespace: at.namespace, name: at.name, status });
-                }
-            }
-            if job.plan.is_empty() && job.statuses.is_empty() && job.persist_vips.is_none() && job.events.is_empty() {
+            if job.is_empty() {
                 continue;
             }
             job.since = self.change_since.remove(&cluster);
@@ -739,52 +614,21 @@ impl Runtime {
     /// Publishes what /debug and /metrics show: the desired state and every member's view.
     fn publish(&self) {
         let engine = self.engine.as_ref().expect("the engine is home between passes");
-        let metrics = &self.shared.metrics;
-        let mut clusters = BTreeMap::new();
+        let now = Instant::now();
         let mut converged = self.leader && self.ready() && self.vips.settled() && !self.statuses_dirty;
-        converged &= self.pending_status.is_empty() && self.events.is_empty();
+        converged &= self.statuses.is_empty() && self.events.is_empty();
+        let mut clusters = BTreeMap::new();
         for (id, m) in &self.members {
-            let facts = engine.facts().get(id);
-            let writer = self.writers.get(id);
-            let last_error = match m.health.state() {
-                State::Failed(e) => Some(e.clone()),
-                _ => m
-                    .health
-                    .watch_error()
-                    .map(str::to_string)
-                    .or_else(|| writer.and_then(|w| w.slot.last_error().map(str::to_string))),
-            };
             let desired = engine.desired.cluster_map(id);
-            for kind in Kind::OUTPUTS {
-                let n = desired.map(|d| d.keys().filter(|k| k.kind == kind).count()).unwrap_or(0);
-                let labels = super::metrics::ClusterKind { cluster: id.clone(), kind: kind.to_string() };
-                metrics.objects_desired.get_or_create(&labels).set(n as i64);
-                let c = m.conflicts.iter().filter(|k| k.kind == kind).count();
-                metrics.conflicts.get_or_create(&labels).set(c as i64);
-            }
-            let synced = *m.health.state() == State::Synced;
-            let member_converged = synced
-                && m.last_plan_empty
-                && !self.dirty_clusters.contains(id)
-                && writer.is_some_and(|w| w.slot.ready(Instant::now()) && w.slot.last_error().is_none());
-            // Stale and failed members are not waited for: nothing is written to them.
-            converged &= member_converged || matches!(m.health.state(), State::Stale | State::Failed(_));
-            clusters.insert(
-                id.clone(),
-                ClusterView {
-                    state: m.health.state().name().to_string(),
-                    secret: m.registration.secret.clone(),
-                    region: facts.and_then(|f| f.region.clone()),
-                    gateway: facts.and_then(|f| f.gateway_address.clone().map(|a| format!("{a}:{}", f.gateway_port))),
-                    last_error,
-                    desired_objects: desired.map(|d| d.len()).unwrap_or(0),
-                    conflicts: m.conflicts.iter().map(|k| k.to_string()).collect(),
-                    unlisted: m.health.unlisted().map(|k| k.to_string()).collect(),
-                    converged: member_converged,
-                },
-            );
+            let kinds = desired.into_iter().flat_map(|d| d.keys().map(|k| k.kind));
+            self.shared.metrics.set_member_objects(id, kinds, &m.conflicts);
+            let writer = self.writers.get(id).map(|w| &w.slot);
+            let member_converged = m.converged(self.dirty_clusters.contains(id), writer, now);
+            converged &= member_converged || !m.waited_for();
+            let count = desired.map_or(0, BTreeMap::len);
+            clusters.insert(id.clone(), m.view(engine.facts().get(id), count, writer, member_converged));
         }
-        let hub_idle = self.writers.get(HUB).is_none_or(|w| w.slot.ready(Instant::now()));
+        let hub_idle = self.writers.get(HUB).is_none_or(|w| w.slot.ready(now));
         let view = View {
             ready: self.ready(),
             leader: self.leader,

@@ -14,7 +14,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
+use tokio::task::JoinHandle;
 
+use super::Options;
 use super::auth::{Authorizer, Decision};
 use super::metrics::Metrics;
 use super::tls::TlsListener;
@@ -89,6 +91,29 @@ fn views() -> Router<Arc<Shared>> {
         .route("/debug/clusters", get(clusters))
         .route("/debug/clusters/{id}/desired", get(desired))
         .route("/debug/identities/{id}", get(identity))
+}
+
+/// Binds the plain listener for the probes, and the HTTPS one for the views unless
+/// authentication is off (then the plain one serves everything, and the log says so at every
+/// start).
+pub async fn start(hub: &kube::Client, opts: &Options, shared: &Arc<Shared>) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let plain = tokio::net::TcpListener::bind(opts.http_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("--http-addr {}: {e}", opts.http_addr))?;
+    let Some(secure) = &opts.secure else {
+        tracing::warn!(addr = %opts.http_addr, "AUTHENTICATION IS OFF (--http-auth=none): /metrics and /debug, which show the whole fleet's topology, are served over plain HTTP to anyone who can reach this address");
+        return Ok(vec![tokio::spawn(serve_plain(plain, shared.clone(), true))]);
+    };
+    let tcp = tokio::net::TcpListener::bind(secure.addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("--secure-addr {}: {e}", secure.addr))?;
+    let tls = TlsListener::new(tcp, secure.certificate.clone())?;
+    let authorizer = Arc::new(Authorizer::new(hub.clone(), secure.auth_cache_ttl));
+    tracing::info!(probes = %opts.http_addr, secure = %secure.addr, "serving /livez and /readyz over HTTP; /metrics and /debug over HTTPS to callers the hub authorises");
+    Ok(vec![
+        tokio::spawn(serve_plain(plain, shared.clone(), false)),
+        tokio::spawn(serve_secure(tls, shared.clone(), authorizer)),
+    ])
 }
 
 /// The plain listener: the probes, and with `open_views` (no authentication) everything else.

@@ -64,6 +64,13 @@ pub struct WriteJob {
     pub events: Vec<SecretEvent>,
 }
 
+impl WriteJob {
+    /// Nothing to write: no objects, statuses, VIPs or Events.
+    pub fn is_empty(&self) -> bool {
+        self.plan.is_empty() && self.statuses.is_empty() && self.persist_vips.is_none() && self.events.is_empty()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct VipStoreWrite {
     pub namespace: String,

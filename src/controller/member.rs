@@ -1,0 +1,224 @@
+//! A registered member as the runtime knows it, and the decisions about it that need no client:
+//! what its next write job holds, whether it is converged, and how `/debug/clusters` shows it.
+//! Time comes in as an argument.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::dispatch::WriterSlot;
+use super::health::{MemberHealth, State};
+use super::registry::Registration;
+use super::server::ClusterView;
+use super::writer::WriteJob;
+use crate::compute::plan::{ObservedObject, plan_member};
+use crate::compute::{ClusterFacts, Desired, ObjectKey};
+use crate::meta::Kind;
+
+pub struct Member {
+    pub registration: Registration,
+    pub health: MemberHealth,
+    /// Watches stop when this is dropped; None when its client could not be built.
+    _watches: Option<JoinSet<()>>,
+    /// The sync namespace is known to exist there.
+    pub namespace_ready: bool,
+    /// Objects desired there whose names someone else's objects hold, as of the last plan.
+    pub conflicts: Vec<ObjectKey>,
+    /// Whether the last plan made for it was empty: with nothing dirty and nothing in flight,
+    /// the member holds exactly what is desired.
+    last_plan_empty: bool,
+}
+
+impl Member {
+    pub fn new(registration: Registration, health: MemberHealth, watches: Option<JoinSet<()>>) -> Self {
+        Member {
+            registration,
+            health,
+            _watches: watches,
+            namespace_ready: false,
+            conflicts: Vec::new(),
+            last_plan_empty: false,
+        }
+    }
+
+    /// Plans the member: what to apply and prune so that it holds `desired`, and whether the
+    /// sync namespace must be made first. Returns the job and the conflicts that are new since
+    /// the last plan (logged once, not at every pass).
+    pub fn plan(
+        &mut self,
+        desired: &BTreeMap<ObjectKey, Arc<Desired>>,
+        observed: &BTreeMap<ObjectKey, ObservedObject>,
+        sync_namespace: &str,
+    ) -> (WriteJob, Vec<ObjectKey>) {
+        let mut job = WriteJob {
+            plan: plan_member(self.health.state().cluster_health(), desired, observed),
+            ..Default::default()
+        };
+        let new_conflicts = job.plan.conflicts.iter().filter(|k| !self.conflicts.contains(k)).cloned().collect();
+        self.conflicts = job.plan.conflicts.clone();
+        self.last_plan_empty = job.plan.is_empty();
+        // Sidecars live in the workloads' namespaces; everything else in the sync namespace.
+        let wants_sync_ns = job.plan.apply.iter().any(|o| o.key.kind != Kind::Sidecar);
+        if wants_sync_ns && !self.namespace_ready {
+            job.ensure_namespace = Some(sync_namespace.to_string());
+        }
+        (job, new_conflicts)
+    }
+
+    /// The error the policies' statuses name for this member, if any.
+    pub fn status_error(&self) -> Option<String> {
+        match self.health.state() {
+            State::Failed(e) => Some(e.clone()),
+            State::Stale => Some("member is stale: its API server cannot be watched".to_string()),
+            _ => None,
+        }
+    }
+
+    /// Synced, and holding exactly what is desired: its last plan was empty, nothing changed
+    /// since, and its writer is idle and healthy.
+    pub fn converged(&self, dirty: bool, writer: Option<&WriterSlot>, now: Instant) -> bool {
+        *self.health.state() == State::Synced
+            && self.last_plan_empty
+            && !dirty
+            && writer.is_some_and(|w| w.ready(now) && w.last_error().is_none())
+    }
+
+    /// Whether the fleet's convergence waits for this member: stale and failed members are not
+    /// written to, so they are not waited for.
+    pub fn waited_for(&self) -> bool {
+        !matches!(self.health.state(), State::Stale | State::Failed(_))
+    }
+
+    /// How `/debug/clusters` shows the member.
+    pub fn view(
+        &self,
+        facts: Option<&ClusterFacts>,
+        desired_objects: usize,
+        writer: Option<&WriterSlot>,
+        converged: bool,
+    ) -> ClusterView {
+        let last_error = match self.health.state() {
+            State::Failed(e) => Some(e.clone()),
+            _ => self
+                .health
+                .watch_error()
+                .map(str::to_string)
+                .or_else(|| writer.and_then(|w| w.last_error().map(str::to_string))),
+        };
+        ClusterView {
+            state: self.health.state().name().to_string(),
+            secret: self.registration.secret.clone(),
+            region: facts.and_then(|f| f.region.clone()),
+            gateway: facts.and_then(|f| f.gateway_address.clone().map(|a| format!("{a}:{}", f.gateway_port))),
+            last_error,
+            desired_objects,
+            conflicts: self.conflicts.iter().map(|k| k.to_string()).collect(),
+            unlisted: self.health.unlisted().map(|k| k.to_string()).collect(),
+            converged,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compute::DesiredObject;
+    use crate::istio::{ServiceEntry, Sidecar};
+    use std::time::Duration;
+
+    fn registration() -> Registration {
+        Registration { secret: "flotilla/east".into(), kubeconfig: String::new(), overrides: Default::default() }
+    }
+
+    fn synced(now: Instant) -> Member {
+        let mut health = MemberHealth::connecting(now, [Kind::Service], false);
+        health.listed(Kind::Service);
+        health.update(now, Duration::from_secs(60));
+        assert_eq!(*health.state(), State::Synced);
+        Member::new(registration(), health, None)
+    }
+
+    fn desired(objects: Vec<DesiredObject>) -> BTreeMap<ObjectKey, Arc<Desired>> {
+        objects
+            .into_iter()
+            .map(|o| {
+                let d = Desired::new(o);
+                (d.key.clone(), Arc::new(d))
+            })
+            .collect()
+    }
+
+    fn sidecar(ns: &str) -> DesiredObject {
+        let mut s = Sidecar::default();
+        s.metadata.name = Some("default".into());
+        s.metadata.namespace = Some(ns.into());
+        DesiredObject::Sidecar(s)
+    }
+
+    fn service_entry(name: &str) -> DesiredObject {
+        let mut se = ServiceEntry::default();
+        se.metadata.name = Some(name.into());
+        se.metadata.namespace = Some("admiral-sync".into());
+        DesiredObject::ServiceEntry(se)
+    }
+
+    #[test]
+    fn the_sync_namespace_is_made_only_for_objects_that_live_there() {
+        let now = Instant::now();
+        let mut m = synced(now);
+        let observed = BTreeMap::new();
+        let (job, _) = m.plan(&desired(vec![sidecar("app")]), &observed, "admiral-sync");
+        assert_eq!(job.ensure_namespace, None, "a Sidecar lives in its workload's namespace");
+        let (job, _) = m.plan(&desired(vec![service_entry("a")]), &observed, "admiral-sync");
+        assert_eq!(job.ensure_namespace.as_deref(), Some("admiral-sync"));
+        m.namespace_ready = true;
+        let (job, _) = m.plan(&desired(vec![service_entry("a")]), &observed, "admiral-sync");
+        assert_eq!(job.ensure_namespace, None, "known to exist");
+    }
+
+    #[test]
+    fn a_conflict_is_news_once_and_convergence_needs_an_empty_plan() {
+        let now = Instant::now();
+        let mut m = synced(now);
+        let want = desired(vec![service_entry("a")]);
+        let mut theirs = ServiceEntry::default();
+        theirs.metadata.name = Some("a".into());
+        theirs.metadata.namespace = Some("admiral-sync".into());
+        let mut taken = ObservedObject::new(&DesiredObject::ServiceEntry(theirs));
+        taken.managed = false;
+        let observed: BTreeMap<_, _> = [(taken.key.clone(), taken)].into();
+        let slot = WriterSlot::new(1);
+
+        let (job, new) = m.plan(&want, &observed, "admiral-sync");
+        assert!(job.plan.is_empty(), "someone else's object is left alone");
+        assert_eq!(new.len(), 1);
+        let (_, new) = m.plan(&want, &observed, "admiral-sync");
+        assert!(new.is_empty(), "the same conflict is not news again");
+        assert_eq!(m.conflicts.len(), 1);
+        assert!(m.converged(false, Some(&slot), now), "nothing left to write");
+        assert!(!m.converged(true, Some(&slot), now), "something changed since the plan");
+
+        let (job, _) = m.plan(&want, &BTreeMap::new(), "admiral-sync");
+        assert_eq!(job.plan.apply.len(), 1);
+        assert!(!m.converged(false, Some(&slot), now), "a write is due");
+        let mut busy = WriterSlot::new(1);
+        busy.sent();
+        m.plan(&want, &observed, "admiral-sync");
+        assert!(!m.converged(false, Some(&busy), now), "a job in flight");
+    }
+
+    #[test]
+    fn a_failed_member_is_not_waited_for_and_names_its_error() {
+        let now = Instant::now();
+        let m = Member::new(registration(), MemberHealth::failed(now, "no route".into(), false), None);
+        assert!(!m.waited_for());
+        assert_eq!(m.status_error().as_deref(), Some("no route"));
+        let view = m.view(None, 0, None, false);
+        assert_eq!((view.state.as_str(), view.last_error.as_deref()), ("failed", Some("no route")));
+        let m = synced(now);
+        assert!(m.waited_for());
+        assert_eq!(m.status_error(), None);
+    }
+}

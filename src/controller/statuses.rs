@@ -1,0 +1,152 @@
+//! Policy statuses waiting to be written, per cluster: what each policy should carry, compared
+//! with what it carries now. Synchronous; the stamp of the time comes in as an argument.
+
+use std::collections::BTreeMap;
+
+use super::observed::{Observed, StatusKey};
+use super::writer::StatusWrite;
+use crate::compute::PolicyReport;
+use crate::compute::status::{policy_status, same_status};
+use crate::crd::PolicyStatus;
+use crate::model::ClusterId;
+
+#[derive(Debug, Default)]
+pub struct PendingStatuses {
+    by_cluster: BTreeMap<ClusterId, BTreeMap<StatusKey, PolicyStatus>>,
+}
+
+impl PendingStatuses {
+    /// Compares every report's wanted status with the status its policy carries; queues the
+    /// differences (replacing what was queued for the same policy) and drops queued statuses
+    /// that became true meanwhile. `errors` are the clusters' current errors, which statuses name.
+    /// Returns how many were queued.
+    pub fn queue<'a>(
+        &mut self,
+        reports: impl IntoIterator<Item = &'a PolicyReport>,
+        observed: &Observed,
+        errors: &BTreeMap<ClusterId, String>,
+        stamp: &str,
+    ) -> usize {
+        let mut queued = 0;
+        for report in reports {
+            let key = (report.kind, report.at.clone());
+            let Some(carried) = observed.status(&key) else {
+                continue; // not (or no longer) watched: nothing to write to
+            };
+            let wanted = policy_status(report, errors, carried.as_ref(), stamp);
+            if carried.as_ref().is_some_and(|c| same_status(c, &wanted)) {
+                if let Some(pending) = self.by_cluster.get_mut(&report.at.cluster) {
+                    pending.remove(&key);
+                }
+                continue;
+            }
+            self.by_cluster.entry(report.at.cluster.clone()).or_default().insert(key, wanted);
+            queued += 1;
+        }
+        self.by_cluster.retain(|_, pending| !pending.is_empty());
+        queued
+    }
+
+    /// Takes what is queued for `cluster`, less any status written since it was queued (by the
+    /// job that just finished).
+    pub fn take(&mut self, cluster: &str, observed: &Observed) -> Vec<StatusWrite> {
+        let mut writes = Vec::new();
+        for ((kind, at), status) in self.by_cluster.remove(cluster).unwrap_or_default() {
+            let current = observed.status(&(kind, at.clone())).cloned().flatten();
+            if current.is_some_and(|c| same_status(&c, &status)) {
+                continue;
+            }
+            writes.push(StatusWrite { kind, namespace: at.namespace, name: at.name, status });
+        }
+        writes
+    }
+
+    pub fn clusters(&self) -> impl Iterator<Item = &ClusterId> {
+        self.by_cluster.keys()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_cluster.is_empty()
+    }
+
+    /// Forgets a member that left the fleet.
+    pub fn forget(&mut self, cluster: &str) {
+        self.by_cluster.remove(cluster);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compute::PolicyState;
+    use crate::meta::Kind;
+    use crate::model::ObjectRef;
+
+    fn report(name: &str) -> PolicyReport {
+        PolicyReport {
+            kind: Kind::GlobalTrafficPolicy,
+            at: ObjectRef { cluster: "east".into(), namespace: "app".into(), name: name.into() },
+            generation: Some(1),
+            state: PolicyState::Ready,
+            clusters: BTreeMap::new(),
+            message: String::new(),
+        }
+    }
+
+    fn key(r: &PolicyReport) -> StatusKey {
+        (r.kind, r.at.clone())
+    }
+
+    #[test]
+    fn only_watched_policies_whose_status_differs_are_written() {
+        let (watched, unwatched) = (report("watched"), report("unwatched"));
+        let mut observed = Observed::default();
+        observed.set_status(key(&watched), None);
+        let mut pending = PendingStatuses::default();
+        let errors = BTreeMap::new();
+        assert_eq!(pending.queue([&watched, &unwatched], &observed, &errors, "t1"), 1);
+        assert_eq!(pending.clusters().collect::<Vec<_>>(), ["east"]);
+        let writes = pending.take("east", &observed);
+        assert_eq!(writes.len(), 1);
+        assert_eq!(writes[0].name, "watched");
+        assert!(pending.is_empty());
+
+        // Written: the policy now carries it, and a later pass finds nothing to do.
+        observed.set_status(key(&watched), Some(writes[0].status.clone()));
+        assert_eq!(pending.queue([&watched], &observed, &errors, "t2"), 0);
+        assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn a_status_written_since_it_was_queued_is_dropped() {
+        let r = report("gtp");
+        let mut observed = Observed::default();
+        observed.set_status(key(&r), None);
+        let mut pending = PendingStatuses::default();
+        pending.queue([&r], &observed, &BTreeMap::new(), "t1");
+        let wanted = PendingStatuses::default().tap_queue(&r, &observed);
+        observed.set_status(key(&r), Some(wanted));
+        assert!(pending.take("east", &observed).is_empty(), "the job that just finished wrote it");
+    }
+
+    #[test]
+    fn a_queued_status_that_became_true_is_forgotten() {
+        let r = report("gtp");
+        let mut observed = Observed::default();
+        observed.set_status(key(&r), None);
+        let mut pending = PendingStatuses::default();
+        pending.queue([&r], &observed, &BTreeMap::new(), "t1");
+        let wanted = PendingStatuses::default().tap_queue(&r, &observed);
+        observed.set_status(key(&r), Some(wanted));
+        pending.queue([&r], &observed, &BTreeMap::new(), "t2");
+        assert!(pending.is_empty(), "nothing pending for a member once its statuses are true");
+    }
+
+    impl PendingStatuses {
+        /// The status `queue` would write for `r` now.
+        fn tap_queue(mut self, r: &PolicyReport, observed: &Observed) -> PolicyStatus {
+            self.queue([r], observed, &BTreeMap::new(), "t1");
+            self.take(&r.at.cluster, observed).pop().expect("a status to write").status
+        }
+    }
+}
