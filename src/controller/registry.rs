@@ -2,14 +2,17 @@
 //! kubeconfig each. Deciding who owns a cluster id, whether a kubeconfig is safe, and which
 //! members to start, rebuild or drop is pure; only `member_client` touches the network stack.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
+use kube::Resource;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::meta::{ANNOTATION_GATEWAY_ADDRESS, ANNOTATION_GATEWAY_PORT, ANNOTATION_REGION, first_line, is_dns_label};
 use crate::model::{ClusterId, ClusterOverrides};
+
+use super::writer::SecretEvent;
 
 /// Why a member's kubeconfig gives no client. Never contains credentials.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -83,6 +86,55 @@ impl std::fmt::Display for RegistrationProblem {
             Some(c) => write!(f, "secret {}: cluster {c}: {}", self.secret, self.message),
             None => write!(f, "secret {}: {}", self.secret, self.message),
         }
+    }
+}
+
+/// The registration problems known now, and which of them have been announced as a Warning
+/// Event on their Secret. An Event is sent once per problem while it lasts; one that goes away
+/// and comes back is announced again.
+#[derive(Debug, Default)]
+pub struct Problems {
+    current: Vec<RegistrationProblem>,
+    announced: BTreeSet<RegistrationProblem>,
+}
+
+impl Problems {
+    /// Replaces the current problems; returns those that were not current before (to log).
+    pub fn replace(&mut self, mut problems: Vec<RegistrationProblem>) -> Vec<RegistrationProblem> {
+        problems.sort();
+        problems.dedup();
+        let new = problems.iter().filter(|p| !self.current.contains(p)).cloned().collect();
+        self.announced.retain(|p| problems.contains(p));
+        self.current = problems;
+        new
+    }
+
+    pub fn current(&self) -> &[RegistrationProblem] {
+        &self.current
+    }
+
+    /// Events for the current problems not yet announced, each on the Secret it names. A
+    /// problem whose Secret is no longer listed counts as announced: there is nothing to put it on.
+    pub fn unannounced(&mut self, secrets: &[Secret]) -> Vec<SecretEvent> {
+        let mut events = Vec::new();
+        for p in &self.current {
+            if !self.announced.insert(p.clone()) {
+                continue;
+            }
+            let Some(secret) = secrets.iter().find(|s| s.metadata.name.as_deref() == Some(p.secret.as_str())) else {
+                continue;
+            };
+            let note = match &p.cluster {
+                Some(c) => format!("cluster {c}: {}", p.message),
+                None => p.message.clone(),
+            };
+            events.push(SecretEvent {
+                secret: secret.object_ref(&()),
+                reason: "ClusterRegistrationFailed".into(),
+                note,
+            });
+        }
+        events
     }
 }
 
@@ -251,6 +303,28 @@ mod tests {
             data: Some(data),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_problem_is_announced_once_while_it_lasts() {
+        let problem =
+            |secret: &str| RegistrationProblem { secret: secret.into(), cluster: None, message: "has no data".into() };
+        let secrets = [secret("a", 1, &[]), secret("b", 2, &[])];
+        let mut problems = Problems::default();
+        assert_eq!(problems.replace(vec![problem("b"), problem("a"), problem("a")]), [problem("a"), problem("b")]);
+        let events = problems.unannounced(&secrets);
+        let on: Vec<_> = events.iter().map(|e| e.secret.name.clone().unwrap()).collect();
+        assert_eq!(on, ["a", "b"]);
+        assert!(events.iter().all(|e| e.note == "has no data" && e.reason == "ClusterRegistrationFailed"));
+        // Still there: neither logged nor announced again.
+        assert!(problems.replace(vec![problem("a"), problem("b")]).is_empty());
+        assert!(problems.unannounced(&secrets).is_empty());
+        // Gone and back: a new incident, announced again; b was never away.
+        problems.replace(vec![problem("b")]);
+        assert_eq!(problems.replace(vec![problem("a"), problem("b")]), [problem("a")]);
+        let again: Vec<_> = problems.unannounced(&secrets).into_iter().map(|e| e.secret.name.unwrap()).collect();
+        assert_eq!(again, ["a"]);
+        assert_eq!(problems.current(), [problem("a"), problem("b")]);
     }
 
     #[test]

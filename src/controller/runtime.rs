@@ -15,8 +15,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::{Client, Resource};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
@@ -28,7 +28,7 @@ use super::member::Member;
 use super::metrics::Metrics;
 use super::observed::Observed;
 use super::registry::{
-    Registration, RegistrationProblem, check_kubeconfig, member_client, plan_registry, resolve_claims,
+    Problems, Registration, RegistrationProblem, check_kubeconfig, member_client, plan_registry, resolve_claims,
 };
 use super::server::{Published, Shared, View};
 use super::statuses::PendingStatuses;
@@ -69,8 +69,7 @@ pub struct Runtime {
     writers: BTreeMap<ClusterId, Writer>,
     secrets: Vec<Secret>,
     secrets_listed: bool,
-    problems: Vec<RegistrationProblem>,
-    reported: BTreeSet<RegistrationProblem>,
+    problems: Problems,
     events: Vec<SecretEvent>,
     observed: Observed,
     statuses: PendingStatuses,
@@ -217,8 +216,7 @@ impl Runtime {
             writers: BTreeMap::new(),
             secrets: Vec::new(),
             secrets_listed: false,
-            problems: Vec::new(),
-            reported: BTreeSet::new(),
+            problems: Problems::default(),
             events: Vec::new(),
             observed: Observed::default(),
             statuses: PendingStatuses::default(),
@@ -359,18 +357,14 @@ impl Runtime {
                 problems.push(RegistrationProblem { secret, cluster: Some(id.clone()), message });
             }
         }
-        problems.sort();
-        for p in &problems {
-            if !self.problems.contains(p) {
-                tracing::warn!(problem = %p, "cluster registration");
-            }
+        for p in self.problems.replace(problems) {
+            tracing::warn!(problem = %p, "cluster registration");
         }
         self.shared.metrics.registration_errors.clear();
-        for p in &problems {
+        for p in self.problems.current() {
             let labels = super::metrics::SecretLabel { secret: p.secret.clone() };
             self.shared.metrics.registration_errors.get_or_create(&labels).inc();
         }
-        self.problems = problems;
         self.queue_events();
     }
 
@@ -434,21 +428,9 @@ impl Runtime {
     /// Warning Events on Secrets for problems not reported before (leader only: one voice); the
     /// hub's writer publishes them.
     fn queue_events(&mut self) {
-        if !self.leader {
-            return;
-        }
-        let new: Vec<RegistrationProblem> =
-            self.problems.iter().filter(|p| !self.reported.contains(*p)).cloned().collect();
-        for p in new {
-            if let Some(secret) = self.secrets.iter().find(|s| s.metadata.name.as_deref() == Some(p.secret.as_str())) {
-                let note = match &p.cluster {
-                    Some(c) => format!("cluster {c}: {}", p.message),
-                    None => p.message.clone(),
-                };
-                let reason = "ClusterRegistrationFailed".to_string();
-                self.events.push(SecretEvent { secret: secret.object_ref(&()), reason, note });
-            }
-            self.reported.insert(p);
+        if self.leader {
+            let events = self.problems.unannounced(&self.secrets);
+            self.events.extend(events);
         }
     }
 
@@ -634,7 +616,7 @@ impl Runtime {
             leader: self.leader,
             converged: converged && hub_idle,
             clusters,
-            registration_problems: self.problems.iter().map(|p| p.to_string()).collect(),
+            registration_problems: self.problems.current().iter().map(|p| p.to_string()).collect(),
         };
         self.shared.publish(Published { view, desired: engine.desired.clone() });
     }
