@@ -82,6 +82,8 @@ pub fn load(dir: &Path) -> Result<LoadedFleet, FleetDirError> {
         .filter(|p| p.is_dir())
         .collect();
     entries.sort();
+    // What the walk finds, in path order: files to read, and problems with directories.
+    let mut steps: Vec<Step> = Vec::new();
     for sub in entries {
         let name = sub.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
         let cluster = if name == HUB_DIR {
@@ -89,10 +91,10 @@ pub fn load(dir: &Path) -> Result<LoadedFleet, FleetDirError> {
         } else if name.starts_with('.') {
             continue;
         } else if !is_dns_label(&name) {
-            fleet.problems.push(format!(
+            steps.push(Step::Problem(format!(
                 "{}: directory name {name:?} is not a valid cluster id (a DNS label); skipped",
                 sub.display()
-            ));
+            )));
             continue;
         } else {
             let o = fleet_file.clusters.get(&name);
@@ -107,9 +109,28 @@ pub fn load(dir: &Path) -> Result<LoadedFleet, FleetDirError> {
             }
             name
         };
-        for file in manifest_files(&sub, &mut fleet.problems) {
-            load_file(&file, &cluster, &mut fleet);
+        let mut problems = Vec::new();
+        let files = manifest_files(&sub, &mut problems);
+        steps.extend(problems.into_iter().map(Step::Problem));
+        steps.extend(files.into_iter().map(|f| Step::File(f, cluster.clone())));
+    }
+    // Parsing is most of the time and files are independent: each is read into a part of its own
+    // on every core, and the parts are merged in path order, as one thread would have read them.
+    let parts = crate::parallel::map_each(crate::parallel::cores(), &steps, |step| {
+        let mut part = LoadedFleet::default();
+        match step {
+            Step::File(file, cluster) => load_file(file, cluster, &mut part),
+            Step::Problem(p) => part.problems.push(p.clone()),
         }
+        part
+    });
+    for part in parts {
+        fleet.objects.extend(part.objects);
+        for (cluster, observed) in part.observed {
+            fleet.observed.entry(cluster).or_default().extend(observed);
+        }
+        fleet.hub_config_maps.extend(part.hub_config_maps);
+        fleet.problems.extend(part.problems);
     }
     for id in fleet_file.clusters.keys() {
         if !fleet.clusters.contains_key(id) {
@@ -120,6 +141,11 @@ pub fn load(dir: &Path) -> Result<LoadedFleet, FleetDirError> {
         }
     }
     Ok(fleet)
+}
+
+enum Step {
+    File(PathBuf, ClusterId),
+    Problem(String),
 }
 
 fn read_fleet_file(path: &Path) -> Result<FleetFile, FleetDirError> {

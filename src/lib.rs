@@ -3,6 +3,7 @@
 //! The layers, each using only those above it (see docs/architecture.md):
 //!
 //! * `meta` — the vocabulary: label and annotation names, kinds, name checks;
+//! * `parallel` — an ordered map on several threads (compute, parse, print);
 //! * `crd`, `argo`, `istio` — the kinds read (`admiral.io`, Argo Rollouts) and written
 //!   (`networking.istio.io`);
 //! * `settings` — the validated flags that shape output;
@@ -24,6 +25,7 @@ pub mod ingest;
 pub mod istio;
 pub mod meta;
 pub mod model;
+pub(crate) mod parallel;
 pub(crate) mod register;
 pub mod render;
 pub mod settings;

@@ -101,11 +101,13 @@ pub fn render(loaded: LoadedFleet, settings: &Settings, vip_store: &str) -> Rend
 
 /// `# cluster: <id>` then the cluster's objects as YAML documents, for every member.
 pub fn to_yaml(rendered: &Rendered) -> String {
-    let mut out = String::new();
-    for (id, objects) in &rendered.clusters {
-        out.push_str(&cluster_yaml(id, objects));
-    }
-    out
+    per_cluster(rendered, cluster_yaml).concat()
+}
+
+/// `f` for every member, on every core (printing is most of `render`'s time), in member order.
+fn per_cluster<R: Send>(rendered: &Rendered, f: impl Fn(&str, &[Arc<Desired>]) -> R + Sync) -> Vec<R> {
+    let clusters: Vec<_> = rendered.clusters.iter().collect();
+    crate::parallel::map_each(crate::parallel::cores(), &clusters, |(id, objects)| f(id, objects))
 }
 
 fn cluster_yaml(id: &str, objects: &[Arc<Desired>]) -> String {
@@ -130,7 +132,7 @@ pub fn to_json(rendered: &Rendered) -> String {
 /// One file per member in `dir`: `<id>.yaml` or `<id>.json` (a JSON array of objects).
 pub fn write_out_dir(rendered: &Rendered, dir: &Path, format: Format) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    for (id, objects) in &rendered.clusters {
+    let written = per_cluster(rendered, |id, objects| {
         let (file, body) = match format {
             Format::Yaml => (format!("{id}.yaml"), cluster_yaml(id, objects)),
             Format::Json => {
@@ -138,7 +140,7 @@ pub fn write_out_dir(rendered: &Rendered, dir: &Path, format: Format) -> std::io
                 (format!("{id}.json"), serde_json::to_string_pretty(&list).expect("serialising JSON") + "\n")
             }
         };
-        std::fs::write(dir.join(file), body)?;
-    }
-    Ok(())
+        std::fs::write(dir.join(file), body)
+    });
+    written.into_iter().collect()
 }
