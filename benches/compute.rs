@@ -48,8 +48,23 @@ fn cpu_time() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
+/// The 99th percentile (nearest rank): with fewer than 100 samples, the slowest.
+fn p99(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[(samples.len() * 99).div_ceil(100).max(1) - 1]
+}
+
+/// Median and p99 of one kind of change.
+struct Spread(Duration, Duration);
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2?} (p99 {:.2?})", self.0, self.1)
+    }
+}
+
 /// Times `rounds` recomputes, each after `change(round)` fed one object to the model.
-fn incremental(engine: &mut Engine, rounds: usize, mut change: impl FnMut(&mut Engine, usize)) -> (Duration, usize) {
+fn incremental(engine: &mut Engine, rounds: usize, mut change: impl FnMut(&mut Engine, usize)) -> (Spread, usize) {
     let mut samples = Vec::new();
     let mut touched = 0;
     for round in 0..rounds {
@@ -59,13 +74,13 @@ fn incremental(engine: &mut Engine, rounds: usize, mut change: impl FnMut(&mut E
         samples.push(t.elapsed());
         touched = touched.max(r.identities);
     }
-    (median(samples), touched)
+    (Spread(median(samples.clone()), p99(samples)), touched)
 }
 
 fn main() {
     let sizes = std::env::var("FLOTILLA_BENCH_SIZES").unwrap_or_else(|_| "10x500,100x5000,500x20000".into());
     println!(
-        "size | desired objects | load | ingest | full compute from empty, wall (CPU) | full recompute over itself, wall (CPU) | incremental: GTP / scale-out / Dependency | plan, nothing changed | RSS model+desired | bytes/object | CPU stolen"
+        "size | desired objects | load | ingest | full compute from empty, wall (CPU) | full recompute over itself, wall (CPU) | incremental, median (p99): GTP / scale-out / Dependency | plan, nothing changed | RSS model+desired | bytes/object | CPU stolen"
     );
     for size in sizes.split(',') {
         let (c, i) = size.split_once('x').expect("sizes look like 100x5000");
@@ -214,7 +229,7 @@ fn main() {
         let model_kib = rss_after.saturating_sub(rss_before);
 
         println!(
-            "{size} | {objects} | {load:.2?} | {ingest:.2?} | {cold:.2?} ({cold_cpu:.2?}) | {warm:.2?} ({warm_cpu:.2?}) | {gtp_time:.2?} ({gtp_touched} ids) / {scale_time:.2?} ({scale_touched} ids) / {dep_time:.2?} ({dep_touched} ids) | {plan:.2?}, {writes} writes | {} MiB (peak {} MiB) | {} | {:.0}%",
+            "{size} | {objects} | {load:.2?} | {ingest:.2?} | {cold:.2?} ({cold_cpu:.2?}) | {warm:.2?} ({warm_cpu:.2?}) | {gtp_time} ({gtp_touched} ids) / {scale_time} ({scale_touched} ids) / {dep_time} ({dep_touched} ids) | {plan:.2?}, {writes} writes | {} MiB (peak {} MiB) | {} | {:.0}%",
             model_kib / 1024,
             peak / 1024,
             model_kib * 1024 / objects.max(1) as u64,
