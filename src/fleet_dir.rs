@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-use serde::de::DeserializeOwned;
+use serde::de::value::{MapAccessDeserializer, StrDeserializer, StringDeserializer};
+use serde::de::{DeserializeSeed, Error as _, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 
@@ -191,7 +192,21 @@ fn load_file(path: &Path, cluster: &str, fleet: &mut LoadedFleet) {
             return;
         }
     };
-    let docs = match crate::yaml::parse_documents(&text) {
+    // Most files take the direct way. Any surprise in a file (a document whose first keys are not
+    // `apiVersion` and `kind`, a kind not read here, a field of the wrong type, broken YAML)
+    // sends the whole file the general way, which reads, judges and reports it.
+    if let Ok(docs) = crate::yaml::parse_documents_as::<Direct>(&text) {
+        for (i, Direct { kind, parsed }) in docs.into_iter().enumerate() {
+            accept(parsed, path, i + 1, &kind, cluster, fleet);
+        }
+        return;
+    }
+    load_text(path, &text, cluster, fleet);
+}
+
+/// The general way for a whole file.
+fn load_text(path: &Path, text: &str, cluster: &str, fleet: &mut LoadedFleet) {
+    let docs = match crate::yaml::parse_documents(text) {
         Ok(d) => d,
         Err(e) => {
             fleet.problems.push(format!("{}: not valid YAML: {}", path.display(), first_line(&e)));
@@ -203,73 +218,94 @@ fn load_file(path: &Path, cluster: &str, fleet: &mut LoadedFleet) {
     }
 }
 
+/// The general way: a document as a dynamic value first, then its kind.
 fn load_document(path: &Path, index: usize, doc: serde_json::Value, cluster: &str, fleet: &mut LoadedFleet) {
     let api_version = doc.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default().to_string();
     let kind = doc.get("kind").and_then(|v| v.as_str()).unwrap_or_default().to_string();
-    let name = doc.pointer("/metadata/name").and_then(|v| v.as_str()).unwrap_or("<no name>").to_string();
-    let place = format!("{} (document {index}, {kind} {name})", path.display());
     if api_version.is_empty() || kind.is_empty() {
         fleet.problems.push(format!("{}: document {index} has no apiVersion/kind; skipped", path.display()));
         return;
     }
-    let group = api_version.split_once('/').map(|(g, _)| g).unwrap_or("");
-
     if kind == "List" || kind.ends_with("List") && doc.get("items").is_some() {
         for item in doc.get("items").and_then(|v| v.as_array()).cloned().unwrap_or_default() {
             load_document(path, index, item, cluster, fleet);
         }
         return;
     }
-
-    fn typed<T: DeserializeOwned>(doc: serde_json::Value, place: &str, problems: &mut Vec<String>) -> Option<T> {
-        match serde_json::from_value::<T>(doc) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                problems.push(format!("{place}: {e}; skipped"));
-                None
-            }
-        }
-    }
-    // The hub's ConfigMaps (one may be the VIP store); a member's are not read.
-    if api_version == "v1" && kind == "ConfigMap" {
-        if cluster == HUB
-            && let Some(cm) = typed::<ConfigMap>(doc, &place, &mut fleet.problems)
-        {
-            fleet.hub_config_maps.insert(cm.metadata.name.clone().unwrap_or_default(), cm);
-        }
+    // A member's ConfigMaps are not read (only the hub's may hold the VIP store).
+    if kind == "ConfigMap" && cluster != HUB {
         return;
     }
-    let problems = &mut fleet.problems;
-    let input = match (group, kind.as_str()) {
-        ("apps", "Deployment") => typed(doc, &place, problems).map(|o| InputObject::Deployment(Box::new(o))),
-        ("argoproj.io", "Rollout") => typed(doc, &place, problems).map(|o| InputObject::Rollout(Box::new(o))),
-        ("networking.istio.io", "VirtualService") => {
-            typed(doc, &place, problems).map(|o| InputObject::VirtualService(Box::new(o)))
+    let name = doc.pointer("/metadata/name").and_then(|v| v.as_str()).unwrap_or(NO_NAME).to_string();
+    match parse_kind(&api_version, &kind, doc) {
+        None => {} // kinds flotilla does not read are ignored
+        Some(Err(e)) => fleet.problems.push(format!("{}: {e}; skipped", place(path, index, &kind, &name))),
+        Some(Ok(parsed)) => accept(parsed, path, index, &kind, cluster, fleet),
+    }
+}
+
+const NO_NAME: &str = "<no name>";
+
+/// How a problem names the object it is about.
+fn place(path: &Path, index: usize, kind: &str, name: &str) -> String {
+    format!("{} (document {index}, {kind} {name})", path.display())
+}
+
+/// One manifest document, read into the kind it declares.
+enum Parsed {
+    Input(InputObject),
+    /// An object of a kind flotilla writes: what a member already holds.
+    Written(Box<DesiredObject>),
+    ConfigMap(Box<ConfigMap>),
+}
+
+/// Reads a document of `kind` from `de`, which is a dynamic value (the general way) or the YAML
+/// stream itself (the direct way); `None` for kinds a fleet directory does not read.
+fn parse_kind<'de, D: Deserializer<'de>>(api_version: &str, kind: &str, de: D) -> Option<Result<Parsed, D::Error>> {
+    fn input<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        de: D,
+        variant: fn(Box<T>) -> InputObject,
+    ) -> Result<Parsed, D::Error> {
+        T::deserialize(de).map(|o| Parsed::Input(variant(Box::new(o))))
+    }
+    fn written<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        de: D,
+        variant: fn(T) -> DesiredObject,
+    ) -> Result<Parsed, D::Error> {
+        T::deserialize(de).map(|o| Parsed::Written(Box::new(variant(o))))
+    }
+    let group = api_version.split_once('/').map(|(g, _)| g).unwrap_or("");
+    let core = api_version == "v1";
+    Some(match (group, kind) {
+        ("apps", "Deployment") => input(de, InputObject::Deployment),
+        ("argoproj.io", "Rollout") => input(de, InputObject::Rollout),
+        ("networking.istio.io", "VirtualService") => input(de, InputObject::VirtualService),
+        ("", "Service") if core => input(de, InputObject::Service),
+        ("", "Node") if core => input(de, InputObject::Node),
+        ("", "Namespace") if core => input(de, InputObject::Namespace),
+        ("", "ConfigMap") if core => ConfigMap::deserialize(de).map(|cm| Parsed::ConfigMap(Box::new(cm))),
+        ("admiral.io", "GlobalTrafficPolicy") => input(de, InputObject::GlobalTrafficPolicy),
+        ("admiral.io", "OutlierDetection") => input(de, InputObject::OutlierDetection),
+        ("admiral.io", "ClientConnectionConfig") => input(de, InputObject::ClientConnectionConfig),
+        ("admiral.io", "Dependency") => input(de, InputObject::Dependency),
+        ("networking.istio.io", "ServiceEntry") => written(de, DesiredObject::ServiceEntry),
+        ("networking.istio.io", "DestinationRule") => written(de, DesiredObject::DestinationRule),
+        ("networking.istio.io", "Sidecar") => written(de, DesiredObject::Sidecar),
+        _ => return None,
+    })
+}
+
+/// Files what one document holds where it belongs.
+fn accept(parsed: Parsed, path: &Path, index: usize, kind: &str, cluster: &str, fleet: &mut LoadedFleet) {
+    let mut input = match parsed {
+        Parsed::ConfigMap(cm) => {
+            if cluster == HUB {
+                fleet.hub_config_maps.insert(cm.metadata.name.clone().unwrap_or_default(), *cm);
+            }
+            return;
         }
-        ("", "Service") if api_version == "v1" => {
-            typed(doc, &place, problems).map(|o| InputObject::Service(Box::new(o)))
-        }
-        ("", "Node") if api_version == "v1" => typed(doc, &place, problems).map(|o| InputObject::Node(Box::new(o))),
-        ("", "Namespace") if api_version == "v1" => {
-            typed(doc, &place, problems).map(|o| InputObject::Namespace(Box::new(o)))
-        }
-        ("admiral.io", "GlobalTrafficPolicy") => {
-            typed(doc, &place, problems).map(|o| InputObject::GlobalTrafficPolicy(Box::new(o)))
-        }
-        ("admiral.io", "OutlierDetection") => {
-            typed(doc, &place, problems).map(|o| InputObject::OutlierDetection(Box::new(o)))
-        }
-        ("admiral.io", "ClientConnectionConfig") => {
-            typed(doc, &place, problems).map(|o| InputObject::ClientConnectionConfig(Box::new(o)))
-        }
-        ("admiral.io", "Dependency") => typed(doc, &place, problems).map(|o| InputObject::Dependency(Box::new(o))),
-        ("networking.istio.io", "ServiceEntry" | "DestinationRule" | "Sidecar") => {
-            let observed = match kind.as_str() {
-                "ServiceEntry" => typed(doc.clone(), &place, problems).map(DesiredObject::ServiceEntry),
-                "DestinationRule" => typed(doc.clone(), &place, problems).map(DesiredObject::DestinationRule),
-                _ => typed(doc.clone(), &place, problems).map(DesiredObject::Sidecar),
-            };
-            let Some(mut object) = observed else { return };
+        Parsed::Written(object) => {
+            let mut object = *object;
             default_namespace(&mut object);
             let observed = ObservedObject::new(&object);
             // A Sidecar or ServiceEntry someone else manages is also an input: it can block ours.
@@ -281,19 +317,102 @@ fn load_document(path: &Path, index: usize, doc: serde_json::Value, cluster: &st
             if cluster != HUB {
                 fleet.observed.entry(cluster.to_string()).or_default().insert(observed.key.clone(), observed);
             }
+            let Some(foreign) = foreign else { return };
             foreign
         }
-        _ => None, // kinds flotilla does not read are ignored
+        Parsed::Input(input) => input,
     };
-    let Some(mut input) = input else { return };
     if cluster == HUB && !matches!(input, InputObject::Dependency(_)) {
+        let name = input.meta().name.as_deref().unwrap_or(NO_NAME);
         fleet.problems.push(format!(
-            "{place}: only Dependencies (and the VIP store ConfigMap) are read from {HUB_DIR}/; ignored"
+            "{}: only Dependencies (and the VIP store ConfigMap) are read from {HUB_DIR}/; ignored",
+            place(path, index, kind, name)
         ));
         return;
     }
     set_default_namespace(&mut input);
     fleet.objects.push((cluster.to_string(), input));
+}
+
+/// A document read the direct way: straight from the YAML stream into its kind, with no dynamic
+/// value in between (parsing is most of `render`'s reading). That needs the kind before the rest,
+/// so it works when `apiVersion` and `kind` are the first two keys, as kubectl, `flotilla
+/// snapshot` and `flotilla synth` write them; otherwise it gives up with an error, and the file
+/// is read the general way.
+struct Direct {
+    kind: String,
+    parsed: Parsed,
+}
+
+impl<'de> Deserialize<'de> for Direct {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        de.deserialize_map(DirectVisitor)
+    }
+}
+
+struct DirectVisitor;
+
+impl<'de> Visitor<'de> for DirectVisitor {
+    type Value = Direct;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a Kubernetes object starting with apiVersion and kind")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Direct, A::Error> {
+        let give_up = || A::Error::custom("not read the direct way");
+        let (mut api_version, mut kind) = (None, None);
+        while api_version.is_none() || kind.is_none() {
+            let key = map.next_key::<String>()?.ok_or_else(give_up)?;
+            let slot = match key.as_str() {
+                "apiVersion" if api_version.is_none() => &mut api_version,
+                "kind" if kind.is_none() => &mut kind,
+                _ => return Err(give_up()),
+            };
+            *slot = Some(map.next_value::<String>()?);
+        }
+        let (api_version, kind) = (api_version.ok_or_else(give_up)?, kind.ok_or_else(give_up)?);
+        // The rest of the map, with the two entries already taken put back in front.
+        let rest = MapAccessDeserializer::new(Replay {
+            head: vec![("apiVersion", api_version.clone()), ("kind", kind.clone())],
+            value_next: false,
+            rest: map,
+        });
+        let parsed = parse_kind(&api_version, &kind, rest).ok_or_else(give_up)??;
+        Ok(Direct { kind, parsed })
+    }
+}
+
+/// A map whose first entries were read already: yields them again, then the rest.
+struct Replay<A> {
+    /// The entries taken, in reverse: the next one is last.
+    head: Vec<(&'static str, String)>,
+    /// The key of `head`'s last entry was yielded; its value comes next.
+    value_next: bool,
+    rest: A,
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for Replay<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, A::Error> {
+        match self.head.last() {
+            Some((key, _)) => {
+                self.value_next = true;
+                seed.deserialize(StrDeserializer::new(key)).map(Some)
+            }
+            None => self.rest.next_key_seed(seed),
+        }
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+        if self.value_next {
+            self.value_next = false;
+            let (_, value) = self.head.pop().expect("a key was yielded from head");
+            return seed.deserialize(StringDeserializer::new(value));
+        }
+        self.rest.next_value_seed(seed)
+    }
 }
 
 /// Namespaced objects without a namespace land in `default`, as `kubectl apply` would put them.
@@ -315,5 +434,77 @@ fn default_namespace(object: &mut DesiredObject) {
     };
     if meta.namespace.as_deref().unwrap_or("").is_empty() {
         meta.namespace = Some("default".into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_both_ways(text: &str, cluster: &str) -> (Option<String>, String) {
+        let path = Path::new("f.yaml");
+        let direct = crate::yaml::parse_documents_as::<Direct>(text).ok().map(|docs| {
+            let mut fleet = LoadedFleet::default();
+            for (i, Direct { kind, parsed }) in docs.into_iter().enumerate() {
+                accept(parsed, path, i + 1, &kind, cluster, &mut fleet);
+            }
+            format!("{fleet:?}")
+        });
+        let mut general = LoadedFleet::default();
+        load_text(path, text, cluster, &mut general);
+        (direct, format!("{general:?}"))
+    }
+
+    /// Every file of the example fleet is read the direct way, into exactly what the general way
+    /// reads from it.
+    #[test]
+    fn the_direct_way_reads_what_the_general_way_reads() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/fleet");
+        let mut files = 0;
+        for sub in fs::read_dir(&root).unwrap() {
+            let sub = sub.unwrap().path();
+            let name = sub.file_name().unwrap().to_str().unwrap();
+            let cluster = if name == HUB_DIR { HUB.to_string() } else { name.to_string() };
+            for file in manifest_files(&sub, &mut Vec::new()) {
+                let text = fs::read_to_string(&file).unwrap();
+                let (direct, general) = read_both_ways(&text, &cluster);
+                assert_eq!(direct.as_ref(), Some(&general), "{}", file.display());
+                files += 1;
+            }
+        }
+        assert!(files >= 9, "the example fleet has its files ({files})");
+    }
+
+    /// A document whose kind comes late, a kind not read here, and a field of the wrong type each
+    /// send the file the general way, which still reads everything else in it.
+    #[test]
+    fn a_surprise_in_a_file_sends_it_the_general_way() {
+        let service = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: ns}\n";
+        for odd in [
+            "metadata: {name: b, namespace: ns}\napiVersion: v1\nkind: Service\n",
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: b}\n",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: b, labels: [not, a, map]}\n",
+            // Typed parsing would take the number for the string "1"; the general way refuses it.
+            "apiVersion: v1\nkind: Service\nmetadata: {name: b, labels: {version: 1}}\n",
+            "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: b}\n",
+        ] {
+            let text = format!("{service}---\n{odd}");
+            let (direct, general) = read_both_ways(&text, "east");
+            assert_eq!(direct, None, "{odd}");
+            assert!(general.contains("name: Some(\"a\")"), "{odd}: {general}");
+        }
+        let (_, late) =
+            read_both_ways(&format!("{service}---\nmetadata: {{name: b}}\napiVersion: v1\nkind: Service\n"), "east");
+        assert!(late.contains("name: Some(\"b\")"), "{late}");
+        let (_, wrong) = read_both_ways(
+            &format!("{service}---\napiVersion: v1\nkind: Service\nmetadata: {{name: b, labels: [x]}}\n"),
+            "east",
+        );
+        assert!(wrong.contains("document 2, Service b") && wrong.contains("skipped"), "{wrong}");
+        let (_, number) = read_both_ways(
+            &format!("{service}---\napiVersion: v1\nkind: Service\nmetadata: {{name: b, labels: {{version: 1}}}}\n"),
+            "east",
+        );
+        assert!(number.contains("document 2, Service b") && number.contains("expected a string"), "{number}");
     }
 }

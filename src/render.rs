@@ -115,7 +115,7 @@ fn cluster_yaml(id: &str, objects: &[Arc<Desired>]) -> String {
     let _ = writeln!(out, "# cluster: {id}");
     for o in objects {
         out.push_str("---\n");
-        out.push_str(&crate::yaml::to_yaml(&o.object));
+        crate::yaml::push_yaml(&mut out, &o.object);
     }
     out
 }

@@ -12,9 +12,20 @@ use serde::Serialize;
 /// Serialises one value as a YAML document body (no leading `---`), byte for byte as
 /// serde-saphyr does.
 pub fn to_yaml<T: Serialize>(value: &T) -> String {
+    let mut out = String::new();
+    push_yaml(&mut out, value);
+    out
+}
+
+/// Appends what `to_yaml` returns to `out` (printing many objects into one buffer).
+pub fn push_yaml<T: Serialize>(out: &mut String, value: &T) {
     // Serialising our own plain data types cannot fail; a failure is a programming error.
     let json = serde_json::to_string(value).expect("serialising to JSON");
-    block::print(&json).unwrap_or_else(|| saphyr(value))
+    let start = out.len();
+    if block::print(&json, out).is_none() {
+        out.truncate(start);
+        out.push_str(&saphyr(value));
+    }
 }
 
 fn saphyr<T: Serialize>(value: &T) -> String {
@@ -27,29 +38,40 @@ pub fn parse_documents(text: &str) -> Result<Vec<serde_json::Value>, String> {
     Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
 }
 
+/// Parses a multi-document YAML stream straight into `T`, document by document; empty documents
+/// are dropped. Strict where typed parsing would be lenient: an unquoted scalar that YAML reads
+/// as a number or boolean is not taken for a string field (`labels: {version: 1}`), so that it
+/// fails here as it fails through `serde_json::Value` and as the API server would refuse it.
+pub fn parse_documents_as<T: serde::de::DeserializeOwned>(text: &str) -> Result<Vec<T>, String> {
+    serde_saphyr::from_multiple_with_options(text, serde_saphyr::options! { no_schema: true })
+        .map_err(|e| e.to_string())
+}
+
 /// Block-style YAML from compact JSON text (what `serde_json::to_string` wrote, so well-formed).
 /// `None` where the layout is not one this printer knows (empty collections, nested sequences,
 /// nulls, floats, a key that needs quoting, a scalar serde-saphyr would spread over lines): the
 /// caller then asks serde-saphyr for the whole value.
 mod block {
-    use std::fmt::Write;
+    use std::borrow::Cow;
 
-    pub fn print(json: &str) -> Option<String> {
-        let mut p = Printer { json: json.as_bytes(), at: 0, out: String::with_capacity(json.len() * 2) };
+    /// Appends the YAML to `out`; on `None` what it appended is partial.
+    pub fn print(json: &str, out: &mut String) -> Option<()> {
+        out.reserve(json.len() * 2);
+        let mut p = Printer { json: json.as_bytes(), at: 0, out };
         match p.peek()? {
             b'{' => p.map(0, false)?,
             _ => return None,
         }
-        (p.at == p.json.len()).then_some(p.out)
+        (p.at == p.json.len()).then_some(())
     }
 
     struct Printer<'a> {
         json: &'a [u8],
         at: usize,
-        out: String,
+        out: &'a mut String,
     }
 
-    impl Printer<'_> {
+    impl<'a> Printer<'a> {
         fn peek(&self) -> Option<u8> {
             self.json.get(self.at).copied()
         }
@@ -148,7 +170,7 @@ mod block {
                     if is_plain(&s) {
                         self.out.push_str(&s);
                     } else {
-                        self.out.push_str(&quoted(s)?);
+                        push_quoted(self.out, &s)?;
                     }
                 }
                 b't' | b'f' => {
@@ -165,15 +187,15 @@ mod block {
                     if matches!(self.peek()?, b'.' | b'e' | b'E') {
                         return None;
                     }
-                    let _ = write!(self.out, "{}", std::str::from_utf8(&self.json[start..self.at]).ok()?);
+                    self.out.push_str(std::str::from_utf8(&self.json[start..self.at]).ok()?);
                 }
                 _ => return None, // null
             }
             Some(())
         }
 
-        /// A JSON string, unescaped.
-        fn string(&mut self) -> Option<String> {
+        /// A JSON string, unescaped; borrowed from the JSON text unless it had escapes.
+        fn string(&mut self) -> Option<Cow<'a, str>> {
             let start = self.at;
             self.eat(b'"')?;
             let mut escaped = false;
@@ -189,14 +211,18 @@ mod block {
             }
             self.at += 1;
             let text = std::str::from_utf8(&self.json[start..self.at]).ok()?;
-            if escaped { serde_json::from_str(text).ok() } else { Some(text[1..text.len() - 1].to_string()) }
+            if escaped {
+                serde_json::from_str(text).ok().map(Cow::Owned)
+            } else {
+                Some(Cow::Borrowed(&text[1..text.len() - 1]))
+            }
         }
     }
 
     /// serde-saphyr's own choice for one scalar that is not plainly safe, if it fits on a line.
     /// Such scalars repeat (addresses, durations), and asking costs a serializer each time, so
     /// each thread remembers its answers.
-    fn quoted(s: String) -> Option<String> {
+    fn push_quoted(out: &mut String, s: &str) -> Option<()> {
         thread_local! {
             static ASKED: std::cell::RefCell<std::collections::HashMap<String, Option<String>>> = Default::default();
         }
@@ -204,14 +230,13 @@ mod block {
             if asked.len() > 100_000 {
                 asked.clear();
             }
-            asked
-                .entry(s)
-                .or_insert_with_key(|s| {
-                    let printed = super::saphyr(s);
-                    let line = printed.strip_suffix('\n')?;
-                    (!line.contains('\n') && !line.is_empty()).then(|| line.to_string())
-                })
-                .clone()
+            if !asked.contains_key(s) {
+                let printed = super::saphyr(&s);
+                let line = printed.strip_suffix('\n').filter(|l| !l.contains('\n') && !l.is_empty());
+                asked.insert(s.to_string(), line.map(str::to_string));
+            }
+            out.push_str(asked[s].as_deref()?);
+            Some(())
         })
     }
 
@@ -222,10 +247,9 @@ mod block {
         bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
             && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/'))
             && s.len() <= 64
-            && !matches!(
-                s.to_ascii_lowercase().as_str(),
-                "true" | "false" | "yes" | "no" | "on" | "off" | "y" | "n" | "null" | "nan" | "inf"
-            )
+            && !["true", "false", "yes", "no", "on", "off", "y", "n", "null", "nan", "inf"]
+                .iter()
+                .any(|word| s.eq_ignore_ascii_case(word))
     }
 }
 
@@ -307,7 +331,8 @@ mod tests {
         #[test]
         fn the_printer_prints_known_shapes_as_serde_saphyr_does(doc in known_document()) {
             let json = serde_json::to_string(&doc).expect("JSON");
-            prop_assert_eq!(block::print(&json), Some(saphyr(&doc)));
+            let mut out = String::new();
+            prop_assert_eq!(block::print(&json, &mut out).map(|()| out), Some(saphyr(&doc)));
         }
     }
 
@@ -315,6 +340,10 @@ mod tests {
     fn our_objects_take_the_fast_path() {
         let json = r#"{"apiVersion":"networking.istio.io/v1","kind":"ServiceEntry","spec":{"hosts":["a.global"],"addresses":["240.0.0.1"],"ports":[{"number":80,"name":"http"}],"endpoints":[{"address":"10.0.0.1","ports":{"http":15443},"labels":{"security.istio.io/tlsMode":"istio"}}]}}"#;
         let doc: Value = serde_json::from_str(json).expect("valid JSON");
-        assert_eq!(block::print(&serde_json::to_string(&doc).expect("JSON")), Some(saphyr(&doc)));
+        let mut out = String::new();
+        assert_eq!(
+            block::print(&serde_json::to_string(&doc).expect("JSON"), &mut out).map(|()| out),
+            Some(saphyr(&doc))
+        );
     }
 }

@@ -86,6 +86,9 @@ struct Soak {
     unregistered: BTreeSet<usize>,
     /// User-owned objects: (member, kind, namespace, name) → resourceVersion when created.
     users: BTreeMap<(usize, Kind, String, String), String>,
+    /// GTPs whose last edit may have been invalid: (member, namespace, name) → the same edit
+    /// without its invalid entry, applied when the fleet settles (see `settle`).
+    invalid_gtps: BTreeMap<(usize, String, String), GlobalTrafficPolicy>,
     tally: Tally,
 }
 
@@ -133,6 +136,7 @@ impl Soak {
             down: BTreeSet::new(),
             unregistered: BTreeSet::new(),
             users: BTreeMap::new(),
+            invalid_gtps: BTreeMap::new(),
             tally: Tally::default(),
         }
     }
@@ -198,12 +202,15 @@ impl Soak {
     }
 
     async fn gtp(&mut self, m: usize, id: &str) {
-        let client = &self.clients[m];
+        let client = self.clients[m].clone();
         let ns = ns_of(id);
         let name = *self.rng.pick(&["gtp-1", "gtp-2"]);
+        let key = (m, ns.clone(), name.to_string());
         let api: Api<GlobalTrafficPolicy> = Api::namespaced(client.clone(), &ns);
         if self.rng.chance(20) {
-            let _ = api.delete(name, &DeleteParams::default()).await;
+            if api.delete(name, &DeleteParams::default()).await.is_ok() {
+                self.invalid_gtps.remove(&key);
+            }
             return;
         }
         let west = [0, 20, 50, 80, 100][self.rng.below(5)];
@@ -213,18 +220,24 @@ impl Soak {
         if self.rng.chance(40) {
             policies.push(json!({"dnsPrefix": "west", "lbType": "TOPOLOGY"}));
         }
-        if self.rng.chance(15) {
-            // Valid for the schema, invalid for flotilla: the previous valid spec stays.
-            self.tally.fault("invalid policy edit");
-            policies.push(json!({"dnsPrefix": "Not_A_Label", "lbType": "TOPOLOGY"}));
-        }
         let mut g = gtp(&ns, name, id, json!(policies));
         g.metadata.annotations = Some([("admiral.io/env".to_string(), self.rng.pick(&ENVS).to_string())].into());
         // Two GTPs for one identity+env conflict; a priority sometimes decides.
         if self.rng.chance(30) {
             g.metadata.labels.as_mut().unwrap().insert("priority".into(), self.rng.below(3).to_string());
         }
-        try_apply(client, &g).await;
+        if self.rng.chance(15) {
+            // Valid for the schema, invalid for flotilla: the previous valid spec stays.
+            self.tally.fault("invalid policy edit");
+            let valid = g.clone();
+            policies.push(json!({"dnsPrefix": "Not_A_Label", "lbType": "TOPOLOGY"}));
+            g.spec = gtp(&ns, name, id, json!(policies)).spec;
+            // Tracked whether or not the edit lands: it may have landed before the reply was lost.
+            self.invalid_gtps.insert(key, valid);
+            try_apply(&client, &g).await;
+        } else if try_apply(&client, &g).await {
+            self.invalid_gtps.remove(&key);
+        }
     }
 
     async fn dependency(&mut self, m: usize, id: &str) {
@@ -380,6 +393,12 @@ impl Soak {
             apply(&self.hub_client, &member_secret(&self.members[m], self.members[m].admin_kubeconfig())).await;
         }
         self.unregistered.clear();
+        // The previous valid spec an invalid edit leaves in force lives in the leader's memory
+        // (docs/decisions.md), which render, reading a snapshot, cannot know: the end state has
+        // no invalid policies, so the two must agree. The churn above still exercised them.
+        for ((m, _, _), valid) in std::mem::take(&mut self.invalid_gtps) {
+            apply(&self.clients[m], &valid).await;
+        }
         for r in &mut self.replicas {
             if !r.is_running() {
                 r.restart();
