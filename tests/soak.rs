@@ -86,10 +86,16 @@ struct Soak {
     unregistered: BTreeSet<usize>,
     /// User-owned objects: (member, kind, namespace, name) → resourceVersion when created.
     users: BTreeMap<(usize, Kind, String, String), String>,
-    /// GTPs whose last edit may have been invalid: (member, namespace, name) → the same edit
-    /// without its invalid entry, applied when the fleet settles (see `settle`).
-    invalid_gtps: BTreeMap<(usize, String, String), GlobalTrafficPolicy>,
+    /// Policies whose last edit may have been invalid: (member, kind, namespace, name) → the same
+    /// edit made valid, applied when the fleet settles (see `settle`).
+    invalid: BTreeMap<(usize, Kind, String, String), Repair>,
     tally: Tally,
+}
+
+/// The valid form of a policy whose last edit was invalid.
+enum Repair {
+    Gtp(Box<GlobalTrafficPolicy>),
+    Ccc(Box<ClientConnectionConfig>),
 }
 
 fn seed() -> u64 {
@@ -136,7 +142,7 @@ impl Soak {
             down: BTreeSet::new(),
             unregistered: BTreeSet::new(),
             users: BTreeMap::new(),
-            invalid_gtps: BTreeMap::new(),
+            invalid: BTreeMap::new(),
             tally: Tally::default(),
         }
     }
@@ -205,11 +211,11 @@ impl Soak {
         let client = self.clients[m].clone();
         let ns = ns_of(id);
         let name = *self.rng.pick(&["gtp-1", "gtp-2"]);
-        let key = (m, ns.clone(), name.to_string());
+        let key = (m, Kind::GlobalTrafficPolicy, ns.clone(), name.to_string());
         let api: Api<GlobalTrafficPolicy> = Api::namespaced(client.clone(), &ns);
         if self.rng.chance(20) {
             if api.delete(name, &DeleteParams::default()).await.is_ok() {
-                self.invalid_gtps.remove(&key);
+                self.invalid.remove(&key);
             }
             return;
         }
@@ -233,10 +239,10 @@ impl Soak {
             policies.push(json!({"dnsPrefix": "Not_A_Label", "lbType": "TOPOLOGY"}));
             g.spec = gtp(&ns, name, id, json!(policies)).spec;
             // Tracked whether or not the edit lands: it may have landed before the reply was lost.
-            self.invalid_gtps.insert(key, valid);
+            self.invalid.insert(key, Repair::Gtp(Box::new(valid)));
             try_apply(&client, &g).await;
         } else if try_apply(&client, &g).await {
-            self.invalid_gtps.remove(&key);
+            self.invalid.remove(&key);
         }
     }
 
@@ -278,19 +284,33 @@ impl Soak {
             .unwrap();
             try_apply(client, &od).await;
         } else {
+            let name = format!("{id}-tuning");
+            let key = (m, Kind::ClientConnectionConfig, ns.clone(), name.clone());
             let api: Api<ClientConnectionConfig> = Api::namespaced(client.clone(), &ns);
             if self.rng.chance(20) {
-                let _ = api.delete(&format!("{id}-tuning"), &DeleteParams::default()).await;
+                if api.delete(&name, &DeleteParams::default()).await.is_ok() {
+                    self.invalid.remove(&key);
+                }
                 return;
             }
-            let policy =
-                if self.rng.chance(15) { json!("SOMETIMES") } else { json!(*self.rng.pick(&["DEFAULT", "UPGRADE"])) };
-            let ccc: ClientConnectionConfig = serde_json::from_value(json!({
-                "apiVersion": "admiral.io/v1alpha1", "kind": "ClientConnectionConfig", "metadata": meta,
-                "spec": {"connectionPool": {"http": {"maxRequestsPerConnection": 1 + self.rng.below(200), "h2UpgradePolicy": policy}}},
-            }))
-            .unwrap();
-            try_apply(client, &ccc).await;
+            let invalid = self.rng.chance(15);
+            let requests = 1 + self.rng.below(200);
+            let policy = if invalid { "SOMETIMES" } else { *self.rng.pick(&["DEFAULT", "UPGRADE"]) };
+            let ccc = |policy: &str| -> ClientConnectionConfig {
+                serde_json::from_value(json!({
+                    "apiVersion": "admiral.io/v1alpha1", "kind": "ClientConnectionConfig", "metadata": meta,
+                    "spec": {"connectionPool": {"http": {"maxRequestsPerConnection": requests, "h2UpgradePolicy": policy}}},
+                }))
+                .unwrap()
+            };
+            if invalid {
+                // Valid for the schema, invalid for flotilla, as the GTP's invalid edit.
+                self.tally.fault("invalid connection config edit");
+                self.invalid.insert(key, Repair::Ccc(Box::new(ccc("DEFAULT"))));
+                try_apply(client, &ccc(policy)).await;
+            } else if try_apply(client, &ccc(policy)).await {
+                self.invalid.remove(&key);
+            }
         }
     }
 
@@ -396,8 +416,11 @@ impl Soak {
         // The previous valid spec an invalid edit leaves in force lives in the leader's memory
         // (docs/decisions.md), which render, reading a snapshot, cannot know: the end state has
         // no invalid policies, so the two must agree. The churn above still exercised them.
-        for ((m, _, _), valid) in std::mem::take(&mut self.invalid_gtps) {
-            apply(&self.clients[m], &valid).await;
+        for ((m, ..), valid) in std::mem::take(&mut self.invalid) {
+            match valid {
+                Repair::Gtp(g) => drop(apply(&self.clients[m], &*g).await),
+                Repair::Ccc(c) => drop(apply(&self.clients[m], &*c).await),
+            }
         }
         for r in &mut self.replicas {
             if !r.is_running() {
