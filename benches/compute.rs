@@ -11,10 +11,11 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use flotilla::compute::plan::{ObservedObject, plan_cluster};
+use flotilla::compute::plan::{ObservedObject, Scope};
 use flotilla::compute::vip::VipTable;
 use flotilla::compute::{Engine, ObjectKey};
 use flotilla::ingest::InputObject;
+use flotilla::model::ClusterHealth;
 use flotilla::settings::Settings;
 use flotilla::synth::{SynthSpec, cluster_name, identity_name, write_fleet_dir};
 
@@ -151,8 +152,7 @@ fn main() {
         let (mut cold, mut cold_cpu, mut warm, mut warm_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut memory = None;
         for _ in 0..rounds * repeat {
-            drop(std::mem::take(&mut engine.desired));
-            engine.fleet.mark_all_dirty();
+            engine.clear_desired();
             let (t, cpu) = (Instant::now(), cpu_time());
             engine.recompute();
             cold.push(t.elapsed());
@@ -203,24 +203,18 @@ fn main() {
             e.ingest(&cluster, &InputObject::Dependency(d));
         });
 
-        // Plan against an observed state equal to the desired one.
-        let empty = BTreeMap::new();
+        // Plan every member whole against an observed state equal to the desired one: what a
+        // replica that gains leadership does (gathering each member's objects included).
         let observed: Vec<BTreeMap<ObjectKey, ObservedObject>> = (0..spec.clusters)
             .map(|c| {
-                engine
-                    .desired
-                    .cluster_map(&cluster_name(c))
-                    .unwrap_or(&empty)
-                    .iter()
-                    .map(|(k, o)| (k.clone(), ObservedObject::new(&o.object)))
-                    .collect()
+                let desired = engine.desired.cluster(&cluster_name(c));
+                desired.iter().map(|o| (o.key.clone(), ObservedObject::new(&o.object))).collect()
             })
             .collect();
         let t = Instant::now();
         let mut writes = 0;
         for (c, observed) in observed.iter().enumerate() {
-            let desired = engine.desired.cluster_map(&cluster_name(c)).unwrap_or(&empty);
-            let plan = plan_cluster(desired, observed);
+            let plan = engine.plan_member(&cluster_name(c), ClusterHealth::Synced, &Scope::Whole, observed);
             writes += plan.apply.len() + plan.prune.len();
         }
         let plan = t.elapsed();

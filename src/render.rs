@@ -83,16 +83,15 @@ pub fn render(loaded: LoadedFleet, settings: &Settings, vip_store: &str) -> Rend
         }
     }
 
-    let empty = BTreeMap::new();
+    let no_objects = BTreeMap::new();
     for id in loaded.clusters.keys() {
-        let desired = engine.desired.cluster_map(id).unwrap_or(&empty);
-        let observed = loaded.observed.get(id).unwrap_or(&BTreeMap::new()).clone();
-        let plan = plan_cluster(desired, &observed);
+        let mut desired = engine.desired.cluster(id);
+        let plan = plan_cluster(&desired, loaded.observed.get(id).unwrap_or(&no_objects));
         for key in &plan.conflicts {
             warnings.push(format!("warning: cluster {id}: {key}: exists and is not managed by flotilla; left alone"));
         }
-        let objects = desired.iter().filter(|(k, _)| !plan.conflicts.contains(k)).map(|(_, o)| o.clone()).collect();
-        rendered.clusters.insert(id.clone(), objects);
+        desired.retain(|o| !plan.conflicts.contains(&o.key));
+        rendered.clusters.insert(id.clone(), desired);
     }
     rendered.errors = errors.len();
     rendered.diagnostics = errors.into_iter().chain(warnings).collect();

@@ -3,9 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use flotilla::compute::plan::{ObservedObject, plan_cluster, plan_member};
+use flotilla::compute::plan::{ObservedObject, Scope, plan_cluster};
 use flotilla::compute::vip::VipTable;
-use flotilla::compute::{DesiredObject, Engine};
+use flotilla::compute::{DesiredObject, Engine, MemberChange, ObjectKey};
 use flotilla::crd::{
     Dependency, DependencySpec, GlobalTrafficPolicy, GlobalTrafficPolicySpec, TrafficGroup, TrafficPolicy,
 };
@@ -181,8 +181,21 @@ fn engine_with(clusters: &[&str], objects: &[(String, InputObject)]) -> Engine {
     engine
 }
 
+/// The keys a recompute said changed in a member (not a whole member).
+fn keys(change: &MemberChange) -> Vec<String> {
+    match change {
+        MemberChange::Keys(keys) => keys.iter().map(|k| k.to_string()).collect(),
+        MemberChange::Whole => panic!("a whole member changed, not some keys"),
+    }
+}
+
+/// The objects desired in member `cluster`, in key order.
+fn objects_in(engine: &Engine, cluster: &str) -> Vec<DesiredObject> {
+    engine.desired.cluster(cluster).iter().map(|d| d.object.clone()).collect()
+}
+
 fn snapshot(engine: &Engine, clusters: &[&str]) -> Objects {
-    clusters.iter().map(|c| (c.to_string(), engine.desired.cluster(c).cloned().collect())).collect()
+    clusters.iter().map(|c| (c.to_string(), objects_in(engine, c))).collect()
 }
 
 /// A random fleet: up to 4 clusters, 6 identities, Dependencies (some `*`), GTPs.
@@ -330,15 +343,16 @@ proptest! {
         let fleet = &engine.fleet;
         let mut vip_of_host: BTreeMap<String, String> = BTreeMap::new();
         for c in CLUSTERS {
-            let desired = engine.desired.cluster_map(c).cloned().unwrap_or_default();
-            for obj in desired.values() {
+            let desired = engine.desired.cluster(c);
+            for obj in &desired {
                 let labels = obj.object.meta().labels.clone().unwrap_or_default();
                 prop_assert_eq!(labels.get(LABEL_MANAGED_BY).map(String::as_str), Some(MANAGER));
                 let identity = labels.get("flotilla.io/identity").cloned().unwrap();
                 if let DesiredObject::ServiceEntry(se) = &obj.object {
                     // Written only where the identity runs or one of its clients runs.
-                    let mut targets: BTreeSet<&str> = fleet.clusters_running(&identity);
+                    let mut targets = fleet.clusters_running(&identity);
                     for client in fleet.clients_of(&identity) { targets.extend(fleet.clusters_running(client)); }
+                    let targets: BTreeSet<&str> = targets.into_iter().map(|c| &**fleet.cluster_names().name(c)).collect();
                     prop_assert!(targets.contains(c), "{} written to {} outside {:?}", se.spec.hosts[0], c, targets);
                     // One VIP per host, the same in every cluster, never shared.
                     let vip = se.spec.addresses[0].clone();
@@ -349,7 +363,7 @@ proptest! {
                 }
             }
             // plan(d, d) is empty: what is desired and already there needs no write.
-            let observed = desired.iter().map(|(k, o)| (k.clone(), ObservedObject::new(&o.object))).collect();
+            let observed = desired.iter().map(|o| (o.key.clone(), ObservedObject::new(&o.object))).collect();
             let plan = plan_cluster(&desired, &observed);
             prop_assert!(plan.is_empty() && plan.conflicts.is_empty(), "{:?}", plan);
         }
@@ -387,13 +401,15 @@ proptest! {
     ) {
         // Feed objects one at a time in any order, recomputing after each, then edit some, then
         // delete some.
+        // `held` is what members would hold if only the keys each recompute names were planned.
+        let mut held = BTreeMap::new();
         let mut inc = Engine::new(Settings::default(), VipTable::default());
         for c in CLUSTERS { inc.fleet.upsert_cluster(c, ClusterOverrides::default()); }
-        inc.recompute();
+        follow(&mut inc, &mut held);
         let mut remaining = shuffled(&spec.objects, seed);
         for (c, o) in &remaining {
             inc.ingest(c, o);
-            inc.recompute();
+            follow(&mut inc, &mut held);
         }
         for (at, dests, west) in edits {
             if remaining.is_empty() { break; }
@@ -401,7 +417,7 @@ proptest! {
             if let Some(edited) = edit(&remaining[i].1, &dests, west) {
                 remaining[i].1 = edited.clone();
                 inc.ingest(&remaining[i].0, &edited);
-                inc.recompute();
+                follow(&mut inc, &mut held);
             }
         }
         for r in removals {
@@ -409,7 +425,7 @@ proptest! {
             let (c, o) = remaining.remove(r.index(remaining.len()));
             let m = o.meta();
             inc.fleet.delete(&c, o.kind(), m.namespace.as_deref().unwrap_or(""), m.name.as_deref().unwrap_or(""));
-            inc.recompute();
+            follow(&mut inc, &mut held);
         }
         // Same VIP table, so addresses are comparable.
         let mut full = Engine::new(Settings::default(), VipTable::from_existing(inc.vips.all().clone()));
@@ -421,6 +437,31 @@ proptest! {
         let reports = |e: &Engine| e.desired.reports().cloned().collect::<Vec<_>>();
         prop_assert_eq!(reports(&inc), reports(&full));
         prop_assert_eq!(inc.all_diagnostics(), full.all_diagnostics());
+        // Planning only what each recompute said changed left every member as a whole plan would.
+        for c in CLUSTERS {
+            let plan = plan_cluster(&inc.desired.cluster(c), held.get(c).unwrap_or(&BTreeMap::new()));
+            prop_assert!(plan.is_empty() && plan.conflicts.is_empty(), "{}: {:?}", c, plan);
+        }
+    }
+}
+
+/// Recomputes, then carries out in `held` the plan of what the recompute said changed in each
+/// member: the whole member, or only the keys it named.
+fn follow(engine: &mut Engine, held: &mut BTreeMap<String, BTreeMap<ObjectKey, ObservedObject>>) {
+    let recomputed = engine.recompute();
+    for (cluster, change) in recomputed.changed {
+        let scope = match change {
+            MemberChange::Whole => Scope::Whole,
+            MemberChange::Keys(keys) => Scope::Keys(keys.into_iter().collect()),
+        };
+        let observed = held.entry(cluster.clone()).or_default();
+        let plan = engine.plan_member(&cluster, ClusterHealth::Synced, &scope, observed);
+        for planned in plan.apply {
+            observed.insert(planned.key.clone(), ObservedObject::new(&planned.object));
+        }
+        for gone in plan.prune {
+            observed.remove(&gone.key);
+        }
     }
 }
 
@@ -451,16 +492,16 @@ fn base_fleet() -> Vec<(String, InputObject)> {
 #[test]
 fn removing_a_dependency_removes_what_it_caused() {
     let mut engine = engine_with(&["a", "b"], &base_fleet());
-    let b: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
+    let b: Vec<DesiredObject> = objects_in(&engine, "b");
     assert!(hosts_in(&b).contains("stage.greeting.global"));
     assert!(b.iter().any(|o| matches!(o, DesiredObject::Sidecar(_))));
 
     engine.fleet.delete(HUB, Kind::Dependency, "flotilla", "webapp");
     let changed = engine.recompute();
-    let b: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
+    let b: Vec<DesiredObject> = objects_in(&engine, "b");
     assert_eq!(hosts_in(&b), BTreeSet::from(["stage.webapp.global".to_string()]), "only b's own host is left");
     assert!(!b.iter().any(|o| matches!(o, DesiredObject::Sidecar(_))), "the client's Sidecar goes too");
-    assert_eq!(changed.changed["b"].len(), 3, "SE, DR and Sidecar removed from b: {:?}", changed.changed);
+    assert_eq!(keys(&changed.changed["b"]).len(), 3, "SE, DR and Sidecar removed from b: {:?}", changed.changed);
     assert!(!changed.changed.contains_key("a"), "nothing changes in a");
 }
 
@@ -469,7 +510,7 @@ fn removing_a_destination_and_a_prefix_removes_exactly_their_objects() {
     let mut objects = base_fleet();
     objects.push(("a".into(), failover_gtp("sample", "g", "greeting", "stage", 80, Some("west"))));
     let mut engine = engine_with(&["a", "b"], &objects);
-    let hosts = |e: &Engine| hosts_in(&e.desired.cluster("b").cloned().collect::<Vec<_>>());
+    let hosts = |e: &Engine| hosts_in(&objects_in(e, "b"));
     assert!(hosts(&engine).contains("west.stage.greeting.global"));
 
     // The GTP loses its prefixed entry: the prefixed host goes, the default host stays.
@@ -488,9 +529,8 @@ fn a_destinations_prefix_reaches_its_clients_sidecars_and_statuses() {
     let mut engine = engine_with(&["a", "b"], &base_fleet());
     // What the client (webapp, in b) lists: its Sidecar's egress hosts, its Dependency's status.
     let listed = |e: &Engine| {
-        let sidecar: BTreeSet<String> = e
-            .desired
-            .cluster("b")
+        let sidecar: BTreeSet<String> = objects_in(e, "b")
+            .into_iter()
             .filter_map(|o| match o {
                 DesiredObject::Sidecar(s) => Some(s.spec.egress[0].hosts.clone()),
                 _ => None,
@@ -524,9 +564,8 @@ fn a_gtp_change_reports_only_the_destination_rules_it_touches() {
     let mut engine = engine_with(&["a", "b"], &objects);
     engine.ingest("a", &failover_gtp("sample", "g", "greeting", "stage", 60, None));
     let changed = engine.recompute();
-    for (cluster, keys) in &changed.changed {
-        let names: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
-        assert_eq!(names, ["DestinationRule admiral-sync/stage.greeting.global-default-dr"], "in {cluster}");
+    for (cluster, change) in &changed.changed {
+        assert_eq!(keys(change), ["DestinationRule admiral-sync/stage.greeting.global-default-dr"], "in {cluster}");
     }
     assert_eq!(changed.changed.len(), 2);
 }
@@ -536,7 +575,7 @@ fn an_invalid_edit_keeps_the_previous_valid_policy() {
     let mut objects = base_fleet();
     objects.push(("a".into(), failover_gtp("sample", "g", "greeting", "stage", 80, Some("west"))));
     let mut engine = engine_with(&["a", "b"], &objects);
-    let before: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
+    let before: Vec<DesiredObject> = objects_in(&engine, "b");
     // Weights 80 + 30: invalid. The last valid spec stays in force and the policy says why.
     let InputObject::GlobalTrafficPolicy(mut g) = failover_gtp("sample", "g", "greeting", "stage", 80, Some("west"))
     else {
@@ -545,7 +584,7 @@ fn an_invalid_edit_keeps_the_previous_valid_policy() {
     g.spec.policy[0].target.as_mut().unwrap()[1].weight = Some(30);
     engine.ingest("a", &InputObject::GlobalTrafficPolicy(g));
     engine.recompute();
-    let after: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
+    let after: Vec<DesiredObject> = objects_in(&engine, "b");
     assert_eq!(before, after);
     let report = engine.desired.reports().find(|r| r.at.name == "g").unwrap();
     match &report.state {
@@ -563,36 +602,31 @@ fn a_stale_member_keeps_its_endpoints_and_is_planned_only_when_back() {
         engine.all_diagnostics().iter().any(|d| d.cluster.as_deref() == Some("a") && d.message.contains("stale"))
     };
     let mut engine = engine_with(&["a", "b"], &base_fleet());
-    let observed_in_a: BTreeMap<_, _> = engine
-        .desired
-        .cluster_map("a")
-        .unwrap()
-        .iter()
-        .map(|(k, o)| (k.clone(), ObservedObject::new(&o.object)))
-        .collect();
-    let before_in_b: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
+    let observed_in_a: BTreeMap<_, _> =
+        engine.desired.cluster("a").iter().map(|o| (o.key.clone(), ObservedObject::new(&o.object))).collect();
+    let before_in_b: Vec<DesiredObject> = objects_in(&engine, "b");
     assert!(before_in_b.iter().any(|o| matches!(o, DesiredObject::ServiceEntry(se) if se.spec.endpoints.iter().any(|e| e.address == "10.0.0.1"))), "b reaches a's greeting through a's gateway");
     assert!(!stale(&engine));
 
     engine.fleet.set_health("a", ClusterHealth::Stale);
     engine.recompute();
     assert!(stale(&engine), "a stale member is reported");
-    assert_eq!(engine.desired.cluster("b").cloned().collect::<Vec<_>>(), before_in_b, "nothing is withdrawn from b");
+    assert_eq!(objects_in(&engine, "b"), before_in_b, "nothing is withdrawn from b");
 
     // A change while a is down: its desired state follows, but it is not planned.
     engine.ingest("a", &failover_gtp("sample", "g", "greeting", "stage", 80, Some("west")));
     engine.recompute();
-    let desired_in_a = engine.desired.cluster_map("a").unwrap();
-    let waiting = plan_cluster(desired_in_a, &observed_in_a);
+    let waiting = plan_cluster(&engine.desired.cluster("a"), &observed_in_a);
     assert!(!waiting.apply.is_empty(), "the change is desired in a");
-    assert_eq!(plan_member(ClusterHealth::Stale, desired_in_a, &observed_in_a), Default::default());
-    assert_eq!(plan_member(ClusterHealth::Connecting, desired_in_a, &observed_in_a), Default::default());
+    for health in [ClusterHealth::Stale, ClusterHealth::Connecting] {
+        assert_eq!(engine.plan_member("a", health, &Scope::Whole, &observed_in_a), Default::default());
+    }
 
     engine.fleet.set_health("a", ClusterHealth::Synced);
     engine.recompute();
     assert!(!stale(&engine), "back: no longer reported");
-    let desired_in_a = engine.desired.cluster_map("a").unwrap();
-    assert_eq!(plan_member(ClusterHealth::Synced, desired_in_a, &observed_in_a), waiting, "planned whole once back");
+    let back = engine.plan_member("a", ClusterHealth::Synced, &Scope::Whole, &observed_in_a);
+    assert_eq!(back, waiting, "planned whole once back");
 }
 
 /// Host and object names are lower-case, so identities that differ only in case would write the
@@ -616,9 +650,9 @@ fn identities_that_differ_only_in_case_never_share_objects() {
     let identities = |objects: Vec<DesiredObject>| -> BTreeSet<String> {
         objects.iter().map(|o| o_label(o, "flotilla.io/identity")).collect()
     };
-    assert_eq!(identities(engine.desired.cluster("a").cloned().collect()), BTreeSet::from(["Greeting".to_string()]));
+    assert_eq!(identities(objects_in(&engine, "a")), BTreeSet::from(["Greeting".to_string()]));
     assert!(
-        engine.desired.cluster("b").next().is_none(),
+        engine.desired.cluster("b").is_empty(),
         "greeting would write Greeting's objects: nothing of it is written"
     );
     let diagnostics: Vec<String> = engine.all_diagnostics().iter().map(|d| d.to_string()).collect();
@@ -644,7 +678,7 @@ fn identities_that_differ_only_in_case_never_share_objects() {
     without_owner.push(upper[1].clone());
     let full = engine_with(&["a", "b"], &without_owner);
     assert_eq!(snapshot(&incremental, &["a", "b"]), snapshot(&full, &["a", "b"]), "the twin takes over exactly");
-    assert_eq!(identities(full.desired.cluster("b").cloned().collect()), BTreeSet::from(["greeting".to_string()]));
+    assert_eq!(identities(objects_in(&full, "b")), BTreeSet::from(["greeting".to_string()]));
 }
 
 fn o_label(o: &DesiredObject, key: &str) -> String {
@@ -662,18 +696,18 @@ fn a_removed_member_leaves_the_model() {
     engine.recompute();
     assert_eq!(engine.desired.reports().filter(|r| r.at.cluster == "a").count(), 0, "its policies are gone");
     assert!(engine.fleet.clients_of("webapp").is_empty(), "its Dependencies no longer count");
-    let b: Vec<DesiredObject> = engine.desired.cluster("b").cloned().collect();
+    let b: Vec<DesiredObject> = objects_in(&engine, "b");
     assert_eq!(hosts_in(&b), BTreeSet::from(["stage.webapp.global".to_string()]));
-    assert_eq!(engine.desired.cluster("a").count(), 0);
+    assert!(engine.desired.cluster("a").is_empty());
 }
 
 #[test]
 fn plan_never_prunes_or_updates_objects_without_our_label() {
     let engine = engine_with(&["a", "b"], &base_fleet());
-    let desired = engine.desired.cluster_map("b").unwrap().clone();
+    let desired = engine.desired.cluster("b");
     let mut observed = BTreeMap::new();
     // A user's object with the name we want, and a user's object we do not want.
-    let mut theirs = desired.values().next().unwrap().object.clone();
+    let mut theirs = desired[0].object.clone();
     if let DesiredObject::DestinationRule(dr) = &mut theirs {
         dr.metadata.labels = None;
     }
@@ -684,7 +718,7 @@ fn plan_never_prunes_or_updates_objects_without_our_label() {
     }
     observed.insert(stray.key(), ObservedObject::new(&stray));
     // Our own object that is no longer desired.
-    let mut ours = desired.values().last().unwrap().object.clone();
+    let mut ours = desired.last().unwrap().object.clone();
     if let DesiredObject::Sidecar(s) = &mut ours {
         s.metadata.name = Some("old-egress".into());
     }
@@ -769,7 +803,7 @@ fn export_to_and_outlier_detection_follow_admiral() {
         engine
     };
     let of = |engine: &Engine, cluster: &str, name: &str| -> (Vec<String>, Option<u32>) {
-        let objects: Vec<DesiredObject> = engine.desired.cluster(cluster).cloned().collect();
+        let objects: Vec<DesiredObject> = objects_in(engine, cluster);
         let se = objects.iter().find_map(|o| match o {
             DesiredObject::ServiceEntry(se) if se.metadata.name.as_deref() == Some(&format!("{name}-se")) => Some(se),
             _ => None,

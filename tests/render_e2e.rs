@@ -6,7 +6,6 @@ mod testenv;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::Arc;
 
 use flotilla::compute::DesiredObject;
 use flotilla::compute::plan::{ObservedObject, plan_cluster};
@@ -74,8 +73,7 @@ async fn rendered_fleets_are_accepted_by_istio_crds_and_read_back_unchanged() {
                 read_back.insert(obj.key.clone(), ObservedObject::new(&stored));
                 applied += 1;
             }
-            let desired = objects.iter().map(|o| (o.key.clone(), Arc::clone(o))).collect();
-            let plan = plan_cluster(&desired, &read_back);
+            let plan = plan_cluster(objects, &read_back);
             assert!(
                 plan.apply.is_empty(),
                 "{} member {id}: stored objects differ from what was applied: {:?}",

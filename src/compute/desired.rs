@@ -1,18 +1,30 @@
-//! The desired state of the whole fleet, by identity and by cluster, and how one recompute's
-//! identity outputs are swapped into it (on every core, each owning a share of the clusters).
+//! The desired state of the whole fleet: every identity's objects, each object once with the
+//! members it is desired in, and per member which identities place objects there.
+//!
+//! A member's objects are gathered when they are asked for (a whole plan, `render`, `/debug`),
+//! never kept per member: at 1,000 members, maps of every member's objects were most of the
+//! memory and most of the time of a full recompute, while an identity's objects are a handful
+//! whatever the fleet's size.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, btree_map};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::model::ClusterId;
+use super::digest::Digest;
+use super::output::KeyHead;
+use super::{Desired, Diagnostic, ObjectKey, Placed, PolicyReport};
+use crate::meta::Kind;
+use crate::model::{ClusterId, ClusterIdx, ClusterNames};
 
-use super::*;
-
-/// What one identity contributes: objects per cluster, diagnostics, policy reports.
+/// What one identity contributes: objects with their members, diagnostics, policy reports.
 #[derive(Clone, Debug, Default)]
 pub struct IdentityOutput {
-    /// (cluster, object) pairs; the cluster ids are shared with the pass's cluster facts.
-    pub objects: Vec<(Arc<str>, Arc<Desired>)>,
+    /// Its objects, sorted by key (stable: in build order within a key). Objects with the same
+    /// key (a ServiceEntry local to one member, and the one every other member gets) go to
+    /// members that do not overlap.
+    pub objects: Vec<Placed>,
+    /// (member, index in `objects`) for every member an object goes to, sorted: what gathering
+    /// one member's objects reads, one search per identity.
+    pub(super) by_member: Vec<(ClusterIdx, u32)>,
     pub diagnostics: Vec<Diagnostic>,
     pub reports: Vec<PolicyReport>,
     /// The hosts it writes, in resolve order: what its clients list. A later change to the
@@ -21,7 +33,22 @@ pub struct IdentityOutput {
     /// Members where a federated workload of it runs, and the identities that depend on it:
     /// what `/debug/identities` and `explain` show besides the objects.
     pub sources: BTreeSet<String>,
-    pub clients: BTreeSet<String>,
+    pub clients: Clients,
+}
+
+/// The identities that depend on one: those naming it, and the `*` clients (the same for every
+/// identity in a pass, so shared).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Clients {
+    pub named: Vec<String>,
+    pub wildcard: Arc<BTreeSet<String>>,
+}
+
+impl Clients {
+    /// Every client, in order.
+    pub fn all(&self) -> BTreeSet<String> {
+        self.named.iter().chain(self.wildcard.iter()).cloned().collect()
+    }
 }
 
 impl IdentityOutput {
@@ -31,320 +58,442 @@ impl IdentityOutput {
             && self.reports.is_empty()
             && self.hosts.is_empty()
             && self.sources.is_empty()
-            && self.clients.is_empty()
+            && self.clients.named.is_empty()
+            && self.clients.wildcard.is_empty()
+    }
+
+    /// Its objects with this key, as a slice of `objects`.
+    fn with_key(&self, key: &ObjectKey) -> &[Placed] {
+        let start = self.objects.partition_point(|p| p.desired.key < *key);
+        let len = self.objects[start..].partition_point(|p| p.desired.key == *key);
+        &self.objects[start..start + len]
+    }
+
+    /// Its object in member `cluster` with this key, if it has one.
+    fn object_in(&self, cluster: ClusterIdx, key: &ObjectKey) -> Option<&Arc<Desired>> {
+        self.with_key(key).iter().find(|p| p.clusters.binary_search(&cluster).is_ok()).map(|p| &p.desired)
+    }
+
+    /// Its objects in member `cluster`.
+    fn objects_in(&self, cluster: ClusterIdx) -> impl Iterator<Item = &Arc<Desired>> {
+        let start = self.by_member.partition_point(|(c, _)| *c < cluster);
+        self.by_member[start..]
+            .iter()
+            .take_while(move |(c, _)| *c == cluster)
+            .map(|(_, i)| &self.objects[*i as usize].desired)
+    }
+
+    fn index_members(&mut self) {
+        let pairs = self.objects.iter().enumerate().flat_map(|(i, p)| p.clusters.iter().map(move |c| (*c, i as u32)));
+        self.by_member = pairs.collect();
+        self.by_member.sort_unstable();
     }
 }
 
-/// The desired state of the whole fleet, by identity and by cluster.
+/// The desired state of the whole fleet, by identity, with an index by member.
 ///
-/// Cloning it is cheap (a reference per identity and per cluster), so `run` publishes a copy
-/// after every pass for its HTTP handlers; a later pass copies a cluster's map only when it
-/// changes one that a published copy still holds.
+/// Cloning it is cheap (a reference per identity and per member), so `run` publishes a copy after
+/// every pass for its HTTP handlers; a later pass copies a member's index only when it changes one
+/// that a published copy still holds.
 #[derive(Clone, Debug, Default)]
 pub struct DesiredState {
-    pub(super) by_identity: BTreeMap<String, Arc<IdentityOutput>>,
-    by_cluster: ClusterMaps,
+    /// Identity → its number: where its output is in `slots`, and its bit in member sets.
+    numbers: BTreeMap<Arc<str>, u32>,
+    /// By number; a number is reused once its identity is gone.
+    slots: Vec<Option<Slot>>,
+    free_numbers: Vec<u32>,
+    /// Per member number.
+    members: Vec<Arc<MemberIndex>>,
+    cluster_names: Arc<ClusterNames>,
+}
+
+#[derive(Clone, Debug)]
+struct Slot {
+    identity: Arc<str>,
+    output: Arc<IdentityOutput>,
+}
+
+/// One member in the desired state: which identities place objects there, and how many objects
+/// of each kind are desired there.
+#[derive(Clone, Debug, Default)]
+struct MemberIndex {
+    /// Bit n is set when identity number n places an object here.
+    identities: Vec<u64>,
+    /// Per kind of `Kind::OUTPUTS`.
+    counts: [usize; 3],
+}
+
+impl MemberIndex {
+    fn set(&mut self, number: u32, on: bool) {
+        let (word, bit) = ((number / 64) as usize, number % 64);
+        if self.identities.len() <= word {
+            if !on {
+                return;
+            }
+            self.identities.resize(word + 1, 0);
+        }
+        if on {
+            self.identities[word] |= 1 << bit;
+        } else {
+            self.identities[word] &= !(1 << bit);
+        }
+    }
+
+    fn numbers(&self) -> impl Iterator<Item = u32> + '_ {
+        self.identities.iter().enumerate().flat_map(|(word, bits)| {
+            let mut bits = *bits;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let bit = bits.trailing_zeros();
+                bits &= bits - 1;
+                Some(word as u32 * 64 + bit)
+            })
+        })
+    }
+}
+
+/// Where a kind's count is kept in `MemberIndex::counts`.
+fn slot(kind: Kind) -> usize {
+    Kind::OUTPUTS.iter().position(|k| *k == kind).expect("only output kinds are desired")
 }
 
 impl DesiredState {
-    /// The objects desired in one cluster, sorted by key.
-    pub fn cluster(&self, id: &str) -> impl Iterator<Item = &DesiredObject> {
-        self.by_cluster.get(id).into_iter().flat_map(|m| m.values().map(|o| &o.object))
+    /// The objects desired in one member, sorted by key. Two identities give the same key only
+    /// when their hosts collide; the first in byte order has it (as `Owners` decides).
+    pub fn cluster(&self, id: &str) -> Vec<Arc<Desired>> {
+        let Some(idx) = self.cluster_names.number(id) else {
+            return Vec::new();
+        };
+        let Some(member) = self.members.get(idx.index()) else {
+            return Vec::new();
+        };
+        // Sorted by what each key starts with, copied out, so that sorting seldom reads the
+        // objects themselves (scattered in memory: reading them is what sorting would wait on).
+        let mut found: Vec<(KeyHead, &Arc<Desired>, &str)> = Vec::new();
+        for number in member.numbers() {
+            let slot = self.slots[number as usize].as_ref().expect("a set bit names an identity");
+            for desired in slot.output.objects_in(idx) {
+                found.push((desired.key.head(), desired, &slot.identity));
+            }
+        }
+        found.sort_unstable_by(|(ha, a, ia), (hb, b, ib)| {
+            ha.cmp(hb).then_with(|| a.key.cmp(&b.key)).then_with(|| ia.cmp(ib))
+        });
+        found.dedup_by(|(ha, a, _), (hb, b, _)| ha == hb && a.key == b.key);
+        found.into_iter().map(|(_, d, _)| d.clone()).collect()
     }
 
-    pub fn cluster_map(&self, id: &str) -> Option<&BTreeMap<ObjectKey, Arc<Desired>>> {
-        self.by_cluster.get(id).map(|m| &**m)
+    /// The id of member number `idx`.
+    pub fn cluster_name(&self, idx: ClusterIdx) -> &str {
+        self.cluster_names.name(idx)
+    }
+
+    /// How many objects are desired in one member, per kind of `Kind::OUTPUTS`.
+    pub fn counts(&self, id: &str) -> [usize; 3] {
+        let member = self.cluster_names.number(id).and_then(|idx| self.members.get(idx.index()));
+        member.map_or([0; 3], |m| m.counts)
     }
 
     pub fn object_count(&self) -> usize {
-        self.by_cluster.values().map(|m| m.len()).sum()
+        self.members.iter().flat_map(|m| m.counts).sum()
     }
 
     /// Every identity with an output, in order.
     pub fn identities(&self) -> impl Iterator<Item = (&str, &IdentityOutput)> {
-        self.by_identity.iter().map(|(id, o)| (id.as_str(), &**o))
+        self.numbers.iter().map(|(id, n)| (&**id, &*self.slot(*n).output))
     }
 
     pub fn identity(&self, id: &str) -> Option<&IdentityOutput> {
-        self.by_identity.get(id).map(|o| &**o)
+        self.output(id).map(|o| &**o)
+    }
+
+    fn output(&self, id: &str) -> Option<&Arc<IdentityOutput>> {
+        self.numbers.get(id).map(|n| &self.slot(*n).output)
+    }
+
+    fn slot(&self, number: u32) -> &Slot {
+        self.slots[number as usize].as_ref().expect("a numbered identity has a slot")
     }
 
     pub fn diagnostics(&self) -> impl Iterator<Item = &Diagnostic> {
-        self.by_identity.values().flat_map(|o| o.diagnostics.iter())
+        self.identities().flat_map(|(_, o)| o.diagnostics.iter())
     }
 
     pub fn reports(&self) -> impl Iterator<Item = &PolicyReport> {
-        self.by_identity.values().flat_map(|o| o.reports.iter())
+        self.identities().flat_map(|(_, o)| o.reports.iter())
     }
 
-    /// What replacing `identity`'s output with `output` changes. Reads only, so identities are
-    /// prepared on every core.
+    /// The object with this key desired in member `cluster`, if any.
+    pub(super) fn object(&self, owners: &Owners, cluster: &str, key: &ObjectKey) -> Option<&Arc<Desired>> {
+        let idx = self.cluster_names.number(cluster)?;
+        let owner = owners.first(key)?;
+        self.output(owner)?.object_in(idx, key)
+    }
+
+    /// Whether replacing `identity`'s output with `output` changes any object. Reads only, so
+    /// identities are prepared on every core.
     pub(super) fn prepare(&self, identity: &str, mut output: IdentityOutput) -> Swap {
-        let old = self.by_identity.get(identity).map_or(&[][..], |o| &o.objects[..]);
+        output.index_members();
+        let old = self.output(identity).map_or(&[][..], |o| &o.objects[..]);
         let same = old.len() == output.objects.len()
-            && old.iter().zip(&output.objects).all(|((c1, o1), (c2, o2))| {
-                c1 == c2 && o1.key == o2.key && (Arc::ptr_eq(o1, o2) || o1.digest == o2.digest)
+            && old.iter().zip(&output.objects).all(|(o, n)| {
+                o.desired.key == n.desired.key && o.desired.digest == n.desired.digest && o.clusters == n.clusters
             });
-        if same {
-            // Keep the objects the clusters hold, and free the rebuilt ones here, on this core.
-            output.objects = old.to_vec();
-            return Swap { output, objects: ObjectsChange::Same };
-        }
-        let mut removed = Vec::new();
-        if !old.is_empty() {
-            // Objects the identity no longer produces leave the clusters that held them.
-            let kept: HashSet<(&str, &ObjectKey)> = output.objects.iter().map(|(c, o)| (&**c, &o.key)).collect();
-            removed = old
-                .iter()
-                .filter(|(c, o)| !kept.contains(&(&**c, &o.key)))
-                .map(|(c, o)| (c.clone(), o.key.clone()))
-                .collect();
-        }
-        Swap { output, objects: ObjectsChange::Changed { removed } }
+        Swap { output, same }
     }
 
-    /// Swaps in the prepared outputs of `identities`, and records the (cluster, key) pairs whose
-    /// object changed, per cluster in identity order. The clusters are independent, so they are
-    /// updated on `threads` threads, each owning a fixed share of them: the result is the same.
-    pub(super) fn swap(&mut self, identities: &[&str], swaps: Vec<Swap>, threads: usize, changed: &mut Changed) {
-        let threads = if swaps.len() < SWAP_PARALLEL_MIN { 1 } else { threads.max(1) };
-        let mut shares: Vec<ClusterMaps> = (0..threads).map(|_| ClusterMaps::new()).collect();
-        for (id, objects) in std::mem::take(&mut self.by_cluster) {
-            shares[owner(&id, threads)].insert(id, objects);
+    /// Swaps in the prepared outputs of `identities` (in order), keeps `owners` and the member
+    /// index up to date, and records what changed in each member: the keys whose object there was
+    /// added, modified or removed, or `Whole` when nothing at all was desired before.
+    pub(super) fn swap(
+        &mut self,
+        owners: &mut Owners,
+        cluster_names: &Arc<ClusterNames>,
+        identities: &[&str],
+        swaps: Vec<Swap>,
+        changed: &mut Changed,
+    ) {
+        let was_empty = self.object_count() == 0;
+        self.cluster_names = cluster_names.clone();
+        if self.members.len() < cluster_names.len() {
+            self.members.resize_with(cluster_names.len(), Default::default);
         }
-        let changes: Vec<Changed> = std::thread::scope(|scope| {
-            let swaps = &swaps;
-            let mut shares = shares.iter_mut().enumerate();
-            let (_, first) = shares.next().expect("at least one share");
-            let others: Vec<_> = shares
-                .map(|(n, share)| scope.spawn(move || swap_clusters(share, swaps, |c| owner(c, threads) == n)))
-                .collect();
-            let mut changes = vec![swap_clusters(first, swaps, |c| owner(c, threads) == 0)];
-            changes.extend(others.into_iter().map(|t| t.join().expect("a swap thread panicked")));
-            changes
-        });
-        for mut share in shares {
-            self.by_cluster.append(&mut share);
+        let mut keys_changed: BTreeMap<ClusterIdx, Vec<ObjectKey>> = BTreeMap::new();
+        for (identity, Swap { output, same }) in identities.iter().zip(swaps) {
+            let number = self.numbers.get(*identity).copied();
+            let old = self.output(identity).cloned();
+            if same {
+                // No object changed, so neither did the member sets.
+                match number {
+                    Some(number) if output.is_empty() => self.remove(identity, number),
+                    Some(number) => self.set_output(number, output),
+                    None if output.is_empty() => {}
+                    None => {
+                        self.insert(identity, output);
+                    }
+                }
+                continue;
+            }
+            let old_objects = old.as_ref().map_or(&[][..], |o| &o.objects[..]);
+            self.update_owners(owners, identity, old_objects, &output.objects, &mut keys_changed, was_empty);
+            // The member sets: clear what the old output placed, set what the new one places.
+            if let Some(number) = number {
+                for placed in old_objects {
+                    for c in &placed.clusters {
+                        Arc::make_mut(&mut self.members[c.index()]).set(number, false);
+                    }
+                }
+            }
+            if output.is_empty() {
+                if let Some(number) = number {
+                    self.remove(identity, number);
+                }
+                continue;
+            }
+            let number = match number {
+                Some(number) => {
+                    self.set_output(number, output);
+                    number
+                }
+                None => self.insert(identity, output),
+            };
+            let output = self.slot(number).output.clone();
+            for placed in &output.objects {
+                for c in &placed.clusters {
+                    Arc::make_mut(&mut self.members[c.index()]).set(number, true);
+                }
+            }
         }
-        for (cluster, keys) in changes.into_iter().flatten() {
-            changed.entry(cluster).or_default().extend(keys);
+        if was_empty {
+            for (idx, member) in self.members.iter().enumerate() {
+                if member.counts.iter().any(|n| *n > 0) {
+                    let name = cluster_names.name(ClusterIdx(idx as u32));
+                    changed.insert(name.to_string(), MemberChange::Whole);
+                }
+            }
+            return;
         }
-        for (identity, Swap { output, .. }) in identities.iter().zip(swaps) {
-            self.by_identity.remove(*identity);
-            if !output.is_empty() {
-                self.by_identity.insert(identity.to_string(), Arc::new(output));
+        for (idx, keys) in keys_changed {
+            let name = cluster_names.name(idx).to_string();
+            match changed.entry(name).or_insert_with(|| MemberChange::Keys(Vec::new())) {
+                MemberChange::Whole => {}
+                MemberChange::Keys(have) => have.extend(keys),
+            }
+        }
+    }
+
+    /// Gives `identity` a number and stores its output.
+    fn insert(&mut self, identity: &str, output: IdentityOutput) -> u32 {
+        let name: Arc<str> = identity.into();
+        let slot = Some(Slot { identity: name.clone(), output: Arc::new(output) });
+        let number = match self.free_numbers.pop() {
+            Some(n) => {
+                self.slots[n as usize] = slot;
+                n
+            }
+            None => {
+                self.slots.push(slot);
+                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 identities")
+            }
+        };
+        self.numbers.insert(name, number);
+        number
+    }
+
+    fn set_output(&mut self, number: u32, output: IdentityOutput) {
+        self.slots[number as usize].as_mut().expect("a numbered identity has a slot").output = Arc::new(output);
+    }
+
+    fn remove(&mut self, identity: &str, number: u32) {
+        self.numbers.remove(identity);
+        self.slots[number as usize] = None;
+        self.free_numbers.push(number);
+    }
+
+    /// Walks the keys `identity` had and has (both sorted), moving them between owners, counting
+    /// what each member now holds, and noting the (member, key) pairs whose object changed.
+    fn update_owners(
+        &mut self,
+        owners: &mut Owners,
+        identity: &str,
+        old: &[Placed],
+        new: &[Placed],
+        keys_changed: &mut BTreeMap<ClusterIdx, Vec<ObjectKey>>,
+        was_empty: bool,
+    ) {
+        let (mut old, mut new) = (old, new);
+        while let Some(key) = match (old.first(), new.first()) {
+            (None, None) => None,
+            (Some(o), None) => Some(o.desired.key.clone()),
+            (None, Some(n)) => Some(n.desired.key.clone()),
+            (Some(o), Some(n)) => Some(std::cmp::min(&o.desired.key, &n.desired.key).clone()),
+        } {
+            let (had, has) = (take_key(&mut old, &key), take_key(&mut new, &key));
+            let before = owners.first(&key).cloned();
+            owners.set(&key, identity, !has.is_empty());
+            let after = owners.first(&key).cloned();
+            let is_me = |owner: &Option<Arc<str>>| owner.as_deref() == Some(identity);
+            if !is_me(&before) && !is_me(&after) {
+                continue; // another identity's object stands there, before and after
+            }
+            let visible = |owner: &Option<Arc<str>>, mine: &'_ [Placed]| -> Vec<(ClusterIdx, Digest)> {
+                let placed = match owner {
+                    None => &[][..],
+                    Some(o) if &**o == identity => mine,
+                    Some(o) => self.output(o).map_or(&[][..], |out| out.with_key(&key)),
+                };
+                let mut at: Vec<(ClusterIdx, Digest)> =
+                    placed.iter().flat_map(|p| p.clusters.iter().map(|c| (*c, p.desired.digest))).collect();
+                at.sort_unstable_by_key(|(c, _)| *c);
+                at
+            };
+            let (before, after) = (visible(&before, had), visible(&after, has));
+            let kind = slot(key.kind);
+            for (c, _) in &before {
+                Arc::make_mut(&mut self.members[c.index()]).counts[kind] -= 1;
+            }
+            for (c, _) in &after {
+                Arc::make_mut(&mut self.members[c.index()]).counts[kind] += 1;
+            }
+            if !was_empty {
+                for c in differing(&before, &after) {
+                    keys_changed.entry(c).or_default().push(key.clone());
+                }
             }
         }
     }
 }
 
-type ClusterMaps = BTreeMap<ClusterId, Arc<BTreeMap<ObjectKey, Arc<Desired>>>>;
+/// Splits the objects with `key` off the front of `list` (sorted by key).
+fn take_key<'a>(list: &mut &'a [Placed], key: &ObjectKey) -> &'a [Placed] {
+    let len = list.partition_point(|p| p.desired.key == *key);
+    let (mine, rest) = list.split_at(len);
+    *list = rest;
+    mine
+}
 
-/// One identity's new output, and what it changes in the clusters.
+/// The members where two (member, digest) lists, each sorted by member, differ.
+fn differing(a: &[(ClusterIdx, Digest)], b: &[(ClusterIdx, Digest)]) -> Vec<ClusterIdx> {
+    let mut out = Vec::new();
+    let (mut a, mut b) = (a.iter().peekable(), b.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => return out,
+            (Some((c, _)), None) => {
+                out.push(*c);
+                a.next();
+            }
+            (None, Some((c, _))) => {
+                out.push(*c);
+                b.next();
+            }
+            (Some((ca, da)), Some((cb, db))) => {
+                if ca < cb {
+                    out.push(*ca);
+                    a.next();
+                } else if cb < ca {
+                    out.push(*cb);
+                    b.next();
+                } else {
+                    if da != db {
+                        out.push(*ca);
+                    }
+                    a.next();
+                    b.next();
+                }
+            }
+        }
+    }
+}
+
+/// Which identities produce each object key; the first in byte order owns it. Two identities
+/// give the same key only when their hosts collide (env `a.b` of identity `c` and env `a` of
+/// identity `b.c`), which `Engine::all_diagnostics` reports. Kept beside the desired state, not in
+/// it, so that publishing the desired state does not copy it.
+#[derive(Clone, Debug, Default)]
+pub struct Owners(HashMap<ObjectKey, Vec<Arc<str>>>);
+
+impl Owners {
+    pub fn first(&self, key: &ObjectKey) -> Option<&Arc<str>> {
+        self.0.get(key).and_then(|o| o.first())
+    }
+
+    fn set(&mut self, key: &ObjectKey, identity: &str, produces: bool) {
+        let owners = self.0.entry(key.clone()).or_default();
+        match (owners.binary_search_by(|o| (**o).cmp(identity)), produces) {
+            (Err(at), true) => owners.insert(at, identity.into()),
+            (Ok(at), false) => {
+                owners.remove(at);
+            }
+            _ => {}
+        }
+        if owners.is_empty() {
+            self.0.remove(key);
+        }
+    }
+
+    /// Keys that more than one identity produces, with those identities.
+    pub fn shared(&self) -> impl Iterator<Item = (&ObjectKey, &[Arc<str>])> {
+        self.0.iter().filter(|(_, o)| o.len() > 1).map(|(k, o)| (k, &o[..]))
+    }
+}
+
+/// One identity's new output, and whether its objects are the ones it had.
 pub(super) struct Swap {
     output: IdentityOutput,
-    objects: ObjectsChange,
+    same: bool,
 }
 
-enum ObjectsChange {
-    /// The same objects (clusters, keys and digests) as before, which the output now holds
-    /// instead of the rebuilt ones: nothing changes in the clusters.
-    Same,
-    /// The output's objects are upserted, and these (cluster, key) pairs removed.
-    Changed { removed: Vec<(Arc<str>, ObjectKey)> },
+/// What a recompute changed in one member's desired objects.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MemberChange {
+    /// Nothing was desired anywhere before: everything is new (start-up).
+    Whole,
+    /// The keys whose object there was added, modified or removed, in the order met.
+    Keys(Vec<ObjectKey>),
 }
 
-/// Below this many identities, a swap stays on the calling thread: spawning costs more.
-const SWAP_PARALLEL_MIN: usize = 64;
-
-/// Which of `threads` shares a cluster belongs to: fixed by its name (FNV-1a), so that every
-/// object of a cluster is swapped by the same thread, in identity order.
-fn owner(cluster: &str, threads: usize) -> usize {
-    (crate::meta::fnv1a(cluster.as_bytes()) % threads as u64) as usize
-}
-
-/// Applies `swaps`, in order, to the clusters of `share` that `mine` selects; returns the keys
-/// that changed there.
-fn swap_clusters(share: &mut ClusterMaps, swaps: &[Swap], mine: impl Fn(&str) -> bool) -> Changed {
-    let mut changed = Changed::new();
-    // Clusters that hold nothing yet (all of them at start-up) are filled at the end, in bulk:
-    // sorting their objects once costs far less than searching a growing tree for each.
-    let mut fresh: BTreeMap<&str, Vec<FreshOp>> = BTreeMap::new();
-    let mut seq = 0;
-    let mut run_changed = Vec::new();
-    for swap in swaps {
-        let ObjectsChange::Changed { removed } = &swap.objects else {
-            continue;
-        };
-        // An identity's objects come in runs per cluster: find each run's maps once.
-        for run in swap.output.objects.chunk_by(|(a, _), (b, _)| Arc::ptr_eq(a, b)) {
-            let cluster = &run[0].0;
-            if !mine(cluster) {
-                continue;
-            }
-            let slot = match share.get_mut(&**cluster) {
-                Some(slot) => Arc::make_mut(slot),
-                None => {
-                    let ops = fresh.entry(cluster).or_default();
-                    for (_, obj) in run {
-                        ops.push(FreshOp { key: obj.key.clone(), seq, object: Some(obj.clone()) });
-                        seq += 1;
-                    }
-                    continue;
-                }
-            };
-            for (_, obj) in run {
-                match slot.entry(obj.key.clone()) {
-                    btree_map::Entry::Vacant(e) => {
-                        e.insert(obj.clone());
-                    }
-                    btree_map::Entry::Occupied(mut e) => {
-                        let have = e.get();
-                        if Arc::ptr_eq(have, obj) || have.digest == obj.digest {
-                            continue;
-                        }
-                        e.insert(obj.clone());
-                    }
-                }
-                run_changed.push(obj.key.clone());
-            }
-            if !run_changed.is_empty() {
-                changed_in(&mut changed, cluster).append(&mut run_changed);
-            }
-        }
-        for (cluster, key) in removed {
-            if !mine(cluster) {
-                continue;
-            }
-            if let Some(ops) = fresh.get_mut(&**cluster) {
-                ops.push(FreshOp { key: key.clone(), seq, object: None });
-                seq += 1;
-                continue;
-            }
-            if let Some(slot) = share.get_mut(&**cluster) {
-                Arc::make_mut(slot).remove(key);
-                if slot.is_empty() {
-                    share.remove(&**cluster);
-                }
-            }
-            changed_in(&mut changed, cluster).push(key.clone());
-        }
-    }
-    for (cluster, ops) in fresh {
-        let (objects, keys) = replay_fresh(ops);
-        if !objects.is_empty() {
-            share.insert(cluster.to_string(), Arc::new(objects));
-        }
-        if !keys.is_empty() {
-            changed_in(&mut changed, cluster).extend(keys);
-        }
-    }
-    changed
-}
-
-/// One upsert (with an object) or removal (without) aimed at a cluster that held nothing when
-/// the swap began, numbered in the order the swap met it.
-struct FreshOp {
-    key: ObjectKey,
-    seq: usize,
-    object: Option<Arc<Desired>>,
-}
-
-/// The map and the changed keys that applying `ops` one by one to an empty cluster would give,
-/// computed by sorting: each key's ops are replayed in order, and the changed keys are put back
-/// in the order they were met.
-fn replay_fresh(mut ops: Vec<FreshOp>) -> (BTreeMap<ObjectKey, Arc<Desired>>, Vec<ObjectKey>) {
-    // Stable: a key's ops keep their order.
-    ops.sort_by(|a, b| a.key.cmp(&b.key));
-    let mut objects = Vec::with_capacity(ops.len());
-    let mut changed: Vec<(usize, ObjectKey)> = Vec::with_capacity(ops.len());
-    let mut ops = ops.into_iter().peekable();
-    while let Some(FreshOp { key, seq, object }) = ops.next() {
-        let mut current = None;
-        let mut next = Some((seq, object));
-        while let Some((seq, object)) = next {
-            let unchanged = match (&object, &current) {
-                (Some(new), Some(have)) => Arc::ptr_eq(have, new) || have.digest == new.digest,
-                _ => false,
-            };
-            if !unchanged {
-                current = object;
-                changed.push((seq, key.clone()));
-            }
-            next = ops.next_if(|op| op.key == key).map(|op| (op.seq, op.object));
-        }
-        if let Some(object) = current {
-            objects.push((key, object));
-        }
-    }
-    changed.sort_unstable_by_key(|(seq, _)| *seq);
-    // Already sorted by key and without duplicates, which `from_iter` recognises in one pass.
-    (objects.into_iter().collect(), changed.into_iter().map(|(_, key)| key).collect())
-}
-
-/// Object keys whose desired content changed (added, modified or removed), per cluster, in the
-/// order the recompute met them. A list, not a set: recording a change costs no search.
-pub type Changed = BTreeMap<ClusterId, Vec<ObjectKey>>;
-
-fn changed_in<'a>(changed: &'a mut Changed, cluster: &str) -> &'a mut Vec<ObjectKey> {
-    if changed.contains_key(cluster) {
-        return changed.get_mut(cluster).expect("just checked");
-    }
-    changed.entry(cluster.to_string()).or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::istio::Sidecar;
-    use crate::meta::Kind;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-    use proptest::prelude::*;
-
-    /// A Sidecar named `name` whose content is one of three (variants 0 and 1 are equal).
-    fn sidecar(name: &str, variant: u8) -> Arc<Desired> {
-        use crate::istio::{EgressListener, SidecarSpec};
-        let spec = SidecarSpec {
-            workload_selector: None,
-            egress: vec![EgressListener { hosts: vec![format!("ns/h{}", variant.max(1))] }],
-        };
-        let meta = ObjectMeta { name: Some(name.into()), namespace: Some("ns".into()), ..Default::default() };
-        Arc::new(Desired::new(DesiredObject::Sidecar(Sidecar { metadata: meta, spec })))
-    }
-
-    proptest! {
-        /// Filling an empty cluster in bulk gives the map and the changed keys (in order) that
-        /// applying the same upserts and removals one by one gives.
-        #[test]
-        fn bulk_fill_equals_one_by_one(ops in proptest::collection::vec((0u8..4, proptest::option::of(0u8..3)), 0..40)) {
-            let ops: Vec<(ObjectKey, Option<Arc<Desired>>)> = ops
-                .iter()
-                .map(|(k, v)| {
-                    let name = format!("s{k}");
-                    (ObjectKey::new(Kind::Sidecar, "ns", &name), v.map(|v| sidecar(&name, v)))
-                })
-                .collect();
-            let mut map: BTreeMap<ObjectKey, Arc<Desired>> = BTreeMap::new();
-            let mut changed = Vec::new();
-            for (key, object) in &ops {
-                match object {
-                    Some(new) => {
-                        if map.get(key).is_some_and(|have| Arc::ptr_eq(have, new) || have.digest == new.digest) {
-                            continue;
-                        }
-                        map.insert(key.clone(), new.clone());
-                    }
-                    None => {
-                        map.remove(key);
-                    }
-                }
-                changed.push(key.clone());
-            }
-            let fresh = ops.into_iter().enumerate().map(|(seq, (key, object))| FreshOp { key, seq, object }).collect();
-            let (bulk, bulk_changed) = replay_fresh(fresh);
-            prop_assert_eq!(bulk, map);
-            prop_assert_eq!(bulk_changed, changed);
-        }
-
-    }
-}
+/// What changed, per member.
+pub type Changed = BTreeMap<ClusterId, MemberChange>;

@@ -38,11 +38,16 @@ pub fn identity_view(desired: &DesiredState, identity: &str) -> Option<IdentityV
     let out = desired.identity(identity)?;
     let mut hosts = BTreeSet::new();
     let mut target_clusters: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (cluster, obj) in &out.objects {
-        if let DesiredObject::ServiceEntry(se) = &obj.object {
+    for placed in &out.objects {
+        if let DesiredObject::ServiceEntry(se) = &placed.desired.object {
             hosts.extend(se.spec.hosts.iter().cloned());
         }
-        target_clusters.entry(cluster.to_string()).or_default().push(obj.key.to_string());
+        for c in &placed.clusters {
+            target_clusters
+                .entry(desired.cluster_name(*c).to_string())
+                .or_default()
+                .push(placed.desired.key.to_string());
+        }
     }
     let policies = out
         .reports
@@ -64,7 +69,7 @@ pub fn identity_view(desired: &DesiredState, identity: &str) -> Option<IdentityV
         hosts,
         source_clusters: out.sources.clone(),
         target_clusters,
-        clients: out.clients.clone(),
+        clients: out.clients.all(),
         policies,
         diagnostics: out.diagnostics.iter().map(|d| d.to_string()).collect(),
     })
@@ -92,11 +97,9 @@ pub fn explain_host(engine: &super::Engine, host: &str, cluster: Option<&str>) -
         .identity(identity)?
         .objects
         .iter()
-        .filter(|(c, o)| {
-            matches!(&o.object, DesiredObject::ServiceEntry(se) if se.spec.hosts.contains(&host))
-                && cluster.is_none_or(|want| &**c == want)
-        })
-        .map(|(c, _)| c.to_string())
+        .filter(|p| matches!(&p.desired.object, DesiredObject::ServiceEntry(se) if se.spec.hosts.contains(&host)))
+        .flat_map(|p| p.clusters.iter().map(|c| engine.desired.cluster_name(*c).to_string()))
+        .filter(|c| cluster.is_none_or(|want| c == want))
         .collect();
     let mut clusters = BTreeMap::new();
     for member in written {

@@ -3,11 +3,14 @@
 //! from here, and so does every diagnostic about the identity.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use crate::argo::LABEL_POD_TEMPLATE_HASH;
 use crate::crd::{ClientConnectionConfigSpec, GlobalTrafficPolicySpec, OutlierDetectionSpec, TrafficPolicy};
 use crate::meta::{Kind, is_dns_subdomain};
-use crate::model::{Cluster, ClusterId, Fleet, ObjectRef, Policy, RolloutPlan, ServiceInfo, ServicePortInfo, Workload};
+use crate::model::{
+    Cluster, ClusterId, ClusterIdx, Fleet, ObjectRef, Policy, RolloutPlan, ServiceInfo, ServicePortInfo, Workload,
+};
 use crate::settings::{ExposePorts, Settings};
 
 use super::policy::rank;
@@ -101,8 +104,8 @@ pub struct ResolvedIdentity<'a> {
     pub envs: BTreeMap<String, EnvPlan<'a>>,
     /// Its federated workloads, in (cluster, namespace, name) order (its Sidecars select them).
     pub federated: Vec<(&'a Cluster, &'a Workload)>,
-    /// Clusters where identities that depend on this one run.
-    pub client_clusters: BTreeSet<&'a str>,
+    /// Members where identities that depend on this one run, ascending.
+    pub client_clusters: Vec<ClusterIdx>,
     pub diagnostics: Vec<Diagnostic>,
     pub reports: Vec<PolicyReport>,
 }
@@ -137,31 +140,42 @@ impl<'a> PassView<'a> {
     }
 }
 
-/// Where identities run (members with a federated workload of theirs), gathered once per pass:
-/// every destination asks it of each of its clients, and every client of itself.
+/// Where identities run (members with a federated workload of theirs, ascending), gathered once
+/// per pass: every destination asks it of each of its clients, and every client of itself.
 pub struct Running<'a> {
     fleet: &'a Fleet,
-    by_identity: HashMap<&'a str, BTreeSet<&'a str>>,
+    by_identity: HashMap<&'a str, Vec<ClusterIdx>>,
     /// Where the `*` clients run: clients of every identity.
-    wildcard_clients: BTreeSet<&'a str>,
+    wildcard_clients: Vec<ClusterIdx>,
+    /// The `*` clients by name, for every identity's list of clients.
+    pub wildcard_names: Arc<BTreeSet<String>>,
 }
 
 impl<'a> Running<'a> {
     /// `by_identity` holds `fleet.clusters_running` of (at least) the pass's identities and
     /// their named clients; others are looked up in the fleet.
-    pub fn new(fleet: &'a Fleet, by_identity: HashMap<&'a str, BTreeSet<&'a str>>) -> Self {
-        let mut running = Running { fleet, by_identity, wildcard_clients: BTreeSet::new() };
-        let wildcard: BTreeSet<&'a str> = fleet.wildcard_sources().flat_map(|c| running.of(c)).collect();
+    pub fn new(fleet: &'a Fleet, by_identity: HashMap<&'a str, Vec<ClusterIdx>>) -> Self {
+        let wildcard_names = Arc::new(fleet.wildcard_sources().map(str::to_string).collect());
+        let mut running = Running { fleet, by_identity, wildcard_clients: Vec::new(), wildcard_names };
+        let wildcard = union(fleet.wildcard_sources().map(|c| running.of(c)));
         running.wildcard_clients = wildcard;
         running
     }
 
-    pub fn of(&self, identity: &str) -> BTreeSet<&'a str> {
+    pub fn of(&self, identity: &str) -> Vec<ClusterIdx> {
         match self.by_identity.get(identity) {
             Some(clusters) => clusters.clone(),
             None => self.fleet.clusters_running(identity),
         }
     }
+}
+
+/// The members in any of `sets`, ascending, without duplicates.
+pub fn union(sets: impl IntoIterator<Item = impl IntoIterator<Item = ClusterIdx>>) -> Vec<ClusterIdx> {
+    let mut all: Vec<ClusterIdx> = sets.into_iter().flatten().collect();
+    all.sort_unstable();
+    all.dedup();
+    all
 }
 
 /// Resolves `identity` against the fleet. Pure.
@@ -258,20 +272,38 @@ pub fn resolve<'a>(
         spoken.extend(speaking);
     }
 
-    out.client_clusters = running.wildcard_clients.clone();
-    for client in fleet.named_clients_of(identity) {
-        match running.by_identity.get(client) {
-            Some(clusters) => out.client_clusters.extend(clusters.iter().copied()),
-            None => out.client_clusters.extend(fleet.clusters_running(client)),
-        }
-    }
+    let named = fleet.named_clients_of(identity).map(|client| match running.by_identity.get(client) {
+        Some(clusters) => clusters.clone(),
+        None => fleet.clusters_running(client),
+    });
+    out.client_clusters = union(named.chain([running.wildcard_clients.clone()]));
 
     select_policies(fleet, identity, &locations, &mut out);
 
+    // Hosts are lower-case, so envs that differ only in case give the same host, and so does a
+    // GTP prefix "canary" beside a Rollout's canary host: the first written keeps it.
+    let mut written: BTreeSet<String> = BTreeSet::new();
     for env in out.envs.values_mut() {
         let (env_name, gtp) = (env.env.clone(), env.gtp);
         for group in env.groups.values_mut() {
-            group.hosts = hosts_of(settings, identity, &env_name, gtp, group.variant, &mut out.diagnostics);
+            let mut hosts = hosts_of(settings, identity, &env_name, gtp, group.variant, &mut out.diagnostics);
+            if !group.sources.is_empty() {
+                hosts.retain(|h| {
+                    let first = written.insert(h.host.clone());
+                    if !first {
+                        out.diagnostics.push(Diagnostic::error(
+                            None,
+                            format!("identity {identity}"),
+                            format!(
+                                "env {env_name:?} gives host {:?} a second time; only the first is written",
+                                h.host
+                            ),
+                        ));
+                    }
+                    first
+                });
+            }
+            group.hosts = hosts;
         }
     }
     out

@@ -22,11 +22,11 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use crate::ingest::InputObject;
-use crate::model::{ClusterHealth, ClusterId, Fleet, Reach};
+use crate::model::{ClusterHealth, ClusterIdx, Fleet, Reach};
 use crate::settings::{self, Settings};
 
-pub use desired::{Changed, DesiredState, IdentityOutput};
-pub use output::{Desired, DesiredObject, Diagnostic, ObjectKey, PolicyReport, PolicyState, Severity};
+pub use desired::{Changed, Clients, DesiredState, IdentityOutput, MemberChange, Owners};
+pub use output::{Desired, DesiredObject, Diagnostic, ObjectKey, Placed, PolicyReport, PolicyState, Severity};
 use vip::VipTable;
 
 /// Per-cluster facts derived once per recompute (not per identity).
@@ -40,6 +40,30 @@ pub struct ClusterFacts {
     pub region: Option<String>,
     pub gateway_address: Option<String>,
     pub gateway_port: u16,
+}
+
+/// The facts of every member in the fleet, by member number.
+#[derive(Clone, Debug, Default)]
+pub struct Facts(Vec<Option<ClusterFacts>>);
+
+impl Facts {
+    fn of(fleet: &Fleet, settings: &Settings) -> Facts {
+        let mut facts = vec![None; fleet.cluster_names().len()];
+        for (id, c) in &fleet.clusters {
+            facts[c.idx.index()] = Some(ClusterFacts {
+                id: Arc::from(id.as_str()),
+                health: c.health,
+                region: c.region(),
+                gateway_address: c.gateway_address(&settings.gateway_selectors),
+                gateway_port: c.gateway_port(settings.gateway_port),
+            });
+        }
+        Facts(facts)
+    }
+
+    pub fn get(&self, idx: ClusterIdx) -> Option<&ClusterFacts> {
+        self.0.get(idx.index()).and_then(Option::as_ref)
+    }
 }
 
 /// The result of one recompute.
@@ -59,17 +83,27 @@ pub struct Engine {
     pub fleet: Fleet,
     pub vips: VipTable,
     pub desired: DesiredState,
+    /// Which identities produce each object key (see `Owners`).
+    owners: Owners,
     /// Threads that resolve and build identities (all cores by default). The output does not
     /// depend on it.
     pub threads: usize,
-    facts: BTreeMap<ClusterId, ClusterFacts>,
+    facts: Facts,
 }
 
 impl Engine {
     pub fn new(settings: Settings, vips: VipTable) -> Self {
         let fleet = Fleet::new(&settings.identity_label);
         let threads = crate::parallel::cores();
-        Engine { settings, fleet, vips, desired: DesiredState::default(), threads, facts: BTreeMap::new() }
+        Engine {
+            settings,
+            fleet,
+            vips,
+            desired: DesiredState::default(),
+            owners: Owners::default(),
+            threads,
+            facts: Facts::default(),
+        }
     }
 
     /// Replaces the VIP table (e.g. with the allocations persisted in the hub, when they disagree
@@ -79,8 +113,39 @@ impl Engine {
         self.fleet.mark_all_dirty();
     }
 
-    pub fn facts(&self) -> &BTreeMap<ClusterId, ClusterFacts> {
-        &self.facts
+    /// The facts of member `id` as of the last recompute.
+    pub fn facts(&self, id: &str) -> Option<&ClusterFacts> {
+        self.facts.get(self.fleet.cluster_names().number(id)?)
+    }
+
+    /// The object with `key` desired in member `cluster`, if any.
+    pub fn desired_object(&self, cluster: &str, key: &ObjectKey) -> Option<&Arc<Desired>> {
+        self.desired.object(&self.owners, cluster, key)
+    }
+
+    /// Plans `scope` of member `cluster`, in `health`, against what it holds (`observed`).
+    pub fn plan_member(
+        &self,
+        cluster: &str,
+        health: ClusterHealth,
+        scope: &plan::Scope,
+        observed: &BTreeMap<ObjectKey, plan::ObservedObject>,
+    ) -> plan::ClusterPlan {
+        if !plan::is_plannable(health) {
+            return plan::ClusterPlan::default();
+        }
+        match scope {
+            plan::Scope::Whole => plan::plan_cluster(&self.desired.cluster(cluster), observed),
+            plan::Scope::Keys(keys) => plan::plan_keys(keys, |k| self.desired_object(cluster, k), observed),
+        }
+    }
+
+    /// Starts again from nothing desired: the next recompute is a full one from empty, as at
+    /// start-up.
+    pub fn clear_desired(&mut self) {
+        self.desired = DesiredState::default();
+        self.owners = Owners::default();
+        self.fleet.mark_all_dirty();
     }
 
     /// Recomputes what the model marked dirty since the last call.
@@ -91,13 +156,13 @@ impl Engine {
             return result;
         }
         if dirty.all || dirty.facts {
-            self.facts = cluster_facts(&self.fleet, &self.settings);
+            self.facts = Facts::of(&self.fleet, &self.settings);
         }
         // Hosts someone else's ServiceEntry began or stopped holding: whoever writes them.
         if !dirty.hosts.is_empty() {
-            for (id, out) in &self.desired.by_identity {
+            for (id, out) in self.desired.identities() {
                 if out.hosts.iter().any(|h| dirty.hosts.contains(h)) {
-                    dirty.identities.entry(id.clone()).or_insert(Reach::Itself);
+                    dirty.identities.entry(id.to_string()).or_insert(Reach::Itself);
                 }
             }
         }
@@ -117,7 +182,7 @@ impl Engine {
         // destination, or editing its Dependency, only touches the identities involved.
         let identities: BTreeSet<String> = if dirty.all {
             let mut all = self.fleet.identities();
-            all.extend(self.desired.by_identity.keys().cloned());
+            all.extend(self.desired.identities().map(|(id, _)| id.to_string()));
             all
         } else {
             // The model says how far each change can reach. Destinations are written where we
@@ -129,7 +194,7 @@ impl Engine {
             for (id, reach) in dirty.identities {
                 if reach >= Reach::Clients {
                     let now = identity::resolve(&self.fleet, &self.settings, &probe, &id);
-                    let before = self.desired.by_identity.get(&id).map_or(&[][..], |o| &o.hosts[..]);
+                    let before = self.desired.identity(&id).map_or(&[][..], |o| &o.hosts[..]);
                     if !now.written_hosts().eq(before.iter().map(String::as_str)) {
                         set.extend(self.fleet.named_clients_of(&id).map(str::to_string));
                     }
@@ -142,7 +207,7 @@ impl Engine {
             set
         };
         let identities: Vec<&str> = identities.iter().map(String::as_str).collect();
-        let Engine { settings, fleet, vips, desired, threads, facts } = self;
+        let Engine { settings, fleet, vips, desired, owners, threads, facts } = self;
 
         // 1. Resolve, on every core: the identities recomputed and the destinations whose hosts
         //    their Sidecars list.
@@ -178,16 +243,20 @@ impl Engine {
         let swaps = crate::parallel::map(*threads, &identities, |id| {
             desired.prepare(id, objects::compute_identity(fleet, settings, facts, &pass, id, vips))
         });
-        desired.swap(&identities, swaps, *threads, &mut result.changed);
+        desired.swap(owners, fleet.cluster_names(), &identities, swaps, &mut result.changed);
         result.identities = identities.len();
         result.new_vips = self.vips.take_new();
         result
     }
 
-    /// Problems of whole clusters (no gateway, no region), sorted.
+    /// Problems of whole clusters (no gateway, no region, stale), and object names two identities
+    /// would write, sorted.
     pub fn cluster_diagnostics(&self) -> Vec<Diagnostic> {
         let mut out = Vec::new();
-        for (id, facts) in &self.facts {
+        for (id, c) in &self.fleet.clusters {
+            let Some(facts) = self.facts.get(c.idx) else {
+                continue;
+            };
             if facts.region.is_none() {
                 out.push(Diagnostic::warning(
                     Some(id),
@@ -210,6 +279,19 @@ impl Engine {
                 ));
             }
         }
+        for (key, identities) in self.owners.shared() {
+            let names: Vec<String> = identities.iter().map(|i| format!("{i:?}")).collect();
+            out.push(Diagnostic::error(
+                None,
+                key.to_string(),
+                format!(
+                    "identities {} would all write it (their hosts collide); only {} does",
+                    names.join(", "),
+                    names[0]
+                ),
+            ));
+        }
+        out.sort();
         out
     }
 
@@ -229,21 +311,4 @@ impl Engine {
         all.extend(self.desired.diagnostics().cloned());
         all.into_iter().collect()
     }
-}
-
-fn cluster_facts(fleet: &Fleet, settings: &Settings) -> BTreeMap<ClusterId, ClusterFacts> {
-    fleet
-        .clusters
-        .iter()
-        .map(|(id, c)| {
-            let facts = ClusterFacts {
-                id: Arc::from(id.as_str()),
-                health: c.health,
-                region: c.region(),
-                gateway_address: c.gateway_address(&settings.gateway_selectors),
-                gateway_port: c.gateway_port(settings.gateway_port),
-            };
-            (id.clone(), facts)
-        })
-        .collect()
 }

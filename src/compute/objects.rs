@@ -16,12 +16,12 @@ use crate::istio::{
     WorkloadSelector,
 };
 use crate::meta::{GATEWAY_NAMESPACE, Kind, LABEL_TLS_MODE, is_dns_subdomain, managed_labels};
-use crate::model::{Cluster, ClusterId, Fleet, Workload};
+use crate::model::{Cluster, ClusterId, ClusterIdx, Fleet, Workload};
 use crate::settings::{ExportTo, Settings, SidecarMode, VipMode};
 
-use super::identity::{EnvPlan, ExposedPort, HostGroup, HostPlan, PassView, ResolvedIdentity};
+use super::identity::{EnvPlan, ExposedPort, HostGroup, HostPlan, PassView, ResolvedIdentity, union};
 use super::vip::{VipExhausted, VipTable};
-use super::{ClusterFacts, Desired, DesiredObject, Diagnostic, IdentityOutput, PolicyReport, PolicyState};
+use super::{Clients, Desired, DesiredObject, Diagnostic, Facts, IdentityOutput, Placed, PolicyReport, PolicyState};
 
 /// Everything one identity contributes to the desired state of the fleet. Reads only: VIPs were
 /// allocated and identities resolved for the whole pass beforehand, so identities can be built on
@@ -29,7 +29,7 @@ use super::{ClusterFacts, Desired, DesiredObject, Diagnostic, IdentityOutput, Po
 pub fn compute_identity(
     fleet: &Fleet,
     settings: &Settings,
-    facts: &BTreeMap<ClusterId, ClusterFacts>,
+    facts: &Facts,
     pass: &PassView<'_>,
     identity: &str,
     vips: &VipTable,
@@ -42,7 +42,10 @@ pub fn compute_identity(
         reports: resolved.reports.clone(),
         hosts: resolved.written_hosts().map(str::to_string).collect(),
         sources: resolved.federated.iter().map(|(c, _)| c.id.clone()).collect(),
-        clients: fleet.clients_of(identity).into_iter().map(str::to_string).collect(),
+        clients: Clients {
+            named: fleet.named_clients_of(identity).map(str::to_string).collect(),
+            wildcard: pass.running.wildcard_names.clone(),
+        },
         ..Default::default()
     };
 
@@ -66,8 +69,8 @@ pub fn compute_identity(
         let labels = managed_labels(identity, &env.env);
         for group in env.served() {
             check_port_agreement(identity, &env.env, group, &mut out.diagnostics);
-            let targets: BTreeSet<&str> =
-                group.sources.keys().map(String::as_str).chain(resolved.client_clusters.iter().copied()).collect();
+            let sources = group.sources.values().map(|s| s.cluster.idx);
+            let targets = union([sources.collect(), resolved.client_clusters.clone()]);
             for host in &group.hosts {
                 let vip = match settings.vip_mode {
                     VipMode::None => None,
@@ -87,32 +90,30 @@ pub fn compute_identity(
                     },
                 };
                 // Targets differ only by where they stand: which source they are (if any), their
-                // region, and (with --export-to=dependents) their exportTo. Targets standing in the same
-                // place share one object instead of building it again.
-                let mut entries: HashMap<EntryView, Option<(Arc<Desired>, Ejection)>> = HashMap::new();
-                let mut rules: HashMap<RuleView, Arc<Desired>> = HashMap::new();
+                // region, and (with --export-to=dependents) their exportTo. Targets standing in the
+                // same place share one object (its index in `out.objects`).
+                let mut entries: HashMap<EntryView, Option<(usize, Ejection)>> = HashMap::new();
+                let mut rules: HashMap<RuleView, usize> = HashMap::new();
                 // Only a FAILOVER rule depends on the target's region (it distributes from there).
                 let failover = host.policy.is_some_and(|p| matches!(p.lb_type(), Ok(LbType::Failover)));
-                for target in &targets {
-                    let Some(target_facts) = facts.get(*target) else {
+                for &target in &targets {
+                    let Some(target_facts) = facts.get(target) else {
                         continue;
                     };
                     // Someone else's ServiceEntry holds the host here: nothing of ours for it, not even
                     // a DestinationRule (it would apply our traffic policy to their service).
-                    if let Some((ns, name)) = fleet
-                        .clusters
-                        .get(*target)
-                        .and_then(|c| c.foreign_holder_of(&settings.sync_namespace, &host.host))
+                    if let Some((ns, name)) =
+                        fleet.cluster_at(target).and_then(|c| c.foreign_holder_of(&settings.sync_namespace, &host.host))
                     {
                         out.diagnostics.push(Diagnostic::warning(
-                        Some(target),
-                        format!("host {}", host.host),
-                        format!("ServiceEntry {ns}/{name} is not managed by flotilla and holds this host (or its name); nothing is written for the host in this cluster"),
-                    ));
+                            Some(&*target_facts.id),
+                            format!("host {}", host.host),
+                            format!("ServiceEntry {ns}/{name} is not managed by flotilla and holds this host (or its name); nothing is written for the host in this cluster"),
+                        ));
                         continue;
                     }
-                    let local = group.sources.contains_key(*target).then_some(*target);
-                    let export_to = export_to(fleet, settings, resolved, env, identity, target);
+                    let local = group.sources.values().any(|s| s.cluster.idx == target).then_some(target);
+                    let export_to = export_to(fleet, settings, resolved, env, identity, &target_facts.id[..]);
                     let built = entries.entry((local, export_to.clone())).or_insert_with(|| {
                         let endpoints = endpoints_for(group, target, facts);
                         let ejection = Ejection::of(&endpoints);
@@ -126,37 +127,30 @@ pub fn compute_identity(
                                 export_to.clone(),
                                 &labels,
                             );
-                            (Arc::new(Desired::new(se)), ejection)
+                            (place(&mut out.objects, se), ejection)
                         })
                     });
-                    let Some((entry, ejection)) = built.clone() else {
+                    let Some((entry, ejection)) = *built else {
                         continue;
                     };
-                    let build_rule = |diagnostics: &mut Vec<Diagnostic>| {
-                        Arc::new(Desired::new(destination_rule(
-                            settings,
-                            env,
-                            host,
-                            target_facts,
-                            ejection,
-                            export_to.clone(),
-                            &labels,
-                            diagnostics,
-                            target,
-                        )))
-                    };
-                    let rule = match (&target_facts.region, failover) {
-                        // Without a region a FAILOVER rule carries a diagnostic naming the target: build it.
-                        (None, true) => build_rule(&mut out.diagnostics),
-                        (region, _) => rules
-                            .entry((region.as_deref().filter(|_| failover), ejection, export_to.clone()))
-                            .or_insert_with(|| build_rule(&mut out.diagnostics))
-                            .clone(),
-                    };
-                    out.objects.push((target_facts.id.clone(), entry));
-                    out.objects.push((target_facts.id.clone(), rule));
+                    let region = target_facts.region.as_deref();
+                    if failover && region.is_none() {
+                        out.diagnostics.push(Diagnostic::warning(
+                            Some(&*target_facts.id),
+                            format!("host {}", host.host),
+                            "FAILOVER needs the region of this cluster, which has none; its traffic is distributed from \"*\""
+                                .into(),
+                        ));
+                    }
+                    let rule =
+                        *rules.entry((region.filter(|_| failover), ejection, export_to.clone())).or_insert_with(|| {
+                            let dr = destination_rule(settings, env, host, region, ejection, export_to, &labels);
+                            place(&mut out.objects, dr)
+                        });
+                    out.objects[entry].clusters.push(target);
+                    out.objects[rule].clusters.push(target);
                     if record_written {
-                        written.entry(target.to_string()).or_default().insert(host.host.clone());
+                        written.entry(target_facts.id.to_string()).or_default().insert(host.host.clone());
                     }
                 }
             }
@@ -169,11 +163,24 @@ pub fn compute_identity(
     }
 
     sidecars_and_dependency_reports(fleet, settings, facts, pass, resolved, identity, &mut out);
+    // Keys in order, each object's members in order: what the desired state reads them by.
+    for placed in &mut out.objects {
+        placed.clusters.sort_unstable();
+        placed.clusters.dedup();
+    }
+    out.objects.retain(|p| !p.clusters.is_empty());
+    out.objects.sort_by(|a, b| a.desired.key.cmp(&b.desired.key));
     out
 }
 
+/// Adds an object with no members yet; returns its index.
+fn place(objects: &mut Vec<Placed>, object: DesiredObject) -> usize {
+    objects.push(Placed { desired: Arc::new(Desired::new(object)), clusters: Vec::new() });
+    objects.len() - 1
+}
+
 /// Where a target stands for a ServiceEntry: the source it is (if any) and its exportTo.
-type EntryView<'a> = (Option<&'a str>, Vec<String>);
+type EntryView = (Option<ClusterIdx>, Vec<String>);
 
 /// Where a target stands for a DestinationRule: its region (for FAILOVER only), how far its
 /// endpoints may be ejected, and its exportTo.
@@ -217,12 +224,14 @@ fn host_ports<'a>(group: &'a HostGroup<'_>) -> &'a [ExposedPort] {
 /// One endpoint per source cluster, as seen from `target`: in its own cluster, the local
 /// Services (one per Service behind the host there, weighted for a canary); elsewhere the
 /// source's gateway (sources without a gateway are unreachable from outside).
-fn endpoints_for(group: &HostGroup<'_>, target: &str, facts: &BTreeMap<ClusterId, ClusterFacts>) -> Vec<WorkloadEntry> {
+fn endpoints_for(group: &HostGroup<'_>, target: ClusterIdx, facts: &Facts) -> Vec<WorkloadEntry> {
     let ports = host_ports(group);
     let mut endpoints = Vec::new();
-    for (source_id, source) in &group.sources {
-        let source_facts = &facts[source_id];
-        if source_id == target {
+    for source in group.sources.values() {
+        let Some(source_facts) = facts.get(source.cluster.idx) else {
+            continue;
+        };
+        if source.cluster.idx == target {
             for local in &source.locals {
                 // The host's port N is this Service's port N (all ports), or its mesh port (primary).
                 let local_port = |p: &ExposedPort| match local.ports.as_slice() {
@@ -343,31 +352,22 @@ fn service_entry(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The DestinationRule of `host` as a member in `region` sees it (the region matters only to
+/// FAILOVER, which distributes from there; without one, from "*").
 fn destination_rule(
     settings: &Settings,
     env: &EnvPlan<'_>,
     host: &HostPlan<'_>,
-    target: &ClusterFacts,
+    region: Option<&str>,
     ejection: Ejection,
     export_to: Vec<String>,
     labels: &BTreeMap<String, String>,
-    diagnostics: &mut Vec<Diagnostic>,
-    target_id: &str,
 ) -> DesiredObject {
     let name = if host.is_default { format!("{}-default-dr", host.host) } else { format!("{}-dr", host.host) };
     let locality_lb_setting = host.policy.and_then(|p| match p.lb_type().ok()? {
         LbType::Topology => Some(LocalityLbSetting { distribute: Vec::new(), enabled: Some(true) }),
         LbType::Failover => {
-            if target.region.is_none() {
-                diagnostics.push(Diagnostic::warning(
-                    Some(target_id),
-                    format!("host {}", host.host),
-                    "FAILOVER needs the region of this cluster, which has none; its traffic is distributed from \"*\""
-                        .into(),
-                ));
-            }
-            let from = target.region.as_ref().map(|r| format!("{r}/*")).unwrap_or_else(|| "*".into());
+            let from = region.map(|r| format!("{r}/*")).unwrap_or_else(|| "*".into());
             let to = p
                 .target
                 .iter()
@@ -452,7 +452,7 @@ fn normalise_connection_pool(mut pool: ConnectionPool) -> ConnectionPool {
 fn sidecars_and_dependency_reports(
     fleet: &Fleet,
     settings: &Settings,
-    facts: &BTreeMap<ClusterId, ClusterFacts>,
+    facts: &Facts,
     pass: &PassView<'_>,
     resolved: &ResolvedIdentity<'_>,
     identity: &str,
@@ -487,7 +487,7 @@ fn sidecars_and_dependency_reports(
                 .flat_map(|d| hosts_by_destination.get(d.as_str()).into_iter().flatten().map(|h| h.to_string()))
                 .collect();
             for c in &client_clusters {
-                report.clusters.insert(c.to_string(), hosts.clone());
+                report.clusters.insert(fleet.cluster_names().name(*c).to_string(), hosts.clone());
             }
             let unknown: Vec<&str> = dep
                 .destinations
@@ -530,7 +530,7 @@ fn sidecars_and_dependency_reports(
     }
     // Groups in the same namespace, selecting the same way, for the same env, get the same
     // Sidecar: it is built once and shared by their clusters.
-    let mut built: BTreeMap<(&str, bool, &str), Arc<Desired>> = BTreeMap::new();
+    let mut built: BTreeMap<(&str, bool, &str), usize> = BTreeMap::new();
     for ((cluster_id, namespace), (cluster, workloads)) in groups {
         let by_label = workloads.iter().all(|w| w.identity_from_label);
         if let Some(other) = foreign_sidecar_in_the_way(cluster, namespace, by_label, &workloads) {
@@ -541,20 +541,21 @@ fn sidecars_and_dependency_reports(
             ));
             continue;
         }
-        let Some(cluster_facts) = facts.get(cluster_id) else {
+        if facts.get(cluster.idx).is_none() {
             continue;
-        };
+        }
         let env = workloads[0].env.as_str();
-        let sidecar = built.entry((namespace, by_label, env)).or_insert_with(|| {
+        let sidecar = *built.entry((namespace, by_label, env)).or_insert_with(|| {
             let workload_selector = by_label.then(|| WorkloadSelector {
                 labels: BTreeMap::from([(fleet.identity_label().to_string(), identity.to_string())]),
             });
-            Arc::new(Desired::new(DesiredObject::Sidecar(Sidecar {
+            let sidecar = DesiredObject::Sidecar(Sidecar {
                 metadata: meta(name.clone(), namespace, managed_labels(identity, env)),
                 spec: SidecarSpec { workload_selector, egress: vec![EgressListener { hosts: egress_hosts.clone() }] },
-            })))
+            });
+            place(&mut out.objects, sidecar)
         });
-        out.objects.push((cluster_facts.id.clone(), sidecar.clone()));
+        out.objects[sidecar].clusters.push(cluster.idx);
     }
 }
 

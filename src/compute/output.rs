@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::istio::{DestinationRule, ServiceEntry, Sidecar};
 use crate::meta::Kind;
-use crate::model::{ClusterId, ObjectRef, Policy};
+use crate::model::{ClusterId, ClusterIdx, ObjectRef, Policy};
 
 use super::digest::Digest;
 
@@ -70,6 +70,17 @@ fn interned_namespace(namespace: &str) -> &'static str {
     };
     LAST.set(interned);
     interned
+}
+
+/// What an `ObjectKey` starts with, copied out: ordering these orders their keys the same way,
+/// up to ties that the whole keys settle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct KeyHead(Kind, &'static str, [u64; 2]);
+
+impl ObjectKey {
+    pub(super) fn head(&self) -> KeyHead {
+        KeyHead(self.kind, self.namespace, self.name_head)
+    }
 }
 
 fn cmp_shared(a: &Arc<str>, b: &Arc<str>) -> std::cmp::Ordering {
@@ -173,6 +184,16 @@ impl Desired {
     pub fn new(object: DesiredObject) -> Self {
         Desired { key: object.key(), digest: Digest::of(&object), object }
     }
+}
+
+/// One object of an identity's and the members it is desired in. Members that stand in the same
+/// place (a remote ServiceEntry is the same for every member without a local endpoint) share one
+/// object, so a host's objects are a handful however large the fleet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placed {
+    pub desired: Arc<Desired>,
+    /// Ascending, without duplicates.
+    pub clusters: Vec<ClusterIdx>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -4,7 +4,7 @@
 //! someone else's with the name flotilla wants is a conflict, reported and left alone.
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::digest::Digest;
@@ -69,13 +69,11 @@ impl ClusterPlan {
     }
 }
 
-/// Plans a whole cluster: one merge of the two key-sorted maps, no lookups.
-pub fn plan_cluster(
-    desired: &BTreeMap<ObjectKey, Arc<Desired>>,
-    observed: &BTreeMap<ObjectKey, ObservedObject>,
-) -> ClusterPlan {
+/// Plans a whole cluster: one merge of the desired objects (sorted by key, as
+/// `DesiredState::cluster` gives them) with the observed ones, no lookups.
+pub fn plan_cluster(desired: &[Arc<Desired>], observed: &BTreeMap<ObjectKey, ObservedObject>) -> ClusterPlan {
     let mut plan = ClusterPlan::default();
-    let mut want = desired.iter().peekable();
+    let mut want = desired.iter().map(|d| (&d.key, d)).peekable();
     let mut have = observed.iter().peekable();
     loop {
         let order = match (want.peek(), have.peek()) {
@@ -103,17 +101,48 @@ pub fn plan_cluster(
     plan
 }
 
-/// The plan for a member in `health`: only a synced member gets one. One still connecting holds
-/// objects not yet seen, and a stale one cannot be watched (fail static: nothing is written to
-/// it or pruned from it); either is planned whole once it is synced.
-pub fn plan_member(
-    health: ClusterHealth,
-    desired: &BTreeMap<ObjectKey, Arc<Desired>>,
+/// Plans only `keys` in a cluster: what changed since its last plan. `desired` gives the object
+/// desired under a key, if any.
+pub fn plan_keys<'a>(
+    keys: impl IntoIterator<Item = &'a ObjectKey>,
+    desired: impl Fn(&ObjectKey) -> Option<&'a Arc<Desired>>,
     observed: &BTreeMap<ObjectKey, ObservedObject>,
 ) -> ClusterPlan {
+    let mut plan = ClusterPlan::default();
+    for key in keys {
+        decide(&mut plan, key, desired(key), observed.get(key));
+    }
+    plan
+}
+
+/// Whether a member in `health` gets a plan: one still connecting holds objects not yet seen,
+/// and a stale one cannot be watched (fail static: nothing is written to it or pruned from it);
+/// either is planned whole once it is synced.
+pub fn is_plannable(health: ClusterHealth) -> bool {
     match health {
-        ClusterHealth::Connecting | ClusterHealth::Stale => ClusterPlan::default(),
-        ClusterHealth::Synced => plan_cluster(desired, observed),
+        ClusterHealth::Connecting | ClusterHealth::Stale => false,
+        ClusterHealth::Synced => true,
+    }
+}
+
+/// How much of a member a plan looks at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything desired and everything held: at start-up, after a relist, when the member is
+    /// back in sync or leadership is gained.
+    Whole,
+    /// Only these keys: what changed (desired or held) since the member's last plan.
+    Keys(BTreeSet<ObjectKey>),
+}
+
+impl Scope {
+    /// Widens this scope by `other`.
+    pub fn add(&mut self, other: Scope) {
+        match (&mut *self, other) {
+            (Scope::Whole, _) => {}
+            (_, Scope::Whole) => *self = Scope::Whole,
+            (Scope::Keys(mine), Scope::Keys(theirs)) => mine.extend(theirs),
+        }
     }
 }
 

@@ -2,9 +2,6 @@
 //! what its next write job holds, whether it is converged, and how `/debug/clusters` shows it.
 //! Time comes in as an argument.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -13,8 +10,8 @@ use super::health::{MemberHealth, State};
 use super::registry::Registration;
 use super::server::ClusterView;
 use super::writer::WriteJob;
-use crate::compute::plan::{ObservedObject, plan_member};
-use crate::compute::{ClusterFacts, Desired, ObjectKey};
+use crate::compute::plan::{ClusterPlan, Scope};
+use crate::compute::{ClusterFacts, ObjectKey};
 use crate::meta::Kind;
 
 pub struct Member {
@@ -43,22 +40,21 @@ impl Member {
         }
     }
 
-    /// Plans the member: what to apply and prune so that it holds `desired`, and whether the
-    /// sync namespace must be made first. Returns the job and the conflicts that are new since
-    /// the last plan (logged once, not at every pass).
-    pub fn plan(
-        &mut self,
-        desired: &BTreeMap<ObjectKey, Arc<Desired>>,
-        observed: &BTreeMap<ObjectKey, ObservedObject>,
-        sync_namespace: &str,
-    ) -> (WriteJob, Vec<ObjectKey>) {
-        let mut job = WriteJob {
-            plan: plan_member(self.health.state().cluster_health(), desired, observed),
-            ..Default::default()
-        };
-        let new_conflicts = job.plan.conflicts.iter().filter(|k| !self.conflicts.contains(k)).cloned().collect();
-        self.conflicts = job.plan.conflicts.clone();
-        self.last_plan_empty = job.plan.is_empty();
+    /// Takes a plan of `scope` of the member: the write job that carries it out (with the sync
+    /// namespace made first if it must be), and the conflicts that are new since the last plan
+    /// (logged once, not at every pass).
+    pub fn plan(&mut self, plan: ClusterPlan, scope: &Scope, sync_namespace: &str) -> (WriteJob, Vec<ObjectKey>) {
+        let new_conflicts = plan.conflicts.iter().filter(|k| !self.conflicts.contains(k)).cloned().collect();
+        match scope {
+            Scope::Whole => self.conflicts = plan.conflicts.clone(),
+            Scope::Keys(keys) => {
+                self.conflicts.retain(|k| !keys.contains(k));
+                self.conflicts.extend(plan.conflicts.iter().cloned());
+                self.conflicts.sort();
+            }
+        }
+        self.last_plan_empty = plan.is_empty();
+        let mut job = WriteJob { plan, ..Default::default() };
         // Sidecars live in the workloads' namespaces; everything else in the sync namespace.
         let wants_sync_ns = job.plan.apply.iter().any(|o| o.key.kind != Kind::Sidecar);
         if wants_sync_ns && !self.namespace_ready {
@@ -124,8 +120,11 @@ impl Member {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compute::DesiredObject;
+    use crate::compute::plan::{ObservedObject, plan_cluster};
+    use crate::compute::{Desired, DesiredObject};
     use crate::istio::{ServiceEntry, Sidecar};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
     use std::time::Duration;
 
     fn registration() -> Registration {
@@ -140,14 +139,11 @@ mod tests {
         Member::new(registration(), health, None)
     }
 
-    fn desired(objects: Vec<DesiredObject>) -> BTreeMap<ObjectKey, Arc<Desired>> {
-        objects
-            .into_iter()
-            .map(|o| {
-                let d = Desired::new(o);
-                (d.key.clone(), Arc::new(d))
-            })
-            .collect()
+    /// The whole plan of a member that holds `observed` and should hold `objects`.
+    fn plan(objects: Vec<DesiredObject>, observed: &BTreeMap<ObjectKey, ObservedObject>) -> ClusterPlan {
+        let mut desired: Vec<Arc<Desired>> = objects.into_iter().map(|o| Arc::new(Desired::new(o))).collect();
+        desired.sort_by(|a, b| a.key.cmp(&b.key));
+        plan_cluster(&desired, observed)
     }
 
     fn sidecar(ns: &str) -> DesiredObject {
@@ -169,12 +165,12 @@ mod tests {
         let now = Instant::now();
         let mut m = synced(now);
         let observed = BTreeMap::new();
-        let (job, _) = m.plan(&desired(vec![sidecar("app")]), &observed, "admiral-sync");
+        let (job, _) = m.plan(plan(vec![sidecar("app")], &observed), &Scope::Whole, "admiral-sync");
         assert_eq!(job.ensure_namespace, None, "a Sidecar lives in its workload's namespace");
-        let (job, _) = m.plan(&desired(vec![service_entry("a")]), &observed, "admiral-sync");
+        let (job, _) = m.plan(plan(vec![service_entry("a")], &observed), &Scope::Whole, "admiral-sync");
         assert_eq!(job.ensure_namespace.as_deref(), Some("admiral-sync"));
         m.namespace_ready = true;
-        let (job, _) = m.plan(&desired(vec![service_entry("a")]), &observed, "admiral-sync");
+        let (job, _) = m.plan(plan(vec![service_entry("a")], &observed), &Scope::Whole, "admiral-sync");
         assert_eq!(job.ensure_namespace, None, "known to exist");
     }
 
@@ -182,30 +178,36 @@ mod tests {
     fn a_conflict_is_news_once_and_convergence_needs_an_empty_plan() {
         let now = Instant::now();
         let mut m = synced(now);
-        let want = desired(vec![service_entry("a")]);
+        let want = || vec![service_entry("a")];
         let mut theirs = ServiceEntry::default();
         theirs.metadata.name = Some("a".into());
         theirs.metadata.namespace = Some("admiral-sync".into());
         let mut taken = ObservedObject::new(&DesiredObject::ServiceEntry(theirs));
         taken.managed = false;
+        let key = taken.key.clone();
         let observed: BTreeMap<_, _> = [(taken.key.clone(), taken)].into();
         let slot = WriterSlot::new(1);
 
-        let (job, new) = m.plan(&want, &observed, "admiral-sync");
+        let (job, new) = m.plan(plan(want(), &observed), &Scope::Whole, "admiral-sync");
         assert!(job.plan.is_empty(), "someone else's object is left alone");
         assert_eq!(new.len(), 1);
-        let (_, new) = m.plan(&want, &observed, "admiral-sync");
+        let (_, new) = m.plan(plan(want(), &observed), &Scope::Whole, "admiral-sync");
         assert!(new.is_empty(), "the same conflict is not news again");
         assert_eq!(m.conflicts.len(), 1);
         assert!(m.converged(false, Some(&slot), now), "nothing left to write");
         assert!(!m.converged(true, Some(&slot), now), "something changed since the plan");
+        let other = Scope::Keys([ObjectKey::new(Kind::ServiceEntry, "admiral-sync", "b")].into());
+        m.plan(ClusterPlan::default(), &other, "admiral-sync");
+        assert_eq!(m.conflicts, std::slice::from_ref(&key), "a plan of other keys keeps the conflict");
+        m.plan(ClusterPlan::default(), &Scope::Keys([key].into()), "admiral-sync");
+        assert!(m.conflicts.is_empty(), "a plan of its key that finds none clears it");
 
-        let (job, _) = m.plan(&want, &BTreeMap::new(), "admiral-sync");
+        let (job, _) = m.plan(plan(want(), &BTreeMap::new()), &Scope::Whole, "admiral-sync");
         assert_eq!(job.plan.apply.len(), 1);
         assert!(!m.converged(false, Some(&slot), now), "a write is due");
         let mut busy = WriterSlot::new(1);
         busy.sent();
-        m.plan(&want, &observed, "admiral-sync");
+        m.plan(plan(want(), &observed), &Scope::Whole, "admiral-sync");
         assert!(!m.converged(false, Some(&busy), now), "a job in flight");
     }
 

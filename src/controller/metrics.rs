@@ -128,16 +128,10 @@ impl Metrics {
         }
     }
 
-    /// What a member should hold, and the conflicts found there, by kind.
-    pub fn set_member_objects(
-        &self,
-        cluster: &str,
-        desired: impl Iterator<Item = crate::meta::Kind> + Clone,
-        conflicts: &[crate::compute::ObjectKey],
-    ) {
-        for kind in crate::meta::Kind::OUTPUTS {
+    /// What a member should hold (per kind of `Kind::OUTPUTS`), and the conflicts found there.
+    pub fn set_member_objects(&self, cluster: &str, desired: [usize; 3], conflicts: &[crate::compute::ObjectKey]) {
+        for (kind, n) in crate::meta::Kind::OUTPUTS.into_iter().zip(desired) {
             let labels = ClusterKind { cluster: cluster.to_string(), kind: kind.to_string() };
-            let n = desired.clone().filter(|k| *k == kind).count();
             self.objects_desired.get_or_create(&labels).set(n as i64);
             let c = conflicts.iter().filter(|k| k.kind == kind).count();
             self.conflicts.get_or_create(&labels).set(c as i64);

@@ -22,6 +22,7 @@ pub mod lease;
 pub mod member;
 pub mod metrics;
 pub mod observed;
+pub mod pending;
 pub mod registry;
 pub mod runtime;
 pub mod server;

@@ -27,6 +27,7 @@ use super::health::{MemberHealth, State};
 use super::member::Member;
 use super::metrics::Metrics;
 use super::observed::Observed;
+use super::pending::Pending;
 use super::registry::{
     Problems, Registration, RegistrationProblem, check_kubeconfig, member_client, plan_registry, resolve_claims,
 };
@@ -36,9 +37,9 @@ use super::vips::{Adoption, VipStore};
 use super::watch::{VipStoreEvent, spawn_hub_watches, spawn_member_watches};
 use super::writer::{SecretEvent, VipStoreWrite, WriteJob, run_writer};
 use super::{Change, Input, MEMBER_KINDS, Options, Watched, WriteReport};
-use crate::compute::plan::ObservedObject;
+use crate::compute::plan::{ObservedObject, Scope};
 use crate::compute::vip::VipTable;
-use crate::compute::{DesiredObject, Engine, Recomputed};
+use crate::compute::{DesiredObject, Engine, MemberChange, ObjectKey, Recomputed};
 use crate::crd::PolicyStatus;
 use crate::ingest::InputObject;
 use crate::meta::{HUB, Kind, MANAGER};
@@ -76,7 +77,8 @@ pub struct Runtime {
     statuses_dirty: bool,
     vips: VipStore,
     leader: bool,
-    dirty_clusters: BTreeSet<ClusterId>,
+    /// What of each member must be planned again.
+    pending: Pending,
     /// When the oldest input the next pass reflects arrived, and per member the oldest change
     /// not yet written: the change-to-write latency.
     batch_started: Option<Instant>,
@@ -164,7 +166,9 @@ impl Driven for Runtime {
                 self.shared.metrics.leader.set(i64::from(leader));
                 if leader {
                     // Everything this replica computed while following may be unwritten.
-                    self.dirty_clusters.extend(self.members.keys().cloned());
+                    for id in self.members.keys() {
+                        self.pending.whole(id);
+                    }
                     self.statuses_dirty = true;
                     let engine = self.engine.as_ref().expect("the engine is home between passes");
                     self.vips.became_leader(&engine.vips);
@@ -223,7 +227,7 @@ impl Runtime {
             statuses_dirty: true,
             vips: VipStore::default(),
             leader: false,
-            dirty_clusters: BTreeSet::new(),
+            pending: Pending::default(),
             batch_started: None,
             change_since: BTreeMap::new(),
         };
@@ -266,7 +270,7 @@ impl Runtime {
                     self.delete_watched(cluster, kind, &gone);
                 }
                 if kind.is_output() {
-                    self.dirty_clusters.insert(cluster.to_string());
+                    self.pending.whole(cluster);
                 }
                 for w in objects {
                     self.apply_watched(cluster, w);
@@ -311,14 +315,14 @@ impl Runtime {
     fn delete_watched(&mut self, cluster: &str, kind: Kind, key: &NsName) {
         self.observed.gone(cluster, kind, key);
         if kind.is_output() {
-            self.dirty_clusters.insert(cluster.to_string());
+            self.pending.key(cluster, ObjectKey::new(kind, &key.0, &key.1));
         }
         self.engine().fleet.delete(cluster, kind, &key.0, &key.1);
     }
 
     fn observe(&mut self, cluster: &str, o: ObservedObject) {
+        self.pending.key(cluster, o.key.clone());
         self.observed.observe_output(cluster, o);
-        self.dirty_clusters.insert(cluster.to_string());
     }
 
     /// The VIP store's contents (from its watch, or as a write left it): a disagreement with
@@ -373,7 +377,7 @@ impl Runtime {
         self.writers.remove(id);
         self.observed.forget_cluster(id);
         self.statuses.forget(id);
-        self.dirty_clusters.remove(id);
+        self.pending.take(id);
         self.change_since.remove(id);
         self.shared.metrics.forget_cluster(id);
         self.engine().fleet.remove_cluster(id);
@@ -447,6 +451,14 @@ impl Runtime {
             self.statuses_dirty = true;
         }
         self.shared.metrics.written(cluster, &report);
+        // What the job wrote is planned again (finding it done is what convergence waits for);
+        // after a failure, the whole member, once its backoff is over.
+        if report.errors.is_empty() {
+            let written = report.applied.iter().map(|o| o.key.clone()).chain(report.pruned.iter().cloned());
+            self.pending.add(cluster, Scope::Keys(written.collect()));
+        } else {
+            self.pending.whole(cluster);
+        }
         self.observed.written(cluster, &mut report);
         if report.namespace_ready
             && let Some(m) = self.members.get_mut(cluster)
@@ -456,8 +468,6 @@ impl Runtime {
         if cluster == HUB {
             self.adopt_vips(report.vip_store, true);
         }
-        // Whatever changed while this job ran is planned now.
-        self.dirty_clusters.insert(cluster.to_string());
     }
 
     /// Member health from its watches; a member back in sync is planned whole.
@@ -473,7 +483,7 @@ impl Runtime {
             self.shared.metrics.set_cluster_state(&id, state.name());
             self.engine().fleet.set_health(&id, state.cluster_health());
             if state == State::Synced {
-                self.dirty_clusters.insert(id);
+                self.pending.whole(&id);
             }
             self.statuses_dirty = true;
         }
@@ -505,10 +515,14 @@ impl Runtime {
             self.statuses_dirty = true;
         }
         let since = self.batch_started.take().unwrap_or(now);
-        for cluster in recomputed.changed.keys() {
-            self.dirty_clusters.insert(cluster.clone());
+        for (cluster, change) in recomputed.changed {
             let entry = self.change_since.entry(cluster.clone()).or_insert(since);
             *entry = (*entry).min(since);
+            let scope = match change {
+                MemberChange::Whole => Scope::Whole,
+                MemberChange::Keys(keys) => Scope::Keys(keys.into_iter().collect()),
+            };
+            self.pending.add(&cluster, scope);
         }
         self.vips.allocated(recomputed.new_vips);
     }
@@ -535,17 +549,17 @@ impl Runtime {
         let settled = self.vips.settled();
         let hub_work = self.vips.job_pending() || !self.events.is_empty();
         let candidates: BTreeSet<ClusterId> = self
-            .dirty_clusters
-            .iter()
+            .pending
+            .clusters()
             .chain(self.statuses.clusters())
             .cloned()
             .chain(hub_work.then(|| HUB.to_string()))
             .collect();
         let engine = self.engine.as_ref().expect("the engine is home between passes");
-        let (no_desired, no_outputs) = (BTreeMap::new(), BTreeMap::new());
+        let no_outputs = BTreeMap::new();
         for cluster in candidates {
             let Some(writer) = self.writers.get_mut(&cluster) else {
-                self.dirty_clusters.remove(&cluster);
+                self.pending.take(&cluster);
                 continue;
             };
             if !writer.slot.ready(now) {
@@ -565,16 +579,19 @@ impl Runtime {
                 },
                 // A member's writes wait until every VIP they carry is in the store.
                 Some(_) if !settled => continue,
-                Some(m) if self.dirty_clusters.remove(&cluster) => {
-                    let desired = engine.desired.cluster_map(&cluster).unwrap_or(&no_desired);
-                    let observed = self.observed.outputs(&cluster).unwrap_or(&no_outputs);
-                    let (job, new_conflicts) = m.plan(desired, observed, &self.opts.settings.sync_namespace);
-                    for key in new_conflicts {
-                        tracing::warn!(cluster = %cluster, object = %key, "exists and is not managed by flotilla; left alone");
+                Some(m) => match self.pending.take(&cluster) {
+                    Some(scope) => {
+                        let observed = self.observed.outputs(&cluster).unwrap_or(&no_outputs);
+                        let health = m.health.state().cluster_health();
+                        let plan = engine.plan_member(&cluster, health, &scope, observed);
+                        let (job, new_conflicts) = m.plan(plan, &scope, &self.opts.settings.sync_namespace);
+                        for key in new_conflicts {
+                            tracing::warn!(cluster = %cluster, object = %key, "exists and is not managed by flotilla; left alone");
+                        }
+                        job
                     }
-                    job
-                }
-                Some(_) => WriteJob::default(),
+                    None => WriteJob::default(),
+                },
             };
             // Statuses go only to a member that can be written.
             let writable = self.members.get(&cluster).is_none_or(|m| *m.health.state() == State::Synced);
@@ -601,14 +618,13 @@ impl Runtime {
         converged &= self.statuses.is_empty() && self.events.is_empty();
         let mut clusters = BTreeMap::new();
         for (id, m) in &self.members {
-            let desired = engine.desired.cluster_map(id);
-            let kinds = desired.into_iter().flat_map(|d| d.keys().map(|k| k.kind));
-            self.shared.metrics.set_member_objects(id, kinds, &m.conflicts);
+            let counts = engine.desired.counts(id);
+            self.shared.metrics.set_member_objects(id, counts, &m.conflicts);
             let writer = self.writers.get(id).map(|w| &w.slot);
-            let member_converged = m.converged(self.dirty_clusters.contains(id), writer, now);
+            let member_converged = m.converged(self.pending.contains(id), writer, now);
             converged &= member_converged || !m.waited_for();
-            let count = desired.map_or(0, BTreeMap::len);
-            clusters.insert(id.clone(), m.view(engine.facts().get(id), count, writer, member_converged));
+            let count = counts.iter().sum();
+            clusters.insert(id.clone(), m.view(engine.facts(id), count, writer, member_converged));
         }
         let hub_idle = self.writers.get(HUB).is_none_or(|w| w.slot.ready(now));
         let view = View {

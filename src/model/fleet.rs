@@ -2,10 +2,11 @@
 //! cheap to recompute, and the bookkeeping of what changed.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use super::{
-    Cluster, ClusterHealth, ClusterId, ClusterOverrides, DependencyEntry, Dirty, NsName, ObjectRef, Policy, Reach,
-    Record, ServiceInfo, Workload, WorkloadKey,
+    Cluster, ClusterHealth, ClusterId, ClusterIdx, ClusterNames, ClusterOverrides, DependencyEntry, Dirty, NsName,
+    ObjectRef, Policy, Reach, Record, ServiceInfo, Workload, WorkloadKey,
 };
 use crate::crd::{ClientConnectionConfigSpec, GlobalTrafficPolicySpec, OutlierDetectionSpec};
 use crate::meta::{GATEWAY_NAMESPACE, HUB, Kind};
@@ -15,6 +16,9 @@ use crate::meta::{GATEWAY_NAMESPACE, HUB, Kind};
 pub struct Fleet {
     identity_label: String,
     pub clusters: BTreeMap<ClusterId, Cluster>,
+    /// The number of every member id ever seen (shared with the desired state, which names
+    /// members by number).
+    names: Arc<ClusterNames>,
     pub gtps: BTreeMap<ObjectRef, Policy<GlobalTrafficPolicySpec>>,
     pub outlier_detections: BTreeMap<ObjectRef, Policy<OutlierDetectionSpec>>,
     pub connection_configs: BTreeMap<ObjectRef, Policy<ClientConnectionConfigSpec>>,
@@ -44,6 +48,7 @@ impl Fleet {
         Fleet {
             identity_label: identity_label.to_string(),
             clusters: BTreeMap::new(),
+            names: Arc::default(),
             gtps: BTreeMap::new(),
             outlier_detections: BTreeMap::new(),
             connection_configs: BTreeMap::new(),
@@ -65,6 +70,16 @@ impl Fleet {
         &self.identity_label
     }
 
+    /// Every member id ever seen, with its number.
+    pub fn cluster_names(&self) -> &Arc<ClusterNames> {
+        &self.names
+    }
+
+    /// The member with this number, if it is in the fleet now.
+    pub fn cluster_at(&self, idx: ClusterIdx) -> Option<&Cluster> {
+        self.clusters.get(&**self.names.name(idx)).filter(|c| c.idx == idx)
+    }
+
     /// The identities touched since the last call; everything on the first call.
     pub fn take_dirty(&mut self) -> Dirty {
         std::mem::take(&mut self.dirty)
@@ -80,7 +95,11 @@ impl Fleet {
     pub fn upsert_cluster(&mut self, id: &str, overrides: ClusterOverrides) {
         let cluster = self.clusters.entry(id.to_string()).or_insert_with(|| {
             self.dirty.all = true;
-            Cluster { id: id.to_string(), ..Default::default() }
+            let idx = match self.names.number(id) {
+                Some(idx) => idx,
+                None => Arc::make_mut(&mut self.names).number_or_insert(id),
+            };
+            Cluster::new(id, idx)
         });
         if cluster.overrides != overrides {
             cluster.overrides = overrides;
@@ -151,9 +170,13 @@ impl Fleet {
         self.by_folded.get(&identity.to_ascii_lowercase()).into_iter().flatten().map(String::as_str)
     }
 
-    /// Members where a federated workload of `identity` runs (any env).
-    pub fn clusters_running(&self, identity: &str) -> BTreeSet<&str> {
-        self.workloads_of(identity).filter(|(c, w)| c.is_federated(w)).map(|(c, _)| c.id.as_str()).collect()
+    /// Members where a federated workload of `identity` runs (any env), ascending by number.
+    pub fn clusters_running(&self, identity: &str) -> Vec<ClusterIdx> {
+        let mut running: Vec<ClusterIdx> =
+            self.workloads_of(identity).filter(|(c, w)| c.is_federated(w)).map(|(c, _)| c.idx).collect();
+        running.sort_unstable();
+        running.dedup();
+        running
     }
 
     pub fn gtps_of(&self, identity: &str) -> impl Iterator<Item = &Policy<GlobalTrafficPolicySpec>> {

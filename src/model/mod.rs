@@ -21,6 +21,56 @@ pub use dirty::{Dirty, Reach};
 pub use fleet::Fleet;
 
 pub type ClusterId = String;
+
+/// A member's number: given when its id is first seen and never given to another id, so that
+/// the desired state can name the members an object goes to with a few bytes each, and compute
+/// can find a member's facts by indexing instead of comparing names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClusterIdx(pub u32);
+
+impl ClusterIdx {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// Every member id ever seen and its number. Ids are few (one per member) and a removed member
+/// keeps its number for when it comes back, so nothing is ever forgotten.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterNames {
+    numbers: std::collections::HashMap<std::sync::Arc<str>, ClusterIdx>,
+    names: Vec<std::sync::Arc<str>>,
+}
+
+impl ClusterNames {
+    pub fn number(&self, id: &str) -> Option<ClusterIdx> {
+        self.numbers.get(id).copied()
+    }
+
+    pub fn name(&self, idx: ClusterIdx) -> &std::sync::Arc<str> {
+        &self.names[idx.index()]
+    }
+
+    /// How many numbers were given: every number is below it.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    pub(super) fn number_or_insert(&mut self, id: &str) -> ClusterIdx {
+        if let Some(idx) = self.number(id) {
+            return idx;
+        }
+        let idx = ClusterIdx(u32::try_from(self.names.len()).expect("fewer than 2^32 member ids"));
+        let name: std::sync::Arc<str> = id.into();
+        self.names.push(name.clone());
+        self.numbers.insert(name, idx);
+        idx
+    }
+}
 /// (namespace, name) of a namespaced object inside one cluster.
 pub type NsName = (String, String);
 /// (namespace, name, whether it is a Rollout) of a workload: a Deployment and a Rollout may share
@@ -170,9 +220,10 @@ pub struct DependencyEntry {
 }
 
 /// Everything known about one member cluster.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Cluster {
     pub id: ClusterId,
+    pub idx: ClusterIdx,
     pub overrides: ClusterOverrides,
     pub health: ClusterHealth,
     /// Node name → its region label, if any.
@@ -189,6 +240,22 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    fn new(id: &str, idx: ClusterIdx) -> Self {
+        Cluster {
+            id: id.to_string(),
+            idx,
+            overrides: ClusterOverrides::default(),
+            health: ClusterHealth::default(),
+            nodes: BTreeMap::new(),
+            opted_out_namespaces: BTreeSet::new(),
+            workloads: BTreeMap::new(),
+            services: BTreeMap::new(),
+            foreign_sidecars: BTreeMap::new(),
+            virtual_services: BTreeMap::new(),
+            foreign_service_entries: BTreeMap::new(),
+        }
+    }
+
     /// The most common node region (ties: the smallest name), unless overridden.
     pub fn region(&self) -> Option<String> {
         if let Some(r) = &self.overrides.region {
