@@ -32,3 +32,8 @@ pub mod settings;
 pub mod snapshot;
 pub mod synth;
 pub mod yaml;
+
+/// Every binary built on the crate (flotilla, its tests and benchmarks) allocates with mimalloc:
+/// compute is mostly building and freeing small objects on every core (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -681,6 +681,81 @@ fn identities_that_differ_only_in_case_never_share_objects() {
     assert_eq!(identities(objects_in(&full, "b")), BTreeSet::from(["greeting".to_string()]));
 }
 
+/// Hosts are `<env>.<identity>.<suffix>`, so identity `b.c` in env `a` and identity `c` in env
+/// `a.b` both write `a.b.c.global`. The first in byte order owns the objects in every member (the
+/// other's are written nowhere), both are told, and when it leaves the other takes over exactly
+/// as a full recompute would have it, planned by the keys the recompute names.
+#[test]
+fn two_identities_whose_hosts_collide_never_share_objects() {
+    let mut fleet = base_fleet()[..4].to_vec();
+    fleet.push(("a".into(), workload("one", "bc", "b.c", "a")));
+    fleet.push(("a".into(), service("one", "bc")));
+    fleet.push(("b".into(), workload("two", "c", "c", "a.b")));
+    fleet.push(("b".into(), service("two", "c")));
+    let mut held = BTreeMap::new();
+    let mut engine = Engine::new(Settings::default(), VipTable::default());
+    for c in ["a", "b"] {
+        engine.fleet.upsert_cluster(c, ClusterOverrides::default());
+    }
+    for (c, o) in &fleet {
+        engine.ingest(c, o);
+    }
+    follow(&mut engine, &mut held);
+    let owner_of = |e: &Engine, cluster: &str| -> BTreeSet<String> {
+        objects_in(e, cluster)
+            .iter()
+            .filter(|o| matches!(o, DesiredObject::ServiceEntry(se) if se.spec.hosts == ["a.b.c.global"]))
+            .map(|o| o_label(o, "flotilla.io/identity"))
+            .collect()
+    };
+    assert_eq!(owner_of(&engine, "a"), BTreeSet::from(["b.c".to_string()]));
+    assert_eq!(owner_of(&engine, "b"), BTreeSet::new(), "c's objects under b.c's names are written nowhere");
+    let diagnostics: Vec<String> = engine.all_diagnostics().iter().map(|d| d.to_string()).collect();
+    assert!(
+        diagnostics.iter().any(|d| d.contains("a.b.c.global-se") && d.contains("\"b.c\", \"c\"")),
+        "{diagnostics:?}"
+    );
+
+    engine.fleet.delete("a", Kind::Deployment, "one", "bc");
+    follow(&mut engine, &mut held);
+    fleet.remove(4);
+    let full = engine_with(&["a", "b"], &fleet);
+    assert_eq!(snapshot(&engine, &["a", "b"]), snapshot(&full, &["a", "b"]), "c takes over exactly");
+    assert_eq!(owner_of(&engine, "b"), BTreeSet::from(["c".to_string()]));
+    for c in ["a", "b"] {
+        let plan = plan_cluster(&engine.desired.cluster(c), held.get(c).unwrap_or(&BTreeMap::new()));
+        assert!(plan.is_empty(), "the keys the recompute named were enough to follow it in {c}: {plan:?}");
+    }
+}
+
+/// Hosts are lower-case, so envs that differ only in case would write one host twice: the first
+/// env keeps it and the other is told.
+#[test]
+fn envs_that_differ_only_in_case_write_their_host_once() {
+    let mut fleet = base_fleet()[..4].to_vec();
+    fleet.push(("a".into(), workload("one", "greeting", "greeting", "Stage")));
+    fleet.push(("a".into(), service("one", "greeting")));
+    fleet.push(("b".into(), workload("two", "greeting", "greeting", "stage")));
+    fleet.push(("b".into(), service("two", "greeting")));
+    let engine = engine_with(&["a", "b"], &fleet);
+    let entries = |c: &str| -> Vec<Vec<String>> {
+        objects_in(&engine, c)
+            .iter()
+            .filter_map(|o| match o {
+                DesiredObject::ServiceEntry(se) => Some(se.spec.endpoints.iter().map(|e| e.address.clone()).collect()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(entries("a"), [["greeting.one.svc.cluster.local"]], "env \"Stage\" (first) has the host");
+    assert!(entries("b").is_empty(), "env \"stage\" writes it nowhere");
+    let diagnostics: Vec<String> = engine.all_diagnostics().iter().map(|d| d.to_string()).collect();
+    assert!(
+        diagnostics.iter().any(|d| d.contains("env \"stage\" gives host \"stage.greeting.global\" a second time")),
+        "{diagnostics:?}"
+    );
+}
+
 fn o_label(o: &DesiredObject, key: &str) -> String {
     o.meta().labels.as_ref().and_then(|l| l.get(key)).cloned().unwrap_or_default()
 }

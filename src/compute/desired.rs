@@ -104,6 +104,9 @@ pub struct DesiredState {
     free_numbers: Vec<u32>,
     /// Per member number.
     members: Vec<Arc<MemberIndex>>,
+    /// (identity number, key) of objects that are not written because another identity, first
+    /// in byte order, produces the key too (see `Owners`). Nearly always empty.
+    shadowed: Arc<BTreeSet<(u32, ObjectKey)>>,
     cluster_names: Arc<ClusterNames>,
 }
 
@@ -160,8 +163,7 @@ fn slot(kind: Kind) -> usize {
 }
 
 impl DesiredState {
-    /// The objects desired in one member, sorted by key. Two identities give the same key only
-    /// when their hosts collide; the first in byte order has it (as `Owners` decides).
+    /// The objects desired in one member, sorted by key.
     pub fn cluster(&self, id: &str) -> Vec<Arc<Desired>> {
         let Some(idx) = self.cluster_names.number(id) else {
             return Vec::new();
@@ -171,18 +173,23 @@ impl DesiredState {
         };
         // Sorted by what each key starts with, copied out, so that sorting seldom reads the
         // objects themselves (scattered in memory: reading them is what sorting would wait on).
-        let mut found: Vec<(KeyHead, &Arc<Desired>, &str)> = Vec::new();
+        let mut found: Vec<(KeyHead, &Arc<Desired>)> = Vec::new();
         for number in member.numbers() {
             let slot = self.slots[number as usize].as_ref().expect("a set bit names an identity");
             for desired in slot.output.objects_in(idx) {
-                found.push((desired.key.head(), desired, &slot.identity));
+                if !self.is_shadowed(number, &desired.key) {
+                    found.push((desired.key.head(), desired));
+                }
             }
         }
-        found.sort_unstable_by(|(ha, a, ia), (hb, b, ib)| {
-            ha.cmp(hb).then_with(|| a.key.cmp(&b.key)).then_with(|| ia.cmp(ib))
-        });
-        found.dedup_by(|(ha, a, _), (hb, b, _)| ha == hb && a.key == b.key);
-        found.into_iter().map(|(_, d, _)| d.clone()).collect()
+        found.sort_unstable_by(|(ha, a), (hb, b)| ha.cmp(hb).then_with(|| a.key.cmp(&b.key)));
+        found.into_iter().map(|(_, d)| d.clone()).collect()
+    }
+
+    /// Whether identity `number`'s objects under `key` are not written, because another identity
+    /// (first in byte order) produces the key too.
+    fn is_shadowed(&self, number: u32, key: &ObjectKey) -> bool {
+        !self.shadowed.is_empty() && self.shadowed.contains(&(number, key.clone()))
     }
 
     /// The id of member number `idx`.
@@ -228,8 +235,12 @@ impl DesiredState {
     /// The object with this key desired in member `cluster`, if any.
     pub(super) fn object(&self, owners: &Owners, cluster: &str, key: &ObjectKey) -> Option<&Arc<Desired>> {
         let idx = self.cluster_names.number(cluster)?;
-        let owner = owners.first(key)?;
-        self.output(owner)?.object_in(idx, key)
+        self.slot(owners.first(key)?).output.object_in(idx, key)
+    }
+
+    /// The identity with this number.
+    pub(super) fn identity_numbered(&self, number: u32) -> &str {
+        &self.slot(number).identity
     }
 
     /// Whether replacing `identity`'s output with `output` changes any object. Reads only, so
@@ -262,48 +273,24 @@ impl DesiredState {
         }
         let mut keys_changed: BTreeMap<ClusterIdx, Vec<ObjectKey>> = BTreeMap::new();
         for (identity, Swap { output, same }) in identities.iter().zip(swaps) {
-            let number = self.numbers.get(*identity).copied();
-            let old = self.output(identity).cloned();
-            if same {
-                // No object changed, so neither did the member sets.
-                match number {
-                    Some(number) if output.is_empty() => self.remove(identity, number),
-                    Some(number) => self.set_output(number, output),
-                    None if output.is_empty() => {}
-                    None => {
-                        self.insert(identity, output);
-                    }
-                }
-                continue;
-            }
-            let old_objects = old.as_ref().map_or(&[][..], |o| &o.objects[..]);
-            self.update_owners(owners, identity, old_objects, &output.objects, &mut keys_changed, was_empty);
-            // The member sets: clear what the old output placed, set what the new one places.
-            if let Some(number) = number {
-                for placed in old_objects {
-                    for c in &placed.clusters {
-                        Arc::make_mut(&mut self.members[c.index()]).set(number, false);
-                    }
-                }
-            }
-            if output.is_empty() {
-                if let Some(number) = number {
-                    self.remove(identity, number);
-                }
-                continue;
-            }
-            let number = match number {
-                Some(number) => {
-                    self.set_output(number, output);
-                    number
-                }
-                None => self.insert(identity, output),
+            let number = match self.numbers.get(*identity) {
+                Some(number) => *number,
+                None if output.is_empty() => continue, // nothing before, nothing now
+                None => self.insert(identity),
             };
-            let output = self.slot(number).output.clone();
-            for placed in &output.objects {
-                for c in &placed.clusters {
-                    Arc::make_mut(&mut self.members[c.index()]).set(number, true);
+            let new = Arc::new(output);
+            let old = std::mem::replace(&mut self.slot_mut(number).output, new.clone());
+            if !same {
+                self.update_owners(owners, number, &old.objects, &new.objects, &mut keys_changed, was_empty);
+                // The member sets: clear what the old output placed, set what the new one places.
+                for (objects, on) in [(&old.objects, false), (&new.objects, true)] {
+                    for c in objects.iter().flat_map(|p| &p.clusters) {
+                        Arc::make_mut(&mut self.members[c.index()]).set(number, on);
+                    }
                 }
+            }
+            if new.is_empty() {
+                self.remove(identity, number);
             }
         }
         if was_empty {
@@ -324,10 +311,10 @@ impl DesiredState {
         }
     }
 
-    /// Gives `identity` a number and stores its output.
-    fn insert(&mut self, identity: &str, output: IdentityOutput) -> u32 {
+    /// Gives `identity` a number, with an empty output for now.
+    fn insert(&mut self, identity: &str) -> u32 {
         let name: Arc<str> = identity.into();
-        let slot = Some(Slot { identity: name.clone(), output: Arc::new(output) });
+        let slot = Some(Slot { identity: name.clone(), output: Arc::default() });
         let number = match self.free_numbers.pop() {
             Some(n) => {
                 self.slots[n as usize] = slot;
@@ -342,8 +329,8 @@ impl DesiredState {
         number
     }
 
-    fn set_output(&mut self, number: u32, output: IdentityOutput) {
-        self.slots[number as usize].as_mut().expect("a numbered identity has a slot").output = Arc::new(output);
+    fn slot_mut(&mut self, number: u32) -> &mut Slot {
+        self.slots[number as usize].as_mut().expect("a numbered identity has a slot")
     }
 
     fn remove(&mut self, identity: &str, number: u32) {
@@ -352,58 +339,83 @@ impl DesiredState {
         self.free_numbers.push(number);
     }
 
-    /// Walks the keys `identity` had and has (both sorted), moving them between owners, counting
-    /// what each member now holds, and noting the (member, key) pairs whose object changed.
+    /// Walks the keys identity `number` had and has (both sorted), moving them between owners,
+    /// counting what each member now holds, and noting the (member, key) pairs whose object
+    /// changed (unless everything is new).
     fn update_owners(
         &mut self,
         owners: &mut Owners,
-        identity: &str,
+        number: u32,
         old: &[Placed],
         new: &[Placed],
         keys_changed: &mut BTreeMap<ClusterIdx, Vec<ObjectKey>>,
         was_empty: bool,
     ) {
+        let DesiredState { slots, members, shadowed, .. } = self;
+        let name_of =
+            |n: u32| -> &str { &slots[n as usize].as_ref().expect("a numbered identity has a slot").identity };
         let (mut old, mut new) = (old, new);
         while let Some(key) = match (old.first(), new.first()) {
             (None, None) => None,
-            (Some(o), None) => Some(o.desired.key.clone()),
-            (None, Some(n)) => Some(n.desired.key.clone()),
-            (Some(o), Some(n)) => Some(std::cmp::min(&o.desired.key, &n.desired.key).clone()),
+            (Some(o), None) => Some(&o.desired.key),
+            (None, Some(n)) => Some(&n.desired.key),
+            (Some(o), Some(n)) => Some(std::cmp::min(&o.desired.key, &n.desired.key)),
         } {
-            let (had, has) = (take_key(&mut old, &key), take_key(&mut new, &key));
-            let before = owners.first(&key).cloned();
-            owners.set(&key, identity, !has.is_empty());
-            let after = owners.first(&key).cloned();
-            let is_me = |owner: &Option<Arc<str>>| owner.as_deref() == Some(identity);
-            if !is_me(&before) && !is_me(&after) {
+            let (had, has) = (take_key(&mut old, key), take_key(&mut new, key));
+            let (before, shadowed_before) = (owners.first(key), owners.others(key));
+            owners.set(key, number, !has.is_empty(), name_of);
+            let (after, shadowed_after) = (owners.first(key), owners.others(key));
+            if !shadowed_before.is_empty() || !shadowed_after.is_empty() {
+                let shadowed = Arc::make_mut(shadowed);
+                for n in shadowed_before {
+                    shadowed.remove(&(n, key.clone()));
+                }
+                shadowed.extend(shadowed_after.into_iter().map(|n| (n, key.clone())));
+            }
+            if before != Some(number) && after != Some(number) {
                 continue; // another identity's object stands there, before and after
             }
-            let visible = |owner: &Option<Arc<str>>, mine: &'_ [Placed]| -> Vec<(ClusterIdx, Digest)> {
-                let placed = match owner {
-                    None => &[][..],
-                    Some(o) if &**o == identity => mine,
-                    Some(o) => self.output(o).map_or(&[][..], |out| out.with_key(&key)),
-                };
-                let mut at: Vec<(ClusterIdx, Digest)> =
-                    placed.iter().flat_map(|p| p.clusters.iter().map(|c| (*c, p.desired.digest))).collect();
-                at.sort_unstable_by_key(|(c, _)| *c);
-                at
-            };
-            let (before, after) = (visible(&before, had), visible(&after, has));
+            // What stands under the key before and after: this identity's objects, or those of
+            // the identity that owned it before or owns it now.
+            let (before, after) = (standing(slots, number, before, had, key), standing(slots, number, after, has, key));
             let kind = slot(key.kind);
-            for (c, _) in &before {
-                Arc::make_mut(&mut self.members[c.index()]).counts[kind] -= 1;
-            }
-            for (c, _) in &after {
-                Arc::make_mut(&mut self.members[c.index()]).counts[kind] += 1;
+            for (placed, delta) in [(before, -1isize), (after, 1)] {
+                for c in placed.iter().flat_map(|p| &p.clusters) {
+                    let count = &mut Arc::make_mut(&mut members[c.index()]).counts[kind];
+                    *count = count.checked_add_signed(delta).expect("counts match what was placed");
+                }
             }
             if !was_empty {
-                for c in differing(&before, &after) {
+                for c in differing(&at_members(before), &at_members(after)) {
                     keys_changed.entry(c).or_default().push(key.clone());
                 }
             }
         }
     }
+}
+
+/// What stands under `key` when `owner` owns it: identity `number`'s objects `mine`, or those of
+/// the identity that owns it.
+fn standing<'a>(
+    slots: &'a [Option<Slot>],
+    number: u32,
+    owner: Option<u32>,
+    mine: &'a [Placed],
+    key: &ObjectKey,
+) -> &'a [Placed] {
+    match owner {
+        None => &[],
+        Some(o) if o == number => mine,
+        Some(o) => slots[o as usize].as_ref().map_or(&[], |s| s.output.with_key(key)),
+    }
+}
+
+/// (member, digest) for every member the objects go to, sorted by member.
+fn at_members(placed: &[Placed]) -> Vec<(ClusterIdx, Digest)> {
+    let mut at: Vec<(ClusterIdx, Digest)> =
+        placed.iter().flat_map(|p| p.clusters.iter().map(|c| (*c, p.desired.digest))).collect();
+    at.sort_unstable_by_key(|(c, _)| *c);
+    at
 }
 
 /// Splits the objects with `key` off the front of `list` (sorted by key).
@@ -448,35 +460,64 @@ fn differing(a: &[(ClusterIdx, Digest)], b: &[(ClusterIdx, Digest)]) -> Vec<Clus
     }
 }
 
-/// Which identities produce each object key; the first in byte order owns it. Two identities
-/// give the same key only when their hosts collide (env `a.b` of identity `c` and env `a` of
-/// identity `b.c`), which `Engine::all_diagnostics` reports. Kept beside the desired state, not in
-/// it, so that publishing the desired state does not copy it.
+/// Which identities (by number) produce each object key; the first in byte order owns it in every
+/// member, and the others' objects under it are not written (`DesiredState::shadowed`). Two
+/// identities give the same key only when their hosts collide (env `a.b` of identity `c` and env
+/// `a` of identity `b.c`), which `Engine::all_diagnostics` reports. Kept beside the desired
+/// state, not in it, so that publishing the desired state does not copy it.
 #[derive(Clone, Debug, Default)]
-pub struct Owners(HashMap<ObjectKey, Vec<Arc<str>>>);
+pub struct Owners(HashMap<ObjectKey, Holders>);
+
+/// The identities that produce a key, in byte order of their names; nearly always one, kept
+/// without allocating.
+#[derive(Clone, Debug)]
+struct Holders {
+    first: u32,
+    rest: Vec<u32>,
+}
 
 impl Owners {
-    pub fn first(&self, key: &ObjectKey) -> Option<&Arc<str>> {
-        self.0.get(key).and_then(|o| o.first())
+    pub fn first(&self, key: &ObjectKey) -> Option<u32> {
+        self.0.get(key).map(|h| h.first)
     }
 
-    fn set(&mut self, key: &ObjectKey, identity: &str, produces: bool) {
-        let owners = self.0.entry(key.clone()).or_default();
-        match (owners.binary_search_by(|o| (**o).cmp(identity)), produces) {
-            (Err(at), true) => owners.insert(at, identity.into()),
-            (Ok(at), false) => {
-                owners.remove(at);
+    fn set<'a>(&mut self, key: &ObjectKey, number: u32, produces: bool, name_of: impl Fn(u32) -> &'a str) {
+        let Some(holders) = self.0.get_mut(key) else {
+            if produces {
+                self.0.insert(key.clone(), Holders { first: number, rest: Vec::new() });
             }
+            return;
+        };
+        let held = holders.first == number || holders.rest.contains(&number);
+        match (held, produces) {
+            (false, true) => {
+                let mut all = holders.rest.clone();
+                all.push(holders.first);
+                all.push(number);
+                all.sort_by(|a, b| name_of(*a).cmp(name_of(*b)));
+                holders.first = all.remove(0);
+                holders.rest = all;
+            }
+            (true, false) if holders.first == number => match holders.rest.is_empty() {
+                true => {
+                    self.0.remove(key);
+                }
+                false => holders.first = holders.rest.remove(0),
+            },
+            (true, false) => holders.rest.retain(|n| *n != number),
             _ => {}
         }
-        if owners.is_empty() {
-            self.0.remove(key);
-        }
     }
 
-    /// Keys that more than one identity produces, with those identities.
-    pub fn shared(&self) -> impl Iterator<Item = (&ObjectKey, &[Arc<str>])> {
-        self.0.iter().filter(|(_, o)| o.len() > 1).map(|(k, o)| (k, &o[..]))
+    /// The identities producing `key` that do not own it.
+    fn others(&self, key: &ObjectKey) -> Vec<u32> {
+        self.0.get(key).map(|h| h.rest.clone()).unwrap_or_default()
+    }
+
+    /// Keys that more than one identity produces, with those identities' numbers in order.
+    pub fn shared(&self) -> impl Iterator<Item = (&ObjectKey, Vec<u32>)> {
+        let shared = self.0.iter().filter(|(_, h)| !h.rest.is_empty());
+        shared.map(|(k, h)| (k, std::iter::once(h.first).chain(h.rest.iter().copied()).collect()))
     }
 }
 

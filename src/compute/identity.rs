@@ -108,11 +108,17 @@ pub struct ResolvedIdentity<'a> {
     pub client_clusters: Vec<ClusterIdx>,
     pub diagnostics: Vec<Diagnostic>,
     pub reports: Vec<PolicyReport>,
+    /// Its written hosts, gathered once: every client's Sidecar and Dependency status lists them.
+    written: Vec<String>,
 }
 
 impl ResolvedIdentity<'_> {
-    /// Every host that is written somewhere (a group with at least one source).
+    /// Every host that is written somewhere (a group with at least one source), in order.
     pub fn written_hosts(&self) -> impl Iterator<Item = &str> {
+        self.written.iter().map(String::as_str)
+    }
+
+    fn served_hosts(&self) -> impl Iterator<Item = &str> {
         self.envs.values().flat_map(|e| e.served()).flat_map(|g| g.hosts.iter().map(|h| h.host.as_str()))
     }
 }
@@ -122,21 +128,24 @@ impl ResolvedIdentity<'_> {
 /// change during a pass, and the view is only read while objects are built (on every core).
 pub struct PassView<'a> {
     pub running: Running<'a>,
-    resolved: HashMap<&'a str, ResolvedIdentity<'a>>,
+    /// In the order given, found by name through `index`.
+    resolved: Vec<ResolvedIdentity<'a>>,
+    index: HashMap<&'a str, usize>,
 }
 
 impl<'a> PassView<'a> {
-    pub fn new(running: Running<'a>, resolved: HashMap<&'a str, ResolvedIdentity<'a>>) -> Self {
-        PassView { running, resolved }
+    pub fn new(running: Running<'a>, names: &[&'a str], resolved: Vec<ResolvedIdentity<'a>>) -> Self {
+        let index = names.iter().enumerate().map(|(i, name)| (*name, i)).collect();
+        PassView { running, resolved, index }
     }
 
     pub fn get(&self, identity: &str) -> Option<&ResolvedIdentity<'a>> {
-        self.resolved.get(identity)
+        self.index.get(identity).map(|i| &self.resolved[*i])
     }
 
     /// The hosts `identity` writes somewhere (none if it was not resolved in this pass).
-    pub fn written_hosts(&self, identity: &str) -> impl Iterator<Item = &str> {
-        self.resolved.get(identity).into_iter().flat_map(ResolvedIdentity::written_hosts)
+    pub fn written_hosts(&self, identity: &str) -> &[String] {
+        self.get(identity).map_or(&[], |r| &r.written)
     }
 }
 
@@ -280,33 +289,43 @@ pub fn resolve<'a>(
 
     select_policies(fleet, identity, &locations, &mut out);
 
-    // Hosts are lower-case, so envs that differ only in case give the same host, and so does a
-    // GTP prefix "canary" beside a Rollout's canary host: the first written keeps it.
-    let mut written: BTreeSet<String> = BTreeSet::new();
     for env in out.envs.values_mut() {
         let (env_name, gtp) = (env.env.clone(), env.gtp);
         for group in env.groups.values_mut() {
-            let mut hosts = hosts_of(settings, identity, &env_name, gtp, group.variant, &mut out.diagnostics);
-            if !group.sources.is_empty() {
-                hosts.retain(|h| {
-                    let first = written.insert(h.host.clone());
-                    if !first {
-                        out.diagnostics.push(Diagnostic::error(
-                            None,
-                            format!("identity {identity}"),
-                            format!(
-                                "env {env_name:?} gives host {:?} a second time; only the first is written",
-                                h.host
-                            ),
-                        ));
-                    }
-                    first
-                });
-            }
-            group.hosts = hosts;
+            group.hosts = hosts_of(settings, identity, &env_name, gtp, group.variant, &mut out.diagnostics);
         }
     }
+    drop_second_hosts(identity, &mut out);
+    out.written = out.served_hosts().map(str::to_string).collect();
     out
+}
+
+/// Hosts are lower-case, so envs that differ only in case give the same host, and so does a GTP
+/// prefix "canary" beside a Rollout's canary host: the first written keeps it, the others are
+/// dropped and reported.
+fn drop_second_hosts(identity: &str, out: &mut ResolvedIdentity<'_>) {
+    let mut sorted: Vec<&str> = out.served_hosts().collect();
+    sorted.sort_unstable();
+    if sorted.windows(2).all(|pair| pair[0] != pair[1]) {
+        return; // the usual case: nothing to drop
+    }
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    let diagnostics = &mut out.diagnostics;
+    for env in out.envs.values_mut() {
+        for group in env.groups.values_mut().filter(|g| !g.sources.is_empty()) {
+            group.hosts.retain(|h| {
+                let first = seen.insert(h.host.clone());
+                if !first {
+                    diagnostics.push(Diagnostic::error(
+                        None,
+                        format!("identity {identity}"),
+                        format!("env {:?} gives host {:?} a second time; only the first is written", env.env, h.host),
+                    ));
+                }
+                first
+            });
+        }
+    }
 }
 
 /// Identities whose names differ only in case would write the same (lower-case) hosts and

@@ -42,6 +42,36 @@ pub struct ClusterFacts {
     pub gateway_port: u16,
 }
 
+/// The identities whose output a change to `dirty` can reach. The model says how far each change
+/// can reach. Destinations are written where we run. Clients that name us list our hosts in their
+/// Sidecars and Dependency statuses (a `*` client has no Sidecar, and its status lists only what
+/// it names), so they are recomputed when our hosts move, which resolving us again tells. (A
+/// `*` client's workloads moving sets `all` in the model; naming a `*` client as a destination,
+/// or editing its Dependency, only touches the identities involved.)
+fn widen(
+    fleet: &Fleet,
+    settings: &Settings,
+    desired: &DesiredState,
+    dirty: BTreeMap<String, Reach>,
+) -> BTreeSet<String> {
+    let probe = identity::Running::new(fleet, HashMap::new());
+    let mut set = BTreeSet::new();
+    for (id, reach) in dirty {
+        if reach >= Reach::Clients {
+            let now = identity::resolve(fleet, settings, &probe, &id);
+            let before = desired.identity(&id).map_or(&[][..], |o| &o.hosts[..]);
+            if !now.written_hosts().eq(before.iter().map(String::as_str)) {
+                set.extend(fleet.named_clients_of(&id).map(str::to_string));
+            }
+        }
+        if reach >= Reach::Neighbours {
+            set.extend(fleet.destinations_of(&id).map(str::to_string));
+        }
+        set.insert(id);
+    }
+    set
+}
+
 /// The facts of every member in the fleet, by member number.
 #[derive(Clone, Debug, Default)]
 pub struct Facts(Vec<Option<ClusterFacts>>);
@@ -49,9 +79,9 @@ pub struct Facts(Vec<Option<ClusterFacts>>);
 impl Facts {
     fn of(fleet: &Fleet, settings: &Settings) -> Facts {
         let mut facts = vec![None; fleet.cluster_names().len()];
-        for (id, c) in &fleet.clusters {
+        for c in fleet.clusters() {
             facts[c.idx.index()] = Some(ClusterFacts {
-                id: Arc::from(id.as_str()),
+                id: Arc::from(c.id.as_str()),
                 health: c.health,
                 region: c.region(),
                 gateway_address: c.gateway_address(&settings.gateway_selectors),
@@ -178,36 +208,21 @@ impl Engine {
             let have = dirty.identities.entry(twin).or_insert(reach);
             *have = (*have).max(reach);
         }
-        // A `*` client's workloads moving sets `all` in the model; naming a `*` client as a
-        // destination, or editing its Dependency, only touches the identities involved.
-        let identities: BTreeSet<String> = if dirty.all {
-            let mut all = self.fleet.identities();
-            all.extend(self.desired.identities().map(|(id, _)| id.to_string()));
-            all
-        } else {
-            // The model says how far each change can reach. Destinations are written where we
-            // run. Clients that name us list our hosts in their Sidecars and Dependency statuses
-            // (a `*` client has no Sidecar, and its status lists only what it names), so they are
-            // recomputed when our hosts move, which resolving us again tells.
-            let probe = identity::Running::new(&self.fleet, HashMap::new());
-            let mut set = BTreeSet::new();
-            for (id, reach) in dirty.identities {
-                if reach >= Reach::Clients {
-                    let now = identity::resolve(&self.fleet, &self.settings, &probe, &id);
-                    let before = self.desired.identity(&id).map_or(&[][..], |o| &o.hosts[..]);
-                    if !now.written_hosts().eq(before.iter().map(String::as_str)) {
-                        set.extend(self.fleet.named_clients_of(&id).map(str::to_string));
-                    }
-                }
-                if reach >= Reach::Neighbours {
-                    set.extend(self.fleet.destinations_of(&id).map(str::to_string));
-                }
-                set.insert(id);
-            }
-            set
-        };
-        let identities: Vec<&str> = identities.iter().map(String::as_str).collect();
         let Engine { settings, fleet, vips, desired, owners, threads, facts } = self;
+        let (widened, gone) = if dirty.all {
+            // Everything, and the identities the model no longer knows: their objects go.
+            let gone = desired.identities().map(|(id, _)| id).filter(|id| !fleet.knows(id)).map(String::from);
+            (BTreeSet::new(), gone.collect())
+        } else {
+            (widen(fleet, settings, desired, dirty.identities), BTreeSet::new())
+        };
+        let identities: Vec<&str> = if dirty.all {
+            let mut all = fleet.identities();
+            all.extend(gone.iter().map(String::as_str));
+            all.into_iter().collect()
+        } else {
+            widened.iter().map(String::as_str).collect()
+        };
 
         // 1. Resolve, on every core: the identities recomputed and the destinations whose hosts
         //    their Sidecars list.
@@ -225,7 +240,7 @@ impl Engine {
         let clusters = crate::parallel::map(*threads, &asked, |id| fleet.clusters_running(id));
         let running = identity::Running::new(fleet, asked.iter().copied().zip(clusters).collect());
         let resolved = crate::parallel::map(*threads, &wanted, |id| identity::resolve(fleet, settings, &running, id));
-        let pass = identity::PassView::new(running, wanted.iter().copied().zip(resolved).collect());
+        let pass = identity::PassView::new(running, &wanted, resolved);
 
         // 2. Allocate VIPs on one thread, in identity order: when two hosts' preferred addresses
         //    collide, the order decides who probes further, and output must not depend on threads.
@@ -244,6 +259,7 @@ impl Engine {
             desired.prepare(id, objects::compute_identity(fleet, settings, facts, &pass, id, vips))
         });
         desired.swap(owners, fleet.cluster_names(), &identities, swaps, &mut result.changed);
+
         result.identities = identities.len();
         result.new_vips = self.vips.take_new();
         result
@@ -253,10 +269,11 @@ impl Engine {
     /// would write, sorted.
     pub fn cluster_diagnostics(&self) -> Vec<Diagnostic> {
         let mut out = Vec::new();
-        for (id, c) in &self.fleet.clusters {
+        for c in self.fleet.clusters() {
             let Some(facts) = self.facts.get(c.idx) else {
                 continue;
             };
+            let id = c.id.as_str();
             if facts.region.is_none() {
                 out.push(Diagnostic::warning(
                     Some(id),
@@ -280,7 +297,8 @@ impl Engine {
             }
         }
         for (key, identities) in self.owners.shared() {
-            let names: Vec<String> = identities.iter().map(|i| format!("{i:?}")).collect();
+            let names: Vec<String> =
+                identities.iter().map(|n| format!("{:?}", self.desired.identity_numbered(*n))).collect();
             out.push(Diagnostic::error(
                 None,
                 key.to_string(),

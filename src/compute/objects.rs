@@ -3,7 +3,7 @@
 //! local endpoint in its own cluster, gateway endpoints elsewhere, and a failover origin that
 //! depends on the region of the cluster it is written to.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -91,9 +91,10 @@ pub fn compute_identity(
                 };
                 // Targets differ only by where they stand: which source they are (if any), their
                 // region, and (with --export-to=dependents) their exportTo. Targets standing in the
-                // same place share one object (its index in `out.objects`).
-                let mut entries: HashMap<EntryView, Option<(usize, Ejection)>> = HashMap::new();
-                let mut rules: HashMap<RuleView, usize> = HashMap::new();
+                // same place share one object (its index in `out.objects`). Places are few, so
+                // they are searched in a list.
+                let mut entries: Vec<(EntryView, Option<(usize, Ejection)>)> = Vec::new();
+                let mut rules: Vec<(RuleView, usize)> = Vec::new();
                 // Only a FAILOVER rule depends on the target's region (it distributes from there).
                 let failover = host.policy.is_some_and(|p| matches!(p.lb_type(), Ok(LbType::Failover)));
                 for &target in &targets {
@@ -114,23 +115,29 @@ pub fn compute_identity(
                     }
                     let local = group.sources.values().any(|s| s.cluster.idx == target).then_some(target);
                     let export_to = export_to(fleet, settings, resolved, env, identity, &target_facts.id[..]);
-                    let built = entries.entry((local, export_to.clone())).or_insert_with(|| {
-                        let endpoints = endpoints_for(group, target, facts);
-                        let ejection = Ejection::of(&endpoints);
-                        (!endpoints.is_empty()).then(|| {
-                            let se = service_entry(
-                                settings,
-                                group,
-                                host,
-                                vip.clone(),
-                                endpoints,
-                                export_to.clone(),
-                                &labels,
-                            );
-                            (place(&mut out.objects, se), ejection)
-                        })
-                    });
-                    let Some((entry, ejection)) = *built else {
+                    let view = (local, export_to);
+                    let built = match entries.iter().find(|(v, _)| *v == view) {
+                        Some((_, built)) => *built,
+                        None => {
+                            let endpoints = endpoints_for(group, target, facts);
+                            let ejection = Ejection::of(&endpoints);
+                            let built = (!endpoints.is_empty()).then(|| {
+                                let se = service_entry(
+                                    settings,
+                                    group,
+                                    host,
+                                    vip.clone(),
+                                    endpoints,
+                                    view.1.clone(),
+                                    &labels,
+                                );
+                                (place(&mut out.objects, se), ejection)
+                            });
+                            entries.push((view.clone(), built));
+                            built
+                        }
+                    };
+                    let Some((entry, ejection)) = built else {
                         continue;
                     };
                     let region = target_facts.region.as_deref();
@@ -142,11 +149,17 @@ pub fn compute_identity(
                                 .into(),
                         ));
                     }
-                    let rule =
-                        *rules.entry((region.filter(|_| failover), ejection, export_to.clone())).or_insert_with(|| {
+                    let view = (region.filter(|_| failover), ejection, view.1);
+                    let rule = match rules.iter().find(|(v, _)| *v == view) {
+                        Some((_, rule)) => *rule,
+                        None => {
+                            let (region, ejection, export_to) = view.clone();
                             let dr = destination_rule(settings, env, host, region, ejection, export_to, &labels);
-                            place(&mut out.objects, dr)
-                        });
+                            let rule = place(&mut out.objects, dr);
+                            rules.push((view, rule));
+                            rule
+                        }
+                    };
                     out.objects[entry].clusters.push(target);
                     out.objects[rule].clusters.push(target);
                     if record_written {
@@ -163,7 +176,11 @@ pub fn compute_identity(
     }
 
     sidecars_and_dependency_reports(fleet, settings, facts, pass, resolved, identity, &mut out);
-    // Keys in order, each object's members in order: what the desired state reads them by.
+    // Keys in order, each object's members in order: what the desired state reads them by. The
+    // diagnostics in order too: how they were met follows member numbers, which differ between
+    // runs.
+    out.diagnostics.sort();
+    out.diagnostics.dedup();
     for placed in &mut out.objects {
         placed.clusters.sort_unstable();
         placed.clusters.dedup();
@@ -463,8 +480,8 @@ fn sidecars_and_dependency_reports(
         return;
     }
     // Hosts of every explicitly named destination, and destinations nothing is known about.
-    let hosts_by_destination: BTreeMap<&str, Vec<&str>> =
-        fleet.destinations_of(identity).map(|dest| (dest, pass.written_hosts(dest).collect())).collect();
+    let hosts_by_destination: BTreeMap<&str, &[String]> =
+        fleet.destinations_of(identity).map(|dest| (dest, pass.written_hosts(dest))).collect();
     let client_clusters = pass.running.of(identity);
 
     for dep in &deps {
@@ -484,7 +501,7 @@ fn sidecars_and_dependency_reports(
             let hosts: BTreeSet<String> = dep
                 .destinations
                 .iter()
-                .flat_map(|d| hosts_by_destination.get(d.as_str()).into_iter().flatten().map(|h| h.to_string()))
+                .flat_map(|d| hosts_by_destination.get(d.as_str()).copied().unwrap_or_default().iter().cloned())
                 .collect();
             for c in &client_clusters {
                 report.clusters.insert(fleet.cluster_names().name(*c).to_string(), hosts.clone());
@@ -520,7 +537,7 @@ fn sidecars_and_dependency_reports(
         return;
     }
     let mut egress_hosts = vec!["./*".to_string(), format!("{GATEWAY_NAMESPACE}/*")];
-    let dest_hosts: BTreeSet<&str> = hosts_by_destination.values().flatten().copied().collect();
+    let dest_hosts: BTreeSet<&str> = hosts_by_destination.values().flat_map(|h| h.iter().map(String::as_str)).collect();
     egress_hosts.extend(dest_hosts.into_iter().map(|h| format!("{}/{h}", settings.sync_namespace)));
 
     // Group the client's federated workloads by (cluster, namespace): one Sidecar per group.

@@ -15,7 +15,10 @@ use crate::meta::{GATEWAY_NAMESPACE, HUB, Kind};
 #[derive(Clone, Debug)]
 pub struct Fleet {
     identity_label: String,
-    pub clusters: BTreeMap<ClusterId, Cluster>,
+    /// The members, by number (a removed member leaves a hole that its number fills again if it
+    /// comes back), and the numbers of those present, by id.
+    members: Vec<Option<Cluster>>,
+    present: BTreeMap<ClusterId, ClusterIdx>,
     /// The number of every member id ever seen (shared with the desired state, which names
     /// members by number).
     names: Arc<ClusterNames>,
@@ -24,7 +27,7 @@ pub struct Fleet {
     pub connection_configs: BTreeMap<ObjectRef, Policy<ClientConnectionConfigSpec>>,
     pub dependencies: BTreeMap<ObjectRef, DependencyEntry>,
     /// identity → where its workloads are (cluster, namespace, name).
-    by_identity: BTreeMap<String, BTreeSet<(ClusterId, WorkloadKey)>>,
+    by_identity: BTreeMap<String, BTreeSet<(ClusterIdx, WorkloadKey)>>,
     /// Lower-cased identity → the identities with workloads that lower-case to it. Hosts and
     /// object names are lower-cased, so identities that differ only in case would collide.
     by_folded: BTreeMap<String, BTreeSet<String>>,
@@ -47,7 +50,8 @@ impl Fleet {
     pub fn new(identity_label: &str) -> Self {
         Fleet {
             identity_label: identity_label.to_string(),
-            clusters: BTreeMap::new(),
+            members: Vec::new(),
+            present: BTreeMap::new(),
             names: Arc::default(),
             gtps: BTreeMap::new(),
             outlier_detections: BTreeMap::new(),
@@ -77,7 +81,21 @@ impl Fleet {
 
     /// The member with this number, if it is in the fleet now.
     pub fn cluster_at(&self, idx: ClusterIdx) -> Option<&Cluster> {
-        self.clusters.get(&**self.names.name(idx)).filter(|c| c.idx == idx)
+        self.members.get(idx.index()).and_then(Option::as_ref)
+    }
+
+    pub fn cluster(&self, id: &str) -> Option<&Cluster> {
+        self.cluster_at(*self.present.get(id)?)
+    }
+
+    fn cluster_mut(&mut self, id: &str) -> Option<&mut Cluster> {
+        let idx = *self.present.get(id)?;
+        self.members[idx.index()].as_mut()
+    }
+
+    /// The members, in id order.
+    pub fn clusters(&self) -> impl Iterator<Item = &Cluster> {
+        self.present.values().filter_map(|idx| self.cluster_at(*idx))
     }
 
     /// The identities touched since the last call; everything on the first call.
@@ -93,14 +111,19 @@ impl Fleet {
     /// Adds a member (or updates its overrides). A new or changed member can change endpoints,
     /// localities and targets of many identities, so everything is recomputed.
     pub fn upsert_cluster(&mut self, id: &str, overrides: ClusterOverrides) {
-        let cluster = self.clusters.entry(id.to_string()).or_insert_with(|| {
+        if !self.present.contains_key(id) {
             self.dirty.all = true;
             let idx = match self.names.number(id) {
                 Some(idx) => idx,
                 None => Arc::make_mut(&mut self.names).number_or_insert(id),
             };
-            Cluster::new(id, idx)
-        });
+            if self.members.len() <= idx.index() {
+                self.members.resize_with(idx.index() + 1, || None);
+            }
+            self.members[idx.index()] = Some(Cluster::new(id, idx));
+            self.present.insert(id.to_string(), idx);
+        }
+        let cluster = self.cluster_mut(id).expect("just made present");
         if cluster.overrides != overrides {
             cluster.overrides = overrides;
             self.dirty.all = true;
@@ -109,11 +132,12 @@ impl Fleet {
 
     /// Removes a member and everything learned from it.
     pub fn remove_cluster(&mut self, id: &str) {
-        let Some(cluster) = self.clusters.remove(id) else {
+        let Some(idx) = self.present.remove(id) else {
             return;
         };
+        let cluster = self.members[idx.index()].take().expect("a present member");
         for w in cluster.workloads.values() {
-            self.unindex_workload(id, w);
+            self.unindex_workload(idx, w);
         }
         let in_cluster = |r: &&ObjectRef| r.cluster == id;
         let gtps: Vec<ObjectRef> = self.gtps.keys().filter(in_cluster).cloned().collect();
@@ -137,7 +161,7 @@ impl Fleet {
     /// so no identity's objects change; the per-member facts (what is written where, and the
     /// clusters' diagnostics) do.
     pub fn set_health(&mut self, id: &str, health: ClusterHealth) {
-        if let Some(c) = self.clusters.get_mut(id)
+        if let Some(c) = self.cluster_mut(id)
             && c.health != health
         {
             c.health = health;
@@ -146,19 +170,26 @@ impl Fleet {
     }
 
     /// Identities that have workloads anywhere, are named by a policy, or are Dependency sources.
-    pub fn identities(&self) -> BTreeSet<String> {
-        let mut all: BTreeSet<String> = self.by_identity.keys().cloned().collect();
-        all.extend(self.gtps_by_identity.keys().cloned());
-        all.extend(self.ods_by_identity.keys().cloned());
-        all.extend(self.cccs_by_identity.keys().cloned());
-        all.extend(self.deps_by_source.keys().cloned());
+    pub fn identities(&self) -> BTreeSet<&str> {
+        let mut all: BTreeSet<&str> = self.by_identity.keys().map(String::as_str).collect();
+        for index in [&self.gtps_by_identity, &self.ods_by_identity, &self.cccs_by_identity, &self.deps_by_source] {
+            all.extend(index.keys().map(String::as_str));
+        }
         all
     }
 
-    /// The workloads of one identity, in (cluster, namespace, name) order.
+    /// Whether anything is known of `identity` (see `identities`).
+    pub fn knows(&self, identity: &str) -> bool {
+        self.by_identity.contains_key(identity)
+            || [&self.gtps_by_identity, &self.ods_by_identity, &self.cccs_by_identity, &self.deps_by_source]
+                .iter()
+                .any(|index| index.contains_key(identity))
+    }
+
+    /// The workloads of one identity, in (member number, namespace, name) order.
     pub fn workloads_of<'a>(&'a self, identity: &str) -> impl Iterator<Item = (&'a Cluster, &'a Workload)> + 'a {
         self.by_identity.get(identity).into_iter().flatten().filter_map(move |(c, key)| {
-            let cluster = self.clusters.get(c)?;
+            let cluster = self.cluster_at(*c)?;
             let w = cluster.workloads.get(key)?;
             Some((cluster, w))
         })
@@ -223,14 +254,14 @@ impl Fleet {
 
     /// Adds or replaces the record of one object seen in cluster `cluster` (or `HUB`).
     pub fn upsert(&mut self, cluster: &str, namespace: &str, name: &str, record: Record) {
-        if cluster != HUB && !self.clusters.contains_key(cluster) {
+        if cluster != HUB && !self.present.contains_key(cluster) {
             self.upsert_cluster(cluster, ClusterOverrides::default());
         }
         let key = || (namespace.to_string(), name.to_string());
         match record {
             Record::Workload(w) => self.set_workload(cluster, w.key(), Some(w)),
             Record::VirtualService { routes } => {
-                if let Some(c) = self.clusters.get_mut(cluster) {
+                if let Some(c) = self.cluster_mut(cluster) {
                     c.virtual_services.insert(key(), routes);
                 }
                 // Only the weights of the canary Rollouts next to it can change.
@@ -240,13 +271,13 @@ impl Fleet {
             Record::Node(region) => self.set_node(cluster, name.to_string(), Some(region)),
             Record::Namespace { opted_out } => self.set_namespace_opt_out(cluster, name, opted_out),
             Record::ForeignSidecar { selector } => {
-                if let Some(c) = self.clusters.get_mut(cluster) {
+                if let Some(c) = self.cluster_mut(cluster) {
                     c.foreign_sidecars.insert(key(), selector);
                 }
                 self.touch_namespace(cluster, namespace, Reach::Itself);
             }
             Record::ForeignServiceEntry { hosts } => {
-                if let Some(c) = self.clusters.get_mut(cluster) {
+                if let Some(c) = self.cluster_mut(cluster) {
                     let old = c.foreign_service_entries.insert(key(), hosts.clone());
                     self.dirty.hosts.extend(held_hosts(name, old.iter().flatten().chain(&hosts)));
                 }
@@ -274,7 +305,7 @@ impl Fleet {
             Kind::Deployment => self.set_workload(cluster, (namespace.into(), name.into(), false), None),
             Kind::Rollout => self.set_workload(cluster, (namespace.into(), name.into(), true), None),
             Kind::VirtualService => {
-                if let Some(c) = self.clusters.get_mut(cluster)
+                if let Some(c) = self.cluster_mut(cluster)
                     && c.virtual_services.remove(&key).is_some()
                 {
                     self.touch_namespace(cluster, namespace, Reach::Itself);
@@ -284,7 +315,7 @@ impl Fleet {
             Kind::Node => self.set_node(cluster, name.to_string(), None),
             Kind::Namespace => self.set_namespace_opt_out(cluster, name, false),
             Kind::Sidecar => {
-                if let Some(c) = self.clusters.get_mut(cluster)
+                if let Some(c) = self.cluster_mut(cluster)
                     && c.foreign_sidecars.remove(&key).is_some()
                 {
                     self.touch_namespace(cluster, namespace, Reach::Itself);
@@ -314,7 +345,7 @@ impl Fleet {
             }
             Kind::Dependency => self.set_dependency(at, None),
             Kind::ServiceEntry => {
-                if let Some(c) = self.clusters.get_mut(cluster)
+                if let Some(c) = self.cluster_mut(cluster)
                     && let Some(old) = c.foreign_service_entries.remove(&key)
                 {
                     self.dirty.hosts.extend(held_hosts(name, &old));
@@ -326,9 +357,10 @@ impl Fleet {
     }
 
     fn set_workload(&mut self, cluster: &str, key: WorkloadKey, new: Option<Workload>) {
-        let Some(c) = self.clusters.get_mut(cluster) else {
+        let Some(c) = self.cluster_mut(cluster) else {
             return;
         };
+        let idx = c.idx;
         let old = match &new {
             Some(w) => c.workloads.insert(key, w.clone()),
             None => c.workloads.remove(&key),
@@ -344,7 +376,7 @@ impl Fleet {
             self.dirty.all = true;
         }
         if let Some(o) = &old {
-            self.unindex_workload(cluster, o);
+            self.unindex_workload(idx, o);
         }
         if let Some(n) = &new {
             if let Some(id) = &n.identity {
@@ -353,17 +385,17 @@ impl Fleet {
                 if places.is_empty() {
                     self.by_folded.entry(id.to_ascii_lowercase()).or_default().insert(id.clone());
                 }
-                places.insert((cluster.to_string(), key));
+                places.insert((idx, key));
             }
             self.dirty.touch(n.identity.as_deref(), Reach::Neighbours);
         }
     }
 
-    fn unindex_workload(&mut self, cluster: &str, w: &Workload) {
+    fn unindex_workload(&mut self, cluster: ClusterIdx, w: &Workload) {
         if let Some(id) = &w.identity
             && let Some(set) = self.by_identity.get_mut(id)
         {
-            set.remove(&(cluster.to_string(), w.key()));
+            set.remove(&(cluster, w.key()));
             if set.is_empty() {
                 self.by_identity.remove(id);
                 let folded = id.to_ascii_lowercase();
@@ -379,14 +411,11 @@ impl Fleet {
     }
 
     fn set_service(&mut self, cluster: &str, key: NsName, new: Option<ServiceInfo>) {
-        let Some(c) = self.clusters.get_mut(cluster) else {
+        let Some(c) = self.cluster_mut(cluster) else {
             return;
         };
         let gateway_namespace = key.0 == GATEWAY_NAMESPACE;
-        let old = match &new {
-            Some(s) => c.services.insert(key.clone(), s.clone()),
-            None => c.services.remove(&key),
-        };
+        let old = c.set_service(key.clone(), new.clone());
         if old == new {
             return;
         }
@@ -398,7 +427,7 @@ impl Fleet {
     }
 
     fn set_node(&mut self, cluster: &str, name: String, region: Option<Option<String>>) {
-        let Some(c) = self.clusters.get_mut(cluster) else {
+        let Some(c) = self.cluster_mut(cluster) else {
             return;
         };
         let before = c.region();
@@ -412,7 +441,7 @@ impl Fleet {
     }
 
     fn set_namespace_opt_out(&mut self, cluster: &str, namespace: &str, opted_out: bool) {
-        let Some(c) = self.clusters.get_mut(cluster) else {
+        let Some(c) = self.cluster_mut(cluster) else {
             return;
         };
         let changed = if opted_out {
@@ -427,7 +456,10 @@ impl Fleet {
 
     /// Marks every identity with a workload in `cluster`/`namespace`.
     fn touch_namespace(&mut self, cluster: &str, namespace: &str, reach: Reach) {
-        let Some(c) = self.clusters.get(cluster) else {
+        let Some(&idx) = self.present.get(cluster) else {
+            return;
+        };
+        let Some(c) = self.members[idx.index()].as_ref() else {
             return;
         };
         for w in c.workloads_in(namespace) {

@@ -230,7 +230,8 @@ pub struct Cluster {
     pub nodes: BTreeMap<String, Option<String>>,
     pub opted_out_namespaces: BTreeSet<String>,
     pub workloads: BTreeMap<WorkloadKey, Workload>,
-    pub services: BTreeMap<NsName, ServiceInfo>,
+    /// Namespace → name → Service: one namespace's Services are found without building a key.
+    services: BTreeMap<String, BTreeMap<String, ServiceInfo>>,
     /// Sidecars flotilla does not manage: their workload selector (None = the whole namespace).
     pub foreign_sidecars: BTreeMap<NsName, Option<BTreeMap<String, String>>>,
     /// VirtualServices (a canary Rollout's weights): their HTTP routes.
@@ -288,10 +289,22 @@ impl Cluster {
     }
 
     pub fn services_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a ServiceInfo> + 'a {
-        self.services
-            .range((namespace.to_string(), String::new())..)
-            .take_while(move |((ns, _), _)| ns == namespace)
-            .map(|(_, s)| s)
+        self.services.get(namespace).into_iter().flat_map(|by_name| by_name.values())
+    }
+
+    /// Stores (or, with None, removes) a Service; returns what was there.
+    fn set_service(&mut self, (namespace, name): NsName, new: Option<ServiceInfo>) -> Option<ServiceInfo> {
+        match new {
+            Some(s) => self.services.entry(namespace).or_default().insert(name, s),
+            None => {
+                let by_name = self.services.get_mut(&namespace)?;
+                let old = by_name.remove(&name);
+                if by_name.is_empty() {
+                    self.services.remove(&namespace);
+                }
+                old
+            }
+        }
     }
 
     pub fn workloads_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
