@@ -6,6 +6,7 @@
 //! memory and most of the time of a full recompute, while an identity's objects are a handful
 //! whatever the fleet's size.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -362,9 +363,8 @@ impl DesiredState {
             (Some(o), Some(n)) => Some(std::cmp::min(&o.desired.key, &n.desired.key)),
         } {
             let (had, has) = (take_key(&mut old, key), take_key(&mut new, key));
-            let (before, shadowed_before) = (owners.first(key), owners.others(key));
-            owners.set(key, number, !has.is_empty(), name_of);
-            let (after, shadowed_after) = (owners.first(key), owners.others(key));
+            let Moved { before, after, shadowed_before, shadowed_after } =
+                owners.set(key, number, !has.is_empty(), name_of);
             if !shadowed_before.is_empty() || !shadowed_after.is_empty() {
                 let shadowed = Arc::make_mut(shadowed);
                 for n in shadowed_before {
@@ -481,37 +481,50 @@ impl Owners {
         self.0.get(key).map(|h| h.first)
     }
 
-    fn set<'a>(&mut self, key: &ObjectKey, number: u32, produces: bool, name_of: impl Fn(u32) -> &'a str) {
-        let Some(holders) = self.0.get_mut(key) else {
-            if produces {
-                self.0.insert(key.clone(), Holders { first: number, rest: Vec::new() });
+    /// Records whether identity `number` produces `key`; says who owned it before and after.
+    fn set<'a>(&mut self, key: &ObjectKey, number: u32, produces: bool, name_of: impl Fn(u32) -> &'a str) -> Moved {
+        let entry = match self.0.entry(key.clone()) {
+            Entry::Vacant(vacant) => {
+                if produces {
+                    vacant.insert(Holders { first: number, rest: Vec::new() });
+                }
+                let after = produces.then_some(number);
+                return Moved { before: None, after, shadowed_before: Vec::new(), shadowed_after: Vec::new() };
             }
-            return;
+            Entry::Occupied(occupied) => occupied,
         };
-        let held = holders.first == number || holders.rest.contains(&number);
-        match (held, produces) {
+        let holders = entry.get();
+        if holders.first == number && holders.rest.is_empty() {
+            // The usual case: it is the key's only producer, and stays so or stops.
+            let after = produces.then_some(number);
+            if !produces {
+                entry.remove();
+            }
+            return Moved { before: Some(number), after, shadowed_before: Vec::new(), shadowed_after: Vec::new() };
+        }
+        let (before, shadowed_before) = (holders.first, holders.rest.clone());
+        let mut all: Vec<u32> = std::iter::once(holders.first).chain(holders.rest.iter().copied()).collect();
+        match (all.contains(&number), produces) {
             (false, true) => {
-                let mut all = holders.rest.clone();
-                all.push(holders.first);
                 all.push(number);
                 all.sort_by(|a, b| name_of(*a).cmp(name_of(*b)));
-                holders.first = all.remove(0);
-                holders.rest = all;
             }
-            (true, false) if holders.first == number => match holders.rest.is_empty() {
-                true => {
-                    self.0.remove(key);
-                }
-                false => holders.first = holders.rest.remove(0),
-            },
-            (true, false) => holders.rest.retain(|n| *n != number),
+            (true, false) => all.retain(|n| *n != number),
             _ => {}
         }
-    }
-
-    /// The identities producing `key` that do not own it.
-    fn others(&self, key: &ObjectKey) -> Vec<u32> {
-        self.0.get(key).map(|h| h.rest.clone()).unwrap_or_default()
+        if all.is_empty() {
+            entry.remove();
+            return Moved { before: Some(before), after: None, shadowed_before, shadowed_after: Vec::new() };
+        }
+        let holders = Holders { first: all[0], rest: all.split_off(1) };
+        let moved = Moved {
+            before: Some(before),
+            after: Some(holders.first),
+            shadowed_before,
+            shadowed_after: holders.rest.clone(),
+        };
+        *entry.into_mut() = holders;
+        moved
     }
 
     /// Keys that more than one identity produces, with those identities' numbers in order.
@@ -519,6 +532,15 @@ impl Owners {
         let shared = self.0.iter().filter(|(_, h)| !h.rest.is_empty());
         shared.map(|(k, h)| (k, std::iter::once(h.first).chain(h.rest.iter().copied()).collect()))
     }
+}
+
+/// Who owned a key before and after one identity's change, and whose objects under it are
+/// shadowed (not written) before and after.
+struct Moved {
+    before: Option<u32>,
+    after: Option<u32>,
+    shadowed_before: Vec<u32>,
+    shadowed_after: Vec<u32>,
 }
 
 /// One identity's new output, and whether its objects are the ones it had.

@@ -60,7 +60,7 @@ pub fn identity_view(desired: &DesiredState, identity: &str) -> Option<IdentityV
                 object: r.at.to_string(),
                 state: state.to_string(),
                 message,
-                clusters: r.clusters.clone(),
+                clusters: r.clusters.iter().map(|(c, hosts)| (c.clone(), (**hosts).clone())).collect(),
             }
         })
         .collect();

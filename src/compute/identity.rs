@@ -23,7 +23,7 @@ pub struct ExposedPort {
     pub number: u32,
     pub name: String,
     /// Istio protocol name (`HTTP`, `GRPC`, …).
-    pub protocol: String,
+    pub protocol: &'static str,
     /// The Service's own port (not its targetPort): what a local endpoint listens on.
     pub service_port: u32,
 }
@@ -92,6 +92,17 @@ pub struct EnvPlan<'a> {
 }
 
 impl EnvPlan<'_> {
+    fn new(env: &str) -> Self {
+        EnvPlan {
+            env: env.to_string(),
+            groups: BTreeMap::new(),
+            gtp: None,
+            outlier: None,
+            connection: None,
+            namespaces: BTreeMap::new(),
+        }
+    }
+
     /// Groups with at least one source: what is written.
     pub fn served(&self) -> impl Iterator<Item = &HostGroup<'_>> {
         self.groups.values().filter(|g| !g.sources.is_empty())
@@ -166,15 +177,15 @@ impl<'a> Running<'a> {
     pub fn new(fleet: &'a Fleet, by_identity: HashMap<&'a str, Vec<ClusterIdx>>) -> Self {
         let wildcard_names = Arc::new(fleet.wildcard_sources().map(str::to_string).collect());
         let mut running = Running { fleet, by_identity, wildcard_clients: Vec::new(), wildcard_names };
-        let wildcard = union(fleet.wildcard_sources().map(|c| running.of(c)));
+        let wildcard = union(fleet.wildcard_sources().map(|c| running.of(c).into_owned()));
         running.wildcard_clients = wildcard;
         running
     }
 
-    pub fn of(&self, identity: &str) -> Vec<ClusterIdx> {
+    pub fn of(&self, identity: &str) -> std::borrow::Cow<'_, [ClusterIdx]> {
         match self.by_identity.get(identity) {
-            Some(clusters) => clusters.clone(),
-            None => self.fleet.clusters_running(identity),
+            Some(clusters) => std::borrow::Cow::Borrowed(clusters),
+            None => std::borrow::Cow::Owned(self.fleet.clusters_running(identity)),
         }
     }
 }
@@ -227,14 +238,10 @@ pub fn resolve<'a>(
         if picked.first().is_some_and(|(_, s, _)| s.opted_out) {
             continue;
         }
-        let env = out.envs.entry(w.env.clone()).or_insert_with(|| EnvPlan {
-            env: w.env.clone(),
-            groups: BTreeMap::new(),
-            gtp: None,
-            outlier: None,
-            connection: None,
-            namespaces: BTreeMap::new(),
-        });
+        if !out.envs.contains_key(&w.env) {
+            out.envs.insert(w.env.clone(), EnvPlan::new(&w.env));
+        }
+        let env = out.envs.get_mut(&w.env).expect("just made");
         env.namespaces.entry(cluster.id.clone()).or_default().insert(w.namespace.clone());
         locations.insert((w.env.as_str(), cluster.id.as_str(), w.namespace.as_str()));
         if picked.is_empty() {
@@ -281,11 +288,13 @@ pub fn resolve<'a>(
         spoken.extend(speaking);
     }
 
-    let named = fleet.named_clients_of(identity).map(|client| match running.by_identity.get(client) {
-        Some(clusters) => clusters.clone(),
-        None => fleet.clusters_running(client),
-    });
-    out.client_clusters = union(named.chain([running.wildcard_clients.clone()]));
+    let mut clients: Vec<ClusterIdx> = running.wildcard_clients.clone();
+    for client in fleet.named_clients_of(identity) {
+        clients.extend_from_slice(&running.of(client));
+    }
+    clients.sort_unstable();
+    clients.dedup();
+    out.client_clusters = clients;
 
     select_policies(fleet, identity, &locations, &mut out);
 
@@ -645,12 +654,12 @@ pub fn mesh_port<'a>(w: &Workload, svc: &'a ServiceInfo) -> Option<&'a ServicePo
 const PROTOCOLS: [&str; 10] = ["HTTP", "HTTP2", "GRPC", "GRPC-WEB", "HTTPS", "TLS", "TCP", "MONGO", "REDIS", "MYSQL"];
 
 /// `appProtocol`, else the port-name prefix before the first '-', else HTTP.
-pub fn protocol_of(p: &ServicePortInfo) -> String {
-    let known = |s: &str| PROTOCOLS.iter().find(|k| k.eq_ignore_ascii_case(s)).map(|k| k.to_string());
+pub fn protocol_of(p: &ServicePortInfo) -> &'static str {
+    let known = |s: &str| PROTOCOLS.iter().find(|k| k.eq_ignore_ascii_case(s)).copied();
     let from_app = p.app_protocol.as_deref().and_then(|a| match a {
-        "kubernetes.io/h2c" => Some("HTTP2".to_string()),
-        "kubernetes.io/ws" => Some("HTTP".to_string()),
-        "kubernetes.io/wss" => Some("HTTPS".to_string()),
+        "kubernetes.io/h2c" => Some("HTTP2"),
+        "kubernetes.io/ws" => Some("HTTP"),
+        "kubernetes.io/wss" => Some("HTTPS"),
         other => known(other),
     });
     from_app
@@ -658,9 +667,9 @@ pub fn protocol_of(p: &ServicePortInfo) -> String {
             let name = p.name.as_deref()?;
             // "grpc-web" is a protocol of its own, not "grpc" with a suffix.
             if name.len() >= 8 && name[..8].eq_ignore_ascii_case("grpc-web") {
-                return Some("GRPC-WEB".to_string());
+                return Some("GRPC-WEB");
             }
             known(name.split('-').next()?)
         })
-        .unwrap_or_else(|| "HTTP".to_string())
+        .unwrap_or("HTTP")
 }

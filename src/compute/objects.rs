@@ -168,9 +168,23 @@ pub fn compute_identity(
                 }
             }
         }
-        for report in out.reports.iter_mut() {
-            if winners.iter().flatten().any(|(k, at)| *k == report.kind && **at == report.at) {
-                report.clusters = written.clone();
+        if record_written {
+            // Members that got the same hosts share one set.
+            let mut shared: Vec<Arc<BTreeSet<String>>> = Vec::new();
+            let written: BTreeMap<ClusterId, Arc<BTreeSet<String>>> = written
+                .into_iter()
+                .map(|(c, hosts)| match shared.iter().find(|s| ***s == hosts) {
+                    Some(same) => (c, same.clone()),
+                    None => {
+                        shared.push(Arc::new(hosts));
+                        (c, shared[shared.len() - 1].clone())
+                    }
+                })
+                .collect();
+            for report in out.reports.iter_mut() {
+                if winners.iter().flatten().any(|(k, at)| *k == report.kind && **at == report.at) {
+                    report.clusters = written.clone();
+                }
             }
         }
     }
@@ -353,7 +367,7 @@ fn service_entry(
     // well-formed identity.
     let ports = host_ports(group)
         .iter()
-        .map(|p| ServicePort { number: p.number, name: p.name.clone(), protocol: p.protocol.clone() })
+        .map(|p| ServicePort { number: p.number, name: p.name.clone(), protocol: p.protocol.to_string() })
         .collect();
     DesiredObject::ServiceEntry(ServiceEntry {
         metadata: meta(format!("{}-se", host.host), &settings.sync_namespace, labels.clone()),
@@ -498,12 +512,13 @@ fn sidecars_and_dependency_reports(
             message: String::new(),
         };
         if dep.invalid.is_none() {
-            let hosts: BTreeSet<String> = dep
-                .destinations
-                .iter()
-                .flat_map(|d| hosts_by_destination.get(d.as_str()).copied().unwrap_or_default().iter().cloned())
-                .collect();
-            for c in &client_clusters {
+            let hosts: Arc<BTreeSet<String>> = Arc::new(
+                dep.destinations
+                    .iter()
+                    .flat_map(|d| hosts_by_destination.get(d.as_str()).copied().unwrap_or_default().iter().cloned())
+                    .collect(),
+            );
+            for c in client_clusters.iter() {
                 report.clusters.insert(fleet.cluster_names().name(*c).to_string(), hosts.clone());
             }
             let unknown: Vec<&str> = dep

@@ -265,8 +265,9 @@ pub struct PolicyReport {
     pub at: ObjectRef,
     pub generation: Option<i64>,
     pub state: PolicyState,
-    /// Per target cluster, the hosts written there because of this policy.
-    pub clusters: BTreeMap<ClusterId, BTreeSet<String>>,
+    /// Per target cluster, the hosts written there because of this policy (one set shared by
+    /// the clusters that get the same hosts).
+    pub clusters: BTreeMap<ClusterId, Arc<BTreeSet<String>>>,
     pub message: String,
 }
 

@@ -95,8 +95,8 @@ mod tests {
     fn report(state: PolicyState) -> PolicyReport {
         let at = ObjectRef { cluster: "west".into(), namespace: "app".into(), name: "gtp".into() };
         let mut clusters = BTreeMap::new();
-        clusters.insert("east".to_string(), ["stage.a.global".to_string()].into());
-        clusters.insert("west".to_string(), ["stage.a.global".to_string()].into());
+        clusters.insert("east".to_string(), std::sync::Arc::new(["stage.a.global".to_string()].into()));
+        clusters.insert("west".to_string(), std::sync::Arc::new(["stage.a.global".to_string()].into()));
         PolicyReport {
             kind: Kind::GlobalTrafficPolicy,
             at,
