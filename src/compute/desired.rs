@@ -6,12 +6,12 @@
 //! memory and most of the time of a full recompute, while an identity's objects are a handful
 //! whatever the fleet's size.
 
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::digest::Digest;
 use super::output::KeyHead;
+use super::owners::{Moved, Owners};
 use super::{Desired, Diagnostic, ObjectKey, Placed, PolicyReport};
 use crate::meta::Kind;
 use crate::model::{ClusterId, ClusterIdx, ClusterNames};
@@ -458,89 +458,6 @@ fn differing(a: &[(ClusterIdx, Digest)], b: &[(ClusterIdx, Digest)]) -> Vec<Clus
             }
         }
     }
-}
-
-/// Which identities (by number) produce each object key; the first in byte order owns it in every
-/// member, and the others' objects under it are not written (`DesiredState::shadowed`). Two
-/// identities give the same key only when their hosts collide (env `a.b` of identity `c` and env
-/// `a` of identity `b.c`), which `Engine::all_diagnostics` reports. Kept beside the desired
-/// state, not in it, so that publishing the desired state does not copy it.
-#[derive(Clone, Debug, Default)]
-pub struct Owners(HashMap<ObjectKey, Holders>);
-
-/// The identities that produce a key, in byte order of their names; nearly always one, kept
-/// without allocating.
-#[derive(Clone, Debug)]
-struct Holders {
-    first: u32,
-    rest: Vec<u32>,
-}
-
-impl Owners {
-    pub fn first(&self, key: &ObjectKey) -> Option<u32> {
-        self.0.get(key).map(|h| h.first)
-    }
-
-    /// Records whether identity `number` produces `key`; says who owned it before and after.
-    fn set<'a>(&mut self, key: &ObjectKey, number: u32, produces: bool, name_of: impl Fn(u32) -> &'a str) -> Moved {
-        let entry = match self.0.entry(key.clone()) {
-            Entry::Vacant(vacant) => {
-                if produces {
-                    vacant.insert(Holders { first: number, rest: Vec::new() });
-                }
-                let after = produces.then_some(number);
-                return Moved { before: None, after, shadowed_before: Vec::new(), shadowed_after: Vec::new() };
-            }
-            Entry::Occupied(occupied) => occupied,
-        };
-        let holders = entry.get();
-        if holders.first == number && holders.rest.is_empty() {
-            // The usual case: it is the key's only producer, and stays so or stops.
-            let after = produces.then_some(number);
-            if !produces {
-                entry.remove();
-            }
-            return Moved { before: Some(number), after, shadowed_before: Vec::new(), shadowed_after: Vec::new() };
-        }
-        let (before, shadowed_before) = (holders.first, holders.rest.clone());
-        let mut all: Vec<u32> = std::iter::once(holders.first).chain(holders.rest.iter().copied()).collect();
-        match (all.contains(&number), produces) {
-            (false, true) => {
-                all.push(number);
-                all.sort_by(|a, b| name_of(*a).cmp(name_of(*b)));
-            }
-            (true, false) => all.retain(|n| *n != number),
-            _ => {}
-        }
-        if all.is_empty() {
-            entry.remove();
-            return Moved { before: Some(before), after: None, shadowed_before, shadowed_after: Vec::new() };
-        }
-        let holders = Holders { first: all[0], rest: all.split_off(1) };
-        let moved = Moved {
-            before: Some(before),
-            after: Some(holders.first),
-            shadowed_before,
-            shadowed_after: holders.rest.clone(),
-        };
-        *entry.into_mut() = holders;
-        moved
-    }
-
-    /// Keys that more than one identity produces, with those identities' numbers in order.
-    pub fn shared(&self) -> impl Iterator<Item = (&ObjectKey, Vec<u32>)> {
-        let shared = self.0.iter().filter(|(_, h)| !h.rest.is_empty());
-        shared.map(|(k, h)| (k, std::iter::once(h.first).chain(h.rest.iter().copied()).collect()))
-    }
-}
-
-/// Who owned a key before and after one identity's change, and whose objects under it are
-/// shadowed (not written) before and after.
-struct Moved {
-    before: Option<u32>,
-    after: Option<u32>,
-    shadowed_before: Vec<u32>,
-    shadowed_after: Vec<u32>,
 }
 
 /// One identity's new output, and whether its objects are the ones it had.

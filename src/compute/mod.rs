@@ -2,9 +2,14 @@
 //!
 //! `Engine::recompute` takes the identities the model marked dirty, widens them to everything
 //! whose output can depend on them (clients and destinations), recomputes those identities and
-//! swaps their outputs in the desired state, returning the object keys that changed per cluster.
-//! `render` calls it once on a fleet read from files; `run` calls it after every burst of watch
-//! events. No clients, clocks, randomness or I/O anywhere below this module.
+//! swaps their outputs in the desired state, returning the object keys that changed per member.
+//! `Engine::plan_member` plans a member against what it holds, whole or by those keys. `render`
+//! calls them once on a fleet read from files; `run` after every burst of watch events. No
+//! clients, clocks, randomness or I/O anywhere below this module.
+//!
+//! Where each step lives: `identity` resolves an identity, `objects` builds its objects,
+//! `desired` keeps every identity's output and the per-member index, `plan` compares with what a
+//! member holds, `digest` and `output` are the data in between.
 
 mod desired;
 pub mod digest;
@@ -12,6 +17,7 @@ pub mod explain;
 pub mod identity;
 pub mod objects;
 mod output;
+mod owners;
 pub mod plan;
 pub mod policy;
 pub mod status;
@@ -25,8 +31,9 @@ use crate::ingest::InputObject;
 use crate::model::{ClusterHealth, ClusterIdx, Fleet, Reach};
 use crate::settings::{self, Settings};
 
-pub use desired::{Changed, Clients, DesiredState, IdentityOutput, MemberChange, Owners};
+pub use desired::{Changed, Clients, DesiredState, IdentityOutput, MemberChange};
 pub use output::{Desired, DesiredObject, Diagnostic, ObjectKey, Placed, PolicyReport, PolicyState, Severity};
+use owners::Owners;
 use vip::VipTable;
 
 /// Per-cluster facts derived once per recompute (not per identity).
@@ -35,11 +42,33 @@ pub struct ClusterFacts {
     /// The cluster's id, shared by every object desired in it.
     pub id: Arc<str>,
     /// A stale member keeps its last known objects in the model and its desired state here;
-    /// nothing is written to it or pruned from it until it is synced again (`plan::plan_member`).
+    /// nothing is written to it or pruned from it until it is synced again (`plan::is_plannable`).
     pub health: ClusterHealth,
     pub region: Option<String>,
     pub gateway_address: Option<String>,
     pub gateway_port: u16,
+}
+
+/// Adds to `dirty` the identities a change touches without naming them: those writing hosts that
+/// someone else's ServiceEntry began or stopped holding, and the case-twins of those touched
+/// (identities that differ only in case share hosts: one's change can move them to the other).
+fn touch_indirectly(dirty: &mut crate::model::Dirty, fleet: &Fleet, desired: &DesiredState) {
+    if !dirty.hosts.is_empty() {
+        for (id, out) in desired.identities() {
+            if out.hosts.iter().any(|h| dirty.hosts.contains(h)) {
+                dirty.identities.entry(id.to_string()).or_insert(Reach::Itself);
+            }
+        }
+    }
+    let twins: Vec<(String, Reach)> = dirty
+        .identities
+        .iter()
+        .flat_map(|(id, reach)| fleet.case_twins(id).filter(move |t| t != id).map(move |t| (t.to_string(), *reach)))
+        .collect();
+    for (twin, reach) in twins {
+        let have = dirty.identities.entry(twin).or_insert(reach);
+        *have = (*have).max(reach);
+    }
 }
 
 /// The identities whose output a change to `dirty` can reach. The model says how far each change
@@ -188,27 +217,8 @@ impl Engine {
         if dirty.all || dirty.facts {
             self.facts = Facts::of(&self.fleet, &self.settings);
         }
-        // Hosts someone else's ServiceEntry began or stopped holding: whoever writes them.
-        if !dirty.hosts.is_empty() {
-            for (id, out) in self.desired.identities() {
-                if out.hosts.iter().any(|h| dirty.hosts.contains(h)) {
-                    dirty.identities.entry(id.to_string()).or_insert(Reach::Itself);
-                }
-            }
-        }
-        // Identities that differ only in case share hosts: one's change can move them to the other.
-        let twins: Vec<(String, Reach)> = dirty
-            .identities
-            .iter()
-            .flat_map(|(id, reach)| {
-                self.fleet.case_twins(id).filter(move |t| t != id).map(move |t| (t.to_string(), *reach))
-            })
-            .collect();
-        for (twin, reach) in twins {
-            let have = dirty.identities.entry(twin).or_insert(reach);
-            *have = (*have).max(reach);
-        }
         let Engine { settings, fleet, vips, desired, owners, threads, facts } = self;
+        touch_indirectly(&mut dirty, fleet, desired);
         let (widened, gone) = if dirty.all {
             // Everything, and the identities the model no longer knows: their objects go.
             let gone = desired.identities().map(|(id, _)| id).filter(|id| !fleet.knows(id)).map(String::from);
@@ -254,7 +264,7 @@ impl Engine {
         }
 
         // 3. Build objects on every core, comparing each identity's with what it produced before;
-        //    then swap them in, each cluster's on one thread, in identity order.
+        //    then swap them in, in identity order.
         let swaps = crate::parallel::map(*threads, &identities, |id| {
             desired.prepare(id, objects::compute_identity(fleet, settings, facts, &pass, id, vips))
         });

@@ -5,9 +5,9 @@
 //! health → compute (on a blocking thread) → publish → VIPs to the hub → statuses → a plan per
 //! member → the writers.
 //!
-//! The decisions live in small synchronous parts (`health`, `observed`, `dispatch`, `vips`,
-//! `registry::plan_registry`, `plan::plan_member`); what remains here is the wiring between them
-//! and the clients.
+//! The decisions live in small synchronous parts (`health`, `observed`, `pending`, `dispatch`,
+//! `vips`, `registry::plan_registry`, `plan::is_plannable`); what remains here is the wiring
+//! between them and the clients.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -37,13 +37,13 @@ use super::vips::{Adoption, VipStore};
 use super::watch::{VipStoreEvent, spawn_hub_watches, spawn_member_watches};
 use super::writer::{SecretEvent, VipStoreWrite, WriteJob, run_writer};
 use super::{Change, Input, MEMBER_KINDS, Options, Watched, WriteReport};
-use crate::compute::plan::{ObservedObject, Scope};
+use crate::compute::plan::{ClusterPlan, ObservedObject, Scope};
 use crate::compute::vip::VipTable;
 use crate::compute::{DesiredObject, Engine, MemberChange, ObjectKey, Recomputed};
 use crate::crd::PolicyStatus;
 use crate::ingest::InputObject;
 use crate::meta::{HUB, Kind, MANAGER};
-use crate::model::{ClusterId, NsName, ObjectRef};
+use crate::model::{ClusterHealth, ClusterId, NsName, ObjectRef};
 
 /// How often health and retries are looked at when nothing happens.
 const TICK: Duration = Duration::from_secs(1);
@@ -556,7 +556,25 @@ impl Runtime {
             .chain(hub_work.then(|| HUB.to_string()))
             .collect();
         let engine = self.engine.as_ref().expect("the engine is home between passes");
+        // Plans first, all at once: a whole member is a merge of thousands of objects, and after
+        // a leadership change every member is planned whole, so they are made on every core.
+        let writable = |c: &ClusterId| self.writers.get(c).is_some_and(|w| w.slot.ready(now)) && settled;
+        let mut to_plan: Vec<(ClusterId, ClusterHealth, Scope)> = Vec::new();
+        for cluster in candidates.iter().filter(|c| writable(c)) {
+            if let Some(m) = self.members.get(cluster)
+                && let Some(scope) = self.pending.take(cluster)
+            {
+                to_plan.push((cluster.clone(), m.health.state().cluster_health(), scope));
+            }
+        }
         let no_outputs = BTreeMap::new();
+        let wholes = to_plan.iter().filter(|(_, _, scope)| *scope == Scope::Whole).count();
+        let threads = if wholes > 1 { crate::parallel::cores() } else { 1 };
+        let plans = crate::parallel::map_each(threads, &to_plan, |(cluster, health, scope)| {
+            engine.plan_member(cluster, *health, scope, self.observed.outputs(cluster).unwrap_or(&no_outputs))
+        });
+        let mut plans: BTreeMap<ClusterId, (Scope, ClusterPlan)> =
+            to_plan.into_iter().zip(plans).map(|((cluster, _, scope), plan)| (cluster, (scope, plan))).collect();
         for cluster in candidates {
             let Some(writer) = self.writers.get_mut(&cluster) else {
                 self.pending.take(&cluster);
@@ -579,11 +597,8 @@ impl Runtime {
                 },
                 // A member's writes wait until every VIP they carry is in the store.
                 Some(_) if !settled => continue,
-                Some(m) => match self.pending.take(&cluster) {
-                    Some(scope) => {
-                        let observed = self.observed.outputs(&cluster).unwrap_or(&no_outputs);
-                        let health = m.health.state().cluster_health();
-                        let plan = engine.plan_member(&cluster, health, &scope, observed);
+                Some(m) => match plans.remove(&cluster) {
+                    Some((scope, plan)) => {
                         let (job, new_conflicts) = m.plan(plan, &scope, &self.opts.settings.sync_namespace);
                         for key in new_conflicts {
                             tracing::warn!(cluster = %cluster, object = %key, "exists and is not managed by flotilla; left alone");
