@@ -256,49 +256,30 @@ impl Feed<'_> {
     }
 }
 
-impl ser::SerializeSeq for Feed<'_> {
-    type Ok = ();
-    type Error = Error;
-    fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Error> {
-        self.item(value)
-    }
-    fn end(self) -> Result<(), Error> {
-        Feed::end(self)
-    }
+/// Lists (each element an item) and structs (each field by name) all feed the same way.
+macro_rules! compound {
+    ($($kind:ident: $trait:ident::$method:ident($($key:ident)?)),* $(,)?) => {$(
+        impl ser::$trait for Feed<'_> {
+            type Ok = ();
+            type Error = Error;
+            fn $method<T: ?Sized + Serialize>(&mut self, $($key: &'static str,)? value: &T) -> Result<(), Error> {
+                self.$kind($($key,)? value)
+            }
+            fn end(self) -> Result<(), Error> {
+                Feed::end(self)
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTuple for Feed<'_> {
-    type Ok = ();
-    type Error = Error;
-    fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Error> {
-        self.item(value)
-    }
-    fn end(self) -> Result<(), Error> {
-        Feed::end(self)
-    }
-}
-
-impl ser::SerializeTupleStruct for Feed<'_> {
-    type Ok = ();
-    type Error = Error;
-    fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Error> {
-        self.item(value)
-    }
-    fn end(self) -> Result<(), Error> {
-        Feed::end(self)
-    }
-}
-
-impl ser::SerializeTupleVariant for Feed<'_> {
-    type Ok = ();
-    type Error = Error;
-    fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Error> {
-        self.item(value)
-    }
-    fn end(self) -> Result<(), Error> {
-        Feed::end(self)
-    }
-}
+compound!(
+    item: SerializeSeq::serialize_element(),
+    item: SerializeTuple::serialize_element(),
+    item: SerializeTupleStruct::serialize_field(),
+    item: SerializeTupleVariant::serialize_field(),
+    field: SerializeStruct::serialize_field(key),
+    field: SerializeStructVariant::serialize_field(key),
+);
 
 impl ser::SerializeMap for Feed<'_> {
     type Ok = ();
@@ -308,28 +289,6 @@ impl ser::SerializeMap for Feed<'_> {
     }
     fn serialize_value<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), Error> {
         value.serialize(self.again())
-    }
-    fn end(self) -> Result<(), Error> {
-        Feed::end(self)
-    }
-}
-
-impl ser::SerializeStruct for Feed<'_> {
-    type Ok = ();
-    type Error = Error;
-    fn serialize_field<T: ?Sized + Serialize>(&mut self, key: &'static str, value: &T) -> Result<(), Error> {
-        self.field(key, value)
-    }
-    fn end(self) -> Result<(), Error> {
-        Feed::end(self)
-    }
-}
-
-impl ser::SerializeStructVariant for Feed<'_> {
-    type Ok = ();
-    type Error = Error;
-    fn serialize_field<T: ?Sized + Serialize>(&mut self, key: &'static str, value: &T) -> Result<(), Error> {
-        self.field(key, value)
     }
     fn end(self) -> Result<(), Error> {
         Feed::end(self)
