@@ -49,6 +49,15 @@ pub struct ClusterFacts {
     pub gateway_port: u16,
 }
 
+/// The names of several sorted runs, sorted, each once. (The stable sort finds the runs and
+/// merges them.)
+fn sorted_union<const N: usize>(runs: [Vec<&str>; N]) -> Vec<&str> {
+    let mut all = runs.concat();
+    all.sort();
+    all.dedup();
+    all
+}
+
 /// Adds to `dirty` the identities a change touches without naming them: those writing hosts that
 /// someone else's ServiceEntry began or stopped holding, and the case-twins of those touched
 /// (identities that differ only in case share hosts: one's change can move them to the other).
@@ -227,26 +236,34 @@ impl Engine {
             (widen(fleet, settings, desired, dirty.identities), BTreeSet::new())
         };
         let identities: Vec<&str> = if dirty.all {
-            let mut all = fleet.identities();
-            all.extend(gone.iter().map(String::as_str));
-            all.into_iter().collect()
+            sorted_union([fleet.identities(), gone.iter().map(String::as_str).collect()])
         } else {
             widened.iter().map(String::as_str).collect()
         };
 
         // 1. Resolve, on every core: the identities recomputed and the destinations whose hosts
         //    their Sidecars list.
-        let mut wanted: BTreeSet<&str> = identities.iter().copied().collect();
-        for id in &identities {
-            wanted.extend(fleet.destinations_of(id));
-        }
-        let wanted: Vec<&str> = wanted.into_iter().collect();
-        let mut asked: BTreeSet<&str> = wanted.iter().copied().collect();
-        for id in &wanted {
-            asked.extend(fleet.named_clients_of(id));
-        }
-        asked.extend(fleet.wildcard_sources());
-        let asked: Vec<&str> = asked.into_iter().collect();
+        //    Asked: those and every client that may list their hosts, whose clusters are looked up.
+        let (wanted, asked) = if dirty.all {
+            // Everything: the same names (or a few more) from the indexes' sorted keys. A lookup
+            // per identity compares strings that each live in their own allocation: a tenth of
+            // a full compute.
+            let wanted = sorted_union([identities.clone(), fleet.named_destinations().collect()]);
+            let asked =
+                sorted_union([wanted.clone(), fleet.named_sources().collect(), fleet.wildcard_sources().collect()]);
+            (wanted, asked)
+        } else {
+            let mut wanted: BTreeSet<&str> = identities.iter().copied().collect();
+            for id in &identities {
+                wanted.extend(fleet.destinations_of(id));
+            }
+            let mut asked = wanted.clone();
+            for id in &wanted {
+                asked.extend(fleet.named_clients_of(id));
+            }
+            asked.extend(fleet.wildcard_sources());
+            (wanted.into_iter().collect(), asked.into_iter().collect())
+        };
         let clusters = crate::parallel::map(*threads, &asked, |id| fleet.clusters_running(id));
         let running = identity::Running::new(fleet, asked.iter().copied().zip(clusters).collect());
         let resolved = crate::parallel::map(*threads, &wanted, |id| identity::resolve(fleet, settings, &running, id));

@@ -170,11 +170,15 @@ impl Fleet {
     }
 
     /// Identities that have workloads anywhere, are named by a policy, or are Dependency sources.
-    pub fn identities(&self) -> BTreeSet<&str> {
-        let mut all: BTreeSet<&str> = self.by_identity.keys().map(String::as_str).collect();
+    /// Sorted, each once.
+    pub fn identities(&self) -> Vec<&str> {
+        let mut all: Vec<&str> = self.by_identity.keys().map(String::as_str).collect();
         for index in [&self.gtps_by_identity, &self.ods_by_identity, &self.cccs_by_identity, &self.deps_by_source] {
             all.extend(index.keys().map(String::as_str));
         }
+        // Five sorted runs: the stable sort finds and merges them.
+        all.sort();
+        all.dedup();
         all
     }
 
@@ -235,6 +239,16 @@ impl Fleet {
     /// Sources that name `destination` explicitly (not through `*`).
     pub fn named_clients_of(&self, destination: &str) -> impl Iterator<Item = &str> {
         self.clients_by_destination.get(destination).into_iter().flatten().map(String::as_str)
+    }
+
+    /// Every destination some valid Dependency names explicitly, sorted.
+    pub fn named_destinations(&self) -> impl Iterator<Item = &str> {
+        self.clients_by_destination.keys().map(String::as_str)
+    }
+
+    /// Every source whose valid Dependencies name destinations explicitly, sorted.
+    pub fn named_sources(&self) -> impl Iterator<Item = &str> {
+        self.named_by_source.keys().map(String::as_str)
     }
 
     /// Sources with a `*` destination: clients of every identity.
