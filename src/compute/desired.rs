@@ -244,11 +244,17 @@ impl DesiredState {
         &self.slot(number).identity
     }
 
-    /// Whether replacing `identity`'s output with `output` changes any object. Reads only, so
-    /// identities are prepared on every core.
-    pub(super) fn prepare(&self, identity: &str, mut output: IdentityOutput) -> Swap {
+    /// The output of `identity` now, to compare a new one with (`prepare`) while the desired
+    /// state is being changed.
+    pub(super) fn current(&self, identity: &str) -> Option<Arc<IdentityOutput>> {
+        self.output(identity).cloned()
+    }
+
+    /// Readies `output` to replace `old`, noting whether any object changes. Needs nothing else,
+    /// so identities are prepared on every core.
+    pub(super) fn prepare(old: Option<&IdentityOutput>, mut output: IdentityOutput) -> Swap {
         output.index_members();
-        let old = self.output(identity).map_or(&[][..], |o| &o.objects[..]);
+        let old = old.map_or(&[][..], |o| &o.objects[..]);
         let same = old.len() == output.objects.len()
             && old.iter().zip(&output.objects).all(|(o, n)| {
                 o.desired.key == n.desired.key && o.desired.digest == n.desired.digest && o.clusters == n.clusters
@@ -256,60 +262,18 @@ impl DesiredState {
         Swap { output, same }
     }
 
-    /// Swaps in the prepared outputs of `identities` (in order), keeps `owners` and the member
-    /// index up to date, and records what changed in each member: the keys whose object there was
-    /// added, modified or removed, or `Whole` when nothing at all was desired before.
-    pub(super) fn swap(
-        &mut self,
-        owners: &mut Owners,
+    /// Starts swapping in prepared outputs (`Swapping::swap`, then `finish`).
+    pub(super) fn begin_swap<'a>(
+        &'a mut self,
+        owners: &'a mut Owners,
         cluster_names: &Arc<ClusterNames>,
-        identities: &[&str],
-        swaps: Vec<Swap>,
-        changed: &mut Changed,
-    ) {
+    ) -> Swapping<'a> {
         let was_empty = self.object_count() == 0;
         self.cluster_names = cluster_names.clone();
         if self.members.len() < cluster_names.len() {
             self.members.resize_with(cluster_names.len(), Default::default);
         }
-        let mut keys_changed: BTreeMap<ClusterIdx, Vec<ObjectKey>> = BTreeMap::new();
-        for (identity, Swap { output, same }) in identities.iter().zip(swaps) {
-            let number = match self.numbers.get(*identity) {
-                Some(number) => *number,
-                None if output.is_empty() => continue, // nothing before, nothing now
-                None => self.insert(identity),
-            };
-            let new = Arc::new(output);
-            let old = std::mem::replace(&mut self.slot_mut(number).output, new.clone());
-            if !same {
-                self.update_owners(owners, number, &old.objects, &new.objects, &mut keys_changed, was_empty);
-                // The member sets: clear what the old output placed, set what the new one places.
-                for (objects, on) in [(&old.objects, false), (&new.objects, true)] {
-                    for c in objects.iter().flat_map(|p| &p.clusters) {
-                        Arc::make_mut(&mut self.members[c.index()]).set(number, on);
-                    }
-                }
-            }
-            if new.is_empty() {
-                self.remove(identity, number);
-            }
-        }
-        if was_empty {
-            for (idx, member) in self.members.iter().enumerate() {
-                if member.counts.iter().any(|n| *n > 0) {
-                    let name = cluster_names.name(ClusterIdx(idx as u32));
-                    changed.insert(name.to_string(), MemberChange::Whole);
-                }
-            }
-            return;
-        }
-        for (idx, keys) in keys_changed {
-            let name = cluster_names.name(idx).to_string();
-            match changed.entry(name).or_insert_with(|| MemberChange::Keys(Vec::new())) {
-                MemberChange::Whole => {}
-                MemberChange::Keys(have) => have.extend(keys),
-            }
-        }
+        Swapping { desired: self, owners, was_empty, keys_changed: BTreeMap::new() }
     }
 
     /// Gives `identity` a number, with an empty output for now.
@@ -464,6 +428,70 @@ fn differing(a: &[(ClusterIdx, Digest)], b: &[(ClusterIdx, Digest)]) -> Vec<Clus
 pub(super) struct Swap {
     output: IdentityOutput,
     same: bool,
+}
+
+/// Prepared outputs being swapped into the desired state, one identity at a time, keeping the
+/// owners of object keys and the member index up to date.
+pub(super) struct Swapping<'a> {
+    desired: &'a mut DesiredState,
+    owners: &'a mut Owners,
+    /// Nothing was desired before (start-up): every member that gets objects changed whole.
+    was_empty: bool,
+    /// The keys whose object changed, per member (unless `was_empty`).
+    keys_changed: BTreeMap<ClusterIdx, Vec<ObjectKey>>,
+}
+
+impl Swapping<'_> {
+    /// Swaps in `identity`'s prepared output.
+    pub(super) fn swap(&mut self, identity: &str, Swap { output, same }: Swap) {
+        let desired = &mut *self.desired;
+        let number = match desired.numbers.get(identity) {
+            Some(number) => *number,
+            None if output.is_empty() => return, // nothing before, nothing now
+            None => desired.insert(identity),
+        };
+        let new = Arc::new(output);
+        let old = std::mem::replace(&mut desired.slot_mut(number).output, new.clone());
+        if !same {
+            desired.update_owners(
+                self.owners,
+                number,
+                &old.objects,
+                &new.objects,
+                &mut self.keys_changed,
+                self.was_empty,
+            );
+            // The member sets: clear what the old output placed, set what the new one places.
+            for (objects, on) in [(&old.objects, false), (&new.objects, true)] {
+                for c in objects.iter().flat_map(|p| &p.clusters) {
+                    Arc::make_mut(&mut desired.members[c.index()]).set(number, on);
+                }
+            }
+        }
+        if new.is_empty() {
+            desired.remove(identity, number);
+        }
+    }
+
+    /// Records what changed in each member: the keys whose object there was added, modified or
+    /// removed, or `Whole` when nothing at all was desired before.
+    pub(super) fn finish(self, changed: &mut Changed) {
+        let names = &self.desired.cluster_names;
+        if self.was_empty {
+            for (idx, member) in self.desired.members.iter().enumerate() {
+                if member.counts.iter().any(|n| *n > 0) {
+                    changed.insert(names.name(ClusterIdx(idx as u32)).to_string(), MemberChange::Whole);
+                }
+            }
+            return;
+        }
+        for (idx, keys) in self.keys_changed {
+            match changed.entry(names.name(idx).to_string()).or_insert_with(|| MemberChange::Keys(Vec::new())) {
+                MemberChange::Whole => {}
+                MemberChange::Keys(have) => have.extend(keys),
+            }
+        }
+    }
 }
 
 /// What a recompute changed in one member's desired objects.

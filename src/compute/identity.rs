@@ -2,14 +2,16 @@
 //! which hosts it has and which clusters need them. Everything the object builders read comes
 //! from here, and so does every diagnostic about the identity.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
 use crate::argo::LABEL_POD_TEMPLATE_HASH;
 use crate::crd::{ClientConnectionConfigSpec, GlobalTrafficPolicySpec, OutlierDetectionSpec, TrafficPolicy};
 use crate::meta::{Kind, is_dns_subdomain};
 use crate::model::{
-    Cluster, ClusterId, ClusterIdx, Fleet, ObjectRef, Policy, RolloutPlan, ServiceInfo, ServicePortInfo, Workload,
+    Cluster, ClusterIdx, Fleet, ObjectRef, Policy, RolloutPlan, ServiceInfo, ServicePortInfo, Workload,
 };
 use crate::settings::{ExposePorts, Settings};
 
@@ -73,28 +75,28 @@ pub struct HostPlan<'a> {
 #[derive(Clone, Debug)]
 pub struct HostGroup<'a> {
     pub variant: Variant,
-    /// One source per cluster, in cluster order.
-    pub sources: BTreeMap<ClusterId, Source<'a>>,
+    /// One source per cluster, by cluster id.
+    pub sources: BTreeMap<&'a str, Source<'a>>,
     pub hosts: Vec<HostPlan<'a>>,
 }
 
 /// An identity+env, resolved.
 #[derive(Clone, Debug)]
 pub struct EnvPlan<'a> {
-    pub env: String,
+    pub env: &'a str,
     /// The default host's group, and a Rollout's canary and preview hosts' when it has them.
     pub groups: BTreeMap<Variant, HostGroup<'a>>,
     pub gtp: Option<&'a Policy<GlobalTrafficPolicySpec>>,
     pub outlier: Option<&'a Policy<OutlierDetectionSpec>>,
     pub connection: Option<&'a Policy<ClientConnectionConfigSpec>>,
     /// Namespaces of this identity+env's workloads per cluster (for `exportTo`).
-    pub namespaces: BTreeMap<ClusterId, BTreeSet<String>>,
+    pub namespaces: BTreeMap<&'a str, BTreeSet<&'a str>>,
 }
 
-impl EnvPlan<'_> {
-    fn new(env: &str) -> Self {
+impl<'a> EnvPlan<'a> {
+    fn new(env: &'a str) -> Self {
         EnvPlan {
-            env: env.to_string(),
+            env,
             groups: BTreeMap::new(),
             gtp: None,
             outlier: None,
@@ -112,7 +114,7 @@ impl EnvPlan<'_> {
 /// An identity, resolved: its envs, the clusters of its clients, and what was found wrong.
 #[derive(Clone, Debug, Default)]
 pub struct ResolvedIdentity<'a> {
-    pub envs: BTreeMap<String, EnvPlan<'a>>,
+    pub envs: BTreeMap<&'a str, EnvPlan<'a>>,
     /// Its federated workloads, in (cluster, namespace, name) order (its Sidecars select them).
     pub federated: Vec<(&'a Cluster, &'a Workload)>,
     /// Members where identities that depend on this one run, ascending.
@@ -141,7 +143,7 @@ pub struct PassView<'a> {
     pub running: Running<'a>,
     /// In the order given, found by name through `index`.
     resolved: Vec<ResolvedIdentity<'a>>,
-    index: HashMap<&'a str, usize>,
+    index: FxHashMap<&'a str, usize>,
 }
 
 impl<'a> PassView<'a> {
@@ -154,6 +156,11 @@ impl<'a> PassView<'a> {
         self.index.get(identity).map(|i| &self.resolved[*i])
     }
 
+    /// What was resolved, to be freed.
+    pub fn into_resolved(self) -> Vec<ResolvedIdentity<'a>> {
+        self.resolved
+    }
+
     /// The hosts `identity` writes somewhere (none if it was not resolved in this pass).
     pub fn written_hosts(&self, identity: &str) -> &[String] {
         self.get(identity).map_or(&[], |r| &r.written)
@@ -164,7 +171,7 @@ impl<'a> PassView<'a> {
 /// per pass: every destination asks it of each of its clients, and every client of itself.
 pub struct Running<'a> {
     fleet: &'a Fleet,
-    by_identity: HashMap<&'a str, Vec<ClusterIdx>>,
+    by_identity: FxHashMap<&'a str, Vec<ClusterIdx>>,
     /// Where the `*` clients run: clients of every identity.
     wildcard_clients: Vec<ClusterIdx>,
     /// The `*` clients by name, for every identity's list of clients.
@@ -174,7 +181,7 @@ pub struct Running<'a> {
 impl<'a> Running<'a> {
     /// `by_identity` holds `fleet.clusters_running` of (at least) the pass's identities and
     /// their named clients; others are looked up in the fleet.
-    pub fn new(fleet: &'a Fleet, by_identity: HashMap<&'a str, Vec<ClusterIdx>>) -> Self {
+    pub fn new(fleet: &'a Fleet, by_identity: FxHashMap<&'a str, Vec<ClusterIdx>>) -> Self {
         let wildcard_names = Arc::new(fleet.wildcard_sources().map(str::to_string).collect());
         let mut running = Running { fleet, by_identity, wildcard_clients: Vec::new(), wildcard_names };
         let wildcard = union(fleet.wildcard_sources().map(|c| running.of(c).into_owned()));
@@ -238,11 +245,8 @@ pub fn resolve<'a>(
         if picked.first().is_some_and(|(_, s, _)| s.opted_out) {
             continue;
         }
-        if !out.envs.contains_key(&w.env) {
-            out.envs.insert(w.env.clone(), EnvPlan::new(&w.env));
-        }
-        let env = out.envs.get_mut(&w.env).expect("just made");
-        env.namespaces.entry(cluster.id.clone()).or_default().insert(w.namespace.clone());
+        let env = out.envs.entry(&w.env).or_insert_with(|| EnvPlan::new(&w.env));
+        env.namespaces.entry(&cluster.id).or_default().insert(&w.namespace);
         locations.insert((w.env.as_str(), cluster.id.as_str(), w.namespace.as_str()));
         if picked.is_empty() {
             if !spoken.contains(&(Variant::Default, cluster.id.as_str(), w.rollout.is_some())) {
@@ -280,8 +284,7 @@ pub fn resolve<'a>(
                 sources: BTreeMap::new(),
                 hosts: Vec::new(),
             });
-            let source =
-                group.sources.entry(cluster.id.clone()).or_insert_with(|| Source { cluster, locals: Vec::new() });
+            let source = group.sources.entry(&cluster.id).or_insert_with(|| Source { cluster, locals: Vec::new() });
             source.locals.push(Local { service: svc, ports, weight });
             speaking.insert(slot);
         }
@@ -299,9 +302,9 @@ pub fn resolve<'a>(
     select_policies(fleet, identity, &locations, &mut out);
 
     for env in out.envs.values_mut() {
-        let (env_name, gtp) = (env.env.clone(), env.gtp);
+        let (env_name, gtp) = (env.env, env.gtp);
         for group in env.groups.values_mut() {
-            group.hosts = hosts_of(settings, identity, &env_name, gtp, group.variant, &mut out.diagnostics);
+            group.hosts = hosts_of(settings, identity, env_name, gtp, group.variant, &mut out.diagnostics);
         }
     }
     drop_second_hosts(identity, &mut out);
@@ -376,8 +379,8 @@ fn select_policies<'a>(
         use_priority: bool,
         applies: &dyn Fn(&ObjectRef, &str) -> bool,
         reports: &mut Vec<PolicyReport>,
-    ) -> BTreeMap<String, &'a Policy<S>> {
-        let mut by_env: BTreeMap<String, Vec<&'a Policy<S>>> = BTreeMap::new();
+    ) -> BTreeMap<&'a str, &'a Policy<S>> {
+        let mut by_env: BTreeMap<&'a str, Vec<&'a Policy<S>>> = BTreeMap::new();
         for p in policies {
             let state = if !applies(&p.at, &p.env) {
                 Some(PolicyState::NotApplied(format!(
@@ -394,7 +397,7 @@ fn select_policies<'a>(
             };
             match state {
                 Some(state) => reports.push(PolicyReport::new(kind, p, state)),
-                None => by_env.entry(p.env.clone()).or_default().push(p),
+                None => by_env.entry(&p.env).or_default().push(p),
             }
         }
         let mut winners = BTreeMap::new();

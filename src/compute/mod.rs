@@ -23,7 +23,7 @@ pub mod policy;
 pub mod status;
 pub mod vip;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -92,7 +92,7 @@ fn widen(
     desired: &DesiredState,
     dirty: BTreeMap<String, Reach>,
 ) -> BTreeSet<String> {
-    let probe = identity::Running::new(fleet, HashMap::new());
+    let probe = identity::Running::new(fleet, Default::default());
     let mut set = BTreeSet::new();
     for (id, reach) in dirty {
         if reach >= Reach::Clients {
@@ -280,12 +280,23 @@ impl Engine {
             }
         }
 
-        // 3. Build objects on every core, comparing each identity's with what it produced before;
-        //    then swap them in, in identity order.
-        let swaps = crate::parallel::map(*threads, &identities, |id| {
-            desired.prepare(id, objects::compute_identity(fleet, settings, facts, &pass, id, vips))
-        });
-        desired.swap(owners, fleet.cluster_names(), &identities, swaps, &mut result.changed);
+        // 3. Build objects on every core, comparing each identity's with what it produced before,
+        //    and swap them in, in identity order, on this thread as they come.
+        let olds = crate::parallel::map(*threads, &identities, |id| (*id, desired.current(id)));
+        let mut swapping = desired.begin_swap(owners, fleet.cluster_names());
+        crate::parallel::map_into(
+            *threads,
+            &olds,
+            |(id, old)| {
+                let output = objects::compute_identity(fleet, settings, facts, &pass, id, vips);
+                DesiredState::prepare(old.as_deref(), output)
+            },
+            |i, swap| swapping.swap(identities[i], swap),
+        );
+        swapping.finish(&mut result.changed);
+        // What was resolved and replaced is many small allocations: freed on every core.
+        crate::parallel::drop_all(*threads, pass.into_resolved());
+        crate::parallel::drop_all(*threads, olds);
 
         result.identities = identities.len();
         result.new_vips = self.vips.take_new();

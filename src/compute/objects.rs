@@ -66,9 +66,9 @@ pub fn compute_identity(
         ];
         let record_written = winners.iter().any(Option::is_some);
         let mut written: BTreeMap<ClusterId, BTreeSet<String>> = BTreeMap::new();
-        let labels = managed_labels(identity, &env.env);
+        let labels = managed_labels(identity, env.env);
         for group in env.served() {
-            check_port_agreement(identity, &env.env, group, &mut out.diagnostics);
+            check_port_agreement(identity, env.env, group, &mut out.diagnostics);
             let sources = group.sources.values().map(|s| s.cluster.idx);
             let targets = union([sources.collect(), resolved.client_clusters.clone()]);
             for host in &group.hosts {
@@ -334,7 +334,7 @@ fn export_to(
     let mut namespaces: BTreeSet<String> = BTreeSet::new();
     if let Some(own) = env.namespaces.get(target) {
         namespaces.insert(GATEWAY_NAMESPACE.to_string());
-        namespaces.extend(own.iter().cloned());
+        namespaces.extend(own.iter().map(|ns| ns.to_string()));
     }
     if !resolved.client_clusters.is_empty() {
         for client in fleet.clients_of(identity) {

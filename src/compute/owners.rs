@@ -2,8 +2,9 @@
 //! identities give the same key only when their hosts collide; the first in byte order then owns
 //! it everywhere, and the other's objects under it are not written.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+
+use rustc_hash::FxHashMap;
 
 use super::ObjectKey;
 
@@ -13,7 +14,7 @@ use super::ObjectKey;
 /// `a` of identity `b.c`), which `Engine::all_diagnostics` reports. Kept beside the desired
 /// state, not in it, so that publishing the desired state does not copy it.
 #[derive(Clone, Debug, Default)]
-pub struct Owners(HashMap<ObjectKey, Holders>);
+pub struct Owners(FxHashMap<ObjectKey, Holders>);
 
 /// The identities that produce a key, in byte order of their names; nearly always one, kept
 /// without allocating.
