@@ -94,7 +94,8 @@ fn main() {
     for size in sizes.split(',') {
         let (c, i) = size.split_once('x').expect("sizes look like 100x5000");
         let spec = SynthSpec { clusters: c.parse().unwrap(), identities: i.parse().unwrap(), ..SynthSpec::default() };
-        let dir = std::env::temp_dir().join(format!("flotilla-bench-{size}"));
+        // Per process: two benches at once (two builds compared) must not share a fleet on disk.
+        let dir = std::env::temp_dir().join(format!("flotilla-bench-{size}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         write_fleet_dir(&spec, &dir).unwrap();
         let (rss_before, _) = rss_kib();
