@@ -87,6 +87,8 @@ fn incremental(engine: &mut Engine, rounds: usize, mut change: impl FnMut(&mut E
 }
 
 fn main() {
+    // As the flotilla binary runs.
+    flotilla::without_huge_pages();
     let sizes = std::env::var("FLOTILLA_BENCH_SIZES").unwrap_or_else(|_| "10x500,100x5000,500x20000".into());
     println!(
         "size | desired objects (distinct) | load | ingest | full compute from empty, wall (CPU) | full recompute over itself, wall (CPU) | incremental, median (p99): GTP / scale-out / Dependency | plan, nothing changed | RSS model+desired, of which desired | bytes/object | CPU stolen"
@@ -221,7 +223,7 @@ fn main() {
         let observed: Vec<BTreeMap<ObjectKey, ObservedObject>> = (0..spec.clusters)
             .map(|c| {
                 let desired = engine.desired.cluster(&cluster_name(c));
-                desired.iter().map(|o| (o.key.clone(), ObservedObject::new(&o.object))).collect()
+                desired.iter().map(|o| (o.key.clone(), ObservedObject::new(&o.object()))).collect()
             })
             .collect();
         let t = Instant::now();

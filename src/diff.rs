@@ -25,7 +25,7 @@ impl Side {
         let objects = rendered
             .clusters
             .iter()
-            .map(|(id, objs)| (id.clone(), objs.iter().map(|o| (o.key.clone(), o.object.clone())).collect()))
+            .map(|(id, objs)| (id.clone(), objs.iter().map(|o| (o.key.clone(), o.object())).collect()))
             .collect();
         let policies = engine
             .desired

@@ -191,7 +191,7 @@ fn keys(change: &MemberChange) -> Vec<String> {
 
 /// The objects desired in member `cluster`, in key order.
 fn objects_in(engine: &Engine, cluster: &str) -> Vec<DesiredObject> {
-    engine.desired.cluster(cluster).iter().map(|d| d.object.clone()).collect()
+    engine.desired.cluster(cluster).iter().map(|d| d.object()).collect()
 }
 
 fn snapshot(engine: &Engine, clusters: &[&str]) -> Objects {
@@ -345,10 +345,10 @@ proptest! {
         for c in CLUSTERS {
             let desired = engine.desired.cluster(c);
             for obj in &desired {
-                let labels = obj.object.meta().labels.clone().unwrap_or_default();
+                let labels = obj.object().meta().labels.clone().unwrap_or_default();
                 prop_assert_eq!(labels.get(LABEL_MANAGED_BY).map(String::as_str), Some(MANAGER));
                 let identity = labels.get("flotilla.io/identity").cloned().unwrap();
-                if let DesiredObject::ServiceEntry(se) = &obj.object {
+                if let DesiredObject::ServiceEntry(se) = &obj.object() {
                     // Written only where the identity runs or one of its clients runs.
                     let mut targets = fleet.clusters_running(&identity);
                     for client in fleet.clients_of(&identity) { targets.extend(fleet.clusters_running(client)); }
@@ -363,7 +363,7 @@ proptest! {
                 }
             }
             // plan(d, d) is empty: what is desired and already there needs no write.
-            let observed = desired.iter().map(|o| (o.key.clone(), ObservedObject::new(&o.object))).collect();
+            let observed = desired.iter().map(|o| (o.key.clone(), ObservedObject::new(&o.object()))).collect();
             let plan = plan_cluster(&desired, &observed);
             prop_assert!(plan.is_empty() && plan.conflicts.is_empty(), "{:?}", plan);
         }
@@ -457,7 +457,7 @@ fn follow(engine: &mut Engine, held: &mut BTreeMap<String, BTreeMap<ObjectKey, O
         let observed = held.entry(cluster.clone()).or_default();
         let plan = engine.plan_member(&cluster, ClusterHealth::Synced, &scope, observed);
         for planned in plan.apply {
-            observed.insert(planned.key.clone(), ObservedObject::new(&planned.object));
+            observed.insert(planned.key.clone(), ObservedObject::new(&planned.object()));
         }
         for gone in plan.prune {
             observed.remove(&gone.key);
@@ -603,7 +603,7 @@ fn a_stale_member_keeps_its_endpoints_and_is_planned_only_when_back() {
     };
     let mut engine = engine_with(&["a", "b"], &base_fleet());
     let observed_in_a: BTreeMap<_, _> =
-        engine.desired.cluster("a").iter().map(|o| (o.key.clone(), ObservedObject::new(&o.object))).collect();
+        engine.desired.cluster("a").iter().map(|o| (o.key.clone(), ObservedObject::new(&o.object()))).collect();
     let before_in_b: Vec<DesiredObject> = objects_in(&engine, "b");
     assert!(before_in_b.iter().any(|o| matches!(o, DesiredObject::ServiceEntry(se) if se.spec.endpoints.iter().any(|e| e.address == "10.0.0.1"))), "b reaches a's greeting through a's gateway");
     assert!(!stale(&engine));
@@ -782,7 +782,7 @@ fn plan_never_prunes_or_updates_objects_without_our_label() {
     let desired = engine.desired.cluster("b");
     let mut observed = BTreeMap::new();
     // A user's object with the name we want, and a user's object we do not want.
-    let mut theirs = desired[0].object.clone();
+    let mut theirs = desired[0].object();
     if let DesiredObject::DestinationRule(dr) = &mut theirs {
         dr.metadata.labels = None;
     }
@@ -793,7 +793,7 @@ fn plan_never_prunes_or_updates_objects_without_our_label() {
     }
     observed.insert(stray.key(), ObservedObject::new(&stray));
     // Our own object that is no longer desired.
-    let mut ours = desired.last().unwrap().object.clone();
+    let mut ours = desired.last().unwrap().object();
     if let DesiredObject::Sidecar(s) = &mut ours {
         s.metadata.name = Some("old-egress".into());
     }

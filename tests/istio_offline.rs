@@ -32,7 +32,7 @@ fn judge(name: &str, fleet: &Path, args: &[&str], scratch: &Path) -> (usize, Vec
     let mut problems = Vec::new();
     for (cluster, written) in &rendered.clusters {
         let out = scratch.join(format!("{name}-{cluster}.yaml"));
-        let text: String = written.iter().map(|o| format!("---\n{}", flotilla::yaml::to_yaml(&o.object))).collect();
+        let text: String = written.iter().map(|o| format!("---\n{}", flotilla::yaml::to_yaml(&o.object()))).collect();
         std::fs::write(&out, text).unwrap();
         objects += written.len();
         if !written.is_empty()

@@ -69,7 +69,7 @@ async fn rendered_fleets_are_accepted_by_istio_crds_and_read_back_unchanged() {
             }
             let mut read_back = std::collections::BTreeMap::new();
             for obj in objects {
-                let stored = apply_and_read_back(client, &obj.object).await;
+                let stored = apply_and_read_back(client, &obj.object()).await;
                 read_back.insert(obj.key.clone(), ObservedObject::new(&stored));
                 applied += 1;
             }

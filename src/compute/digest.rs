@@ -11,14 +11,15 @@
 //! than any other failure.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::hash::Hasher;
 
 use serde::Serialize;
 use serde::ser;
 use siphasher::sip128::{Hasher128, SipHasher13};
 
-use super::DesiredObject;
-use crate::meta::{LABEL_ENV, LABEL_IDENTITY, LABEL_MANAGED_BY};
+use super::{DesiredObject, DesiredSpec};
+use crate::meta::{Kind, LABEL_ENV, LABEL_IDENTITY, LABEL_MANAGED_BY};
 
 /// The labels flotilla sets on everything it writes; only their values count in a digest.
 const OUR_LABELS: [&str; 3] = [LABEL_MANAGED_BY, LABEL_IDENTITY, LABEL_ENV];
@@ -27,20 +28,33 @@ const OUR_LABELS: [&str; 3] = [LABEL_MANAGED_BY, LABEL_IDENTITY, LABEL_ENV];
 pub struct Digest(u128);
 
 impl Digest {
+    /// The digest of an object as found in a cluster (or anywhere whole).
     pub fn of(object: &DesiredObject) -> Digest {
+        let labels = object.meta().labels.as_ref();
+        match object {
+            DesiredObject::DestinationRule(o) => Digest::compute(Kind::DestinationRule, &o.spec, labels),
+            DesiredObject::ServiceEntry(o) => Digest::compute(Kind::ServiceEntry, &o.spec, labels),
+            DesiredObject::Sidecar(o) => Digest::compute(Kind::Sidecar, &o.spec, labels),
+        }
+    }
+
+    /// The digest of a desired object from its parts: equal to `of` its whole object.
+    pub fn of_spec(spec: &DesiredSpec, labels: Option<&BTreeMap<String, String>>) -> Digest {
+        match spec {
+            DesiredSpec::DestinationRule(spec) => Digest::compute(Kind::DestinationRule, spec, labels),
+            DesiredSpec::ServiceEntry(spec) => Digest::compute(Kind::ServiceEntry, spec, labels),
+            DesiredSpec::Sidecar(spec) => Digest::compute(Kind::Sidecar, spec, labels),
+        }
+    }
+
+    fn compute(kind: Kind, spec: &impl Serialize, labels: Option<&BTreeMap<String, String>>) -> Digest {
         thread_local! {
             static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
         BUFFER.with_borrow_mut(|buffer| {
             buffer.clear();
-            buffer.push(object.kind() as u8);
-            let fed = match object {
-                DesiredObject::DestinationRule(o) => o.spec.serialize(Feed(buffer)),
-                DesiredObject::ServiceEntry(o) => o.spec.serialize(Feed(buffer)),
-                DesiredObject::Sidecar(o) => o.spec.serialize(Feed(buffer)),
-            };
-            fed.expect("writing a spec into memory cannot fail");
-            let labels = object.meta().labels.as_ref();
+            buffer.push(kind as u8);
+            spec.serialize(Feed(buffer)).expect("writing a spec into memory cannot fail");
             for key in OUR_LABELS {
                 feed_str(buffer, labels.and_then(|l| l.get(key)).map(String::as_str));
             }
@@ -322,5 +336,54 @@ mod tests {
             let (a, b) = (entry(a.0, a.1, a.2), entry(b.0, b.1, b.2));
             prop_assert_eq!(Digest::of(&a) == Digest::of(&b), a.spec_json() == b.spec_json());
         }
+    }
+
+    /// A desired object's digest is made from its parts and an observed one's from the whole
+    /// object: they must agree, or every object would be written again on every pass. And the
+    /// parts serialise exactly as the whole object, which is what is written and printed.
+    #[test]
+    fn a_desired_object_and_its_whole_form_agree() {
+        use super::super::Desired;
+        use crate::istio::{DestinationRuleSpec, EgressListener, SidecarSpec};
+        use crate::meta::managed_labels;
+        use std::sync::Arc;
+
+        let labels = Arc::new(managed_labels("greeting", "prod"));
+        let specs = [
+            DesiredSpec::ServiceEntry(ServiceEntrySpec {
+                hosts: vec!["prod.greeting.global".into()],
+                endpoints: vec![WorkloadEntry { address: "10.0.0.1".into(), ..Default::default() }],
+                ..Default::default()
+            }),
+            DesiredSpec::DestinationRule(DestinationRuleSpec {
+                host: "prod.greeting.global".into(),
+                ..Default::default()
+            }),
+            DesiredSpec::Sidecar(SidecarSpec {
+                egress: vec![EgressListener { hosts: vec!["./*".into()] }],
+                ..Default::default()
+            }),
+        ];
+        for spec in specs {
+            let desired = Desired::new("admiral-sync", "prod.greeting.global-x", labels.clone(), spec);
+            let whole = desired.object();
+            assert_eq!(desired.digest, Digest::of(&whole), "{}", desired.key);
+            assert_eq!(
+                serde_json::to_string(&desired).unwrap(),
+                serde_json::to_string(&whole).unwrap(),
+                "{}",
+                desired.key
+            );
+            assert_eq!(whole.key(), desired.key);
+        }
+        // The labels count: the same spec for another identity is another content.
+        let other = Desired::new(
+            "admiral-sync",
+            "x",
+            Arc::new(managed_labels("other", "prod")),
+            DesiredSpec::Sidecar(SidecarSpec::default()),
+        );
+        let same = Desired::new("admiral-sync", "x", labels, DesiredSpec::Sidecar(SidecarSpec::default()));
+        assert_ne!(other.digest, same.digest);
     }
 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use super::{DesiredObject, DesiredState};
+use super::{DesiredSpec, DesiredState};
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -39,8 +39,8 @@ pub fn identity_view(desired: &DesiredState, identity: &str) -> Option<IdentityV
     let mut hosts = BTreeSet::new();
     let mut target_clusters: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for placed in &out.objects {
-        if let DesiredObject::ServiceEntry(se) = &placed.desired.object {
-            hosts.extend(se.spec.hosts.iter().cloned());
+        if let DesiredSpec::ServiceEntry(se) = &placed.desired.spec {
+            hosts.extend(se.hosts.iter().cloned());
         }
         for c in &placed.clusters {
             target_clusters
@@ -97,7 +97,7 @@ pub fn explain_host(engine: &super::Engine, host: &str, cluster: Option<&str>) -
         .identity(identity)?
         .objects
         .iter()
-        .filter(|p| matches!(&p.desired.object, DesiredObject::ServiceEntry(se) if se.spec.hosts.contains(&host)))
+        .filter(|p| matches!(&p.desired.spec, DesiredSpec::ServiceEntry(se) if se.hosts.contains(&host)))
         .flat_map(|p| p.clusters.iter().map(|c| engine.desired.cluster_name(*c).to_string()))
         .filter(|c| cluster.is_none_or(|want| c == want))
         .collect();

@@ -32,7 +32,10 @@ use crate::model::{ClusterHealth, ClusterIdx, Fleet, Reach};
 use crate::settings::{self, Settings};
 
 pub use desired::{Changed, Clients, DesiredState, IdentityOutput, MemberChange};
-pub use output::{Desired, DesiredObject, Diagnostic, ObjectKey, Placed, PolicyReport, PolicyState, Severity};
+pub use output::{
+    Desired, DesiredObject, DesiredSpec, Diagnostic, ManagedLabels, ObjectKey, Placed, PolicyReport, PolicyState,
+    Severity,
+};
 use owners::Owners;
 use vip::VipTable;
 

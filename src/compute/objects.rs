@@ -6,14 +6,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::crd::{ConnectionPool, HttpSettings, LbType, OutlierConfig, h2_upgrade_policy_name};
 use crate::istio::{
-    ClientTls, DestinationRule, DestinationRuleSpec, Distribute, EgressListener, LoadBalancer, LocalityLbSetting,
-    OutlierDetection, ServiceEntry, ServiceEntrySpec, ServicePort, Sidecar, SidecarSpec, TrafficPolicy, WorkloadEntry,
-    WorkloadSelector,
+    ClientTls, DestinationRuleSpec, Distribute, EgressListener, LoadBalancer, LocalityLbSetting, OutlierDetection,
+    ServiceEntrySpec, ServicePort, SidecarSpec, TrafficPolicy, WorkloadEntry, WorkloadSelector,
 };
 use crate::meta::{GATEWAY_NAMESPACE, Kind, LABEL_TLS_MODE, is_dns_subdomain, managed_labels};
 use crate::model::{Cluster, ClusterId, ClusterIdx, Fleet, Workload};
@@ -21,7 +19,9 @@ use crate::settings::{ExportTo, Settings, SidecarMode, VipMode};
 
 use super::identity::{EnvPlan, ExposedPort, HostGroup, HostPlan, PassView, ResolvedIdentity, union};
 use super::vip::{VipExhausted, VipTable};
-use super::{Clients, Desired, DesiredObject, Diagnostic, Facts, IdentityOutput, Placed, PolicyReport, PolicyState};
+use super::{
+    Clients, Desired, DesiredSpec, Diagnostic, Facts, IdentityOutput, ManagedLabels, Placed, PolicyReport, PolicyState,
+};
 
 /// Everything one identity contributes to the desired state of the fleet. Reads only: VIPs were
 /// allocated and identities resolved for the whole pass beforehand, so identities can be built on
@@ -66,7 +66,7 @@ pub fn compute_identity(
         ];
         let record_written = winners.iter().any(Option::is_some);
         let mut written: BTreeMap<ClusterId, BTreeSet<String>> = BTreeMap::new();
-        let labels = managed_labels(identity, env.env);
+        let labels = Arc::new(managed_labels(identity, env.env));
         for group in env.served() {
             check_port_agreement(identity, env.env, group, &mut out.diagnostics);
             let sources = group.sources.values().map(|s| s.cluster.idx);
@@ -205,8 +205,8 @@ pub fn compute_identity(
 }
 
 /// Adds an object with no members yet; returns its index.
-fn place(objects: &mut Vec<Placed>, object: DesiredObject) -> usize {
-    objects.push(Placed { desired: Arc::new(Desired::new(object)), clusters: Vec::new() });
+fn place(objects: &mut Vec<Placed>, object: Desired) -> usize {
+    objects.push(Placed { desired: Arc::new(object), clusters: Vec::new() });
     objects.len() - 1
 }
 
@@ -240,10 +240,6 @@ impl Ejection {
             _ => Ejection::All,
         }
     }
-}
-
-fn meta(name: String, namespace: &str, labels: BTreeMap<String, String>) -> ObjectMeta {
-    ObjectMeta { name: Some(name), namespace: Some(namespace.to_string()), labels: Some(labels), ..Default::default() }
 }
 
 /// The ports of a host: those of its first source cluster (by id). Every endpoint maps these
@@ -361,26 +357,25 @@ fn service_entry(
     vip: Option<String>,
     endpoints: Vec<WorkloadEntry>,
     export_to: Vec<String>,
-    labels: &BTreeMap<String, String>,
-) -> DesiredObject {
+    labels: &ManagedLabels,
+) -> Desired {
     // The first source cluster (by id) defines the ports; they are the same everywhere for a
     // well-formed identity.
     let ports = host_ports(group)
         .iter()
         .map(|p| ServicePort { number: p.number, name: p.name.clone(), protocol: p.protocol.to_string() })
         .collect();
-    DesiredObject::ServiceEntry(ServiceEntry {
-        metadata: meta(format!("{}-se", host.host), &settings.sync_namespace, labels.clone()),
-        spec: ServiceEntrySpec {
-            hosts: vec![host.host.clone()],
-            addresses: vip.into_iter().collect(),
-            ports,
-            location: "MESH_INTERNAL".into(),
-            resolution: "DNS".into(),
-            endpoints,
-            export_to,
-        },
-    })
+    let name = format!("{}-se", host.host);
+    let spec = ServiceEntrySpec {
+        hosts: vec![host.host.clone()],
+        addresses: vip.into_iter().collect(),
+        ports,
+        location: "MESH_INTERNAL".into(),
+        resolution: "DNS".into(),
+        endpoints,
+        export_to,
+    };
+    Desired::new(&settings.sync_namespace, &name, labels.clone(), DesiredSpec::ServiceEntry(spec))
 }
 
 /// The DestinationRule of `host` as a member in `region` sees it (the region matters only to
@@ -392,8 +387,8 @@ fn destination_rule(
     region: Option<&str>,
     ejection: Ejection,
     export_to: Vec<String>,
-    labels: &BTreeMap<String, String>,
-) -> DesiredObject {
+    labels: &ManagedLabels,
+) -> Desired {
     let name = if host.is_default { format!("{}-default-dr", host.host) } else { format!("{}-dr", host.host) };
     let locality_lb_setting = host.policy.and_then(|p| match p.lb_type().ok()? {
         LbType::Topology => Some(LocalityLbSetting { distribute: Vec::new(), enabled: Some(true) }),
@@ -424,24 +419,21 @@ fn destination_rule(
             tcp: None,
             http: Some(HttpSettings { max_requests_per_connection: Some(100), ..Default::default() }),
         });
-    DesiredObject::DestinationRule(DestinationRule {
-        metadata: meta(name, &settings.sync_namespace, labels.clone()),
-        spec: DestinationRuleSpec {
-            host: host.host.clone(),
-            traffic_policy: Some(TrafficPolicy {
-                tls: Some(ClientTls { mode: "ISTIO_MUTUAL".into() }),
-                connection_pool: Some(connection_pool),
-                load_balancer: Some(LoadBalancer {
-                    simple: "LEAST_REQUEST".into(),
-                    locality_lb_setting,
-                    warmup_duration_secs: (settings.warmup_seconds > 0)
-                        .then(|| format!("{}s", settings.warmup_seconds)),
-                }),
-                outlier_detection,
+    let spec = DestinationRuleSpec {
+        host: host.host.clone(),
+        traffic_policy: Some(TrafficPolicy {
+            tls: Some(ClientTls { mode: "ISTIO_MUTUAL".into() }),
+            connection_pool: Some(connection_pool),
+            load_balancer: Some(LoadBalancer {
+                simple: "LEAST_REQUEST".into(),
+                locality_lb_setting,
+                warmup_duration_secs: (settings.warmup_seconds > 0).then(|| format!("{}s", settings.warmup_seconds)),
             }),
-            export_to,
-        },
-    })
+            outlier_detection,
+        }),
+        export_to,
+    };
+    Desired::new(&settings.sync_namespace, &name, labels.clone(), DesiredSpec::DestinationRule(spec))
 }
 
 /// Defaults, then the GTP entry's non-zero fields, then the OutlierDetection's non-zero fields.
@@ -581,10 +573,9 @@ fn sidecars_and_dependency_reports(
             let workload_selector = by_label.then(|| WorkloadSelector {
                 labels: BTreeMap::from([(fleet.identity_label().to_string(), identity.to_string())]),
             });
-            let sidecar = DesiredObject::Sidecar(Sidecar {
-                metadata: meta(name.clone(), namespace, managed_labels(identity, env)),
-                spec: SidecarSpec { workload_selector, egress: vec![EgressListener { hosts: egress_hosts.clone() }] },
-            });
+            let spec = SidecarSpec { workload_selector, egress: vec![EgressListener { hosts: egress_hosts.clone() }] };
+            let sidecar =
+                Desired::new(namespace, &name, Arc::new(managed_labels(identity, env)), DesiredSpec::Sidecar(spec));
             place(&mut out.objects, sidecar)
         });
         out.objects[sidecar].clusters.push(cluster.idx);

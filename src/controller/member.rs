@@ -141,7 +141,7 @@ mod tests {
 
     /// The whole plan of a member that holds `observed` and should hold `objects`.
     fn plan(objects: Vec<DesiredObject>, observed: &BTreeMap<ObjectKey, ObservedObject>) -> ClusterPlan {
-        let mut desired: Vec<Arc<Desired>> = objects.into_iter().map(|o| Arc::new(Desired::new(o))).collect();
+        let mut desired: Vec<Arc<Desired>> = objects.into_iter().map(|o| Arc::new(Desired::from_object(o))).collect();
         desired.sort_by(|a, b| a.key.cmp(&b.key));
         plan_cluster(&desired, observed)
     }

@@ -210,7 +210,7 @@ async fn run_op(cluster: &str, client: &Client, op: Op, metrics: &Metrics) -> Ou
     match op {
         Op::Apply(planned) => {
             let key = &planned.key;
-            let result = match &planned.object {
+            let result = match &planned.object() {
                 DesiredObject::ServiceEntry(o) => apply(client, &planned, o, DesiredObject::ServiceEntry).await,
                 DesiredObject::DestinationRule(o) => apply(client, &planned, o, DesiredObject::DestinationRule).await,
                 DesiredObject::Sidecar(o) => apply(client, &planned, o, DesiredObject::Sidecar).await,

@@ -66,8 +66,8 @@ pub async fn owned(client: &Client, sync_namespace: &str) -> BTreeMap<ObjectKey,
 pub async fn differences(rendered: &Rendered, members: &[(&str, &Client)], sync_namespace: &str) -> Vec<String> {
     let mut found = Vec::new();
     for (member, client) in members {
-        let want: BTreeMap<ObjectKey, &DesiredObject> =
-            rendered.clusters.get(*member).into_iter().flatten().map(|o| (o.key.clone(), &o.object)).collect();
+        let want: BTreeMap<ObjectKey, DesiredObject> =
+            rendered.clusters.get(*member).into_iter().flatten().map(|o| (o.key.clone(), o.object())).collect();
         let have = owned(client, sync_namespace).await;
         for (key, object) in &want {
             match have.get(key) {
