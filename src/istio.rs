@@ -3,6 +3,7 @@
 //! Every optional field is skipped when empty, so that server-side apply claims exactly the fields
 //! flotilla owns and nothing else. Checked against Istio's own CRD schemas by the end-to-end tests.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use kube::CustomResource;
@@ -11,6 +12,11 @@ use serde::{Deserialize, Serialize};
 use crate::crd::ConnectionPool;
 
 pub const API_VERSION: &str = "networking.istio.io/v1";
+
+/// A string that is one of a few fixed words (`DNS`, `MESH_INTERNAL`, `ISTIO_MUTUAL`, a protocol
+/// name, the TLS-mode label): a constant, not an allocation, in every object flotilla builds
+/// (a full compute builds tens of thousands); owned only when read from a cluster.
+pub type Word = Cow<'static, str>;
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
@@ -33,9 +39,9 @@ pub struct ServiceEntrySpec {
     #[serde(default)]
     pub ports: Vec<ServicePort>,
     #[serde(default)]
-    pub location: String,
+    pub location: Word,
     #[serde(default)]
-    pub resolution: String,
+    pub resolution: Word,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<WorkloadEntry>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -51,7 +57,7 @@ pub struct ServicePort {
     #[serde(default)]
     pub name: String,
     #[serde(default)]
-    pub protocol: String,
+    pub protocol: Word,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -65,7 +71,7 @@ pub struct WorkloadEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locality: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
+    pub labels: BTreeMap<Word, Word>,
     /// A canary's share, among the local endpoints of one cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
@@ -109,7 +115,7 @@ pub struct TrafficPolicy {
 // Proto3 JSON leaves out zero values, so every field may be missing.
 #[serde(default)]
 pub struct ClientTls {
-    pub mode: String,
+    pub mode: Word,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -117,7 +123,7 @@ pub struct ClientTls {
 // Proto3 JSON leaves out zero values, so every field may be missing.
 #[serde(default)]
 pub struct LoadBalancer {
-    pub simple: String,
+    pub simple: Word,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locality_lb_setting: Option<LocalityLbSetting>,
     /// A duration, e.g. `45s`.

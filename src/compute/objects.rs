@@ -278,7 +278,7 @@ fn endpoints_for(group: &HostGroup<'_>, target: ClusterIdx, facts: &Facts) -> Ve
                 address: gateway.clone(),
                 ports: ports.iter().map(|p| (p.name.clone(), u32::from(source_facts.gateway_port))).collect(),
                 locality: source_facts.region.clone(),
-                labels: BTreeMap::from([(LABEL_TLS_MODE.to_string(), "istio".to_string())]),
+                labels: BTreeMap::from([(LABEL_TLS_MODE.into(), "istio".into())]),
                 weight: None,
             });
         }
@@ -363,7 +363,7 @@ fn service_entry(
     // well-formed identity.
     let ports = host_ports(group)
         .iter()
-        .map(|p| ServicePort { number: p.number, name: p.name.clone(), protocol: p.protocol.to_string() })
+        .map(|p| ServicePort { number: p.number, name: p.name.clone(), protocol: p.protocol.into() })
         .collect();
     let name = format!("{}-se", host.host);
     let spec = ServiceEntrySpec {
