@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use super::known::{Known, KnownIdentities, Set};
 use super::{
     Cluster, ClusterHealth, ClusterId, ClusterIdx, ClusterNames, ClusterOverrides, DependencyEntry, Dirty, NsName,
     ObjectRef, Policy, Reach, Record, ServiceInfo, Workload, WorkloadKey,
@@ -26,23 +27,13 @@ pub struct Fleet {
     pub outlier_detections: BTreeMap<ObjectRef, Policy<OutlierDetectionSpec>>,
     pub connection_configs: BTreeMap<ObjectRef, Policy<ClientConnectionConfigSpec>>,
     pub dependencies: BTreeMap<ObjectRef, DependencyEntry>,
-    /// identity → where its workloads are (cluster, namespace, name).
-    by_identity: BTreeMap<String, BTreeSet<(ClusterIdx, WorkloadKey)>>,
+    /// Every identity's workloads, policies and Dependencies, one entry each.
+    known: KnownIdentities,
     /// Lower-cased identity → the identities with workloads that lower-case to it. Hosts and
     /// object names are lower-cased, so identities that differ only in case would collide.
     by_folded: BTreeMap<String, BTreeSet<String>>,
-    /// identity → the GTPs / ODs / CCCs that name it.
-    gtps_by_identity: BTreeMap<String, BTreeSet<ObjectRef>>,
-    ods_by_identity: BTreeMap<String, BTreeSet<ObjectRef>>,
-    cccs_by_identity: BTreeMap<String, BTreeSet<ObjectRef>>,
-    /// source identity → its Dependencies.
-    deps_by_source: BTreeMap<String, BTreeSet<ObjectRef>>,
-    /// destination identity → sources that name it explicitly.
-    clients_by_destination: BTreeMap<String, BTreeSet<String>>,
     /// sources with a `*` destination.
     wildcard_sources: BTreeSet<String>,
-    /// source → the destinations it currently contributes to `clients_by_destination`.
-    named_by_source: BTreeMap<String, BTreeSet<String>>,
     dirty: Dirty,
 }
 
@@ -57,15 +48,9 @@ impl Fleet {
             outlier_detections: BTreeMap::new(),
             connection_configs: BTreeMap::new(),
             dependencies: BTreeMap::new(),
-            by_identity: BTreeMap::new(),
+            known: KnownIdentities::default(),
             by_folded: BTreeMap::new(),
-            gtps_by_identity: BTreeMap::new(),
-            ods_by_identity: BTreeMap::new(),
-            cccs_by_identity: BTreeMap::new(),
-            deps_by_source: BTreeMap::new(),
-            clients_by_destination: BTreeMap::new(),
             wildcard_sources: BTreeSet::new(),
-            named_by_source: BTreeMap::new(),
             dirty: Dirty { all: true, facts: true, identities: BTreeMap::new(), hosts: BTreeSet::new() },
         }
     }
@@ -172,27 +157,26 @@ impl Fleet {
     /// Identities that have workloads anywhere, are named by a policy, or are Dependency sources.
     /// Sorted, each once.
     pub fn identities(&self) -> Vec<&str> {
-        let mut all: Vec<&str> = self.by_identity.keys().map(String::as_str).collect();
-        for index in [&self.gtps_by_identity, &self.ods_by_identity, &self.cccs_by_identity, &self.deps_by_source] {
-            all.extend(index.keys().map(String::as_str));
-        }
-        // Five sorted runs: the stable sort finds and merges them.
-        all.sort();
-        all.dedup();
-        all
+        self.known.iter().filter(|(_, k)| k.is_identity()).map(|(name, _)| name).collect()
     }
 
     /// Whether anything is known of `identity` (see `identities`).
     pub fn knows(&self, identity: &str) -> bool {
-        self.by_identity.contains_key(identity)
-            || [&self.gtps_by_identity, &self.ods_by_identity, &self.cccs_by_identity, &self.deps_by_source]
-                .iter()
-                .any(|index| index.contains_key(identity))
+        self.known.get(identity).is_some_and(Known::is_identity)
+    }
+
+    /// The sets of `identity`'s entry: empty when nothing is known of it.
+    fn known<'a, T: 'a>(
+        &'a self,
+        identity: &str,
+        set: fn(&Known) -> &BTreeSet<T>,
+    ) -> impl Iterator<Item = &'a T> + use<'a, T> {
+        self.known.get(identity).map(set).into_iter().flatten()
     }
 
     /// The workloads of one identity, in (member number, namespace, name) order.
     pub fn workloads_of<'a>(&'a self, identity: &str) -> impl Iterator<Item = (&'a Cluster, &'a Workload)> + 'a {
-        self.by_identity.get(identity).into_iter().flatten().filter_map(move |(c, key)| {
+        self.known(identity, |k| &k.workloads).filter_map(move |(c, key)| {
             let cluster = self.cluster_at(*c)?;
             let w = cluster.workloads.get(key)?;
             Some((cluster, w))
@@ -215,40 +199,38 @@ impl Fleet {
     }
 
     pub fn gtps_of(&self, identity: &str) -> impl Iterator<Item = &Policy<GlobalTrafficPolicySpec>> {
-        self.gtps_by_identity.get(identity).into_iter().flatten().filter_map(|r| self.gtps.get(r))
+        self.known(identity, |k| &k.gtps).filter_map(|r| self.gtps.get(r))
     }
     pub fn outlier_detections_of(&self, identity: &str) -> impl Iterator<Item = &Policy<OutlierDetectionSpec>> {
-        self.ods_by_identity.get(identity).into_iter().flatten().filter_map(|r| self.outlier_detections.get(r))
+        self.known(identity, |k| &k.outlier_detections).filter_map(|r| self.outlier_detections.get(r))
     }
     pub fn connection_configs_of(&self, identity: &str) -> impl Iterator<Item = &Policy<ClientConnectionConfigSpec>> {
-        self.cccs_by_identity.get(identity).into_iter().flatten().filter_map(|r| self.connection_configs.get(r))
+        self.known(identity, |k| &k.connection_configs).filter_map(|r| self.connection_configs.get(r))
     }
     pub fn dependencies_of(&self, source: &str) -> impl Iterator<Item = &DependencyEntry> {
-        self.deps_by_source.get(source).into_iter().flatten().filter_map(|r| self.dependencies.get(r))
+        self.known(source, |k| &k.dependencies).filter_map(|r| self.dependencies.get(r))
     }
 
     /// Identities that depend on `destination`: those naming it, and those with `*`.
     pub fn clients_of(&self, destination: &str) -> BTreeSet<&str> {
         let mut out: BTreeSet<&str> = self.wildcard_sources.iter().map(String::as_str).collect();
-        if let Some(named) = self.clients_by_destination.get(destination) {
-            out.extend(named.iter().map(String::as_str));
-        }
+        out.extend(self.named_clients_of(destination));
         out
     }
 
     /// Sources that name `destination` explicitly (not through `*`).
     pub fn named_clients_of(&self, destination: &str) -> impl Iterator<Item = &str> {
-        self.clients_by_destination.get(destination).into_iter().flatten().map(String::as_str)
+        self.known(destination, |k| &k.named_by).map(String::as_str)
     }
 
     /// Every destination some valid Dependency names explicitly, sorted.
     pub fn named_destinations(&self) -> impl Iterator<Item = &str> {
-        self.clients_by_destination.keys().map(String::as_str)
+        self.known.iter().filter(|(_, k)| !k.named_by.is_empty()).map(|(name, _)| name)
     }
 
     /// Every source whose valid Dependencies name destinations explicitly, sorted.
     pub fn named_sources(&self) -> impl Iterator<Item = &str> {
-        self.named_by_source.keys().map(String::as_str)
+        self.known.iter().filter(|(_, k)| !k.destinations.is_empty()).map(|(name, _)| name)
     }
 
     /// Sources with a `*` destination: clients of every identity.
@@ -259,7 +241,7 @@ impl Fleet {
     /// Destinations that `source` names explicitly (not through `*`) in its valid Dependencies,
     /// in order.
     pub fn destinations_of(&self, source: &str) -> impl Iterator<Item = &str> {
-        self.named_by_source.get(source).into_iter().flatten().map(String::as_str)
+        self.known(source, |k| &k.destinations).map(String::as_str)
     }
 
     pub fn has_wildcard(&self, source: &str) -> bool {
@@ -297,16 +279,24 @@ impl Fleet {
                 }
             }
             Record::GlobalTrafficPolicy(p) => {
-                store_policy(&mut self.gtps, &mut self.gtps_by_identity, &mut self.dirty, Reach::Clients, p)
+                store_policy(&mut self.gtps, &mut self.known, |k| &mut k.gtps, &mut self.dirty, Reach::Clients, p)
             }
-            Record::OutlierDetection(p) => {
-                let (policies, index) = (&mut self.outlier_detections, &mut self.ods_by_identity);
-                store_policy(policies, index, &mut self.dirty, Reach::Itself, p)
-            }
-            Record::ClientConnectionConfig(p) => {
-                let (policies, index) = (&mut self.connection_configs, &mut self.cccs_by_identity);
-                store_policy(policies, index, &mut self.dirty, Reach::Itself, p)
-            }
+            Record::OutlierDetection(p) => store_policy(
+                &mut self.outlier_detections,
+                &mut self.known,
+                |k| &mut k.outlier_detections,
+                &mut self.dirty,
+                Reach::Itself,
+                p,
+            ),
+            Record::ClientConnectionConfig(p) => store_policy(
+                &mut self.connection_configs,
+                &mut self.known,
+                |k| &mut k.connection_configs,
+                &mut self.dirty,
+                Reach::Itself,
+                p,
+            ),
             Record::Dependency(d) => self.set_dependency(d.at.clone(), Some(d)),
         }
     }
@@ -338,7 +328,8 @@ impl Fleet {
             Kind::GlobalTrafficPolicy => {
                 if let Some(old) = self.gtps.remove(&at) {
                     reindex_policy(
-                        &mut self.gtps_by_identity,
+                        &mut self.known,
+                        |k| &mut k.gtps,
                         &mut self.dirty,
                         Reach::Clients,
                         &at,
@@ -349,12 +340,28 @@ impl Fleet {
             }
             Kind::OutlierDetection => {
                 if let Some(old) = self.outlier_detections.remove(&at) {
-                    reindex_policy(&mut self.ods_by_identity, &mut self.dirty, Reach::Itself, &at, old.identity, None);
+                    reindex_policy(
+                        &mut self.known,
+                        |k| &mut k.outlier_detections,
+                        &mut self.dirty,
+                        Reach::Itself,
+                        &at,
+                        old.identity,
+                        None,
+                    );
                 }
             }
             Kind::ClientConnectionConfig => {
                 if let Some(old) = self.connection_configs.remove(&at) {
-                    reindex_policy(&mut self.cccs_by_identity, &mut self.dirty, Reach::Itself, &at, old.identity, None);
+                    reindex_policy(
+                        &mut self.known,
+                        |k| &mut k.connection_configs,
+                        &mut self.dirty,
+                        Reach::Itself,
+                        &at,
+                        old.identity,
+                        None,
+                    );
                 }
             }
             Kind::Dependency => self.set_dependency(at, None),
@@ -393,13 +400,10 @@ impl Fleet {
             self.unindex_workload(idx, o);
         }
         if let Some(n) = &new {
-            if let Some(id) = &n.identity {
-                let key = n.key();
-                let places = self.by_identity.entry(id.clone()).or_default();
-                if places.is_empty() {
-                    self.by_folded.entry(id.to_ascii_lowercase()).or_default().insert(id.clone());
-                }
-                places.insert((idx, key));
+            if let Some(id) = &n.identity
+                && self.known.insert(id, |k| &mut k.workloads, (idx, n.key()))
+            {
+                self.by_folded.entry(id.to_ascii_lowercase()).or_default().insert(id.clone());
             }
             self.dirty.touch(n.identity.as_deref(), Reach::Neighbours);
         }
@@ -407,17 +411,13 @@ impl Fleet {
 
     fn unindex_workload(&mut self, cluster: ClusterIdx, w: &Workload) {
         if let Some(id) = &w.identity
-            && let Some(set) = self.by_identity.get_mut(id)
+            && self.known.remove(id, |k| &mut k.workloads, &(cluster, w.key()))
         {
-            set.remove(&(cluster, w.key()));
-            if set.is_empty() {
-                self.by_identity.remove(id);
-                let folded = id.to_ascii_lowercase();
-                if let Some(twins) = self.by_folded.get_mut(&folded) {
-                    twins.remove(id);
-                    if twins.is_empty() {
-                        self.by_folded.remove(&folded);
-                    }
+            let folded = id.to_ascii_lowercase();
+            if let Some(twins) = self.by_folded.get_mut(&folded) {
+                twins.remove(id);
+                if twins.is_empty() {
+                    self.by_folded.remove(&folded);
                 }
             }
         }
@@ -499,16 +499,11 @@ impl Fleet {
             }
             sources.insert(d.source.clone());
         }
-        if let Some(o) = &old
-            && let Some(set) = self.deps_by_source.get_mut(&o.source)
-        {
-            set.remove(&at);
-            if set.is_empty() {
-                self.deps_by_source.remove(&o.source);
-            }
+        if let Some(o) = &old {
+            self.known.remove(&o.source, |k| &mut k.dependencies, &at);
         }
         if let Some(n) = &new {
-            self.deps_by_source.entry(n.source.clone()).or_default().insert(at);
+            self.known.insert(&n.source, |k| &mut k.dependencies, at);
         }
         for source in sources {
             self.reindex_source(&source);
@@ -519,15 +514,6 @@ impl Fleet {
     /// marks the destinations it began or stopped naming: they are written to other clusters now.
     /// A destination it names in another Dependency too keeps its clients, and is not marked.
     fn reindex_source(&mut self, source: &str) {
-        let before = self.named_by_source.remove(source).unwrap_or_default();
-        for dest in &before {
-            if let Some(set) = self.clients_by_destination.get_mut(dest) {
-                set.remove(source);
-                if set.is_empty() {
-                    self.clients_by_destination.remove(dest);
-                }
-            }
-        }
         self.wildcard_sources.remove(source);
         let mut named = BTreeSet::new();
         let mut wildcard = false;
@@ -538,14 +524,15 @@ impl Fleet {
         if wildcard {
             self.wildcard_sources.insert(source.to_string());
         }
-        for dest in &named {
-            self.clients_by_destination.entry(dest.clone()).or_default().insert(source.to_string());
+        let before = self.known.replace(source, |k| &mut k.destinations, named.clone());
+        for dest in before.difference(&named) {
+            self.known.remove(dest, |k| &mut k.named_by, &source.to_string());
+        }
+        for dest in named.difference(&before) {
+            self.known.insert(dest, |k| &mut k.named_by, source.to_string());
         }
         for dest in before.symmetric_difference(&named) {
             self.dirty.touch(Some(dest), Reach::Itself);
-        }
-        if !named.is_empty() {
-            self.named_by_source.insert(source.to_string(), named);
         }
     }
 }
@@ -561,7 +548,8 @@ fn held_hosts<'a>(name: &str, hosts: impl IntoIterator<Item = &'a String>) -> Ve
 /// one, which stays in force; the reason is kept for the policy's status.
 fn store_policy<S: Clone>(
     policies: &mut BTreeMap<ObjectRef, Policy<S>>,
-    index: &mut BTreeMap<String, BTreeSet<ObjectRef>>,
+    known: &mut KnownIdentities,
+    set: Set<ObjectRef>,
     dirty: &mut Dirty,
     reach: Reach,
     mut policy: Policy<S>,
@@ -572,11 +560,14 @@ fn store_policy<S: Clone>(
     }
     let identity = policy.identity.clone();
     let old = policies.insert(at.clone(), policy);
-    reindex_policy(index, dirty, reach, &at, old.and_then(|p| p.identity), identity);
+    reindex_policy(known, set, dirty, reach, &at, old.and_then(|p| p.identity), identity);
 }
 
+/// Moves a policy from the identity it named (`old`) to the one it names (`new`) in `set`, one of
+/// each entry's policy sets.
 fn reindex_policy(
-    index: &mut BTreeMap<String, BTreeSet<ObjectRef>>,
+    known: &mut KnownIdentities,
+    set: Set<ObjectRef>,
     dirty: &mut Dirty,
     reach: Reach,
     at: &ObjectRef,
@@ -584,16 +575,11 @@ fn reindex_policy(
     new: Option<String>,
 ) {
     if let Some(o) = &old {
-        if let Some(set) = index.get_mut(o) {
-            set.remove(at);
-            if set.is_empty() {
-                index.remove(o);
-            }
-        }
+        known.remove(o, set, at);
         dirty.touch(Some(o), reach);
     }
     if let Some(n) = &new {
-        index.entry(n.clone()).or_default().insert(at.clone());
+        known.insert(n, set, at.clone());
         dirty.touch(Some(n), reach);
     }
 }

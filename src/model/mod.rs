@@ -8,6 +8,7 @@
 
 mod dirty;
 mod fleet;
+mod known;
 
 use std::collections::{BTreeMap, BTreeSet};
 
