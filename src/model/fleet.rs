@@ -279,24 +279,17 @@ impl Fleet {
                 }
             }
             Record::GlobalTrafficPolicy(p) => {
-                store_policy(&mut self.gtps, &mut self.known, |k| &mut k.gtps, &mut self.dirty, Reach::Clients, p)
+                let moved = store_policy(&mut self.gtps, p);
+                self.reindex_policy(|k| &mut k.gtps, Reach::Clients, moved);
             }
-            Record::OutlierDetection(p) => store_policy(
-                &mut self.outlier_detections,
-                &mut self.known,
-                |k| &mut k.outlier_detections,
-                &mut self.dirty,
-                Reach::Itself,
-                p,
-            ),
-            Record::ClientConnectionConfig(p) => store_policy(
-                &mut self.connection_configs,
-                &mut self.known,
-                |k| &mut k.connection_configs,
-                &mut self.dirty,
-                Reach::Itself,
-                p,
-            ),
+            Record::OutlierDetection(p) => {
+                let moved = store_policy(&mut self.outlier_detections, p);
+                self.reindex_policy(|k| &mut k.outlier_detections, Reach::Itself, moved);
+            }
+            Record::ClientConnectionConfig(p) => {
+                let moved = store_policy(&mut self.connection_configs, p);
+                self.reindex_policy(|k| &mut k.connection_configs, Reach::Itself, moved);
+            }
             Record::Dependency(d) => self.set_dependency(d.at.clone(), Some(d)),
         }
     }
@@ -327,41 +320,17 @@ impl Fleet {
             }
             Kind::GlobalTrafficPolicy => {
                 if let Some(old) = self.gtps.remove(&at) {
-                    reindex_policy(
-                        &mut self.known,
-                        |k| &mut k.gtps,
-                        &mut self.dirty,
-                        Reach::Clients,
-                        &at,
-                        old.identity,
-                        None,
-                    );
+                    self.reindex_policy(|k| &mut k.gtps, Reach::Clients, (at, old.identity, None));
                 }
             }
             Kind::OutlierDetection => {
                 if let Some(old) = self.outlier_detections.remove(&at) {
-                    reindex_policy(
-                        &mut self.known,
-                        |k| &mut k.outlier_detections,
-                        &mut self.dirty,
-                        Reach::Itself,
-                        &at,
-                        old.identity,
-                        None,
-                    );
+                    self.reindex_policy(|k| &mut k.outlier_detections, Reach::Itself, (at, old.identity, None));
                 }
             }
             Kind::ClientConnectionConfig => {
                 if let Some(old) = self.connection_configs.remove(&at) {
-                    reindex_policy(
-                        &mut self.known,
-                        |k| &mut k.connection_configs,
-                        &mut self.dirty,
-                        Reach::Itself,
-                        &at,
-                        old.identity,
-                        None,
-                    );
+                    self.reindex_policy(|k| &mut k.connection_configs, Reach::Itself, (at, old.identity, None));
                 }
             }
             Kind::Dependency => self.set_dependency(at, None),
@@ -510,6 +479,19 @@ impl Fleet {
         }
     }
 
+    /// Moves a policy from the identity it named to the one it names, in `set` (one of each
+    /// entry's policy sets), and marks both as far as the policy reaches.
+    fn reindex_policy(&mut self, set: Set<ObjectRef>, reach: Reach, (at, old, new): PolicyMove) {
+        if let Some(o) = &old {
+            self.known.remove(o, set, &at);
+            self.dirty.touch(Some(o), reach);
+        }
+        if let Some(n) = &new {
+            self.known.insert(n, set, at);
+            self.dirty.touch(Some(n), reach);
+        }
+    }
+
     /// Rebuilds the reverse dependency index entries of one source from its Dependencies, and
     /// marks the destinations it began or stopped naming: they are written to other clusters now.
     /// A destination it names in another Dependency too keeps its clients, and is not marked.
@@ -544,42 +526,17 @@ fn held_hosts<'a>(name: &str, hosts: impl IntoIterator<Item = &'a String>) -> Ve
     held
 }
 
-/// Stores a judged policy under its identity. An invalid spec does not replace the last valid
-/// one, which stays in force; the reason is kept for the policy's status.
-fn store_policy<S: Clone>(
-    policies: &mut BTreeMap<ObjectRef, Policy<S>>,
-    known: &mut KnownIdentities,
-    set: Set<ObjectRef>,
-    dirty: &mut Dirty,
-    reach: Reach,
-    mut policy: Policy<S>,
-) {
+/// A policy at `.0` that named identity `.1` and now names `.2` (None: none, or gone).
+type PolicyMove = (ObjectRef, Option<String>, Option<String>);
+
+/// Stores a judged policy. An invalid spec does not replace the last valid one, which stays in
+/// force; the reason is kept for the policy's status. Returns how it moved between identities.
+fn store_policy<S: Clone>(policies: &mut BTreeMap<ObjectRef, Policy<S>>, mut policy: Policy<S>) -> PolicyMove {
     let at = policy.at.clone();
     if policy.effective.is_none() {
         policy.effective = policies.get(&at).and_then(|p| p.effective.clone());
     }
     let identity = policy.identity.clone();
     let old = policies.insert(at.clone(), policy);
-    reindex_policy(known, set, dirty, reach, &at, old.and_then(|p| p.identity), identity);
-}
-
-/// Moves a policy from the identity it named (`old`) to the one it names (`new`) in `set`, one of
-/// each entry's policy sets.
-fn reindex_policy(
-    known: &mut KnownIdentities,
-    set: Set<ObjectRef>,
-    dirty: &mut Dirty,
-    reach: Reach,
-    at: &ObjectRef,
-    old: Option<String>,
-    new: Option<String>,
-) {
-    if let Some(o) = &old {
-        known.remove(o, set, at);
-        dirty.touch(Some(o), reach);
-    }
-    if let Some(n) = &new {
-        known.insert(n, set, at.clone());
-        dirty.touch(Some(n), reach);
-    }
+    (at, old.and_then(|p| p.identity), identity)
 }
