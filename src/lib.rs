@@ -41,8 +41,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Asks the kernel not to back this process with transparent huge pages. mimalloc asks for them
 /// (`MADV_HUGEPAGE`), and where the kernel honours that on a fault it zeroes, and may first
 /// compact, 2 MiB at a time: `render` of the 100 × 5,000 fleet spent a third of its CPU there
-/// (0.9–1.7 s of system time against 0.5–0.8 s without, its peak RSS 5 % higher), and a
-/// controller would see the same stalls as latency. Harmless where it is refused.
+/// (0.9–1.7 s of system time against 0.3–0.8 s without, its peak RSS 5 % higher), and a
+/// controller would see the same stalls as latency. Harmless where it is refused. Inherited by
+/// child processes (a kubeconfig's exec credential plugin), which lose nothing by it.
 pub fn without_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_THP_DISABLE takes plain integers and changes only this process's flag.

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::marker::PhantomData;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -115,15 +116,19 @@ fn per_cluster<R: Send>(rendered: &Rendered, f: impl Fn(&str, &[Arc<Desired>]) -
 /// Every distinct object's YAML document, printed once. Members share objects (a remote
 /// ServiceEntry is one object for every member without a local endpoint: at 100 × 5,000, 28,000
 /// distinct objects are placed 200,000 times), and printing was most of `render`'s time.
-/// Keyed by the object's address: `rendered` keeps every object alive while this exists.
-struct PrintedOnce(FxHashMap<usize, String>);
+/// Keyed by the object's address, which stays the object's while `rendered` (borrowed for as
+/// long as this lives) holds it.
+struct PrintedOnce<'a> {
+    texts: FxHashMap<usize, String>,
+    _rendered: PhantomData<&'a Rendered>,
+}
 
 fn address(o: &Arc<Desired>) -> usize {
     Arc::as_ptr(o) as usize
 }
 
-impl PrintedOnce {
-    fn yaml(rendered: &Rendered) -> Self {
+impl<'a> PrintedOnce<'a> {
+    fn yaml(rendered: &'a Rendered) -> Self {
         let mut seen = FxHashSet::default();
         let distinct: Vec<&Arc<Desired>> =
             rendered.clusters.values().flatten().filter(|o| seen.insert(address(o))).collect();
@@ -132,11 +137,12 @@ impl PrintedOnce {
             crate::yaml::push_yaml(&mut text, &***o);
             text
         });
-        PrintedOnce(distinct.iter().map(|o| address(o)).zip(texts).collect())
+        let texts = distinct.iter().map(|o| address(o)).zip(texts).collect();
+        PrintedOnce { texts, _rendered: PhantomData }
     }
 
     fn cluster(&self, id: &str, objects: &[Arc<Desired>]) -> String {
-        let texts: Vec<&str> = objects.iter().map(|o| self.0[&address(o)].as_str()).collect();
+        let texts: Vec<&str> = objects.iter().map(|o| self.texts[&address(o)].as_str()).collect();
         let mut out = String::with_capacity(id.len() + 12 + texts.iter().map(|t| t.len()).sum::<usize>());
         let _ = writeln!(out, "# cluster: {id}");
         texts.into_iter().for_each(|t| out.push_str(t));

@@ -175,7 +175,8 @@ impl DesiredObject {
 }
 
 /// The labels flotilla sets on what it writes for one identity and env (`meta::managed_labels`):
-/// built once per identity and env and shared by all of its objects.
+/// built once per identity and env and shared by its ServiceEntries and DestinationRules (a
+/// Sidecar, already shared by the members it goes to, builds its own).
 pub type ManagedLabels = Arc<BTreeMap<String, String>>;
 
 /// What a desired object says, by kind: its spec. Name and namespace are in its key, the
@@ -220,8 +221,8 @@ impl Desired {
         Desired { key, digest, labels, spec }
     }
 
-    /// The parts of a whole object (its labels taken as they are): for tests that start from
-    /// typed objects.
+    /// The parts of a whole object (no labels become an empty set of them): for tests that start
+    /// from typed objects.
     #[cfg(test)]
     pub fn from_object(object: DesiredObject) -> Self {
         let meta = object.meta();

@@ -184,7 +184,9 @@ async fn desired(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Respon
     if !published.view.clusters.contains_key(&id) {
         return (StatusCode::NOT_FOUND, format!("no member {id:?}\n")).into_response();
     }
-    let objects: Vec<_> = published.desired.cluster(&id).iter().map(|d| d.object()).collect();
+    let desired = published.desired.cluster(&id);
+    // Serialised as the whole objects they stand for.
+    let objects: Vec<&crate::compute::Desired> = desired.iter().map(|d| &**d).collect();
     axum::Json(serde_json::json!({ "cluster": id, "objects": objects })).into_response()
 }
 

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use super::known::{Known, KnownIdentities, Set};
+use super::known::{Field, Known, KnownIdentities};
 use super::{
     Cluster, ClusterHealth, ClusterId, ClusterIdx, ClusterNames, ClusterOverrides, DependencyEntry, Dirty, NsName,
     ObjectRef, Policy, Reach, Record, ServiceInfo, Workload, WorkloadKey,
@@ -166,7 +166,7 @@ impl Fleet {
     }
 
     /// The sets of `identity`'s entry: empty when nothing is known of it.
-    fn known<'a, T: 'a>(
+    fn known_in<'a, T: 'a>(
         &'a self,
         identity: &str,
         set: fn(&Known) -> &BTreeSet<T>,
@@ -176,7 +176,7 @@ impl Fleet {
 
     /// The workloads of one identity, in (member number, namespace, name) order.
     pub fn workloads_of<'a>(&'a self, identity: &str) -> impl Iterator<Item = (&'a Cluster, &'a Workload)> + 'a {
-        self.known(identity, |k| &k.workloads).filter_map(move |(c, key)| {
+        self.known_in(identity, |k| &k.workloads).filter_map(move |(c, key)| {
             let cluster = self.cluster_at(*c)?;
             let w = cluster.workloads.get(key)?;
             Some((cluster, w))
@@ -199,16 +199,16 @@ impl Fleet {
     }
 
     pub fn gtps_of(&self, identity: &str) -> impl Iterator<Item = &Policy<GlobalTrafficPolicySpec>> {
-        self.known(identity, |k| &k.gtps).filter_map(|r| self.gtps.get(r))
+        self.known_in(identity, |k| &k.gtps).filter_map(|r| self.gtps.get(r))
     }
     pub fn outlier_detections_of(&self, identity: &str) -> impl Iterator<Item = &Policy<OutlierDetectionSpec>> {
-        self.known(identity, |k| &k.outlier_detections).filter_map(|r| self.outlier_detections.get(r))
+        self.known_in(identity, |k| &k.outlier_detections).filter_map(|r| self.outlier_detections.get(r))
     }
     pub fn connection_configs_of(&self, identity: &str) -> impl Iterator<Item = &Policy<ClientConnectionConfigSpec>> {
-        self.known(identity, |k| &k.connection_configs).filter_map(|r| self.connection_configs.get(r))
+        self.known_in(identity, |k| &k.connection_configs).filter_map(|r| self.connection_configs.get(r))
     }
     pub fn dependencies_of(&self, source: &str) -> impl Iterator<Item = &DependencyEntry> {
-        self.known(source, |k| &k.dependencies).filter_map(|r| self.dependencies.get(r))
+        self.known_in(source, |k| &k.dependencies).filter_map(|r| self.dependencies.get(r))
     }
 
     /// Identities that depend on `destination`: those naming it, and those with `*`.
@@ -220,7 +220,7 @@ impl Fleet {
 
     /// Sources that name `destination` explicitly (not through `*`).
     pub fn named_clients_of(&self, destination: &str) -> impl Iterator<Item = &str> {
-        self.known(destination, |k| &k.named_by).map(String::as_str)
+        self.known_in(destination, |k| &k.named_by).map(String::as_str)
     }
 
     /// Every destination some valid Dependency names explicitly, sorted.
@@ -241,7 +241,7 @@ impl Fleet {
     /// Destinations that `source` names explicitly (not through `*`) in its valid Dependencies,
     /// in order.
     pub fn destinations_of(&self, source: &str) -> impl Iterator<Item = &str> {
-        self.known(source, |k| &k.destinations).map(String::as_str)
+        self.known_in(source, |k| &k.destinations).map(String::as_str)
     }
 
     pub fn has_wildcard(&self, source: &str) -> bool {
@@ -320,17 +320,29 @@ impl Fleet {
             }
             Kind::GlobalTrafficPolicy => {
                 if let Some(old) = self.gtps.remove(&at) {
-                    self.reindex_policy(|k| &mut k.gtps, Reach::Clients, (at, old.identity, None));
+                    self.reindex_policy(
+                        |k| &mut k.gtps,
+                        Reach::Clients,
+                        PolicyMove { at, old: old.identity, new: None },
+                    );
                 }
             }
             Kind::OutlierDetection => {
                 if let Some(old) = self.outlier_detections.remove(&at) {
-                    self.reindex_policy(|k| &mut k.outlier_detections, Reach::Itself, (at, old.identity, None));
+                    self.reindex_policy(
+                        |k| &mut k.outlier_detections,
+                        Reach::Itself,
+                        PolicyMove { at, old: old.identity, new: None },
+                    );
                 }
             }
             Kind::ClientConnectionConfig => {
                 if let Some(old) = self.connection_configs.remove(&at) {
-                    self.reindex_policy(|k| &mut k.connection_configs, Reach::Itself, (at, old.identity, None));
+                    self.reindex_policy(
+                        |k| &mut k.connection_configs,
+                        Reach::Itself,
+                        PolicyMove { at, old: old.identity, new: None },
+                    );
                 }
             }
             Kind::Dependency => self.set_dependency(at, None),
@@ -479,15 +491,16 @@ impl Fleet {
         }
     }
 
-    /// Moves a policy from the identity it named to the one it names, in `set` (one of each
+    /// Moves a policy from the identity it named to the one it names, in `field` (one of each
     /// entry's policy sets), and marks both as far as the policy reaches.
-    fn reindex_policy(&mut self, set: Set<ObjectRef>, reach: Reach, (at, old, new): PolicyMove) {
+    fn reindex_policy(&mut self, field: Field<ObjectRef>, reach: Reach, moved: PolicyMove) {
+        let PolicyMove { at, old, new } = moved;
         if let Some(o) = &old {
-            self.known.remove(o, set, &at);
+            self.known.remove(o, field, &at);
             self.dirty.touch(Some(o), reach);
         }
         if let Some(n) = &new {
-            self.known.insert(n, set, at);
+            self.known.insert(n, field, at);
             self.dirty.touch(Some(n), reach);
         }
     }
@@ -526,8 +539,12 @@ fn held_hosts<'a>(name: &str, hosts: impl IntoIterator<Item = &'a String>) -> Ve
     held
 }
 
-/// A policy at `.0` that named identity `.1` and now names `.2` (None: none, or gone).
-type PolicyMove = (ObjectRef, Option<String>, Option<String>);
+/// A policy and the identities it named and now names (None: none, or the policy is gone).
+struct PolicyMove {
+    at: ObjectRef,
+    old: Option<String>,
+    new: Option<String>,
+}
 
 /// Stores a judged policy. An invalid spec does not replace the last valid one, which stays in
 /// force; the reason is kept for the policy's status. Returns how it moved between identities.
@@ -538,5 +555,5 @@ fn store_policy<S: Clone>(policies: &mut BTreeMap<ObjectRef, Policy<S>>, mut pol
     }
     let identity = policy.identity.clone();
     let old = policies.insert(at.clone(), policy);
-    (at, old.and_then(|p| p.identity), identity)
+    PolicyMove { at, old: old.and_then(|p| p.identity), new: identity }
 }

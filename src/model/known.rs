@@ -22,8 +22,9 @@ pub struct Known {
     pub named_by: BTreeSet<String>,
 }
 
-/// One of an entry's sets, to change through `KnownIdentities`, which drops entries left empty.
-pub type Set<T> = fn(&mut Known) -> &mut BTreeSet<T>;
+/// Picks one of an entry's sets, to change through `KnownIdentities` (which drops entries left
+/// empty): `|k| &mut k.gtps`.
+pub type Field<T> = fn(&mut Known) -> &mut BTreeSet<T>;
 
 impl Known {
     /// Whether there is anything to compute for it: workloads, a policy that names it, or
@@ -56,23 +57,23 @@ impl KnownIdentities {
     }
 
     /// Adds `value` to one of `identity`'s sets; returns whether that set was empty before.
-    pub fn insert<T: Ord>(&mut self, identity: &str, set: Set<T>, value: T) -> bool {
+    pub fn insert<T: Ord>(&mut self, identity: &str, field: Field<T>, value: T) -> bool {
         let known = match self.0.get_mut(identity) {
             Some(known) => known,
             None => self.0.entry(identity.to_string()).or_default(),
         };
-        let values = set(known);
+        let values = field(known);
         let was_empty = values.is_empty();
         values.insert(value);
         was_empty
     }
 
     /// Removes `value` from one of `identity`'s sets; returns whether that emptied the set.
-    pub fn remove<T: Ord>(&mut self, identity: &str, set: Set<T>, value: &T) -> bool {
+    pub fn remove<T: Ord>(&mut self, identity: &str, field: Field<T>, value: &T) -> bool {
         let Some(known) = self.0.get_mut(identity) else {
             return false;
         };
-        let values = set(known);
+        let values = field(known);
         let emptied = values.remove(value) && values.is_empty();
         if known.is_empty() {
             self.0.remove(identity);
@@ -81,12 +82,12 @@ impl KnownIdentities {
     }
 
     /// Replaces one of `identity`'s sets whole; returns what it held.
-    pub fn replace<T: Ord>(&mut self, identity: &str, set: Set<T>, values: BTreeSet<T>) -> BTreeSet<T> {
+    pub fn replace<T: Ord>(&mut self, identity: &str, field: Field<T>, values: BTreeSet<T>) -> BTreeSet<T> {
         if values.is_empty() && !self.0.contains_key(identity) {
             return BTreeSet::new();
         }
         let known = self.0.entry(identity.to_string()).or_default();
-        let before = std::mem::replace(set(known), values);
+        let before = std::mem::replace(field(known), values);
         if known.is_empty() {
             self.0.remove(identity);
         }
