@@ -101,6 +101,9 @@ pub struct HubArgs {
     /// not checked).
     #[arg(long, env = "FLOTILLA_ALLOW_INSECURE_SKIP_TLS_VERIFY")]
     pub allow_insecure_skip_tls_verify: bool,
+    /// Accept kubeconfigs whose server is http:// (the member's token then travels in clear).
+    #[arg(long, env = "FLOTILLA_ALLOW_INSECURE_HTTP")]
+    pub allow_insecure_http: bool,
     /// ConfigMap in --namespace that stores the VIP of every host.
     #[arg(long, default_value = "flotilla-vips", env = "FLOTILLA_VIP_CONFIGMAP")]
     pub vip_configmap: String,
@@ -198,6 +201,10 @@ pub struct RunArgs {
     /// How long an authorisation decision is reused (a removed role stops working within it).
     #[arg(long, default_value = "10s", value_parser = parse_duration, env = "FLOTILLA_AUTH_CACHE_TTL")]
     pub auth_cache_ttl: Duration,
+    /// Audiences a reader's bearer token must have been issued for, comma-separated (default:
+    /// the hub API server's own, so a token minted for another service is refused).
+    #[arg(long = "auth-audience", value_delimiter = ',', env = "FLOTILLA_AUTH_AUDIENCES")]
+    pub auth_audiences: Vec<String>,
     /// Elect a leader through a Lease in --namespace; only the leader writes.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "FLOTILLA_LEADER_ELECT")]
     pub leader_elect: bool,
@@ -523,7 +530,7 @@ impl HubArgs {
     /// A client of the hub, and flotilla's namespace there.
     async fn connect(&self) -> anyhow::Result<(kube::Client, String)> {
         use anyhow::Context;
-        let config = match &self.kubeconfig {
+        let mut config = match &self.kubeconfig {
             Some(path) => {
                 let kc = kube::config::Kubeconfig::read_from(path)
                     .with_context(|| format!("--kubeconfig {}", path.display()))?;
@@ -537,6 +544,7 @@ impl HubArgs {
             .clone()
             .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|s| !s.is_empty()))
             .unwrap_or_else(|| config.default_namespace.clone());
+        crate::controller::deadline::apply(&mut config);
         Ok((kube::Client::try_from(config).context("hub client")?, namespace))
     }
 
@@ -544,6 +552,7 @@ impl HubArgs {
         crate::controller::registry::KubeconfigTrust {
             allow_exec: self.allow_kubeconfig_exec,
             allow_insecure_skip_tls_verify: self.allow_insecure_skip_tls_verify,
+            allow_insecure_http: self.allow_insecure_http,
         }
     }
 
@@ -577,6 +586,7 @@ async fn run_controller(args: RunArgs, settings: crate::settings::Settings) -> a
                 _ => CertSource::SelfSigned { names: args.tls_sans.clone() },
             },
             auth_cache_ttl: args.auth_cache_ttl,
+            auth_audiences: args.auth_audiences.clone(),
         }),
         leader_election: args.leader_elect.then(|| crate::controller::LeaseOptions {
             name: args.lease_name.clone(),

@@ -133,6 +133,33 @@ pub fn first_line(s: &str) -> String {
     line.strip_prefix("error: ").unwrap_or(line).to_string()
 }
 
+/// A parser's message with every quoted value blanked out: serde says `invalid type: string
+/// "…", expected a boolean`, and the value in quotes may be a token typed into the wrong field.
+/// What stays (the field, the line, what was expected) is enough to find the mistake.
+pub fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut open: Option<char> = None;
+    for c in message.chars() {
+        match open {
+            Some(q) if c == q => {
+                out.push('…');
+                out.push(c);
+                open = None;
+            }
+            Some(_) => {}
+            None if matches!(c, '"' | '`' | '\'') => {
+                out.push(c);
+                open = Some(c);
+            }
+            None => out.push(c),
+        }
+    }
+    if open.is_some() {
+        out.push('…');
+    }
+    out
+}
+
 /// An error and its causes on one line, `outer: cause: root`, each said once: a TLS failure
 /// shows as "… client error (Connect): invalid peer certificate: UnknownIssuer", not "connect".
 pub fn error_chain(error: &dyn std::error::Error) -> String {

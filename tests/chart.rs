@@ -147,7 +147,30 @@ fn the_hub_chart_lints_templates_and_is_locked_down() {
     let endpoint = &monitor[0]["spec"]["endpoints"][0];
     assert_eq!((&endpoint["port"], &endpoint["scheme"]), (&json!("https"), &json!("https")), "{endpoint}");
     assert_eq!(endpoint["bearerTokenFile"], "/var/run/secrets/kubernetes.io/serviceaccount/token");
-    assert_eq!(endpoint["tlsConfig"]["insecureSkipVerify"], true, "fits the self-signed certificate");
+    assert_eq!(endpoint["tlsConfig"]["insecureSkipVerify"], true, "asked for explicitly");
+    // Verified by default: a mounted certificate gives the CA and the server name...
+    let verified = template(
+        "flotilla",
+        "charts/flotilla",
+        "flotilla",
+        "charts/flotilla/ci/everything-values.yaml",
+        &["metrics.serviceMonitor.insecureSkipVerify=false", "http.tls.secretName=flotilla-tls"],
+    );
+    let tls = &of_kind(&verified, "ServiceMonitor")[0]["spec"]["endpoints"][0]["tlsConfig"];
+    assert_eq!(tls["ca"]["secret"], json!({"name": "flotilla-tls", "key": "ca.crt"}), "{tls}");
+    assert_eq!(tls["serverName"], "flotilla.flotilla.svc", "{tls}");
+    assert!(tls.get("insecureSkipVerify").is_none(), "{tls}");
+    // ...and a self-signed one that nothing can verify is refused, saying what to do.
+    let args = ["template", "flotilla", "charts/flotilla", "--namespace", "flotilla", "-f"];
+    let refused = helm(
+        &[
+            &args[..],
+            &["charts/flotilla/ci/everything-values.yaml", "--set", "metrics.serviceMonitor.insecureSkipVerify=false"],
+        ]
+        .concat(),
+    )
+    .expect_err("an unverifiable ServiceMonitor is refused");
+    assert!(refused.contains("http.tls.secretName") && refused.contains("insecureSkipVerify"), "{refused}");
     // A mounted certificate and authentication off.
     let mounted = template(
         "flotilla",

@@ -6,7 +6,12 @@
 //!   fleet (content, not just names);
 //! * no user-owned object was modified (resourceVersions unchanged);
 //! * no host's VIP ever changed (sampled all through the run, in every member);
-//! * every policy's status agrees with render's verdict on it.
+//! * every policy's status agrees with render's verdict on it;
+//! * no replica sent a write while the other led (from both replicas' logs).
+//!
+//! Besides churn, the faults: member API servers stopped, frozen (SIGSTOP) and black-holed (a
+//! proxy that drops everything), the leader killed or cut off from the hub, flotilla's objects
+//! deleted by hand, a VIP store entry corrupted, a member registered at a silent address.
 //!
 //! Then a burst: 1,000 Deployment changes in one member within about a second, with the passes,
 //! writes, flotilla's peak RSS and change-to-write latency printed.
@@ -31,7 +36,12 @@ use serde_json::json;
 use testenv::builders::{apply, deployment, namespace, service};
 use testenv::controller::{FLOTILLA_NAMESPACE, Flotilla};
 use testenv::fleet::*;
+use testenv::net::Host;
+use testenv::proxy::Proxy;
 use testenv::{TEST_MANAGER, TestCluster, oracle};
+
+/// Where the proxies listen: on the address of what they stand in front of, another port.
+const PROXY_PORT: u16 = 16443;
 
 const MEMBERS: [&str; 3] = ["soak-0", "soak-1", "soak-2"];
 const IDENTITIES: [&str; 6] = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"];
@@ -82,6 +92,17 @@ struct Soak {
     replicas: Vec<Flotilla>,
     /// Members whose API server is down.
     down: BTreeSet<usize>,
+    /// Members whose API server is frozen (SIGSTOP).
+    frozen: BTreeSet<usize>,
+    /// flotilla reaches every member through its proxy, and each replica the hub through its own.
+    member_proxies: Vec<Proxy>,
+    hub_proxies: Vec<Proxy>,
+    black_holed: BTreeSet<usize>,
+    /// The replica cut off from the hub, if any.
+    cut_off: Option<usize>,
+    /// A registered member whose address accepts connections and never answers.
+    silent: (Host, Proxy),
+    silent_registered: bool,
     /// Members whose registration Secret is missing or holds a broken kubeconfig.
     unregistered: BTreeSet<usize>,
     /// User-owned objects: (member, kind, namespace, name) → resourceVersion when created.
@@ -109,7 +130,9 @@ fn soak_seconds() -> u64 {
     std::env::var("FLOTILLA_SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60)
 }
 
-fn member_secret(member: &TestCluster, kubeconfig: String) -> Secret {
+/// A member's registration, through its proxy.
+fn member_secret(member: &TestCluster, proxy: &Proxy, kubeconfig: String) -> Secret {
+    let kubeconfig = kubeconfig.replace(&member.server_url(), &proxy.url());
     secret(&format!("member-{}", member.name), "istio/multiCluster", &[(member.name.as_str(), kubeconfig)])
 }
 
@@ -127,10 +150,22 @@ impl Soak {
                 apply(c, &namespace(&ns_of(id))).await;
             }
         }
+        let mut member_proxies = Vec::new();
         for m in &members {
-            apply(&hub_client, &member_secret(m, m.admin_kubeconfig())).await;
+            let proxy = Proxy::start(m.host.addr(PROXY_PORT), Some(m.api_addr())).await;
+            apply(&hub_client, &member_secret(m, &proxy, m.admin_kubeconfig())).await;
+            member_proxies.push(proxy);
         }
-        let replicas = vec![Flotilla::start(&hub, "soak-a", &[]), Flotilla::start(&hub, "soak-b", &[])];
+        let mut hub_proxies = Vec::new();
+        let mut replicas = Vec::new();
+        for (i, name) in ["soak-a", "soak-b"].into_iter().enumerate() {
+            let proxy = Proxy::start(hub.host.addr(PROXY_PORT + i as u16), Some(hub.api_addr())).await;
+            let kubeconfig = hub.admin_kubeconfig().replace(&hub.server_url(), &proxy.url());
+            replicas.push(Flotilla::start_with_kubeconfig(&kubeconfig, name, &[]));
+            hub_proxies.push(proxy);
+        }
+        let silent_host = Host::claim(&[PROXY_PORT]);
+        let silent_proxy = Proxy::start(silent_host.addr(PROXY_PORT), None).await;
         Soak {
             seed,
             rng: Rng(seed),
@@ -140,6 +175,13 @@ impl Soak {
             clients,
             replicas,
             down: BTreeSet::new(),
+            frozen: BTreeSet::new(),
+            member_proxies,
+            hub_proxies,
+            black_holed: BTreeSet::new(),
+            cut_off: None,
+            silent: (silent_host, silent_proxy),
+            silent_registered: false,
             unregistered: BTreeSet::new(),
             users: BTreeMap::new(),
             invalid: BTreeMap::new(),
@@ -147,8 +189,10 @@ impl Soak {
         }
     }
 
+    /// A member the test itself can write to (not down, not frozen).
     fn up_member(&mut self) -> Option<usize> {
-        let up: Vec<usize> = (0..MEMBERS.len()).filter(|i| !self.down.contains(i)).collect();
+        let up: Vec<usize> =
+            (0..MEMBERS.len()).filter(|i| !self.down.contains(i) && !self.frozen.contains(i)).collect();
         (!up.is_empty()).then(|| *self.rng.pick(&up))
     }
 
@@ -156,7 +200,14 @@ impl Soak {
     async fn step(&mut self) {
         self.tally.events += 1;
         let roll = self.rng.below(100);
-        let Some(m) = self.up_member() else { return self.restart_member(*self.down.iter().next().unwrap()).await };
+        let Some(m) = self.up_member() else {
+            if let Some(&f) = self.frozen.iter().next() {
+                self.members[f].thaw();
+                self.frozen.remove(&f);
+                return;
+            }
+            return self.restart_member(*self.down.iter().next().unwrap()).await;
+        };
         let client = self.clients[m].clone();
         let id = *self.rng.pick(&IDENTITIES);
         let ns = ns_of(id);
@@ -197,9 +248,118 @@ impl Soak {
                     self.restart_member(d).await;
                 }
             }
-            85..=88 => self.kill_leader().await,
+            85..=87 => self.kill_leader().await,
+            88..=89 => self.black_hole(m),
+            90..=91 => self.freeze(m),
+            92 => self.cut_leader_off().await,
+            93..=94 => self.delete_ours(m).await,
+            95 => self.corrupt_vip().await,
+            96 => self.silent_member().await,
             _ => {} // a quiet moment
         }
+    }
+
+    /// The proxy in front of a member starts dropping everything; or one black hole ends.
+    fn black_hole(&mut self, m: usize) {
+        if let Some(&b) = self.black_holed.iter().next()
+            && self.rng.chance(50)
+        {
+            self.member_proxies[b].black_hole(false);
+            self.black_holed.remove(&b);
+            return;
+        }
+        self.tally.fault("member black-holed");
+        self.member_proxies[m].black_hole(true);
+        self.black_holed.insert(m);
+    }
+
+    /// A member's API server freezes (its connections stay open, nothing answers); or thaws.
+    fn freeze(&mut self, m: usize) {
+        if let Some(&f) = self.frozen.iter().next() {
+            self.members[f].thaw();
+            self.frozen.remove(&f);
+            return;
+        }
+        self.tally.fault("member API server frozen");
+        self.members[m].freeze();
+        self.frozen.insert(m);
+    }
+
+    /// The leader loses the hub (its members it still reaches); or gets it back.
+    async fn cut_leader_off(&mut self) {
+        if let Some(r) = self.cut_off.take() {
+            self.hub_proxies[r].black_hole(false);
+            return;
+        }
+        for (i, r) in self.replicas.iter().enumerate() {
+            if r.is_running() && r.metric("flotilla_leader").await == 1.0 {
+                self.tally.fault("leader cut off from the hub");
+                self.hub_proxies[i].black_hole(true);
+                self.cut_off = Some(i);
+                return;
+            }
+        }
+    }
+
+    /// Someone deletes one of flotilla's objects: it must come back.
+    async fn delete_ours(&mut self, m: usize) {
+        let client = &self.clients[m];
+        let dp = DeleteParams::default();
+        if self.rng.chance(50) {
+            let api: Api<ServiceEntry> = Api::namespaced(client.clone(), SYNC);
+            let Ok(list) = api.list(&ListParams::default().labels("app.kubernetes.io/managed-by=flotilla")).await
+            else {
+                return;
+            };
+            if let Some(name) =
+                (!list.items.is_empty()).then(|| self.rng.pick(&list.items).metadata.name.clone()).flatten()
+            {
+                self.tally.fault("one of flotilla's objects deleted by hand");
+                let _ = api.delete(&name, &dp).await;
+            }
+        } else {
+            let api: Api<flotilla::istio::DestinationRule> = Api::namespaced(client.clone(), SYNC);
+            let Ok(list) = api.list(&ListParams::default().labels("app.kubernetes.io/managed-by=flotilla")).await
+            else {
+                return;
+            };
+            if let Some(name) =
+                (!list.items.is_empty()).then(|| self.rng.pick(&list.items).metadata.name.clone()).flatten()
+            {
+                self.tally.fault("one of flotilla's objects deleted by hand");
+                let _ = api.delete(&name, &dp).await;
+            }
+        }
+    }
+
+    /// A hand edit of the VIP store leaves an entry that is not an address.
+    async fn corrupt_vip(&mut self) {
+        let api: Api<k8s_openapi::api::core::v1::ConfigMap> =
+            Api::namespaced(self.hub_client.clone(), FLOTILLA_NAMESPACE);
+        let Ok(Some(cm)) = api.get_opt("flotilla-vips").await else { return };
+        let hosts: Vec<String> = cm.data.unwrap_or_default().into_keys().collect();
+        if hosts.is_empty() {
+            return;
+        }
+        let host = self.rng.pick(&hosts).clone();
+        self.tally.fault("VIP store entry corrupted");
+        let patch = json!({"data": {host: "not-an-address"}});
+        let _ = api.patch("flotilla-vips", &PatchParams::default(), &Patch::Merge(&patch)).await;
+    }
+
+    /// A member registered at an address that accepts connections and never answers; or removed.
+    async fn silent_member(&mut self) {
+        let secrets: Api<Secret> = Api::namespaced(self.hub_client.clone(), FLOTILLA_NAMESPACE);
+        if self.silent_registered {
+            let _ = secrets.delete("silent", &DeleteParams::default()).await;
+            self.silent_registered = false;
+            return;
+        }
+        self.tally.fault("member registered at a silent address");
+        let kubeconfig =
+            self.members[0].admin_kubeconfig().replace(&self.members[0].server_url(), &self.silent.1.url());
+        apply(&self.hub_client, &secret("silent", "istio/multiCluster", &[("silent-1", kubeconfig)])).await;
+        self.silent_registered = true;
     }
 
     async fn restart_member(&mut self, m: usize) {
@@ -359,6 +519,7 @@ impl Soak {
     async fn registration(&mut self, m: usize) {
         let secrets: Api<Secret> = Api::namespaced(self.hub_client.clone(), FLOTILLA_NAMESPACE);
         let member = &self.members[m];
+        let proxy = &self.member_proxies[m];
         match self.rng.below(4) {
             0 => {
                 self.tally.fault("credentials rotated");
@@ -367,7 +528,7 @@ impl Soak {
                 } else {
                     member.admin_kubeconfig()
                 };
-                apply(&self.hub_client, &member_secret(member, kubeconfig)).await;
+                apply(&self.hub_client, &member_secret(member, proxy, kubeconfig)).await;
                 self.unregistered.remove(&m);
             }
             1 => {
@@ -377,11 +538,12 @@ impl Soak {
             }
             2 => {
                 self.tally.fault("broken kubeconfig");
-                apply(&self.hub_client, &member_secret(member, "apiVersion: v1\nclusters: [: broken".into())).await;
+                let broken = "apiVersion: v1\nclusters: [: broken".to_string();
+                apply(&self.hub_client, &member_secret(member, proxy, broken)).await;
                 self.unregistered.insert(m);
             }
             _ => {
-                apply(&self.hub_client, &member_secret(member, member.admin_kubeconfig())).await;
+                apply(&self.hub_client, &member_secret(member, proxy, member.admin_kubeconfig())).await;
                 self.unregistered.remove(&m);
             }
         }
@@ -406,11 +568,24 @@ impl Soak {
     /// Everything back: members up and registered, both replicas running; then wait until the
     /// leader has converged with every member synced.
     async fn settle(&mut self) -> usize {
+        for m in std::mem::take(&mut self.frozen) {
+            self.members[m].thaw();
+        }
         for m in self.down.clone() {
             self.restart_member(m).await;
         }
+        for proxy in self.member_proxies.iter().chain(&self.hub_proxies) {
+            proxy.black_hole(false);
+        }
+        self.black_holed.clear();
+        self.cut_off = None;
+        if std::mem::take(&mut self.silent_registered) {
+            let secrets: Api<Secret> = Api::namespaced(self.hub_client.clone(), FLOTILLA_NAMESPACE);
+            let _ = secrets.delete("silent", &DeleteParams::default()).await;
+        }
         for m in 0..MEMBERS.len() {
-            apply(&self.hub_client, &member_secret(&self.members[m], self.members[m].admin_kubeconfig())).await;
+            let secret = member_secret(&self.members[m], &self.member_proxies[m], self.members[m].admin_kubeconfig());
+            apply(&self.hub_client, &secret).await;
         }
         self.unregistered.clear();
         // The previous valid spec an invalid edit leaves in force lives in the leader's memory
@@ -517,6 +692,44 @@ fn track_vips(
     })
 }
 
+/// Every write request a replica sent (its debug line `write request`) came while no other
+/// replica led: the leaders, in the order they announced it (`leadership changed leader=true`),
+/// each own the time until the next one's announcement. A replica loses the right to write at
+/// its renew deadline, at least `--lease-grace` before another may take the lease, so a write
+/// in another's time is a second writer, not a question of log timing.
+fn two_writers(replicas: &[Flotilla]) -> Vec<String> {
+    // (wall time, replica, what): the log's RFC 3339 UTC timestamps sort as text.
+    let mut timeline: Vec<(String, usize, bool)> = Vec::new();
+    for (i, r) in replicas.iter().enumerate() {
+        for log in r.logs() {
+            for line in log.lines() {
+                let Some(stamp) = line.split_whitespace().next() else { continue };
+                if line.contains("leadership changed") && line.contains("leader=true") {
+                    timeline.push((stamp.to_string(), i, true));
+                } else if line.contains("write request") {
+                    timeline.push((stamp.to_string(), i, false));
+                }
+            }
+        }
+    }
+    timeline.sort();
+    let mut leader = None;
+    let mut found = Vec::new();
+    for (stamp, replica, took) in timeline {
+        if took {
+            leader = Some(replica);
+        } else if leader.is_some_and(|l| l != replica) {
+            found.push(format!(
+                "replica {} sent a write at {stamp} while replica {} led",
+                replicas[replica].name,
+                replicas[leader.unwrap()].name
+            ));
+        }
+    }
+    found.truncate(20);
+    found
+}
+
 /// The status flotilla wrote on every policy in the snapshot agrees with render's verdict.
 async fn status_mismatches(soak: &Soak, dir: &std::path::Path) -> Vec<String> {
     let loaded = flotilla::fleet_dir::load(dir).unwrap();
@@ -609,6 +822,7 @@ async fn churn_and_faults_leave_exactly_what_render_says() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     failures.extend(statuses);
+    failures.extend(two_writers(&soak.replicas));
     let writes = soak.replicas[leader].metric("flotilla_api_writes_total").await;
     let rss: Vec<u64> = soak.replicas.iter().map(|r| r.peak_rss_kib() / 1024).collect();
     println!(

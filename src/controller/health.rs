@@ -1,6 +1,11 @@
-//! A member's health, from what its watches report: connecting until every kind has been listed
-//! once, synced while they work, stale once any has failed for longer than `--stale-after`,
-//! failed when its kubeconfig was refused. Pure: time comes in as an argument.
+//! A member's health, from what its watches and its liveness probe report: connecting until
+//! every kind has been listed once, synced while they work and it answers, stale once any watch
+//! has failed, or it has answered nothing, for longer than `--stale-after`, failed when its
+//! kubeconfig was refused. Pure: time comes in as an argument.
+//!
+//! The probe exists because a watch cannot tell a quiet member from a frozen one: an API server
+//! that stops answering (SIGSTOP, a black-holed network) keeps its TCP connections open and
+//! simply sends nothing, which is what an idle watch looks like too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -51,6 +56,10 @@ pub struct MemberHealth {
     unlisted: BTreeSet<Kind>,
     /// Watches failing now, since when, and their last error.
     failing: BTreeMap<Kind, (Instant, String)>,
+    /// When the member last answered a probe (or was registered), and the last probe's error if
+    /// it failed.
+    answered: Instant,
+    probe_error: Option<String>,
 }
 
 impl MemberHealth {
@@ -63,6 +72,8 @@ impl MemberHealth {
             ever_synced,
             unlisted: kinds.into_iter().collect(),
             failing: BTreeMap::new(),
+            answered: now,
+            probe_error: None,
         }
     }
 
@@ -93,9 +104,26 @@ impl MemberHealth {
         entry.1 = error;
     }
 
-    /// The last error of a failing watch, if any.
+    /// The member answered a probe.
+    pub fn answered(&mut self, now: Instant) {
+        self.answered = now;
+        self.probe_error = None;
+    }
+
+    /// A probe got no answer in time, or an error.
+    pub fn unanswered(&mut self, error: String) {
+        self.probe_error = Some(error);
+    }
+
+    /// Whether its last probe was answered: writes go only to a member that answers, so a
+    /// member that stopped answering holds no write permit while it waits to be found stale.
+    pub fn answering(&self) -> bool {
+        self.probe_error.is_none()
+    }
+
+    /// The last error of a failing watch or probe, if any.
     pub fn watch_error(&self) -> Option<&str> {
-        self.failing.values().next().map(|(_, e)| e.as_str())
+        self.probe_error.as_deref().or_else(|| self.failing.values().next().map(|(_, e)| e.as_str()))
     }
 
     pub fn unlisted(&self) -> impl Iterator<Item = Kind> + '_ {
@@ -115,7 +143,8 @@ impl MemberHealth {
             self.ever_synced = true;
         }
         let failing_long = self.failing.values().any(|(since, _)| now.duration_since(*since) > stale_after);
-        let state = if failing_long {
+        let silent_long = self.probe_error.is_some() && now.duration_since(self.answered) > stale_after;
+        let state = if failing_long || silent_long {
             State::Stale
         } else if self.ever_synced {
             State::Synced
@@ -172,6 +201,25 @@ mod tests {
         assert_eq!(h.state().cluster_health(), ClusterHealth::Stale);
         h.listed(Kind::Deployment);
         assert_eq!(h.update(t0 + Duration::from_secs(63), STALE_AFTER), Some(&State::Synced));
+    }
+
+    #[test]
+    fn a_member_that_stops_answering_goes_stale_counted_from_its_last_answer() {
+        let t0 = Instant::now();
+        let mut h = MemberHealth::connecting(t0, [Kind::Deployment], false);
+        h.listed(Kind::Deployment);
+        h.update(t0, STALE_AFTER);
+        h.answered(t0 + Duration::from_secs(10));
+        assert!(h.answering());
+        h.unanswered("does not answer: no answer within 5s".into());
+        assert!(!h.answering(), "no writes to it while it is silent");
+        assert_eq!(h.update(t0 + Duration::from_secs(70), STALE_AFTER), None, "its watches still look fine");
+        assert_eq!(h.watch_error(), Some("does not answer: no answer within 5s"));
+        assert_eq!(h.update(t0 + Duration::from_secs(71), STALE_AFTER), Some(&State::Stale));
+        h.answered(t0 + Duration::from_secs(80));
+        assert_eq!(h.update(t0 + Duration::from_secs(80), STALE_AFTER), Some(&State::Synced), "answers again");
+        assert!(h.answering());
+        assert_eq!(h.watch_error(), None);
     }
 
     #[test]

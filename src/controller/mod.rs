@@ -15,6 +15,7 @@
 //! writers are the only code that writes.
 
 pub mod auth;
+pub mod deadline;
 pub mod debounce;
 pub mod dispatch;
 pub mod health;
@@ -72,6 +73,8 @@ pub struct SecureOptions {
     pub certificate: tls::CertSource,
     /// How long an authorisation decision is reused.
     pub auth_cache_ttl: Duration,
+    /// Audiences a bearer token must have been issued for (empty: the hub API server's own).
+    pub auth_audiences: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -131,6 +134,13 @@ pub enum Change {
     /// A complete (re)list: anything known before and not in it was deleted meanwhile.
     Relisted(Kind, Vec<Watched>),
     Failed(watch::WatchError),
+    /// The member's API server answers again (or for the first time).
+    Answered,
+    /// It has not answered since `since`: the probe's error.
+    Unanswered {
+        since: tokio::time::Instant,
+        error: String,
+    },
 }
 
 /// Everything the runtime reacts to.

@@ -1,6 +1,11 @@
 //! What is known of each member as it is now: which objects of each watched kind exist (so a
 //! relist can tell what was deleted meanwhile), the objects flotilla writes as the member holds
 //! them (what plans compare with), and every policy's status as it reads now.
+//!
+//! It never goes back in time: what a watch reports about an object while a write job is under
+//! way in its member is at least as new as what the job will report about it, so the job's word
+//! on that object is dropped when it ends (an object deleted by someone during the job stays
+//! deleted here, and is written again).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -18,6 +23,9 @@ pub struct Observed {
     known: BTreeMap<(ClusterId, Kind), BTreeSet<NsName>>,
     outputs: BTreeMap<ClusterId, BTreeMap<ObjectKey, ObservedObject>>,
     statuses: BTreeMap<StatusKey, Option<PolicyStatus>>,
+    /// Members with a write job under way, and the outputs a watch reported on since it was
+    /// sent (None: a relist, every output).
+    in_flight: BTreeMap<ClusterId, Option<BTreeSet<ObjectKey>>>,
 }
 
 impl Observed {
@@ -32,7 +40,9 @@ impl Observed {
             set.remove(key);
         }
         if kind.is_output() {
-            self.remove_output(cluster, &ObjectKey::new(kind, &key.0, &key.1));
+            let key = ObjectKey::new(kind, &key.0, &key.1);
+            self.touched(cluster, &key);
+            self.remove_output(cluster, &key);
         }
         if kind.is_policy() {
             let at = ObjectRef { cluster: cluster.to_string(), namespace: key.0.clone(), name: key.1.clone() };
@@ -46,12 +56,32 @@ impl Observed {
     pub fn relisted(&mut self, cluster: &str, kind: Kind, listed: &BTreeSet<NsName>) -> Vec<NsName> {
         let before = self.known.get(&(cluster.to_string(), kind));
         let vanished = before.map(|b| b.difference(listed).cloned().collect()).unwrap_or_default();
-        if kind.is_output()
-            && let Some(outputs) = self.outputs.get_mut(cluster)
-        {
-            outputs.retain(|k, _| k.kind != kind);
+        if kind.is_output() {
+            if let Some(touched) = self.in_flight.get_mut(cluster) {
+                *touched = None;
+            }
+            if let Some(outputs) = self.outputs.get_mut(cluster) {
+                outputs.retain(|k, _| k.kind != kind);
+            }
         }
         vanished
+    }
+
+    /// A watch reported one of the objects flotilla writes, as it is now.
+    pub fn watched_output(&mut self, cluster: &str, object: ObservedObject) {
+        self.touched(cluster, &object.key);
+        self.observe_output(cluster, object);
+    }
+
+    fn touched(&mut self, cluster: &str, key: &ObjectKey) {
+        if let Some(Some(keys)) = self.in_flight.get_mut(cluster) {
+            keys.insert(key.clone());
+        }
+    }
+
+    /// A write job was sent to `cluster` (one at a time per member).
+    pub fn job_sent(&mut self, cluster: &str) {
+        self.in_flight.insert(cluster.to_string(), Some(BTreeSet::new()));
     }
 
     pub fn observe_output(&mut self, cluster: &str, object: ObservedObject) {
@@ -66,12 +96,23 @@ impl Observed {
 
     /// What a finished write job left in `cluster`: the objects as the API server returned
     /// them, the ones pruned, and the statuses written.
+    /// Objects a watch reported on while the job ran keep the watch's word.
     pub fn written(&mut self, cluster: &str, report: &mut super::WriteReport) {
+        let touched = self.in_flight.remove(cluster);
+        let newer = |key: &ObjectKey| match &touched {
+            None => false,
+            Some(None) => true,
+            Some(Some(keys)) => keys.contains(key),
+        };
         for o in report.applied.drain(..) {
-            self.observe_output(cluster, o);
+            if !newer(&o.key) {
+                self.observe_output(cluster, o);
+            }
         }
         for k in &report.pruned {
-            self.remove_output(cluster, k);
+            if !newer(k) {
+                self.remove_output(cluster, k);
+            }
         }
         for s in report.statuses.drain(..) {
             let at = ObjectRef { cluster: cluster.to_string(), namespace: s.namespace, name: s.name };
@@ -98,6 +139,7 @@ impl Observed {
     pub fn forget_cluster(&mut self, cluster: &str) {
         self.known.retain(|(c, _), _| c != cluster);
         self.outputs.remove(cluster);
+        self.in_flight.remove(cluster);
         self.statuses.retain(|(_, at), _| at.cluster != cluster);
     }
 }
@@ -133,6 +175,30 @@ mod tests {
         let nothing: BTreeSet<NsName> = BTreeSet::new();
         assert_eq!(o.relisted("m", Kind::Deployment, &nothing), [key("d")], "kinds are separate");
         assert!(o.relisted("other", Kind::Sidecar, &nothing).is_empty(), "members are separate");
+    }
+
+    #[test]
+    fn what_a_watch_said_during_a_job_beats_the_jobs_report() {
+        let mut o = Observed::default();
+        o.job_sent("m");
+        // Written by the job, then deleted by someone before the job reported.
+        o.watched_output("m", sidecar("a"));
+        o.gone("m", Kind::Sidecar, &key("a"));
+        let mut report = super::super::WriteReport { applied: vec![sidecar("a"), sidecar("b")], ..Default::default() };
+        o.written("m", &mut report);
+        let held: Vec<_> = o.outputs("m").unwrap().keys().map(|k| k.name.to_string()).collect();
+        assert_eq!(held, ["b"], "a stays deleted (and is written again); b is as the job left it");
+        // No job under way: a report is taken as it is.
+        let mut report = super::super::WriteReport { applied: vec![sidecar("a")], ..Default::default() };
+        o.written("m", &mut report);
+        assert!(o.outputs("m").unwrap().contains_key(&sidecar("a").key));
+        // A relist during a job: the list is the truth for everything.
+        o.job_sent("m");
+        o.relisted("m", Kind::Sidecar, &BTreeSet::new());
+        let mut report = super::super::WriteReport { pruned: vec![sidecar("b").key], ..Default::default() };
+        o.observe_output("m", sidecar("b"));
+        o.written("m", &mut report);
+        assert!(o.outputs("m").unwrap().contains_key(&sidecar("b").key), "the prune's word is dropped");
     }
 
     #[test]

@@ -3,13 +3,14 @@
 //! members to start, rebuild or drop is pure; only `member_client` touches the network stack.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::Resource;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
-use crate::meta::{ANNOTATION_GATEWAY_ADDRESS, ANNOTATION_GATEWAY_PORT, ANNOTATION_REGION, first_line, is_dns_label};
+use crate::meta::{
+    ANNOTATION_GATEWAY_ADDRESS, ANNOTATION_GATEWAY_PORT, ANNOTATION_REGION, first_line, is_dns_label, without_values,
+};
 use crate::model::{ClusterId, ClusterOverrides};
 
 use super::writer::SecretEvent;
@@ -23,7 +24,7 @@ pub enum KubeconfigError {
     NoCurrentContext,
     #[error("current-context {0:?} is not defined")]
     UndefinedContext(String),
-    #[error("kubeconfig refused (allow with --allow-kubeconfig-exec): {}", .0.join("; "))]
+    #[error("kubeconfig refused: {}", .0.join("; "))]
     Refused(Vec<String>),
     #[error("kubeconfig: {0}")]
     Config(String),
@@ -216,13 +217,17 @@ pub struct KubeconfigTrust {
     /// `insecure-skip-tls-verify: true`: anyone on the path to that member could read its
     /// token and feed flotilla a false view of it.
     pub allow_insecure_skip_tls_verify: bool,
+    /// An `http://` server: the member's token would travel in clear.
+    pub allow_insecure_http: bool,
 }
 
 /// Parses a kubeconfig and refuses what would let a Secret run programs or read our files
 /// (`exec` and `auth-provider` plugins, references to local files) or talk to a member without
 /// checking its certificate, unless `trust` allows it. Messages never contain credentials.
 pub fn check_kubeconfig(yaml: &str, trust: KubeconfigTrust) -> Result<Kubeconfig, KubeconfigError> {
-    let kc = Kubeconfig::from_yaml(yaml).map_err(|e| KubeconfigError::Unparsable(first_line(&e.to_string())))?;
+    // The parser quotes what it could not read, which may be a credential in the wrong field.
+    let kc = Kubeconfig::from_yaml(yaml)
+        .map_err(|e| KubeconfigError::Unparsable(without_values(&first_line(&e.to_string()))))?;
     let context_name = kc.current_context.clone().ok_or(KubeconfigError::NoCurrentContext)?;
     let context = kc
         .contexts
@@ -241,6 +246,17 @@ pub fn check_kubeconfig(yaml: &str, trust: KubeconfigTrust) -> Result<Kubeconfig
             }
         }
     }
+    if !trust.allow_insecure_http {
+        for named in &kc.clusters {
+            let server = named.cluster.as_ref().and_then(|c| c.server.as_deref()).unwrap_or_default();
+            if server.trim_start().to_ascii_lowercase().starts_with("http://") {
+                refused.push(format!(
+                    "cluster {:?} has an http:// server: its token would travel in clear (give an https:// server, or pass --allow-insecure-http)",
+                    named.name
+                ));
+            }
+        }
+    }
     if trust.allow_exec {
         return if refused.is_empty() { Ok(kc) } else { Err(KubeconfigError::Refused(refused)) };
     }
@@ -248,10 +264,10 @@ pub fn check_kubeconfig(yaml: &str, trust: KubeconfigTrust) -> Result<Kubeconfig
         let Some(auth) = &named.auth_info else { continue };
         let user = &named.name;
         if auth.exec.is_some() {
-            refused.push(format!("user {user:?} uses an exec plugin"));
+            refused.push(format!("user {user:?} uses an exec plugin (allow with --allow-kubeconfig-exec)"));
         }
         if auth.auth_provider.is_some() {
-            refused.push(format!("user {user:?} uses an auth-provider plugin"));
+            refused.push(format!("user {user:?} uses an auth-provider plugin (allow with --allow-kubeconfig-exec)"));
         }
         for (field, set) in [
             ("tokenFile", auth.token_file.is_some()),
@@ -259,13 +275,18 @@ pub fn check_kubeconfig(yaml: &str, trust: KubeconfigTrust) -> Result<Kubeconfig
             ("client-key", auth.client_key.is_some()),
         ] {
             if set {
-                refused.push(format!("user {user:?} refers to a local file ({field})"));
+                refused.push(format!(
+                    "user {user:?} refers to a local file ({field}; allow with --allow-kubeconfig-exec)"
+                ));
             }
         }
     }
     for named in &kc.clusters {
         if named.cluster.as_ref().is_some_and(|c| c.certificate_authority.is_some()) {
-            refused.push(format!("cluster {:?} refers to a local file (certificate-authority)", named.name));
+            refused.push(format!(
+                "cluster {:?} refers to a local file (certificate-authority; allow with --allow-kubeconfig-exec)",
+                named.name
+            ));
         }
     }
     if context.user.is_none() && kc.auth_infos.is_empty() {
@@ -274,13 +295,13 @@ pub fn check_kubeconfig(yaml: &str, trust: KubeconfigTrust) -> Result<Kubeconfig
     if refused.is_empty() { Ok(kc) } else { Err(KubeconfigError::Refused(refused)) }
 }
 
-/// A client for a member. Connection attempts time out quickly so that a member that is down is
-/// found stale, not waited for.
+/// A client for a member. Every request has a deadline (`deadline`), so that a member that is
+/// down or silent is found stale, not waited for.
 pub async fn member_client(kc: Kubeconfig) -> Result<kube::Client, KubeconfigError> {
     let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .map_err(|e| KubeconfigError::Config(first_line(&e.to_string())))?;
-    config.connect_timeout = Some(Duration::from_secs(5));
+    super::deadline::apply(&mut config);
     kube::Client::try_from(config).map_err(|e| KubeconfigError::Client(first_line(&e.to_string())))
 }
 
@@ -371,6 +392,20 @@ mod tests {
             check_kubeconfig("users: [: secret-token-value", KubeconfigTrust::default()).unwrap_err().to_string();
         assert!(garbage.starts_with("unparsable kubeconfig"), "{garbage}");
         assert!(!garbage.contains("secret-token-value"), "{garbage}");
+        // A token pasted into a field of another type: the parser would quote it.
+        for wrong in [
+            "certificate-authority-data: AAAA\n    insecure-skip-tls-verify: secret-token-value",
+            "certificate-authority-data: [secret-token-value]",
+        ] {
+            let typed = TOKEN_KUBECONFIG.replace("certificate-authority-data: AAAA", wrong);
+            let err = check_kubeconfig(&typed, KubeconfigTrust::default()).unwrap_err().to_string();
+            assert!(err.starts_with("unparsable kubeconfig"), "{err}");
+            assert!(!err.contains("secret-token"), "a credential in a parse error: {err}");
+        }
+        let plain = TOKEN_KUBECONFIG.replace("https://", "http://");
+        let err = check_kubeconfig(&plain, KubeconfigTrust { allow_exec: true, ..Default::default() }).unwrap_err();
+        assert!(err.to_string().contains("http:// server"), "{err}");
+        assert!(check_kubeconfig(&plain, KubeconfigTrust { allow_insecure_http: true, ..Default::default() }).is_ok());
     }
 
     #[test]

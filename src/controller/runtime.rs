@@ -22,8 +22,9 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
 use super::debounce::{Debounce, Driven, drive};
-use super::dispatch::WriterSlot;
+use super::dispatch::{Retries, WriterSlot};
 use super::health::{MemberHealth, State};
+use super::lease::{Fence, FenceSender};
 use super::member::Member;
 use super::metrics::Metrics;
 use super::observed::Observed;
@@ -32,7 +33,7 @@ use super::registry::{
     Problems, Registration, RegistrationProblem, check_kubeconfig, member_client, plan_registry, resolve_claims,
 };
 use super::server::{Published, Shared, View};
-use super::statuses::PendingStatuses;
+use super::statuses::{ClusterErrors, PendingStatuses};
 use super::vips::{Adoption, VipStore};
 use super::watch::{VipStoreEvent, spawn_hub_watches, spawn_member_watches};
 use super::writer::{SecretEvent, VipStoreWrite, WriteJob, run_writer};
@@ -62,6 +63,8 @@ pub struct Runtime {
     shared: Arc<Shared>,
     tx: UnboundedSender<Input>,
     limit: Arc<Semaphore>,
+    /// Until when this replica may write; every writer's jobs run under it.
+    fence: Fence,
     /// Home between passes; a pass takes it to its blocking thread and brings it back.
     engine: Option<Box<Engine>>,
     compute: Compute,
@@ -77,8 +80,13 @@ pub struct Runtime {
     statuses_dirty: bool,
     vips: VipStore,
     leader: bool,
+    /// The start-up sync is over: every member registered at start has been listed once (or
+    /// found stale). Until then nothing is written (docs/decisions.md, "Members are independent").
+    started: bool,
     /// What of each member must be planned again.
     pending: Pending,
+    /// Objects whose write failed, retried alone.
+    retries: Retries,
     /// When the oldest input the next pass reflects arrived, and per member the oldest change
     /// not yet written: the change-to-write latency.
     batch_started: Option<Instant>,
@@ -101,18 +109,23 @@ pub async fn run(hub: Client, opts: Options, shutdown: impl std::future::Future<
         tx.clone(),
     );
     let stop_lease = Arc::new(Notify::new());
-    let lease = match &opts.leader_election {
+    // Without election the fence stays open for the life of this function.
+    let (_open, fence) = Fence::open();
+    let (lease, fence) = match &opts.leader_election {
         None => {
             let _ = tx.send(Input::Leader(true));
-            None
+            (None, fence)
         }
         Some(lease) => {
-            Some(super::lease::spawn(hub.clone(), &opts.namespace, lease, tx.clone(), stop_lease.clone()).await?)
+            let (fence_tx, fence): (FenceSender, Fence) = Fence::new();
+            let task =
+                super::lease::spawn(hub.clone(), &opts.namespace, lease, tx.clone(), fence_tx, stop_lease.clone());
+            (Some(task.await?), fence)
         }
     };
 
     let mut debounce = Debounce::new(opts.debounce, opts.debounce_max);
-    let mut runtime = Runtime::new(hub, opts, shared, tx);
+    let mut runtime = Runtime::new(hub, opts, shared, tx, fence);
     drive(&mut runtime, &mut rx, &mut debounce, TICK, shutdown).await;
     tracing::info!("shutting down");
     // Release the lease so that another replica takes over without waiting for it to expire.
@@ -149,6 +162,14 @@ impl Driven for Runtime {
                     tracing::info!("VIP store loaded");
                 }
             }
+            Input::VipStore(VipStoreEvent::Unreadable(hosts)) => {
+                let engine = self.engine.as_ref().expect("the engine is home between passes");
+                let repaired = self.vips.unreadable(&hosts, &engine.vips);
+                for host in &hosts {
+                    let address = repaired.iter().find(|(h, _)| h == host).map(|(_, ip)| ip.to_string());
+                    tracing::warn!(host = %host, repair = ?address, "VIP store entry is not an address; it is written again with the host's address");
+                }
+            }
             Input::VipStore(VipStoreEvent::Failed(e)) => tracing::warn!(error = %e, "watching the VIP store"),
             Input::Member { cluster, epoch, change } => {
                 if self.writers.get(&cluster).is_none_or(|w| w.slot.epoch != epoch) {
@@ -183,10 +204,14 @@ impl Driven for Runtime {
         self.shared.metrics.passes.inc();
         self.update_health(now);
         let ready = self.ready();
+        self.started |= ready;
         self.shared.ready.store(ready, Ordering::Relaxed);
         // Compute only once the VIP store is known, so no host gets an address it cannot keep.
         if self.vips.loaded() {
             self.recompute(now).await;
+        }
+        for (cluster, key) in self.retries.due(now) {
+            self.pending.key(&cluster, key);
         }
         if ready && self.leader {
             if self.vips.settled() && self.statuses_dirty {
@@ -200,7 +225,7 @@ impl Driven for Runtime {
 }
 
 impl Runtime {
-    pub fn new(hub: Client, opts: Options, shared: Arc<Shared>, tx: UnboundedSender<Input>) -> Self {
+    pub fn new(hub: Client, opts: Options, shared: Arc<Shared>, tx: UnboundedSender<Input>, fence: Fence) -> Self {
         let engine = Engine::new(opts.settings.clone(), VipTable::default());
         let limit = Arc::new(Semaphore::new(opts.max_concurrent_writes.max(1)));
         let reporter = Reporter {
@@ -213,6 +238,7 @@ impl Runtime {
             shared,
             tx,
             limit,
+            fence,
             engine: Some(Box::new(engine)),
             compute: Arc::new(Engine::recompute),
             next_epoch: 1,
@@ -227,7 +253,9 @@ impl Runtime {
             statuses_dirty: true,
             vips: VipStore::default(),
             leader: false,
+            started: false,
             pending: Pending::default(),
+            retries: Retries::default(),
             batch_started: None,
             change_since: BTreeMap::new(),
         };
@@ -282,6 +310,18 @@ impl Runtime {
                     h.watch_failed(e.kind, now, e.message);
                 }
             }
+            Change::Answered => {
+                if let Some(h) = health {
+                    h.answered(now);
+                }
+            }
+            Change::Unanswered { since, error } => {
+                tracing::debug!(cluster, error = %error, "member did not answer");
+                if let Some(h) = health {
+                    h.answered(since);
+                    h.unanswered(error);
+                }
+            }
         }
     }
 
@@ -320,9 +360,10 @@ impl Runtime {
         self.engine().fleet.delete(cluster, kind, &key.0, &key.1);
     }
 
+    /// A watch reported one of the objects flotilla writes.
     fn observe(&mut self, cluster: &str, o: ObservedObject) {
         self.pending.key(cluster, o.key.clone());
-        self.observed.observe_output(cluster, o);
+        self.observed.watched_output(cluster, o);
     }
 
     /// The VIP store's contents (from its watch, or as a write left it): a disagreement with
@@ -378,6 +419,7 @@ impl Runtime {
         self.observed.forget_cluster(id);
         self.statuses.forget(id);
         self.pending.take(id);
+        self.retries.forget_cluster(id);
         self.change_since.remove(id);
         self.shared.metrics.forget_cluster(id);
         self.engine().fleet.remove_cluster(id);
@@ -424,6 +466,7 @@ impl Runtime {
             self.tx.clone(),
             self.limit.clone(),
             self.shared.metrics.clone(),
+            self.fence.clone(),
         );
         tokio::spawn(task);
         self.writers.insert(id.to_string(), Writer { slot: WriterSlot::new(epoch), jobs });
@@ -442,20 +485,34 @@ impl Runtime {
         let Some(writer) = self.writers.get_mut(cluster).filter(|w| w.slot.epoch == epoch) else {
             return;
         };
-        let error = (!report.errors.is_empty())
-            .then(|| report.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "));
         if let Some(first) = report.errors.first() {
             tracing::warn!(cluster, errors = report.errors.len(), first = %first, "writes failed; retrying with backoff");
         }
+        // An object that failed is retried alone; a failure of the job as a whole (the sync
+        // namespace, statuses, the VIP store, leadership lost) backs off the member's writer.
+        let (objects, whole): (Vec<_>, Vec<_>) = report.errors.iter().partition(|e| e.object().is_some());
+        let error = whole.first().map(|first| match whole.len() {
+            1 => first.to_string(),
+            n => format!("{first} (and {} more)", n - 1),
+        });
         if writer.slot.done(error, now) {
+            self.statuses_dirty = true;
+        }
+        for e in objects {
+            let key = e.object().expect("partitioned on it").clone();
+            self.retries.failed(cluster, key, e.to_string(), now);
             self.statuses_dirty = true;
         }
         self.shared.metrics.written(cluster, &report);
         // What the job wrote is planned again (finding it done is what convergence waits for);
-        // after a failure, the whole member, once its backoff is over.
-        if report.errors.is_empty() {
-            let written = report.applied.iter().map(|o| o.key.clone()).chain(report.pruned.iter().cloned());
-            self.pending.add(cluster, Scope::Keys(written.collect()));
+        // after a failure of the whole job, the whole member, once its backoff is over.
+        let written: std::collections::BTreeSet<ObjectKey> =
+            report.applied.iter().map(|o| o.key.clone()).chain(report.pruned.iter().cloned()).collect();
+        for key in &written {
+            self.retries.succeeded(cluster, key);
+        }
+        if whole.is_empty() {
+            self.pending.add(cluster, Scope::Keys(written));
         } else {
             self.pending.whole(cluster);
         }
@@ -489,11 +546,13 @@ impl Runtime {
         }
     }
 
-    /// Ready once the Secrets and the VIP store are listed and no member is still connecting.
+    /// Ready once the Secrets and the VIP store are listed and the start-up sync is over (no
+    /// member registered at start is still connecting). A member registered later, or one that
+    /// goes stale, never makes the process unready: it holds back only its own writes.
     fn ready(&self) -> bool {
         self.secrets_listed
             && self.vips.loaded()
-            && self.members.values().all(|m| *m.health.state() != State::Connecting)
+            && (self.started || self.members.values().all(|m| *m.health.state() != State::Connecting))
     }
 
     /// Recomputes what changed, on a blocking thread: the loop waits for it, but the rest of the
@@ -527,14 +586,23 @@ impl Runtime {
         self.vips.allocated(recomputed.new_vips);
     }
 
-    /// Queues the statuses that policies should carry and do not, naming every cluster's error.
+    /// Queues the statuses that policies should carry and do not: each names its members' own
+    /// errors and those of its own objects there.
     fn queue_statuses(&mut self) {
-        let errors: BTreeMap<ClusterId, String> = self
-            .writers
-            .iter()
-            .filter_map(|(id, w)| w.slot.last_error().map(|e| (id.clone(), e.to_string())))
-            .chain(self.members.iter().filter_map(|(id, m)| m.status_error().map(|e| (id.clone(), e))))
-            .collect();
+        let mut errors = ClusterErrors::default();
+        for (id, w) in &self.writers {
+            if let Some(e) = w.slot.last_error() {
+                errors.member.insert(id.clone(), e.to_string());
+            }
+        }
+        for (id, m) in &self.members {
+            if let Some(e) = m.status_error() {
+                errors.member.insert(id.clone(), e);
+            }
+            for (key, e) in self.retries.errors(id) {
+                errors.objects.entry(id.clone()).or_default().insert(key.name.to_string(), e.to_string());
+            }
+        }
         let stamp = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
         let engine = self.engine.as_ref().expect("the engine is home between passes");
         let queued = self.statuses.queue(engine.desired.reports(), &self.observed, &errors, &stamp);
@@ -561,7 +629,8 @@ impl Runtime {
         let writable = |c: &ClusterId| self.writers.get(c).is_some_and(|w| w.slot.ready(now)) && settled;
         let mut to_plan: Vec<(ClusterId, ClusterHealth, Scope)> = Vec::new();
         for cluster in candidates.iter().filter(|c| writable(c)) {
-            if let Some(m) = self.members.get(cluster)
+            // A member that does not answer keeps what is pending for it until it does.
+            if let Some(m) = self.members.get(cluster).filter(|m| m.health.answering())
                 && let Some(scope) = self.pending.take(cluster)
             {
                 to_plan.push((cluster.clone(), m.health.state().cluster_health(), scope));
@@ -595,10 +664,12 @@ impl Runtime {
                     events: std::mem::take(&mut self.events),
                     ..Default::default()
                 },
-                // A member's writes wait until every VIP they carry is in the store.
-                Some(_) if !settled => continue,
+                // A member's writes wait until every VIP they carry is in the store, and until it
+                // answers.
+                Some(m) if !settled || !m.health.answering() => continue,
                 Some(m) => match plans.remove(&cluster) {
                     Some((scope, plan)) => {
+                        self.retries.planned(&cluster, &scope, &plan);
                         let (job, new_conflicts) = m.plan(plan, &scope, &self.opts.settings.sync_namespace);
                         for key in new_conflicts {
                             tracing::warn!(cluster = %cluster, object = %key, "exists and is not managed by flotilla; left alone");
@@ -621,6 +692,7 @@ impl Runtime {
             tracing::debug!(cluster = %cluster, apply = job.plan.apply.len(), prune = job.plan.prune.len(), statuses = job.statuses.len(), first = ?first, "writing");
             if writer.jobs.send(job).is_ok() {
                 writer.slot.sent();
+                self.observed.job_sent(&cluster);
             }
         }
     }
@@ -636,10 +708,15 @@ impl Runtime {
             let counts = engine.desired.counts(id);
             self.shared.metrics.set_member_objects(id, counts, &m.conflicts);
             let writer = self.writers.get(id).map(|w| &w.slot);
-            let member_converged = m.converged(self.pending.contains(id), writer, now);
+            let failing = self.retries.errors(id).next();
+            let member_converged = m.converged(self.pending.contains(id) || failing.is_some(), writer, now);
             converged &= member_converged || !m.waited_for();
             let count = counts.iter().sum();
-            clusters.insert(id.clone(), m.view(engine.facts(id), count, writer, member_converged));
+            let mut view = m.view(engine.facts(id), count, writer, member_converged);
+            if view.last_error.is_none() {
+                view.last_error = failing.map(|(_, e)| e.to_string());
+            }
+            clusters.insert(id.clone(), view);
         }
         let hub_idle = self.writers.get(HUB).is_none_or(|w| w.slot.ready(now));
         let view = View {
@@ -695,6 +772,64 @@ mod tests {
         }
     }
 
+    /// A member as its watches (`listed`) and probe (`answering`) would leave it at `now`, with
+    /// a writer whose client answers every request with 503 at once.
+    fn add_member(runtime: &mut Runtime, id: &str, now: Instant, listed: bool, answering: bool) {
+        let mut health = MemberHealth::connecting(now, [Kind::Service], false);
+        if listed {
+            health.listed(Kind::Service);
+        }
+        if !answering {
+            health.unanswered("no answer within 5s".into());
+        }
+        health.update(now, runtime.opts.stale_after);
+        let registration =
+            Registration { secret: format!("flotilla/{id}"), kubeconfig: String::new(), overrides: Default::default() };
+        runtime.engine().fleet.upsert_cluster(id, Default::default());
+        runtime.engine().fleet.set_health(id, health.state().cluster_health());
+        runtime.members.insert(id.to_string(), Member::new(registration, health, None));
+        runtime.start_writer(id, 1, unreachable_hub(), None);
+    }
+
+    /// Dispatch decisions: at start-up nothing is written until every member has listed (or
+    /// turned stale); after that a member that connects, or stops answering, holds back only
+    /// itself.
+    #[tokio::test(start_paused = true)]
+    async fn a_sick_or_new_member_holds_back_only_itself_after_start_up() {
+        let shared = Arc::new(Shared::new(Arc::new(Metrics::default())));
+        let (tx, _rx) = unbounded_channel();
+        let mut runtime = Runtime::new(unreachable_hub(), options(), shared.clone(), tx, Fence::open().1);
+        runtime.handle(Input::VipStore(VipStoreEvent::Contents(BTreeMap::new()))).await;
+        runtime.handle(Input::Secrets(Vec::new())).await;
+        runtime.handle(Input::Leader(true)).await;
+        let t0 = Instant::now();
+        add_member(&mut runtime, "healthy", t0, true, true);
+        add_member(&mut runtime, "slow", t0, false, true);
+        runtime.pending.whole("healthy");
+        runtime.pass().await;
+        assert!(!shared.ready.load(Ordering::Relaxed), "start-up: a member is still connecting");
+        assert!(runtime.pending.contains("healthy"), "nothing is written before the start-up sync");
+
+        // The slow member never lists: stale after --stale-after, and the start-up sync is over.
+        tokio::time::advance(runtime.opts.stale_after + Duration::from_secs(1)).await;
+        runtime.pass().await;
+        assert_eq!(runtime.members["slow"].health.state(), &State::Stale);
+        assert!(shared.ready.load(Ordering::Relaxed));
+        assert!(!runtime.pending.contains("healthy"), "planned and dispatched");
+
+        // Later: a new member connecting, another that stops answering. Neither holds anyone.
+        let now = Instant::now();
+        add_member(&mut runtime, "new", now, false, true);
+        add_member(&mut runtime, "silent", now, true, false);
+        for id in ["healthy", "silent"] {
+            runtime.pending.whole(id);
+        }
+        runtime.pass().await;
+        assert!(shared.ready.load(Ordering::Relaxed), "a member registered later never makes the process unready");
+        assert!(!runtime.pending.contains("healthy"), "the healthy member is written");
+        assert!(runtime.pending.contains("silent"), "a member that does not answer keeps its work until it does");
+    }
+
     /// A pass whose compute cannot finish until the debug view has answered: if a handler
     /// waited for the pass, neither would ever finish.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -705,7 +840,7 @@ mod tests {
         tokio::spawn(super::super::server::serve_plain(listener, shared.clone(), true));
 
         let (tx, _rx) = unbounded_channel();
-        let mut runtime = Runtime::new(unreachable_hub(), options(), shared, tx);
+        let mut runtime = Runtime::new(unreachable_hub(), options(), shared, tx, Fence::open().1);
         let (answered_tx, answered_rx) = std::sync::mpsc::channel::<()>();
         let (computing_tx, computing_rx) = tokio::sync::oneshot::channel::<()>();
         let computing_tx = std::sync::Mutex::new(Some(computing_tx));

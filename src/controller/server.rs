@@ -108,7 +108,7 @@ pub async fn start(hub: &kube::Client, opts: &Options, shared: &Arc<Shared>) -> 
         .await
         .map_err(|e| anyhow::anyhow!("--secure-addr {}: {e}", secure.addr))?;
     let tls = TlsListener::new(tcp, secure.certificate.clone())?;
-    let authorizer = Arc::new(Authorizer::new(hub.clone(), secure.auth_cache_ttl));
+    let authorizer = Arc::new(Authorizer::new(hub.clone(), secure.auth_cache_ttl, secure.auth_audiences.clone()));
     tracing::info!(probes = %opts.http_addr, secure = %secure.addr, "serving /livez and /readyz over HTTP; /metrics and /debug over HTTPS to callers the hub authorises");
     Ok(vec![
         tokio::spawn(serve_plain(plain, shared.clone(), false)),
@@ -153,6 +153,11 @@ async fn authorize(State(authorizer): State<Arc<Authorizer>>, request: Request, 
         Ok(Decision::Forbidden(user)) => {
             tracing::debug!(user = %user, path = %path, "request forbidden");
             (StatusCode::FORBIDDEN, format!("{user:?} may not get {path}\n")).into_response()
+        }
+        Err(e @ super::auth::AuthError::Throttled) => {
+            tracing::debug!(error = %e, path = %path, "request not authorised: too many reviews");
+            (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "1")], "too many new tokens; try again\n")
+                .into_response()
         }
         Err(e) => {
             tracing::warn!(error = %e, path = %path, "could not authorise a request");

@@ -2,6 +2,7 @@
 //! with what it carries now. Synchronous; the stamp of the time comes in as an argument.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
 use super::observed::{Observed, StatusKey};
 use super::writer::StatusWrite;
@@ -9,6 +10,59 @@ use crate::compute::PolicyReport;
 use crate::compute::status::{policy_status, same_status};
 use crate::crd::PolicyStatus;
 use crate::model::ClusterId;
+
+/// What went wrong in each member, for the statuses of the policies written there.
+#[derive(Debug, Default)]
+pub struct ClusterErrors {
+    /// The member as a whole: stale, refused, its sync namespace, a failed job.
+    pub member: BTreeMap<ClusterId, String>,
+    /// Objects whose last write failed there, by name.
+    pub objects: BTreeMap<ClusterId, BTreeMap<String, String>>,
+}
+
+/// The most errors one policy's status names for a member, and the longest each may be: a status
+/// stays small however much fails.
+const ERRORS_SHOWN: usize = 3;
+const ERROR_CHARS: usize = 300;
+
+impl ClusterErrors {
+    /// Per member a report writes to, the error its status names there: the member's own, else
+    /// those of the report's own objects (a ServiceEntry or DestinationRule of one of its hosts),
+    /// never another policy's.
+    fn for_report(&self, report: &PolicyReport) -> BTreeMap<ClusterId, String> {
+        let mut out = BTreeMap::new();
+        for (cluster, hosts) in &report.clusters {
+            if let Some(e) = self.member.get(cluster) {
+                out.insert(cluster.clone(), bounded(e));
+                continue;
+            }
+            let Some(failing) = self.objects.get(cluster) else { continue };
+            let own = |name: &str| {
+                ["-se", "-default-dr", "-dr"]
+                    .iter()
+                    .any(|suffix| name.strip_suffix(suffix).is_some_and(|h| hosts.contains(h)))
+            };
+            let mine: Vec<&String> = failing.iter().filter(|(name, _)| own(name)).map(|(_, e)| e).collect();
+            let Some(first) = mine.first() else { continue };
+            let mut text = bounded(first);
+            for e in mine.iter().skip(1).take(ERRORS_SHOWN - 1) {
+                let _ = write!(text, "; {}", bounded(e));
+            }
+            if mine.len() > ERRORS_SHOWN {
+                let _ = write!(text, " (and {} more)", mine.len() - ERRORS_SHOWN);
+            }
+            out.insert(cluster.clone(), text);
+        }
+        out
+    }
+}
+
+fn bounded(error: &str) -> String {
+    match error.char_indices().nth(ERROR_CHARS) {
+        Some((at, _)) => format!("{}…", &error[..at]),
+        None => error.to_string(),
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct PendingStatuses {
@@ -24,7 +78,7 @@ impl PendingStatuses {
         &mut self,
         reports: impl IntoIterator<Item = &'a PolicyReport>,
         observed: &Observed,
-        errors: &BTreeMap<ClusterId, String>,
+        errors: &ClusterErrors,
         stamp: &str,
     ) -> usize {
         let mut queued = 0;
@@ -33,7 +87,7 @@ impl PendingStatuses {
             let Some(carried) = observed.status(&key) else {
                 continue; // not (or no longer) watched: nothing to write to
             };
-            let wanted = policy_status(report, errors, carried.as_ref(), stamp);
+            let wanted = policy_status(report, &errors.for_report(report), carried.as_ref(), stamp);
             if carried.as_ref().is_some_and(|c| same_status(c, &wanted)) {
                 if let Some(pending) = self.by_cluster.get_mut(&report.at.cluster) {
                     pending.remove(&key);
@@ -103,7 +157,7 @@ mod tests {
         let mut observed = Observed::default();
         observed.set_status(key(&watched), None);
         let mut pending = PendingStatuses::default();
-        let errors = BTreeMap::new();
+        let errors = ClusterErrors::default();
         assert_eq!(pending.queue([&watched, &unwatched], &observed, &errors, "t1"), 1);
         assert_eq!(pending.clusters().collect::<Vec<_>>(), ["east"]);
         let writes = pending.take("east", &observed);
@@ -123,19 +177,46 @@ mod tests {
         let mut observed = Observed::default();
         observed.set_status(key(&r), None);
         let (mut taken, mut requeued) = (PendingStatuses::default(), PendingStatuses::default());
-        taken.queue([&r], &observed, &BTreeMap::new(), "t1");
-        requeued.queue([&r], &observed, &BTreeMap::new(), "t1");
+        taken.queue([&r], &observed, &ClusterErrors::default(), "t1");
+        requeued.queue([&r], &observed, &ClusterErrors::default(), "t1");
         let wanted = PendingStatuses::default().tap_queue(&r, &observed);
         observed.set_status(key(&r), Some(wanted));
         assert!(taken.take("east", &observed).is_empty(), "the job that just finished wrote it");
-        requeued.queue([&r], &observed, &BTreeMap::new(), "t2");
+        requeued.queue([&r], &observed, &ClusterErrors::default(), "t2");
         assert!(requeued.is_empty(), "nothing pending for a member once its statuses are true");
+    }
+
+    #[test]
+    fn a_policy_names_only_its_own_objects_errors_and_few_of_them() {
+        let mut r = report("gtp");
+        r.clusters.insert("west".into(), std::sync::Arc::new(["stage.a.global".to_string()].into()));
+        r.clusters.insert("north".into(), std::sync::Arc::new(["stage.a.global".to_string()].into()));
+        let mut errors = ClusterErrors::default();
+        let west = errors.objects.entry("west".into()).or_default();
+        west.insert("stage.a.global-se".into(), "apply stage.a.global-se: invalid".into());
+        west.insert("stage.other-team.global-se".into(), "apply stage.other-team.global-se: invalid".into());
+        for i in 0..10 {
+            west.insert(format!("stage.a.global-{i}-dr"), "x".repeat(1000));
+        }
+        errors.member.insert("north".into(), "member is stale".into());
+        let named = errors.for_report(&r);
+        assert_eq!(named["north"], "member is stale");
+        let west = &named["west"];
+        assert!(west.contains("stage.a.global-se"), "{west}");
+        assert!(!west.contains("other-team"), "another team's object leaked: {west}");
+        assert!(west.len() < 2 * ERROR_CHARS * ERRORS_SHOWN, "bounded: {} chars", west.len());
+        let mut many = report("gtp");
+        many.clusters
+            .insert("west".into(), std::sync::Arc::new((0..10).map(|i| format!("stage.a.global-{i}")).collect()));
+        let named = errors.for_report(&many);
+        assert!(named["west"].ends_with("(and 7 more)"), "{}", named["west"]);
+        assert!(named["west"].len() < 4 * ERROR_CHARS * ERRORS_SHOWN);
     }
 
     impl PendingStatuses {
         /// The status `queue` would write for `r` now.
         fn tap_queue(mut self, r: &PolicyReport, observed: &Observed) -> PolicyStatus {
-            self.queue([r], observed, &BTreeMap::new(), "t1");
+            self.queue([r], observed, &ClusterErrors::default(), "t1");
             self.take(&r.at.cluster, observed).pop().expect("a status to write").status
         }
     }

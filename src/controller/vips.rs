@@ -13,6 +13,10 @@ pub struct VipStore {
     /// None until the store has been listed once.
     store: Option<BTreeMap<String, Ipv4Addr>>,
     unpersisted: BTreeMap<String, Ipv4Addr>,
+    /// Hosts whose entry in the store is not an address, with the address this replica holds
+    /// for them: written back with the next job, but no member write waits for them (members
+    /// already carry those addresses).
+    repairs: BTreeMap<String, Ipv4Addr>,
     persisting: bool,
 }
 
@@ -54,23 +58,37 @@ impl VipStore {
             table.all().iter().filter(|(h, _)| !store.contains_key(*h)).map(|(h, ip)| (h.clone(), *ip)).collect();
     }
 
+    /// Entries of the store that are not addresses: those of hosts this replica knows are
+    /// written back with their address (which never moves); the others wait for their host's
+    /// next allocation, which overwrites them. Returns the hosts to be repaired now.
+    pub fn unreadable(&mut self, hosts: &[String], table: &VipTable) -> Vec<(String, Ipv4Addr)> {
+        let known: Vec<(String, Ipv4Addr)> = hosts.iter().filter_map(|h| Some((h.clone(), table.get(h)?))).collect();
+        self.repairs.extend(known.iter().cloned());
+        known
+    }
+
     /// Whether `job` would give a write now.
     pub fn job_pending(&self) -> bool {
-        !self.persisting && !self.unpersisted.is_empty() && self.store.is_some()
+        !self.persisting && (!self.unpersisted.is_empty() || !self.repairs.is_empty()) && self.store.is_some()
     }
 
     /// The addresses to persist now, unless a write is under way or there are none.
     pub fn job(&mut self) -> Option<BTreeMap<String, Ipv4Addr>> {
-        if self.persisting || self.unpersisted.is_empty() || self.store.is_none() {
+        if !self.job_pending() {
             return None;
         }
         self.persisting = true;
-        Some(self.unpersisted.clone())
+        let mut job = self.unpersisted.clone();
+        job.extend(self.repairs.iter().map(|(h, ip)| (h.clone(), *ip)));
+        Some(job)
     }
 
     /// The write ended: with the store as written, or failed (tried again on the next pass).
     pub fn persisted(&mut self, store: Option<BTreeMap<String, Ipv4Addr>>, table: &mut VipTable) -> Option<Adoption> {
         self.persisting = false;
+        if let Some(written) = &store {
+            self.repairs.retain(|h, ip| written.get(h) != Some(ip));
+        }
         store.map(|s| self.adopt(s, table))
     }
 
@@ -104,6 +122,23 @@ mod tests {
         assert!(vips.job().is_some());
         vips.persisted(Some(job), &mut table);
         assert!(vips.settled());
+    }
+
+    #[test]
+    fn an_unreadable_entry_is_written_back_with_its_address_and_holds_back_no_member() {
+        let mut vips = VipStore::default();
+        let mut table = VipTable::default();
+        vips.adopt([("a.global".to_string(), ip(1)), ("b.global".to_string(), ip(2))].into(), &mut table);
+        // b's entry becomes garbage: the store as parsed lacks it.
+        vips.adopt([("a.global".to_string(), ip(1))].into(), &mut table);
+        let repaired = vips.unreadable(&["b.global".to_string(), "unknown.global".to_string()], &table);
+        assert_eq!(repaired, [("b.global".to_string(), ip(2))], "the address members already carry");
+        assert!(vips.settled(), "member writes do not wait for a repair");
+        let job = vips.job().expect("the repair is written");
+        assert_eq!(job.get("b.global"), Some(&ip(2)));
+        vips.persisted(Some(job), &mut table);
+        assert!(vips.job().is_none(), "repaired");
+        assert_eq!(table.get("b.global"), Some(ip(2)), "the address did not move");
     }
 
     #[test]

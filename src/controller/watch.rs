@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::{StreamExt, stream};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Secret, Service};
-use kube::api::ListParams;
+use kube::api::{ListParams, PartialObjectMeta};
 use kube::runtime::utils::Backoff;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinSet;
 
+use super::deadline::{self, watcher_config};
 use super::{Change, Input, Watched};
 use crate::argo::{Rollout, VirtualService};
 use crate::compute::DesiredObject;
@@ -48,7 +49,7 @@ pub fn spawn_member_watches(
     let mut set = JoinSet::new();
     let member = cluster.clone();
     let send = move |change: Change| tx.send(Input::Member { cluster: member.clone(), epoch, change }).is_ok();
-    let all = watcher::Config::default;
+    let all = watcher_config;
     // Every input kind is watched in all namespaces, and becomes the InputObject variant of its name.
     macro_rules! watch_input {
         ($($kind:ident: $ty:ty),* $(,)?) => {$(
@@ -60,14 +61,30 @@ pub fn spawn_member_watches(
     watch_input!(
         Deployment: Deployment,
         Service: Service,
-        Node: Node,
-        Namespace: Namespace,
         Sidecar: Sidecar,
         GlobalTrafficPolicy: GlobalTrafficPolicy,
         OutlierDetection: OutlierDetection,
         ClientConnectionConfig: ClientConnectionConfig,
         Dependency: Dependency,
     );
+    // Of Nodes and Namespaces only labels and annotations are read: their metadata is watched,
+    // not their status (a Node's changes every few seconds).
+    spawn(
+        &mut set,
+        &cluster,
+        Api::<PartialObjectMeta<Node>>::all(client.clone()),
+        all(),
+        Kind::Node,
+        send.clone(),
+        |o| Watched::Input(Box::new(InputObject::Node(Box::new(Node { metadata: o.metadata, ..Default::default() })))),
+    );
+    let namespaces = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
+    spawn(&mut set, &cluster, namespaces, all(), Kind::Namespace, send.clone(), |o| {
+        Watched::Input(Box::new(InputObject::Namespace(Box::new(Namespace {
+            metadata: o.metadata,
+            ..Default::default()
+        }))))
+    });
     // Everything in the sync namespace, not only what carries our label: an unlabelled object
     // with a name we want is a conflict we must see before writing.
     let ses = Api::<ServiceEntry>::namespaced(client.clone(), sync_namespace);
@@ -88,11 +105,43 @@ pub fn spawn_member_watches(
     spawn_optional(&mut set, &cluster, Api::<Rollout>::all(client.clone()), Kind::Rollout, send.clone(), |o| {
         Watched::Input(Box::new(InputObject::Rollout(Box::new(o))))
     });
-    let drs = Api::<DestinationRule>::namespaced(client, sync_namespace);
-    spawn(&mut set, &cluster, drs, all(), Kind::DestinationRule, send, |o| {
+    let drs = Api::<DestinationRule>::namespaced(client.clone(), sync_namespace);
+    spawn(&mut set, &cluster, drs, all(), Kind::DestinationRule, send.clone(), |o| {
         Watched::Output(Box::new(ObservedObject::new(&DesiredObject::DestinationRule(o))))
     });
+    set.spawn(probe(client, send));
     set
+}
+
+/// Asks the member every `PROBE_EVERY` whether it answers (its version: cheap, allowed to every
+/// authenticated user). Reports only news: the first answer, an answer after silence, and each
+/// unanswered probe with the instant of the last answer, so a healthy member costs the runtime
+/// nothing. Watches alone cannot tell a frozen API server from a quiet one.
+async fn probe(client: Client, send: impl Fn(Change) -> bool) {
+    let mut last_answer = tokio::time::Instant::now();
+    let mut answering = false;
+    loop {
+        let asked = tokio::time::Instant::now();
+        let error = match tokio::time::timeout(deadline::PROBE, client.apiserver_version()).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!("does not answer: {}", crate::meta::error_chain(&e))),
+            Err(_) => Some(format!("does not answer: no answer within {}s", deadline::PROBE.as_secs())),
+        };
+        let news = match error {
+            None => {
+                last_answer = asked;
+                (!answering).then_some(Change::Answered)
+            }
+            Some(error) => Some(Change::Unanswered { since: last_answer, error }),
+        };
+        answering = news.as_ref().map_or(answering, |n| matches!(n, Change::Answered));
+        if let Some(change) = news
+            && !send(change)
+        {
+            return;
+        }
+        tokio::time::sleep_until(asked + deadline::PROBE_EVERY).await;
+    }
 }
 
 /// Starts the hub's watches: registration Secrets (one watch per selector, merged), the
@@ -111,18 +160,12 @@ pub fn spawn_hub_watches(
 
     let hub_tx = tx.clone();
     let send = move |change: Change| hub_tx.send(Input::Hub(change)).is_ok();
-    spawn(
-        &mut set,
-        HUB,
-        Api::<Dependency>::all(client.clone()),
-        watcher::Config::default(),
-        Kind::Dependency,
-        send,
-        |o| Watched::Input(Box::new(InputObject::Dependency(Box::new(o)))),
-    );
+    spawn(&mut set, HUB, Api::<Dependency>::all(client.clone()), watcher_config(), Kind::Dependency, send, |o| {
+        Watched::Input(Box::new(InputObject::Dependency(Box::new(o))))
+    });
 
     let configmaps = Api::<ConfigMap>::namespaced(client, own_namespace);
-    let config = watcher::Config::default().fields(&format!("metadata.name={vip_configmap}"));
+    let config = watcher_config().fields(&format!("metadata.name={vip_configmap}"));
     set.spawn(async move {
         let mut stream = watcher(configmaps, config).backoff(backoff()).boxed();
         // During a relist the ConfigMap is held until InitDone, so "absent" is only ever
@@ -130,13 +173,27 @@ pub fn spawn_hub_watches(
         let mut listed = None;
         while let Some(event) = stream.next().await {
             let store = match event {
-                Ok(watcher::Event::Apply(cm)) => parse_vip_store(&cm),
+                Ok(watcher::Event::Apply(cm)) => {
+                    let unreadable = unreadable_vips(&cm);
+                    if !unreadable.is_empty()
+                        && tx.send(Input::VipStore(VipStoreEvent::Unreadable(unreadable))).is_err()
+                    {
+                        return;
+                    }
+                    parse_vip_store(&cm)
+                }
                 Ok(watcher::Event::Delete(_)) => VipStoreEvent::Contents(BTreeMap::new()),
                 Ok(watcher::Event::Init) => {
                     listed = None;
                     continue;
                 }
                 Ok(watcher::Event::InitApply(cm)) => {
+                    let unreadable = unreadable_vips(&cm);
+                    if !unreadable.is_empty()
+                        && tx.send(Input::VipStore(VipStoreEvent::Unreadable(unreadable))).is_err()
+                    {
+                        return;
+                    }
                     listed = Some(parse_vip_store(&cm));
                     continue;
                 }
@@ -155,7 +212,15 @@ pub fn spawn_hub_watches(
 #[derive(Clone, Debug)]
 pub enum VipStoreEvent {
     Contents(BTreeMap<String, Ipv4Addr>),
+    /// Hosts whose entry is not an address (a hand edit gone wrong).
+    Unreadable(Vec<String>),
     Failed(String),
+}
+
+/// The hosts whose entry in the store is not an address.
+pub fn unreadable_vips(cm: &ConfigMap) -> Vec<String> {
+    let data = cm.data.iter().flatten();
+    data.filter(|(_, v)| v.trim().parse::<Ipv4Addr>().is_err()).map(|(h, _)| h.clone()).collect()
 }
 
 /// Host → address from the ConfigMap; entries that are not addresses are skipped.
@@ -165,7 +230,7 @@ pub fn parse_vip_store(cm: &ConfigMap) -> VipStoreEvent {
 
 async fn watch_secrets(api: Api<Secret>, selectors: Vec<LabelTerm>, tx: UnboundedSender<Input>) {
     let streams = selectors.iter().enumerate().map(|(i, term)| {
-        let config = watcher::Config::default().labels(&format!("{}={}", term.key, term.value));
+        let config = watcher_config().labels(&format!("{}={}", term.key, term.value));
         watcher(api.clone(), config).backoff(backoff()).map(move |e| (i, e)).boxed()
     });
     let mut merged = stream::select_all(streams);
@@ -340,7 +405,7 @@ fn spawn_optional<K>(
                 Ok(_) => {}
             }
             // Returns when the kind went away (its CRD was deleted), or the runtime is gone.
-            if !watch_forever(&cluster, api.clone(), watcher::Config::default(), kind, &send, &convert, true).await {
+            if !watch_forever(&cluster, api.clone(), watcher_config(), kind, &send, &convert, true).await {
                 return;
             }
             if !send(Change::Relisted(kind, Vec::new())) {

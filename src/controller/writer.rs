@@ -23,6 +23,8 @@ use tokio::sync::Semaphore;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::time::Instant;
 
+use super::deadline;
+use super::lease::Fence;
 use super::metrics::Metrics;
 use super::{Input, WriteReport};
 use crate::compute::plan::{ClusterPlan, ObservedObject, Planned};
@@ -44,6 +46,18 @@ pub enum WriteError {
     Namespace { cluster: String, namespace: String, message: String },
     #[error("VIP store {namespace}/{name} in the hub: {message}")]
     VipStore { namespace: String, name: String, message: String },
+    #[error("writes to cluster {cluster} stopped: this replica no longer leads")]
+    NotLeading { cluster: String },
+}
+
+impl WriteError {
+    /// The object this error is about, when it is about one object (retried alone).
+    pub fn object(&self) -> Option<&ObjectKey> {
+        match self {
+            WriteError::Apply { key, .. } | WriteError::Delete { key, .. } => Some(key),
+            _ => None,
+        }
+    }
 }
 
 /// Requests one writer keeps in flight within its member.
@@ -96,6 +110,9 @@ pub struct StatusWrite {
 
 /// Runs one cluster's writes, job after job, and reports each job's outcome to the runtime. The
 /// hub's writer (cluster `HUB`) also keeps the VIP store and publishes Events, with `recorder`.
+///
+/// Every job runs under `fence`: when this replica may no longer write, the job is dropped where
+/// it stands (requests under way are cancelled, none is started) and reported as not written.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_writer(
     cluster: String,
@@ -106,33 +123,67 @@ pub async fn run_writer(
     done: UnboundedSender<Input>,
     limit: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    mut fence: Fence,
 ) {
-    while let Some(mut job) = jobs.recv().await {
-        let mut hub_report = WriteReport::default();
-        if let Some(write) = job.persist_vips.take() {
-            let _permit = limit.acquire().await;
-            match persist_vips(&client, &write, &metrics).await {
-                Ok(store) => hub_report.vip_store = Some(store),
-                Err(message) => hub_report.errors.push(WriteError::VipStore {
-                    namespace: write.namespace.clone(),
-                    name: write.name.clone(),
-                    message,
-                }),
+    while let Some(job) = jobs.recv().await {
+        let work = run_job(&cluster, &client, recorder.as_ref(), job, &limit, &metrics);
+        let report = tokio::select! {
+            biased;
+            _ = fence.lost() => {
+                tracing::warn!(cluster, "leadership lost: the write job under way is cancelled");
+                WriteReport { errors: vec![WriteError::NotLeading { cluster: cluster.clone() }], ..Default::default() }
             }
-        }
-        if let Some(recorder) = &recorder {
-            for event in std::mem::take(&mut job.events) {
-                let _permit = limit.acquire().await;
-                warn_on_secret(recorder, event, &metrics).await;
-            }
-        }
-        let mut report = execute(&cluster, &client, job, &limit, &metrics).await;
-        report.vip_store = hub_report.vip_store;
-        report.errors.extend(hub_report.errors);
+            report = work => report,
+        };
         if done.send(Input::WriteDone { cluster: cluster.clone(), epoch, report }).is_err() {
             return;
         }
     }
+}
+
+async fn run_job(
+    cluster: &str,
+    client: &Client,
+    recorder: Option<&Recorder>,
+    mut job: WriteJob,
+    limit: &Semaphore,
+    metrics: &Metrics,
+) -> WriteReport {
+    let mut hub_report = WriteReport::default();
+    if let Some(write) = job.persist_vips.take() {
+        let _permit = limit.acquire().await;
+        tracing::debug!(cluster, "write request");
+        let persisted = within_deadline(persist_vips(client, &write, metrics)).await;
+        match persisted.and_then(|r| r) {
+            Ok(store) => hub_report.vip_store = Some(store),
+            Err(message) => hub_report.errors.push(WriteError::VipStore {
+                namespace: write.namespace.clone(),
+                name: write.name.clone(),
+                message,
+            }),
+        }
+    }
+    if let Some(recorder) = recorder {
+        for event in std::mem::take(&mut job.events) {
+            let _permit = limit.acquire().await;
+            if within_deadline(warn_on_secret(recorder, event, metrics)).await.is_err() {
+                tracing::warn!("could not publish an Event on a registration Secret: no answer in time");
+            }
+        }
+    }
+    let mut report = execute(cluster, client, job, limit, metrics).await;
+    report.vip_store = hub_report.vip_store;
+    report.errors.extend(hub_report.errors);
+    report
+}
+
+/// Runs one write (with its fallbacks) within `deadline::REQUEST`; the error says it timed out.
+async fn within_deadline<T>(write: impl std::future::Future<Output = T>) -> Result<T, String> {
+    tokio::time::timeout(deadline::REQUEST, write).await.map_err(|_| unanswered())
+}
+
+fn unanswered() -> String {
+    format!("no answer within {}s", deadline::REQUEST.as_secs())
 }
 
 enum Outcome {
@@ -146,7 +197,8 @@ async fn execute(cluster: &str, client: &Client, job: WriteJob, limit: &Semaphor
     let mut report = WriteReport::default();
     if let Some(ns) = &job.ensure_namespace {
         let _permit = limit.acquire().await;
-        match ensure_namespace(client, ns, cluster, metrics).await {
+        tracing::debug!(cluster, "write request");
+        match within_deadline(ensure_namespace(client, ns, cluster, metrics)).await.and_then(|r| r) {
             Ok(()) => report.namespace_ready = true,
             Err(message) => {
                 // Without the namespace no ServiceEntry or DestinationRule can land; Sidecars,
@@ -173,7 +225,9 @@ async fn execute(cluster: &str, client: &Client, job: WriteJob, limit: &Semaphor
     let outcomes: Vec<Outcome> = stream::iter(ops)
         .map(|op| async move {
             let _permit = limit.acquire().await;
-            run_op(cluster, client, op, metrics).await
+            let timed_out = op.failed(cluster, unanswered());
+            let outcome = tokio::time::timeout(deadline::REQUEST, run_op(cluster, client, op, metrics)).await;
+            outcome.unwrap_or(Outcome::Failed(timed_out))
         })
         .buffer_unordered(PER_MEMBER_CONCURRENCY)
         .collect()
@@ -206,7 +260,27 @@ enum Op {
     Status(StatusWrite),
 }
 
+impl Op {
+    /// This operation failed with `message`, naming its object.
+    fn failed(&self, cluster: &str, message: String) -> WriteError {
+        let cluster = cluster.to_string();
+        match self {
+            Op::Apply(p) => WriteError::Apply { cluster, key: p.key.clone(), message },
+            Op::Prune(seen) => WriteError::Delete { cluster, key: seen.key.clone(), message },
+            Op::Status(s) => WriteError::Status {
+                cluster,
+                kind: s.kind,
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+                message,
+            },
+        }
+    }
+}
+
 async fn run_op(cluster: &str, client: &Client, op: Op, metrics: &Metrics) -> Outcome {
+    // The soak reads these lines to show that no two replicas wrote at once.
+    tracing::debug!(cluster, "write request");
     match op {
         Op::Apply(planned) => {
             let key = &planned.key;
@@ -417,9 +491,19 @@ async fn persist_vips(
         let data = cm.data.get_or_insert_with(Default::default);
         let mut missing = false;
         for (host, ip) in new {
-            if !data.contains_key(host) {
-                data.insert(host.clone(), ip.to_string());
-                missing = true;
+            match data.get(host).map(|v| v.trim().parse::<Ipv4Addr>()) {
+                Some(Ok(_)) => {}
+                // An entry that is not an address (a hand edit gone wrong) held no address a
+                // client could have resolved: it is repaired with this replica's allocation.
+                Some(Err(_)) => {
+                    tracing::warn!(host = %host, address = %ip, "VIP store entry is not an address; repairing it");
+                    data.insert(host.clone(), ip.to_string());
+                    missing = true;
+                }
+                None => {
+                    data.insert(host.clone(), ip.to_string());
+                    missing = true;
+                }
             }
         }
         let stored = data.iter().filter_map(|(h, ip)| ip.parse().ok().map(|ip| (h.clone(), ip))).collect();
@@ -456,5 +540,82 @@ async fn warn_on_secret(recorder: &Recorder, event: SecretEvent, metrics: &Metri
     metrics.write(HUB, "create", "Event", result.is_ok());
     if let Err(e) = result {
         tracing::warn!(error = %short(&e), "could not publish an Event on a registration Secret");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::compute::Desired;
+    use crate::compute::plan::ClusterPlan;
+    use crate::controller::lease::Fence;
+    use crate::istio::Sidecar;
+
+    /// A member whose API server accepts every request and never answers.
+    fn silent_member() -> Client {
+        let service = tower::service_fn(|_request: http::Request<kube::client::Body>| {
+            std::future::pending::<Result<http::Response<kube::client::Body>, std::convert::Infallible>>()
+        });
+        Client::new(service, "default")
+    }
+
+    fn one_apply() -> WriteJob {
+        let mut sidecar = Sidecar::default();
+        sidecar.metadata.name = Some("caller-egress".into());
+        sidecar.metadata.namespace = Some("caller".into());
+        let desired = Arc::new(Desired::from_object(DesiredObject::Sidecar(sidecar)));
+        WriteJob {
+            plan: ClusterPlan { apply: vec![Planned { desired, replaces: None }], ..Default::default() },
+            ..Default::default()
+        }
+    }
+
+    async fn report(done: &mut tokio::sync::mpsc::UnboundedReceiver<Input>) -> WriteReport {
+        match done.recv().await {
+            Some(Input::WriteDone { report, .. }) => report,
+            other => panic!("expected a report, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_member_costs_a_job_its_deadline_and_a_closed_fence_cancels_it() {
+        let (jobs, jobs_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+        let (fence_tx, fence) = Fence::new();
+        fence_tx.send_replace(Some(Instant::now() + Duration::from_secs(3600)));
+        let limit = Arc::new(Semaphore::new(1));
+        let writer = run_writer(
+            "m".into(),
+            1,
+            silent_member(),
+            None,
+            jobs_rx,
+            done_tx,
+            limit.clone(),
+            Arc::new(Metrics::default()),
+            fence,
+        );
+        tokio::spawn(writer);
+
+        let started = Instant::now();
+        jobs.send(one_apply()).unwrap();
+        let first = report(&mut done).await;
+        assert_eq!(started.elapsed(), deadline::REQUEST, "given up at its deadline, not later");
+        assert_eq!(first.errors.len(), 1);
+        let error = first.errors[0].to_string();
+        assert!(error.contains("Sidecar caller/caller-egress") && error.contains("no answer within"), "{error}");
+        assert_eq!(limit.available_permits(), 1, "the permit is back");
+
+        // The lease runs out while the next job waits for an answer: it is cancelled then.
+        fence_tx.send_replace(Some(Instant::now() + Duration::from_secs(2)));
+        let started = Instant::now();
+        jobs.send(one_apply()).unwrap();
+        let second = report(&mut done).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert!(matches!(second.errors.as_slice(), [WriteError::NotLeading { .. }]), "{:?}", second.errors);
+        assert!(second.applied.is_empty());
+        assert_eq!(limit.available_permits(), 1, "the cancelled request gave its permit back");
     }
 }

@@ -50,18 +50,19 @@ impl Flotilla {
             "run",
             "--namespace",
             FLOTILLA_NAMESPACE,
-            "--stale-after",
-            "8s",
-            // Short enough that a standby takes over within a test's patience, long enough
-            // that a leader whose renewal is slowed by a loaded API server keeps the lease.
+            // Short enough that a standby takes over within a test's patience; the leader stops
+            // writing 7 s after its last renewal began, when a loaded hub slows renewals.
             "--lease-duration",
             "10s",
             "--lease-grace",
-            "6s",
+            "3s",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if !extra.contains(&"--stale-after") {
+            args.extend(["--stale-after".to_string(), "8s".to_string()]);
+        }
         // Tests read /metrics and /debug plainly unless they test the secure listener.
         if !extra.contains(&"--http-auth") {
             args.extend(["--http-auth".to_string(), "none".to_string()]);
@@ -173,6 +174,16 @@ impl Flotilla {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Every log this replica has written, one per start, oldest first.
+    pub fn logs(&self) -> Vec<String> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.retain(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("flotilla-")));
+        files.sort();
+        files.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect()
     }
 
     pub fn pid(&self) -> Option<u32> {

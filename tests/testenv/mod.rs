@@ -14,6 +14,7 @@ pub mod fleet;
 pub mod istio;
 pub mod net;
 pub mod oracle;
+pub mod proxy;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -246,6 +247,19 @@ impl TestCluster {
         if let Some(mut child) = self.apiserver.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP to kube-apiserver: it keeps its connections and answers nothing until `thaw`.
+    pub fn freeze(&self) {
+        if let Some(child) = &self.apiserver {
+            unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
+        }
+    }
+
+    pub fn thaw(&self) {
+        if let Some(child) = &self.apiserver {
+            unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
         }
     }
 
