@@ -380,6 +380,10 @@ pub struct EngineArgs {
     /// writes it; 0 leaves it out.
     #[arg(long, default_value = "45s", value_parser = parse_duration, env = "FLOTILLA_WARMUP_DURATION")]
     pub warmup_duration: Duration,
+    /// This installation's name, in the `flotilla.io/instance` label of everything it writes;
+    /// it updates and prunes only objects with its own instance (or none, from before instances).
+    #[arg(long, default_value = crate::meta::DEFAULT_INSTANCE, env = "FLOTILLA_INSTANCE")]
+    pub instance: String,
 }
 
 impl EngineArgs {
@@ -398,6 +402,9 @@ impl EngineArgs {
         if self.gateway_selectors.is_empty() {
             return Err("--gateway-selector needs at least one key=value".into());
         }
+        if !is_dns_label(&self.instance) {
+            return Err(format!("--instance {:?} is not a DNS label (it is a label value)", self.instance));
+        }
         Ok(Settings {
             sync_namespace: self.sync_namespace.clone(),
             identity_label: self.identity_label.clone(),
@@ -411,6 +418,7 @@ impl EngineArgs {
             export_to: self.export_to,
             sidecar_mode: self.sidecar_mode,
             warmup_seconds: u32::try_from(self.warmup_duration.as_secs()).unwrap_or(u32::MAX),
+            instance: self.instance.clone(),
         })
     }
 }
@@ -611,6 +619,7 @@ impl HubArgs {
             sync_namespace: settings.sync_namespace.clone(),
             identity_label: settings.identity_label.clone(),
             vip_configmap: self.vip_configmap.clone(),
+            instance: settings.instance.clone(),
         }
     }
 

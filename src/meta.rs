@@ -12,6 +12,11 @@ pub const MANAGER: &str = "flotilla";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const LABEL_IDENTITY: &str = "flotilla.io/identity";
 pub const LABEL_ENV: &str = "flotilla.io/env";
+/// Which installation of flotilla wrote an object (`--instance`): two installations that share a
+/// member never update or prune each other's objects.
+pub const LABEL_INSTANCE: &str = "flotilla.io/instance";
+/// The instance of an installation that does not name one.
+pub const DEFAULT_INSTANCE: &str = "flotilla";
 
 /// Admiral's names, read on workloads, Services, Namespaces and policies.
 pub const ANNOTATION_ENV: &str = "admiral.io/env";
@@ -85,9 +90,16 @@ pub fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a String> {
     meta.annotations.as_ref().and_then(|a| a.get(key))
 }
 
-/// Whether an object carries flotilla's managed-by label: the only objects it ever modifies.
+/// Whether an object carries flotilla's managed-by label (of any installation).
 pub fn is_managed(meta: &ObjectMeta) -> bool {
     label(meta, LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGER)
+}
+
+/// Whether an object is this installation's: managed by flotilla and labelled with `instance`,
+/// or with no instance at all (written before instances existed: adopted in place, and labelled
+/// at its next write). The only objects an installation ever modifies or prunes.
+pub fn is_ours(meta: &ObjectMeta, instance: &str) -> bool {
+    is_managed(meta) && label(meta, LABEL_INSTANCE).is_none_or(|i| i == instance)
 }
 
 /// `admiral.io/ignore: "true"` as a label or an annotation.
@@ -97,11 +109,12 @@ pub fn has_ignore(meta: &ObjectMeta) -> bool {
 }
 
 /// The labels on every object flotilla writes.
-pub fn managed_labels(identity: &str, env: &str) -> BTreeMap<String, String> {
+pub fn managed_labels(identity: &str, env: &str, instance: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
         (LABEL_IDENTITY.to_string(), identity.to_string()),
         (LABEL_ENV.to_string(), env.to_string()),
+        (LABEL_INSTANCE.to_string(), instance.to_string()),
     ])
 }
 

@@ -89,7 +89,7 @@ pub fn render(loaded: LoadedFleet, settings: &Settings, vip_store: &str) -> Rend
     let no_objects = BTreeMap::new();
     for id in loaded.clusters.keys() {
         let mut desired = engine.desired.cluster(id);
-        let plan = plan_cluster(&desired, loaded.observed.get(id).unwrap_or(&no_objects));
+        let plan = plan_cluster(&desired, loaded.observed.get(id).unwrap_or(&no_objects), &settings.instance);
         for key in &plan.conflicts {
             warnings.push(format!("warning: cluster {id}: {key}: exists and is not managed by flotilla; left alone"));
         }

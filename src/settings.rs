@@ -122,6 +122,8 @@ pub struct Settings {
     /// Slow start of new endpoints in every DestinationRule, in seconds (Admiral's
     /// `--default_warmup_duration_in_seconds`, 45); 0 leaves it out.
     pub warmup_seconds: u32,
+    /// This installation's name, in the `flotilla.io/instance` label of everything it writes.
+    pub instance: String,
 }
 
 impl Default for Settings {
@@ -142,6 +144,7 @@ impl Default for Settings {
             export_to: ExportTo::All,
             sidecar_mode: SidecarMode::Generate,
             warmup_seconds: 45,
+            instance: crate::meta::DEFAULT_INSTANCE.into(),
         }
     }
 }

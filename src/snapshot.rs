@@ -24,7 +24,7 @@ use crate::crd::{ClientConnectionConfig, Dependency, GlobalTrafficPolicy, Outlie
 use crate::fleet_dir::{FLEET_FILE, HUB_DIR};
 use crate::ingest::{InputObject, reduce};
 use crate::istio::{DestinationRule, ServiceEntry, Sidecar};
-use crate::meta::{first_line, is_managed};
+use crate::meta::{first_line, is_ours};
 use crate::settings::LabelTerm;
 
 /// How long listing one member may take before it is reported unreachable.
@@ -39,6 +39,8 @@ pub struct SnapshotOptions {
     pub sync_namespace: String,
     pub identity_label: String,
     pub vip_configmap: String,
+    /// This installation (`--instance`): another installation's objects are someone else's.
+    pub instance: String,
 }
 
 /// What a snapshot found: the members written, and those that could not be read, with why.
@@ -141,7 +143,10 @@ pub async fn owned(hub: &Client, opts: &SnapshotOptions) -> anyhow::Result<Owned
             Ok::<_, kube::Error>(objects)
         };
         if let Ok(Ok(objects)) = tokio::time::timeout(MEMBER_TIMEOUT, listed).await {
-            out.insert(id, objects.into_iter().filter(|o| is_managed(o.meta())).map(|o| (o.key(), o)).collect());
+            out.insert(
+                id,
+                objects.into_iter().filter(|o| is_ours(o.meta(), &opts.instance)).map(|o| (o.key(), o)).collect(),
+            );
         }
     }
     Ok(out)
@@ -223,13 +228,13 @@ async fn member_files(client: Client, opts: &SnapshotOptions) -> Result<Vec<(Str
     // must not write over (render reports them as conflicts, as run does).
     let mut foreign: Vec<DesiredObject> = Vec::new();
     for se in list::<ServiceEntry>(Api::namespaced(client.clone(), &opts.sync_namespace)).await? {
-        if !is_managed(&se.metadata) {
+        if !is_ours(&se.metadata, &opts.instance) {
             let spec = crate::istio::ServiceEntrySpec { hosts: se.spec.hosts.clone(), ..Default::default() };
             foreign.push(DesiredObject::ServiceEntry(ServiceEntry { metadata: name_only(&se), spec }));
         }
     }
     for dr in list::<DestinationRule>(Api::namespaced(client.clone(), &opts.sync_namespace)).await? {
-        if !is_managed(&dr.metadata) {
+        if !is_ours(&dr.metadata, &opts.instance) {
             let spec = crate::istio::DestinationRuleSpec { host: dr.spec.host.clone(), ..Default::default() };
             foreign.push(DesiredObject::DestinationRule(DestinationRule { metadata: name_only(&dr), spec }));
         }

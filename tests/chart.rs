@@ -131,7 +131,14 @@ fn the_hub_chart_lints_templates_and_is_locked_down() {
         }
         // Every flag the values set reaches the command line.
         let args: Vec<String> = c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
-        for flag in ["--sync-namespace=", "--sidecar-mode=", "--vip-mode=", "--secret-namespace=", "--leader-elect="] {
+        for flag in [
+            "--sync-namespace=",
+            "--sidecar-mode=",
+            "--vip-mode=",
+            "--secret-namespace=",
+            "--leader-elect=",
+            "--instance=",
+        ] {
             assert!(args.iter().any(|a| a.starts_with(flag)), "{values}: {flag} missing from {args:?}");
         }
         let cli =

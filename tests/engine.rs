@@ -10,6 +10,7 @@ use flotilla::crd::{
     Dependency, DependencySpec, GlobalTrafficPolicy, GlobalTrafficPolicySpec, TrafficGroup, TrafficPolicy,
 };
 use flotilla::ingest::InputObject;
+use flotilla::meta::DEFAULT_INSTANCE;
 use flotilla::meta::{HUB, Kind, LABEL_MANAGED_BY, MANAGER};
 use flotilla::model::{ClusterHealth, ClusterOverrides};
 use flotilla::settings::Settings;
@@ -364,7 +365,7 @@ proptest! {
             }
             // plan(d, d) is empty: what is desired and already there needs no write.
             let observed = desired.iter().map(|o| (o.key.clone(), ObservedObject::new(&o.object()))).collect();
-            let plan = plan_cluster(&desired, &observed);
+            let plan = plan_cluster(&desired, &observed, DEFAULT_INSTANCE);
             prop_assert!(plan.is_empty() && plan.conflicts.is_empty(), "{:?}", plan);
         }
         let unique: BTreeSet<&String> = vip_of_host.values().collect();
@@ -439,7 +440,7 @@ proptest! {
         prop_assert_eq!(inc.all_diagnostics(), full.all_diagnostics());
         // Planning only what each recompute said changed left every member as a whole plan would.
         for c in CLUSTERS {
-            let plan = plan_cluster(&inc.desired.cluster(c), held.get(c).unwrap_or(&BTreeMap::new()));
+            let plan = plan_cluster(&inc.desired.cluster(c), held.get(c).unwrap_or(&BTreeMap::new()), DEFAULT_INSTANCE);
             prop_assert!(plan.is_empty() && plan.conflicts.is_empty(), "{}: {:?}", c, plan);
         }
     }
@@ -616,7 +617,7 @@ fn a_stale_member_keeps_its_endpoints_and_is_planned_only_when_back() {
     // A change while a is down: its desired state follows, but it is not planned.
     engine.ingest("a", &failover_gtp("sample", "g", "greeting", "stage", 80, Some("west")));
     engine.recompute();
-    let waiting = plan_cluster(&engine.desired.cluster("a"), &observed_in_a);
+    let waiting = plan_cluster(&engine.desired.cluster("a"), &observed_in_a, DEFAULT_INSTANCE);
     assert!(!waiting.apply.is_empty(), "the change is desired in a");
     for health in [ClusterHealth::Stale, ClusterHealth::Connecting] {
         assert_eq!(engine.plan_member("a", health, &Scope::Whole, &observed_in_a), Default::default());
@@ -723,7 +724,7 @@ fn two_identities_whose_hosts_collide_never_share_objects() {
     assert_eq!(snapshot(&engine, &["a", "b"]), snapshot(&full, &["a", "b"]), "c takes over exactly");
     assert_eq!(owner_of(&engine, "b"), BTreeSet::from(["c".to_string()]));
     for c in ["a", "b"] {
-        let plan = plan_cluster(&engine.desired.cluster(c), held.get(c).unwrap_or(&BTreeMap::new()));
+        let plan = plan_cluster(&engine.desired.cluster(c), held.get(c).unwrap_or(&BTreeMap::new()), DEFAULT_INSTANCE);
         assert!(plan.is_empty(), "the keys the recompute named were enough to follow it in {c}: {plan:?}");
     }
 }
@@ -799,7 +800,7 @@ fn plan_never_prunes_or_updates_objects_without_our_label() {
     }
     observed.insert(ours.key(), ObservedObject::new(&ours));
 
-    let plan = plan_cluster(&desired, &observed);
+    let plan = plan_cluster(&desired, &observed, DEFAULT_INSTANCE);
     assert_eq!(plan.conflicts, vec![theirs.key()]);
     assert_eq!(
         plan.prune.iter().map(|o| o.key.clone()).collect::<Vec<_>>(),
@@ -808,6 +809,60 @@ fn plan_never_prunes_or_updates_objects_without_our_label() {
     );
     assert!(!plan.apply.iter().any(|o| o.key == theirs.key()), "the user's object is not overwritten");
     assert_eq!(plan.apply.len(), desired.len() - 1);
+}
+
+#[test]
+fn another_installations_objects_are_someone_elses_and_unlabelled_ones_ours() {
+    use flotilla::meta::LABEL_INSTANCE;
+    let engine = engine_with(&["a", "b"], &base_fleet());
+    let desired = engine.desired.cluster("b");
+    let relabel = |object: &DesiredObject, instance: Option<&str>| {
+        let mut object = object.clone();
+        let labels = match &mut object {
+            DesiredObject::DestinationRule(o) => &mut o.metadata.labels,
+            DesiredObject::ServiceEntry(o) => &mut o.metadata.labels,
+            DesiredObject::Sidecar(o) => &mut o.metadata.labels,
+        };
+        let labels = labels.get_or_insert_with(Default::default);
+        match instance {
+            Some(i) => labels.insert(LABEL_INSTANCE.to_string(), i.to_string()),
+            None => labels.remove(LABEL_INSTANCE),
+        };
+        object
+    };
+    let wanted = desired[0].object();
+    assert_eq!(
+        flotilla::meta::label(wanted.meta(), LABEL_INSTANCE).map(String::as_str),
+        Some(DEFAULT_INSTANCE),
+        "everything written carries its installation"
+    );
+    let mut observed = BTreeMap::new();
+    // The other installation holds a name we want and one we do not.
+    let other = relabel(&wanted, Some("mesh-b"));
+    observed.insert(other.key(), ObservedObject::new(&other));
+    let mut other_stray = relabel(&desired.last().unwrap().object(), Some("mesh-b"));
+    if let DesiredObject::Sidecar(s) = &mut other_stray {
+        s.metadata.name = Some("their-egress".into());
+    }
+    observed.insert(other_stray.key(), ObservedObject::new(&other_stray));
+    // Objects written before instances existed: ours, updated (labelled) and pruned as ever.
+    let legacy = relabel(&desired[1].object(), None);
+    observed.insert(legacy.key(), ObservedObject::new(&legacy));
+    let mut legacy_stray = relabel(&desired.last().unwrap().object(), None);
+    if let DesiredObject::Sidecar(s) = &mut legacy_stray {
+        s.metadata.name = Some("old-egress".into());
+    }
+    observed.insert(legacy_stray.key(), ObservedObject::new(&legacy_stray));
+
+    let plan = plan_cluster(&desired, &observed, DEFAULT_INSTANCE);
+    assert_eq!(plan.conflicts, vec![other.key()], "another installation's object is left alone");
+    let pruned: Vec<ObjectKey> = plan.prune.iter().map(|o| o.key.clone()).collect();
+    assert_eq!(pruned, vec![legacy_stray.key()], "never another installation's");
+    assert!(plan.apply.iter().any(|o| o.key == legacy.key()), "an unlabelled one of ours gets its label");
+    // The other installation sees it the other way round.
+    let theirs = plan_cluster(&[], &observed, "mesh-b");
+    let pruned: Vec<ObjectKey> = theirs.prune.iter().map(|o| o.key.clone()).collect();
+    assert!(pruned.contains(&other.key()) && pruned.contains(&other_stray.key()));
 }
 
 /// Identities are resolved and built on several threads; the desired state, the VIPs, the

@@ -10,6 +10,7 @@ use std::path::Path;
 use flotilla::compute::DesiredObject;
 use flotilla::compute::plan::{ObservedObject, plan_cluster};
 use flotilla::istio::{DestinationRule, ServiceEntry, Sidecar};
+use flotilla::meta::DEFAULT_INSTANCE;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use testenv::builders::{apply, namespace};
@@ -73,7 +74,7 @@ async fn rendered_fleets_are_accepted_by_istio_crds_and_read_back_unchanged() {
                 read_back.insert(obj.key.clone(), ObservedObject::new(&stored));
                 applied += 1;
             }
-            let plan = plan_cluster(objects, &read_back);
+            let plan = plan_cluster(objects, &read_back, DEFAULT_INSTANCE);
             assert!(
                 plan.apply.is_empty(),
                 "{} member {id}: stored objects differ from what was applied: {:?}",

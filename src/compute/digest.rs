@@ -19,10 +19,10 @@ use serde::ser;
 use siphasher::sip128::{Hasher128, SipHasher13};
 
 use super::{DesiredObject, DesiredSpec};
-use crate::meta::{Kind, LABEL_ENV, LABEL_IDENTITY, LABEL_MANAGED_BY};
+use crate::meta::{Kind, LABEL_ENV, LABEL_IDENTITY, LABEL_INSTANCE, LABEL_MANAGED_BY};
 
 /// The labels flotilla sets on everything it writes; only their values count in a digest.
-const OUR_LABELS: [&str; 3] = [LABEL_MANAGED_BY, LABEL_IDENTITY, LABEL_ENV];
+const OUR_LABELS: [&str; 4] = [LABEL_MANAGED_BY, LABEL_IDENTITY, LABEL_ENV, LABEL_INSTANCE];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Digest(u128);
@@ -348,7 +348,7 @@ mod tests {
         use crate::meta::managed_labels;
         use std::sync::Arc;
 
-        let labels = Arc::new(managed_labels("greeting", "prod"));
+        let labels = Arc::new(managed_labels("greeting", "prod", "flotilla"));
         let specs = [
             DesiredSpec::ServiceEntry(ServiceEntrySpec {
                 hosts: vec!["prod.greeting.global".into()],
@@ -380,7 +380,7 @@ mod tests {
         let other = Desired::new(
             "admiral-sync",
             "x",
-            Arc::new(managed_labels("other", "prod")),
+            Arc::new(managed_labels("other", "prod", "flotilla")),
             DesiredSpec::Sidecar(SidecarSpec::default()),
         );
         let same = Desired::new("admiral-sync", "x", labels, DesiredSpec::Sidecar(SidecarSpec::default()));

@@ -206,8 +206,10 @@ impl Engine {
             return plan::ClusterPlan::default();
         }
         match scope {
-            plan::Scope::Whole => plan::plan_cluster(&self.desired.cluster(cluster), observed),
-            plan::Scope::Keys(keys) => plan::plan_keys(keys, |k| self.desired_object(cluster, k), observed),
+            plan::Scope::Whole => plan::plan_cluster(&self.desired.cluster(cluster), observed, &self.settings.instance),
+            plan::Scope::Keys(keys) => {
+                plan::plan_keys(keys, |k| self.desired_object(cluster, k), observed, &self.settings.instance)
+            }
         }
     }
 

@@ -66,7 +66,7 @@ pub fn compute_identity(
         ];
         let record_written = winners.iter().any(Option::is_some);
         let mut written: BTreeMap<ClusterId, BTreeSet<String>> = BTreeMap::new();
-        let labels = Arc::new(managed_labels(identity, env.env));
+        let labels = Arc::new(managed_labels(identity, env.env, &settings.instance));
         for group in env.served() {
             check_port_agreement(identity, env.env, group, &mut out.diagnostics);
             let sources = group.sources.values().map(|s| s.cluster.idx);
@@ -574,8 +574,12 @@ fn sidecars_and_dependency_reports(
                 labels: BTreeMap::from([(fleet.identity_label().to_string(), identity.to_string())]),
             });
             let spec = SidecarSpec { workload_selector, egress: vec![EgressListener { hosts: egress_hosts.clone() }] };
-            let sidecar =
-                Desired::new(namespace, &name, Arc::new(managed_labels(identity, env)), DesiredSpec::Sidecar(spec));
+            let sidecar = Desired::new(
+                namespace,
+                &name,
+                Arc::new(managed_labels(identity, env, &settings.instance)),
+                DesiredSpec::Sidecar(spec),
+            );
             place(&mut out.objects, sidecar)
         });
         out.objects[sidecar].clusters.push(cluster.idx);

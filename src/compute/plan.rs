@@ -1,7 +1,8 @@
 //! Planning: the difference between what a cluster should hold and what it holds.
 //!
-//! Only objects carrying flotilla's managed-by label are ever updated or pruned; an object of
-//! someone else's with the name flotilla wants is a conflict, reported and left alone.
+//! Only this installation's objects (flotilla's managed-by label, and its `--instance` or none)
+//! are ever updated or pruned; an object of someone else's (another installation's included)
+//! with the name flotilla wants is a conflict, reported and left alone.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,6 +21,8 @@ pub struct ObservedObject {
     pub key: ObjectKey,
     /// Carries `app.kubernetes.io/managed-by: flotilla`.
     pub managed: bool,
+    /// Its `flotilla.io/instance` label: which installation wrote it (None: from before instances).
+    pub instance: Option<String>,
     pub digest: Digest,
     /// The version seen: a write of ours is conditional on it, so an object that changed hands
     /// meanwhile is never written over.
@@ -31,9 +34,15 @@ impl ObservedObject {
         ObservedObject {
             key: object.key(),
             managed: crate::meta::is_managed(object.meta()),
+            instance: crate::meta::label(object.meta(), crate::meta::LABEL_INSTANCE).cloned(),
             digest: Digest::of(object),
             resource_version: object.meta().resource_version.clone(),
         }
+    }
+
+    /// Whether this installation (`instance`) may update or prune it (`meta::is_ours`).
+    pub fn ours(&self, instance: &str) -> bool {
+        self.managed && self.instance.as_deref().is_none_or(|i| i == instance)
     }
 }
 
@@ -71,7 +80,12 @@ impl ClusterPlan {
 
 /// Plans a whole cluster: one merge of the desired objects (sorted by key, as
 /// `DesiredState::cluster` gives them) with the observed ones, no lookups.
-pub fn plan_cluster(desired: &[Arc<Desired>], observed: &BTreeMap<ObjectKey, ObservedObject>) -> ClusterPlan {
+/// Only `instance`'s objects are updated or pruned; another installation's are conflicts.
+pub fn plan_cluster(
+    desired: &[Arc<Desired>],
+    observed: &BTreeMap<ObjectKey, ObservedObject>,
+    instance: &str,
+) -> ClusterPlan {
     let mut plan = ClusterPlan::default();
     let mut want = desired.iter().map(|d| (&d.key, d)).peekable();
     let mut have = observed.iter().peekable();
@@ -85,16 +99,16 @@ pub fn plan_cluster(desired: &[Arc<Desired>], observed: &BTreeMap<ObjectKey, Obs
         match order {
             Ordering::Less => {
                 let (key, w) = want.next().expect("peeked");
-                decide(&mut plan, key, Some(w), None);
+                decide(&mut plan, key, Some(w), None, instance);
             }
             Ordering::Greater => {
                 let (key, h) = have.next().expect("peeked");
-                decide(&mut plan, key, None, Some(h));
+                decide(&mut plan, key, None, Some(h), instance);
             }
             Ordering::Equal => {
                 let (key, w) = want.next().expect("peeked");
                 let (_, h) = have.next().expect("peeked");
-                decide(&mut plan, key, Some(w), Some(h));
+                decide(&mut plan, key, Some(w), Some(h), instance);
             }
         }
     }
@@ -107,10 +121,11 @@ pub fn plan_keys<'a>(
     keys: impl IntoIterator<Item = &'a ObjectKey>,
     desired: impl Fn(&ObjectKey) -> Option<&'a Arc<Desired>>,
     observed: &BTreeMap<ObjectKey, ObservedObject>,
+    instance: &str,
 ) -> ClusterPlan {
     let mut plan = ClusterPlan::default();
     for key in keys {
-        decide(&mut plan, key, desired(key), observed.get(key));
+        decide(&mut plan, key, desired(key), observed.get(key), instance);
     }
     plan
 }
@@ -148,16 +163,22 @@ impl Scope {
 
 /// What one key needs: apply when missing or different, prune when ours and unwanted, and a
 /// conflict when someone else's object holds the name.
-fn decide(plan: &mut ClusterPlan, key: &ObjectKey, want: Option<&Arc<Desired>>, have: Option<&ObservedObject>) {
+fn decide(
+    plan: &mut ClusterPlan,
+    key: &ObjectKey,
+    want: Option<&Arc<Desired>>,
+    have: Option<&ObservedObject>,
+    instance: &str,
+) {
     match (want, have) {
         (Some(want), None) => plan.apply.push(Planned { desired: want.clone(), replaces: None }),
-        (Some(_), Some(have)) if !have.managed => plan.conflicts.push(key.clone()),
+        (Some(_), Some(have)) if !have.ours(instance) => plan.conflicts.push(key.clone()),
         (Some(want), Some(have)) => {
             if !up_to_date(want, have) {
                 plan.apply.push(Planned { desired: want.clone(), replaces: have.resource_version.clone() });
             }
         }
-        (None, Some(have)) if have.managed => plan.prune.push(have.clone()),
+        (None, Some(have)) if have.ours(instance) => plan.prune.push(have.clone()),
         (None, _) => {}
     }
 }

@@ -152,8 +152,14 @@ impl Elector {
         self.renewed.map(|t| t + self.renew_deadline)
     }
 
+    #[cfg(test)]
     pub fn leading(&self, now: Instant) -> bool {
-        self.valid_until().is_some_and(|until| now < until)
+        self.leading_until(now).is_some()
+    }
+
+    /// Until when this replica may write, if it may at `now`.
+    pub fn leading_until(&self, now: Instant) -> Option<Instant> {
+        self.valid_until().filter(|until| now < *until)
     }
 
     /// The lease this replica writes when it renews or acquires at `now` (wall clock).
@@ -191,8 +197,7 @@ pub async fn spawn(
     Ok(tokio::spawn(async move {
         let mut leading = false;
         let mut publish = |elector: &Elector| {
-            let now = Instant::now();
-            let until = elector.valid_until().filter(|_| elector.leading(now));
+            let until = elector.leading_until(Instant::now());
             fence.send_if_modified(|f| std::mem::replace(f, until) != until);
             if until.is_some() != leading {
                 leading = until.is_some();
@@ -202,8 +207,9 @@ pub async fn spawn(
         let _ = tx.send(Input::Leader(false));
         loop {
             let started = Instant::now();
-            // A try never outlives the leadership it would extend.
-            let limit = elector.valid_until().map_or(deadline::REQUEST, |u| u.saturating_duration_since(started));
+            // A try never outlives the leadership it would extend; past it, a try takes as long
+            // as any request may.
+            let limit = elector.leading_until(started).map_or(deadline::REQUEST, |u| u - started);
             match tokio::time::timeout(limit.min(deadline::REQUEST), attempt(&api, &name, &mut elector, started)).await
             {
                 Ok(Ok(true)) => elector.written(started),
@@ -213,7 +219,8 @@ pub async fn spawn(
             }
             publish(&elector);
             // Wake at the next try, or when the leadership runs out if that is sooner.
-            let wake = elector.valid_until().map_or(started + retry, |until| until.min(started + retry));
+            let wake =
+                elector.leading_until(Instant::now()).map_or(started + retry, |until| until.min(started + retry));
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = stop.notified() => break,
@@ -302,6 +309,7 @@ mod tests {
         assert_eq!(b.decide(Some(&lease), seen_at), Step::Wait);
         assert!(!a.leading(t0 + RENEW_DEADLINE), "a's own clock ends its leadership");
         assert!(a.leading(t0 + RENEW_DEADLINE - Duration::from_millis(1)));
+        assert_eq!(a.leading_until(t0 + RENEW_DEADLINE), None, "past it, nothing to shorten a try to");
         assert_eq!(b.decide(Some(&lease), seen_at + DURATION - Duration::from_millis(1)), Step::Wait);
         assert_eq!(b.decide(Some(&lease), seen_at + DURATION), Step::Acquire);
         // The gap between a's last instant of writing and b's first is at least the grace.
@@ -345,6 +353,117 @@ mod tests {
         let renewed = a.spec(Some(&taken), Step::Renew, now);
         assert_eq!(renewed.lease_transitions, Some(1));
         assert_eq!(a.spec(None, Step::Acquire, now).lease_transitions, Some(0), "a new lease");
+    }
+
+    /// A hub holding one Lease (GET, POST, PUT with resourceVersion checks), which can be cut
+    /// off: then every request waits for ever.
+    #[derive(Clone, Default)]
+    struct FakeHub {
+        lease: Arc<std::sync::Mutex<Option<serde_json::Value>>>,
+        cut: Arc<std::sync::atomic::AtomicBool>,
+        version: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl FakeHub {
+        fn client(&self) -> Client {
+            let hub = self.clone();
+            let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+                let hub = hub.clone();
+                async move {
+                    if hub.cut.load(std::sync::atomic::Ordering::SeqCst) {
+                        std::future::pending::<()>().await;
+                    }
+                    // A hub takes a moment to answer: a try given no time at all never succeeds.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let (parts, body) = request.into_parts();
+                    let body = body.collect_bytes().await.unwrap_or_default();
+                    let (code, reply) = hub.answer(parts.method.as_str(), &body);
+                    let response = http::Response::builder()
+                        .status(code)
+                        .header("content-type", "application/json")
+                        .body(kube::client::Body::from(reply.to_string().into_bytes()))
+                        .expect("a response");
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            Client::new(service, "flotilla")
+        }
+
+        fn answer(&self, method: &str, body: &[u8]) -> (u16, serde_json::Value) {
+            let mut lease = self.lease.lock().unwrap();
+            let not_found = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
+            let conflict = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"});
+            match method {
+                "GET" => lease.clone().map_or((404, not_found), |l| (200, l)),
+                "POST" | "PUT" => {
+                    let mut new: serde_json::Value = serde_json::from_slice(body).expect("a lease");
+                    let current = lease.as_ref().map(|l| l["metadata"]["resourceVersion"].clone());
+                    let sent = new["metadata"]["resourceVersion"].clone();
+                    if (method == "POST" && current.is_some()) || (method == "PUT" && current != Some(sent)) {
+                        return (409, conflict);
+                    }
+                    let version = self.version.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    new["metadata"]["resourceVersion"] = serde_json::json!(version.to_string());
+                    *lease = Some(new.clone());
+                    (if method == "POST" { 201 } else { 200 }, new)
+                }
+                _ => (405, serde_json::json!({})),
+            }
+        }
+    }
+
+    /// The next leadership news, and when it came.
+    async fn news(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Input>) -> (bool, Instant) {
+        loop {
+            match rx.recv().await {
+                Some(Input::Leader(leading)) => return (leading, Instant::now()),
+                Some(_) => continue,
+                None => panic!("the lease task ended"),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_cut_off_steps_down_at_its_deadline_and_leads_again_once_it_renews() {
+        let hub = FakeHub::default();
+        let options =
+            LeaseOptions { name: "flotilla".into(), identity: "a".into(), duration_seconds: 15, grace_seconds: 5 };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (fence_tx, fence) = Fence::new();
+        let stop = Arc::new(Notify::new());
+        let task = spawn(hub.client(), "flotilla", &options, tx, fence_tx, stop.clone()).await.unwrap();
+        assert_eq!(news(&mut rx).await.0, false, "a follower to begin with");
+        let (leading, _) = news(&mut rx).await;
+        assert!(leading && fence.holds(), "nobody held it: taken");
+
+        // Cut off: it must stop within its renew deadline (10 s) of the last renewal it began.
+        let cut = Instant::now();
+        hub.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (leading, at) = news(&mut rx).await;
+        assert!(!leading && !fence.holds());
+        let waited = at.duration_since(cut);
+        assert!(waited <= Duration::from_secs(10), "stepped down {waited:?} after the cut");
+        assert!(
+            waited >= Duration::from_secs(10) - Duration::from_secs(3),
+            "renewals came every 2.5 s at most: {waited:?}"
+        );
+
+        // Back: the lease is still its own, so it renews and leads again.
+        hub.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        let (leading, back) = news(&mut rx).await;
+        assert!(leading && fence.holds());
+        assert!(
+            back.duration_since(at) <= Duration::from_secs(13),
+            "renewed within a try or two: {:?}",
+            back.duration_since(at)
+        );
+
+        // Stopped: it gives the lease up.
+        stop.notify_one();
+        task.await.unwrap();
+        assert!(!fence.holds());
+        let released = hub.lease.lock().unwrap().clone().unwrap();
+        assert!(released["spec"]["holderIdentity"].is_null(), "{released}");
     }
 
     #[tokio::test(start_paused = true)]

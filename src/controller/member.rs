@@ -143,7 +143,7 @@ mod tests {
     fn plan(objects: Vec<DesiredObject>, observed: &BTreeMap<ObjectKey, ObservedObject>) -> ClusterPlan {
         let mut desired: Vec<Arc<Desired>> = objects.into_iter().map(|o| Arc::new(Desired::from_object(o))).collect();
         desired.sort_by(|a, b| a.key.cmp(&b.key));
-        plan_cluster(&desired, observed)
+        plan_cluster(&desired, observed, crate::meta::DEFAULT_INSTANCE)
     }
 
     fn sidecar(ns: &str) -> DesiredObject {

@@ -36,7 +36,7 @@ use super::server::{Published, Shared, View};
 use super::statuses::{ClusterErrors, PendingStatuses};
 use super::vips::{Adoption, VipStore};
 use super::watch::{VipStoreEvent, spawn_hub_watches, spawn_member_watches};
-use super::writer::{SecretEvent, VipStoreWrite, WriteJob, run_writer};
+use super::writer::{SecretEvent, VipStoreWrite, WriteError, WriteJob, run_writer};
 use super::{Change, Input, MEMBER_KINDS, Options, Watched, WriteReport};
 use crate::compute::plan::{ClusterPlan, ObservedObject, Scope};
 use crate::compute::vip::VipTable;
@@ -491,7 +491,10 @@ impl Runtime {
         // An object that failed is retried alone; a failure of the job as a whole (the sync
         // namespace, statuses, the VIP store, leadership lost) backs off the member's writer.
         let (objects, whole): (Vec<_>, Vec<_>) = report.errors.iter().partition(|e| e.object().is_some());
-        let error = whole.first().map(|first| match whole.len() {
+        // A job cancelled because leadership was lost says nothing about the member: it is
+        // planned again whole when this replica leads again, without an error or a backoff.
+        let failures: Vec<_> = whole.iter().filter(|e| !matches!(e, WriteError::NotLeading { .. })).collect();
+        let error = failures.first().map(|first| match failures.len() {
             1 => first.to_string(),
             n => format!("{first} (and {} more)", n - 1),
         });
