@@ -432,7 +432,7 @@ mod tests {
         let (fence_tx, fence) = Fence::new();
         let stop = Arc::new(Notify::new());
         let task = spawn(hub.client(), "flotilla", &options, tx, fence_tx, stop.clone()).await.unwrap();
-        assert_eq!(news(&mut rx).await.0, false, "a follower to begin with");
+        assert!(!news(&mut rx).await.0, "a follower to begin with");
         let (leading, _) = news(&mut rx).await;
         assert!(leading && fence.holds(), "nobody held it: taken");
 
