@@ -197,15 +197,33 @@ async fn federates_a_fleet_registered_through_secrets() {
     })
     .await;
 
-    // The Service's port is renamed: the ServiceEntry's port follows, without the old one
-    // (created by a POST, the object's ports are not all the apply's to drop: replaced whole).
+    // The Service's port is renamed: the ServiceEntry's port follows, without the old one, in
+    // both members. east-1's copy was only ever written by flotilla's server-side applies (the
+    // create included): one field manager, one operation, so the apply alone dropped the port.
     apply(west, &testenv::builders::service("greeting", "greeting", "grpc", 80, 8080)).await;
-    eventually("the renamed port alone on greeting's ServiceEntry", WAIT, &flotilla, || async {
-        let se = get_se(west, se_name).await?;
-        let names: Vec<&str> = se.spec.ports.iter().map(|p| p.name.as_str()).collect();
-        (names == ["grpc"]).then_some(())
-    })
-    .await;
+    for (member, name) in [(west, "west-1"), (east, "east-1")] {
+        eventually(
+            &format!("the renamed port alone on greeting's ServiceEntry in {name}"),
+            WAIT,
+            &flotilla,
+            || async {
+                let se = get_se(member, se_name).await?;
+                let names: Vec<&str> = se.spec.ports.iter().map(|p| p.name.as_str()).collect();
+                (names == ["grpc"]).then_some(())
+            },
+        )
+        .await;
+    }
+    let managers: Vec<(String, String)> = get_se(east, se_name)
+        .await
+        .unwrap()
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| (m.manager.unwrap_or_default(), m.operation.unwrap_or_default()))
+        .collect();
+    assert_eq!(managers, [("flotilla".to_string(), "Apply".to_string())], "created and changed by apply only");
     apply(west, &testenv::builders::service("greeting", "greeting", "http", 80, 8080)).await;
 
     // A second source of greeting in north-1: east-1 reaches both gateways.

@@ -294,9 +294,12 @@ async fn run_op(cluster: &str, client: &Client, op: Op, metrics: &Metrics) -> Ou
                 Outcome::Failed(WriteError::Apply { cluster: cluster.into(), key: key.clone(), message })
             };
             match result {
-                Ok(o) if o.digest == planned.digest => Outcome::Applied(Box::new(o)),
+                Ok(Applied::TakenMeanwhile) => {
+                    failed("created by someone else since it was planned; left alone".into())
+                }
+                Ok(Applied::Written(o)) if o.digest == planned.digest => Outcome::Applied(Box::new(o)),
                 // Still not what we want after a replace: reported, and retried with backoff.
-                Ok(_) => {
+                Ok(Applied::Written(_)) => {
                     failed("the API server keeps content flotilla did not write (after an apply and a replace)".into())
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 && planned.replaces.is_none() => {
@@ -354,18 +357,30 @@ fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
 }
 
-/// Writes `obj` only over what was planned: it is created when the plan saw nothing (a 409 if
-/// someone's object appeared meanwhile), else server-side applied on condition that the object
-/// is still the version seen (a 409 if it changed hands). Returns what the member then holds.
-/// When someone else has written into one of our objects, fields it added that server-side apply
-/// cannot take back stay (an extra ServiceEntry port: the list is keyed by name); then the
-/// object is replaced whole, once, from the version just written.
+/// What an apply left in the member.
+enum Applied {
+    /// Our object, as the member now holds it.
+    Written(ObservedObject),
+    /// Someone else created an object with this name since the plan saw none: left as it was.
+    TakenMeanwhile,
+}
+
+/// Writes `obj` only over what was planned, by server-side apply as field manager `flotilla`
+/// (one write path: create, change and shrink alike, so dropping a field from our object
+/// removes it). When the plan saw nothing, the apply is not forced: an object someone else
+/// created meanwhile with other values conflicts (409) and is left alone; one with exactly our
+/// values would merge, so when the answer shows another field manager, flotilla withdraws at once
+/// (an empty apply takes back only the labels it alone set) and leaves it alone. When the plan saw
+/// our object, the apply is forced, on condition that the object is still the version seen (a
+/// 409 if it changed hands). When someone else has written into one of our objects, fields it
+/// added that server-side apply cannot take back stay (an extra ServiceEntry port: the list is
+/// keyed by name); then the object is replaced whole, once, from the version just written.
 async fn apply<K>(
     client: &Client,
     planned: &Planned,
     obj: &K,
     wrap: impl Fn(K) -> DesiredObject,
-) -> Result<ObservedObject, kube::Error>
+) -> Result<Applied, kube::Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -383,17 +398,31 @@ where
         async move { api.replace(&key.name, &pp, &whole).await }
     };
     let written = match &planned.replaces {
-        None => api.create(&pp, obj).await?,
+        None => {
+            let created = api.patch(&key.name, &PatchParams::apply(MANAGER), &Patch::Apply(obj)).await?;
+            if has_other_manager(created.meta()) {
+                let withdraw = serde_json::json!({
+                    "apiVersion": K::api_version(&()),
+                    "kind": K::kind(&()),
+                    "metadata": { "name": &*key.name, "namespace": key.namespace },
+                });
+                api.patch(&key.name, &PatchParams::apply(MANAGER), &Patch::Apply(&withdraw)).await?;
+                return Ok(Applied::TakenMeanwhile);
+            }
+            created
+        }
         Some(seen) => {
             let mut conditional = obj.clone();
             conditional.meta_mut().resource_version = Some(seen.clone());
             // Force: these objects carry our label, so every field we set is ours to set.
             match api.patch(&key.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&conditional)).await {
                 Ok(written) => written,
-                // Merged with what another manager (or an earlier create or replace of ours)
-                // still owns, the object would be invalid (two ports with one number): replace it.
+                // Merged with what another manager (or a create or replace of an earlier
+                // version) still owns, the object would be invalid (two ports with one number):
+                // replace it.
                 Err(kube::Error::Api(s)) if s.code == 422 => {
-                    return Ok(ObservedObject::new(&wrap(replace(Some(seen.clone())).await?)));
+                    let replaced = replace(Some(seen.clone())).await?;
+                    return Ok(Applied::Written(ObservedObject::new(&wrap(replaced))));
                 }
                 Err(e) => return Err(e),
             }
@@ -401,9 +430,16 @@ where
     };
     let observed = ObservedObject::new(&wrap(written.clone()));
     if observed.digest == planned.digest {
-        return Ok(observed);
+        return Ok(Applied::Written(observed));
     }
-    Ok(ObservedObject::new(&wrap(replace(written.meta().resource_version.clone()).await?)))
+    let replaced = replace(written.meta().resource_version.clone()).await?;
+    Ok(Applied::Written(ObservedObject::new(&wrap(replaced))))
+}
+
+/// Whether a field manager other than flotilla has a say in the object: one that flotilla's apply
+/// has just created has none.
+fn has_other_manager(meta: &ObjectMeta) -> bool {
+    meta.managed_fields.iter().flatten().any(|m| m.manager.as_deref() != Some(MANAGER))
 }
 
 /// Deletes one of our objects, on condition that it is still the version seen (so an object
@@ -577,6 +613,66 @@ mod tests {
             Some(Input::WriteDone { report, .. }) => report,
             other => panic!("expected a report, got {other:?}"),
         }
+    }
+
+    /// A member that answers every request with `answer`, and records what it was asked.
+    fn recording_member(
+        answer: serde_json::Value,
+    ) -> (Client, Arc<std::sync::Mutex<Vec<(String, String, serde_json::Value)>>>) {
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = asked.clone();
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let (record, answer) = (record.clone(), answer.clone());
+            async move {
+                let method = request.method().to_string();
+                let uri = request.uri().to_string();
+                let body = request.into_body().collect_bytes().await.expect("a body");
+                let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                record.lock().unwrap().push((method, uri, body));
+                let response = http::Response::new(kube::client::Body::from(answer.to_string().into_bytes()));
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        (Client::new(service, "default"), asked)
+    }
+
+    #[tokio::test]
+    async fn an_object_created_meanwhile_with_our_values_is_given_back_untouched() {
+        // The member already holds caller-egress, created by someone else with exactly our
+        // values: the unforced apply merges instead of conflicting, and its answer shows the
+        // other field manager.
+        let theirs = serde_json::json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
+            "metadata": { "name": "caller-egress", "namespace": "caller", "resourceVersion": "7",
+                "managedFields": [
+                    { "manager": "kubectl-create", "operation": "Update" },
+                    { "manager": MANAGER, "operation": "Apply" },
+                ] },
+            "spec": {},
+        });
+        let (client, asked) = recording_member(theirs);
+        let (jobs, jobs_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+        let (fence_tx, fence) = Fence::new();
+        fence_tx.send_replace(Some(Instant::now() + Duration::from_secs(3600)));
+        let limit = Arc::new(Semaphore::new(4));
+        let metrics = Arc::new(Metrics::default());
+        tokio::spawn(run_writer("m".into(), 1, client, None, jobs_rx, done_tx, limit, metrics, fence));
+        jobs.send(one_apply()).unwrap();
+        let report = report(&mut done).await;
+
+        assert!(report.applied.is_empty());
+        let error = report.errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        assert!(error.contains("Sidecar caller/caller-egress") && error.contains("created by someone else"), "{error}");
+        let asked = asked.lock().unwrap().clone();
+        assert_eq!(asked.len(), 2, "one create by apply, one withdrawal: {asked:?}");
+        for (method, uri, _) in &asked {
+            assert_eq!(method, "PATCH");
+            assert!(uri.contains("fieldManager=flotilla") && !uri.contains("force=true"), "{uri}");
+        }
+        let withdrawal = &asked[1].2;
+        assert!(withdrawal.get("spec").is_none(), "the withdrawal sets nothing: {withdrawal}");
+        assert!(withdrawal["metadata"].get("labels").is_none(), "{withdrawal}");
     }
 
     #[tokio::test(start_paused = true)]
