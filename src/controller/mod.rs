@@ -33,6 +33,7 @@ pub mod vips;
 pub mod watch;
 pub mod writer;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -127,12 +128,16 @@ impl Watched {
 }
 
 /// What a watch saw.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub enum Change {
     Applied(Watched),
     Deleted(Kind, NsName),
-    /// A complete (re)list: anything known before and not in it was deleted meanwhile.
-    Relisted(Kind, Vec<Watched>),
+    /// Objects of a (re)list under way, one page at a time; the credit, dropped once the page
+    /// is taken in, lets the next page of any watch be sent (`watch::Feed`).
+    RelistPage(Vec<Watched>, watch::Credit),
+    /// A (re)list is complete, with the keys of everything it held: anything known before and
+    /// not in it was deleted meanwhile.
+    Relisted(Kind, BTreeSet<NsName>),
     Failed(watch::WatchError),
     /// The member's API server answers again (or for the first time).
     Answered,

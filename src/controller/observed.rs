@@ -50,9 +50,10 @@ impl Observed {
         }
     }
 
-    /// A complete list of `kind` in `cluster` arrived: returns what was known and is not in it
-    /// (deleted while the watch was down), which the caller deletes with `gone`. A list of an
-    /// output kind replaces what was assumed about its objects.
+    /// A complete list of `kind` in `cluster` arrived (its objects, page by page, before this):
+    /// returns what was known and is not in it (deleted while the watch was down), which the
+    /// caller deletes with `gone`. Of an output kind, only what the list holds is believed
+    /// (an object a job reported and the list lacks was deleted since).
     pub fn relisted(&mut self, cluster: &str, kind: Kind, listed: &BTreeSet<NsName>) -> Vec<NsName> {
         let before = self.known.get(&(cluster.to_string(), kind));
         let vanished = before.map(|b| b.difference(listed).cloned().collect()).unwrap_or_default();
@@ -61,7 +62,8 @@ impl Observed {
                 *touched = None;
             }
             if let Some(outputs) = self.outputs.get_mut(cluster) {
-                outputs.retain(|k, _| k.kind != kind);
+                outputs
+                    .retain(|k, _| k.kind != kind || listed.contains(&(k.namespace.to_string(), k.name.to_string())));
             }
         }
         vanished
@@ -168,10 +170,13 @@ mod tests {
             o.seen("m", Kind::Sidecar, key(name));
             o.observe_output("m", sidecar(name));
         }
+        // Reported by a job, never seen by the watch.
+        o.observe_output("m", sidecar("e"));
         o.seen("m", Kind::Deployment, key("d"));
         let listed: BTreeSet<NsName> = [key("b")].into();
         assert_eq!(o.relisted("m", Kind::Sidecar, &listed), [key("a"), key("c")]);
-        assert!(o.outputs("m").unwrap().is_empty(), "the list is the truth: re-observed one by one");
+        let outputs: Vec<&str> = o.outputs("m").unwrap().keys().map(|k| &*k.name).collect();
+        assert_eq!(outputs, ["b"], "the list is the truth: what it lacks is gone, what a job said included");
         let nothing: BTreeSet<NsName> = BTreeSet::new();
         assert_eq!(o.relisted("m", Kind::Deployment, &nothing), [key("d")], "kinds are separate");
         assert!(o.relisted("other", Kind::Sidecar, &nothing).is_empty(), "members are separate");

@@ -35,7 +35,7 @@ use super::registry::{
 use super::server::{Published, Shared, View};
 use super::statuses::{ClusterErrors, PendingStatuses};
 use super::vips::{Adoption, VipStore};
-use super::watch::{VipStoreEvent, spawn_hub_watches, spawn_member_watches};
+use super::watch::{Feed, VipStoreEvent, spawn_hub_watches, spawn_member_watches};
 use super::writer::{SecretEvent, VipStoreWrite, WriteError, WriteJob, run_writer};
 use super::{Change, Input, MEMBER_KINDS, Options, Watched, WriteReport};
 use crate::compute::plan::{ClusterPlan, ObservedObject, Scope};
@@ -61,7 +61,8 @@ struct Writer {
 pub struct Runtime {
     opts: Options,
     shared: Arc<Shared>,
-    tx: UnboundedSender<Input>,
+    /// The runtime's own channel (with the relist credits its watches share).
+    feed: Feed,
     limit: Arc<Semaphore>,
     /// Until when this replica may write; every writer's jobs run under it.
     fence: Fence,
@@ -100,13 +101,14 @@ pub async fn run(hub: Client, opts: Options, shutdown: impl std::future::Future<
     let servers = super::server::start(&hub, &opts, &shared).await?;
 
     let (tx, mut rx) = unbounded_channel();
+    let feed = Feed::new(tx.clone());
     let _hub_watches = spawn_hub_watches(
         hub.clone(),
         &opts.secret_namespace,
         &opts.secret_selectors,
         &opts.namespace,
         &opts.vip_configmap,
-        tx.clone(),
+        feed.clone(),
     );
     let stop_lease = Arc::new(Notify::new());
     // Without election the fence stays open for the life of this function.
@@ -125,7 +127,7 @@ pub async fn run(hub: Client, opts: Options, shutdown: impl std::future::Future<
     };
 
     let mut debounce = Debounce::new(opts.debounce, opts.debounce_max);
-    let mut runtime = Runtime::new(hub, opts, shared, tx, fence);
+    let mut runtime = Runtime::new(hub, opts, shared, feed, fence);
     drive(&mut runtime, &mut rx, &mut debounce, TICK, shutdown).await;
     tracing::info!("shutting down");
     // Release the lease so that another replica takes over without waiting for it to expire.
@@ -225,7 +227,7 @@ impl Driven for Runtime {
 }
 
 impl Runtime {
-    pub fn new(hub: Client, opts: Options, shared: Arc<Shared>, tx: UnboundedSender<Input>, fence: Fence) -> Self {
+    pub fn new(hub: Client, opts: Options, shared: Arc<Shared>, feed: Feed, fence: Fence) -> Self {
         let engine = Engine::new(opts.settings.clone(), VipTable::default());
         let limit = Arc::new(Semaphore::new(opts.max_concurrent_writes.max(1)));
         let reporter = Reporter {
@@ -236,7 +238,7 @@ impl Runtime {
         let mut rt = Runtime {
             opts,
             shared,
-            tx,
+            feed,
             limit,
             fence,
             engine: Some(Box::new(engine)),
@@ -289,19 +291,21 @@ impl Runtime {
                 }
                 self.delete_watched(cluster, kind, &key);
             }
-            Change::Relisted(kind, objects) => {
+            // Taken in as it comes; the credit goes back when this arm ends.
+            Change::RelistPage(objects, _credit) => {
+                for w in objects {
+                    self.apply_watched(cluster, w);
+                }
+            }
+            Change::Relisted(kind, listed) => {
                 if let Some(h) = health {
                     h.listed(kind);
                 }
-                let listed: BTreeSet<NsName> = objects.iter().map(Watched::key).collect();
                 for gone in self.observed.relisted(cluster, kind, &listed) {
                     self.delete_watched(cluster, kind, &gone);
                 }
                 if kind.is_output() {
                     self.pending.whole(cluster);
-                }
-                for w in objects {
-                    self.apply_watched(cluster, w);
                 }
             }
             Change::Failed(e) => {
@@ -444,7 +448,7 @@ impl Runtime {
                 tracing::info!(cluster = id, secret = %registration.secret, rotated = previous.is_some(), "member registered");
                 self.engine().fleet.upsert_cluster(id, registration.overrides.clone());
                 let sync_ns = &self.opts.settings.sync_namespace;
-                let watches = spawn_member_watches(client.clone(), id.to_string(), epoch, sync_ns, self.tx.clone());
+                let watches = spawn_member_watches(client.clone(), id.to_string(), epoch, sync_ns, self.feed.clone());
                 self.start_writer(id, epoch, client, None);
                 (MemberHealth::connecting(now, MEMBER_KINDS, ever_synced), Some(watches), Ok(()))
             }
@@ -463,7 +467,7 @@ impl Runtime {
             client,
             recorder,
             rx,
-            self.tx.clone(),
+            self.feed.tx.clone(),
             self.limit.clone(),
             self.shared.metrics.clone(),
             self.fence.clone(),
@@ -801,7 +805,7 @@ mod tests {
     async fn a_sick_or_new_member_holds_back_only_itself_after_start_up() {
         let shared = Arc::new(Shared::new(Arc::new(Metrics::default())));
         let (tx, _rx) = unbounded_channel();
-        let mut runtime = Runtime::new(unreachable_hub(), options(), shared.clone(), tx, Fence::open().1);
+        let mut runtime = Runtime::new(unreachable_hub(), options(), shared.clone(), Feed::new(tx), Fence::open().1);
         runtime.handle(Input::VipStore(VipStoreEvent::Contents(BTreeMap::new()))).await;
         runtime.handle(Input::Secrets(Vec::new())).await;
         runtime.handle(Input::Leader(true)).await;
@@ -843,7 +847,7 @@ mod tests {
         tokio::spawn(super::super::server::serve_plain(listener, shared.clone(), true));
 
         let (tx, _rx) = unbounded_channel();
-        let mut runtime = Runtime::new(unreachable_hub(), options(), shared, tx, Fence::open().1);
+        let mut runtime = Runtime::new(unreachable_hub(), options(), shared, Feed::new(tx), Fence::open().1);
         let (answered_tx, answered_rx) = std::sync::mpsc::channel::<()>();
         let (computing_tx, computing_rx) = tokio::sync::oneshot::channel::<()>();
         let computing_tx = std::sync::Mutex::new(Some(computing_tx));

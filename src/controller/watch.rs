@@ -1,10 +1,14 @@
 //! Watches: every member's inputs and owned outputs, and the hub's registration Secrets, hub
-//! Dependencies and VIP store. Each watch turns its stream into `Change`s for the runtime; a
-//! relist is delivered whole (`Relisted`) so the runtime can drop what disappeared meanwhile.
+//! Dependencies and VIP store. Each watch turns its stream into `Change`s for the runtime. A
+//! relist is delivered in pages as it arrives (`RelistPage`), then its end with the keys it held
+//! (`Relisted`), so the runtime can drop what disappeared meanwhile; a page is sent only with a
+//! credit, of which the whole fleet has `RELIST_PAGES_IN_FLIGHT`, so a relist of many big
+//! members at once never holds more than those pages in memory before the runtime takes them in.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, stream};
@@ -16,6 +20,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::deadline::{self, watcher_config};
@@ -27,7 +32,57 @@ use crate::crd::{ClientConnectionConfig, Dependency, GlobalTrafficPolicy, Outlie
 use crate::ingest::InputObject;
 use crate::istio::{DestinationRule, ServiceEntry, Sidecar};
 use crate::meta::{HUB, Kind};
+use crate::model::NsName;
 use crate::settings::LabelTerm;
+
+/// Objects per relist page (kube's watcher lists 500 at a time too).
+pub const RELIST_PAGE: usize = 500;
+/// Relist pages sent and not yet taken in by the runtime, across the fleet.
+pub const RELIST_PAGES_IN_FLIGHT: usize = 8;
+
+/// The runtime's channel, and the credits that bound relist pages in flight (shared by every
+/// watch of the process).
+#[derive(Clone, Debug)]
+pub struct Feed {
+    pub tx: UnboundedSender<Input>,
+    credits: Arc<Semaphore>,
+}
+
+impl Feed {
+    pub fn new(tx: UnboundedSender<Input>) -> Self {
+        Feed { tx, credits: Arc::new(Semaphore::new(RELIST_PAGES_IN_FLIGHT)) }
+    }
+}
+
+/// Leave to send one more relist page; it goes back when dropped (once the page is taken in).
+#[derive(Debug)]
+pub struct Credit {
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Where one watch's changes go: a member's (with the epoch of its client) or the hub's.
+#[derive(Clone, Debug)]
+struct Sink {
+    feed: Feed,
+    member: Option<(String, u64)>,
+}
+
+impl Sink {
+    /// False when the runtime is gone.
+    fn send(&self, change: Change) -> bool {
+        let input = match &self.member {
+            Some((cluster, epoch)) => Input::Member { cluster: cluster.clone(), epoch: *epoch, change },
+            None => Input::Hub(change),
+        };
+        self.feed.tx.send(input).is_ok()
+    }
+
+    /// Sends a page of a relist once a credit is free.
+    async fn send_page(&self, objects: Vec<Watched>) -> bool {
+        let permit = self.feed.credits.clone().acquire_owned().await.ok();
+        self.send(Change::RelistPage(objects, Credit { _permit: permit }))
+    }
+}
 
 /// A watch that failed (it is retried with backoff), naming the kind and the cluster.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -44,11 +99,10 @@ pub fn spawn_member_watches(
     cluster: String,
     epoch: u64,
     sync_namespace: &str,
-    tx: UnboundedSender<Input>,
+    feed: Feed,
 ) -> JoinSet<()> {
     let mut set = JoinSet::new();
-    let member = cluster.clone();
-    let send = move |change: Change| tx.send(Input::Member { cluster: member.clone(), epoch, change }).is_ok();
+    let send = Sink { feed, member: Some((cluster.clone(), epoch)) };
     let all = watcher_config;
     // Every input kind is watched in all namespaces, and becomes the InputObject variant of its name.
     macro_rules! watch_input {
@@ -109,7 +163,7 @@ pub fn spawn_member_watches(
     spawn(&mut set, &cluster, drs, all(), Kind::DestinationRule, send.clone(), |o| {
         Watched::Output(Box::new(ObservedObject::new(&DesiredObject::DestinationRule(o))))
     });
-    set.spawn(probe(client, send));
+    set.spawn(probe(client, move |change| send.send(change)));
     set
 }
 
@@ -152,14 +206,14 @@ pub fn spawn_hub_watches(
     selectors: &[LabelTerm],
     own_namespace: &str,
     vip_configmap: &str,
-    tx: UnboundedSender<Input>,
+    feed: Feed,
 ) -> JoinSet<()> {
     let mut set = JoinSet::new();
+    let tx = feed.tx.clone();
     let secrets = Api::<Secret>::namespaced(client.clone(), secret_namespace);
     set.spawn(watch_secrets(secrets, selectors.to_vec(), tx.clone()));
 
-    let hub_tx = tx.clone();
-    let send = move |change: Change| hub_tx.send(Input::Hub(change)).is_ok();
+    let send = Sink { feed, member: None };
     spawn(&mut set, HUB, Api::<Dependency>::all(client.clone()), watcher_config(), Kind::Dependency, send, |o| {
         Watched::Input(Box::new(InputObject::Dependency(Box::new(o))))
     });
@@ -322,7 +376,7 @@ async fn watch_forever<K>(
     api: Api<K>,
     config: watcher::Config,
     kind: Kind,
-    send: &(impl Fn(Change) -> bool + Sync),
+    send: &Sink,
     convert: &(impl Fn(K) -> Watched + Sync),
     until_absent: bool,
 ) -> bool
@@ -351,7 +405,7 @@ fn spawn<K>(
     api: Api<K>,
     config: watcher::Config,
     kind: Kind,
-    send: impl Fn(Change) -> bool + Send + Sync + 'static,
+    send: Sink,
     convert: impl Fn(K) -> Watched + Send + Sync + 'static,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
@@ -373,7 +427,7 @@ fn spawn_optional<K>(
     cluster: &str,
     api: Api<K>,
     kind: Kind,
-    send: impl Fn(Change) -> bool + Send + Sync + 'static,
+    send: Sink,
     convert: impl Fn(K) -> Watched + Send + Sync + 'static,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
@@ -384,7 +438,7 @@ fn spawn_optional<K>(
         loop {
             match api.list(&ListParams::default().limit(1)).await {
                 Err(kube::Error::Api(s)) if s.code == 404 => {
-                    if !absent && !send(Change::Relisted(kind, Vec::new())) {
+                    if !absent && !send.send(Change::Relisted(kind, BTreeSet::new())) {
                         return;
                     }
                     absent = true;
@@ -392,7 +446,7 @@ fn spawn_optional<K>(
                     continue;
                 }
                 Err(e) => {
-                    if !send(Change::Failed(WatchError {
+                    if !send.send(Change::Failed(WatchError {
                         cluster: cluster.clone(),
                         kind,
                         message: crate::meta::error_chain(&e),
@@ -408,7 +462,7 @@ fn spawn_optional<K>(
             if !watch_forever(&cluster, api.clone(), watcher_config(), kind, &send, &convert, true).await {
                 return;
             }
-            if !send(Change::Relisted(kind, Vec::new())) {
+            if !send.send(Change::Relisted(kind, BTreeSet::new())) {
                 return;
             }
             absent = true;
@@ -423,7 +477,7 @@ async fn watch_kind<K>(
     api: Api<K>,
     config: watcher::Config,
     kind: Kind,
-    send: &(impl Fn(Change) -> bool + Sync),
+    send: &Sink,
     convert: &(impl Fn(K) -> Watched + Sync),
     until_absent: bool,
 ) -> Ended
@@ -431,23 +485,36 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
     let mut stream = watcher(api, config).boxed();
-    let mut buffer = Vec::new();
+    let mut page = Vec::new();
+    let mut listed_keys: BTreeSet<NsName> = BTreeSet::new();
     let mut listed = false;
     while let Some(event) = stream.next().await {
         let change = match event {
             Ok(watcher::Event::Apply(o)) => Change::Applied(convert(strip(o))),
             Ok(watcher::Event::Delete(o)) => Change::Deleted(kind, (o.namespace().unwrap_or_default(), o.name_any())),
             Ok(watcher::Event::Init) => {
-                buffer.clear();
+                page.clear();
+                listed_keys.clear();
                 continue;
             }
             Ok(watcher::Event::InitApply(o)) => {
-                buffer.push(convert(strip(o)));
+                let object = convert(strip(o));
+                listed_keys.insert(object.key());
+                page.push(object);
+                if page.len() < RELIST_PAGE {
+                    continue;
+                }
+                if !send.send_page(std::mem::take(&mut page)).await {
+                    return Ended::RuntimeGone;
+                }
                 continue;
             }
             Ok(watcher::Event::InitDone) => {
+                if !page.is_empty() && !send.send_page(std::mem::take(&mut page)).await {
+                    return Ended::RuntimeGone;
+                }
                 listed = true;
-                Change::Relisted(kind, std::mem::take(&mut buffer))
+                Change::Relisted(kind, std::mem::take(&mut listed_keys))
             }
             Err(
                 watcher::Error::InitialListFailed(kube::Error::Api(s))
@@ -461,10 +528,10 @@ where
                     kind,
                     message: crate::meta::error_chain(&e),
                 });
-                return if send(failed) { Ended::Failed { listed } } else { Ended::RuntimeGone };
+                return if send.send(failed) { Ended::Failed { listed } } else { Ended::RuntimeGone };
             }
         };
-        if !send(change) {
+        if !send.send(change) {
             return Ended::RuntimeGone;
         }
     }
@@ -476,4 +543,47 @@ where
 fn strip<K: Resource>(mut o: K) -> K {
     o.meta_mut().managed_fields = None;
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(n: usize) -> Vec<Watched> {
+        let node = |i: usize| {
+            let mut node = Node::default();
+            node.metadata.name = Some(format!("node-{i}"));
+            Watched::Input(Box::new(InputObject::Node(Box::new(node))))
+        };
+        (0..n).map(node).collect()
+    }
+
+    #[tokio::test]
+    async fn relist_pages_in_flight_are_bounded_across_watches_until_the_runtime_takes_them_in() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let feed = Feed::new(tx);
+        let sinks: Vec<Sink> =
+            (0..2).map(|i| Sink { feed: feed.clone(), member: Some((format!("m{i}"), 1)) }).collect();
+        // Two members relisting at once share the credits.
+        for i in 0..RELIST_PAGES_IN_FLIGHT {
+            assert!(sinks[i % 2].send_page(page(RELIST_PAGE)).await);
+        }
+        let mut next = Box::pin(sinks[0].send_page(page(1)));
+        assert!(futures::poll!(next.as_mut()).is_pending(), "no credit left: the page waits");
+
+        // The runtime takes one page in (and drops it): the waiting page goes.
+        let first = rx.recv().await.expect("a page");
+        assert!(
+            matches!(&first, Input::Member { change: Change::RelistPage(objects, _), .. } if objects.len() == RELIST_PAGE)
+        );
+        assert!(futures::poll!(next.as_mut()).is_pending(), "held while the page is being taken in");
+        drop(first);
+        assert!(next.await);
+        let mut sent = 0;
+        while let Ok(input) = rx.try_recv() {
+            assert!(matches!(input, Input::Member { change: Change::RelistPage(..), .. }));
+            sent += 1;
+        }
+        assert_eq!(sent, RELIST_PAGES_IN_FLIGHT, "the rest, and the one that waited");
+    }
 }

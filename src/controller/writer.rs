@@ -615,10 +615,11 @@ mod tests {
         }
     }
 
+    /// Requests a member was asked: method, URI, body.
+    type Asked = Arc<std::sync::Mutex<Vec<(String, String, serde_json::Value)>>>;
+
     /// A member that answers every request with `answer`, and records what it was asked.
-    fn recording_member(
-        answer: serde_json::Value,
-    ) -> (Client, Arc<std::sync::Mutex<Vec<(String, String, serde_json::Value)>>>) {
+    fn recording_member(answer: serde_json::Value) -> (Client, Asked) {
         let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
         let record = asked.clone();
         let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {

@@ -81,7 +81,9 @@ impl Flotilla {
     /// Starts the process again (same flags, same address).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "flotilla {} is running", self.name);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla"));
+        // FLOTILLA_BIN: another build to compare with (benches), e.g. one of an earlier commit.
+        let binary = std::env::var("FLOTILLA_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_flotilla").to_string());
+        let mut cmd = Command::new(binary);
         cmd.args(&self.args)
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
