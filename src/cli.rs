@@ -222,6 +222,13 @@ pub struct RunArgs {
     /// Write requests in flight across all members.
     #[arg(long, default_value_t = 16, env = "FLOTILLA_MAX_CONCURRENT_WRITES")]
     pub max_concurrent_writes: usize,
+    /// How long a host's VIP stays reserved after the last object carrying it is gone (clients
+    /// may still resolve it); then the address is released for other hosts.
+    #[arg(long, default_value = "168h", value_parser = parse_duration, env = "FLOTILLA_VIP_RELEASE_AFTER")]
+    pub vip_release_after: Duration,
+    /// Hosts per ConfigMap of the VIP store (the tests make it small to have many shards).
+    #[arg(long, default_value_t = crate::compute::vip::SHARD_ENTRIES, hide = true)]
+    pub vip_shard_entries: usize,
     #[arg(long, value_enum, default_value = "plain", env = "FLOTILLA_LOG_FORMAT")]
     pub log_format: LogFormat,
     /// tracing filter, e.g. `info` or `flotilla=debug,kube=info`.
@@ -603,6 +610,8 @@ async fn run_controller(args: RunArgs, settings: crate::settings::Settings) -> a
             grace_seconds: args.lease_grace.as_secs().max(1),
         }),
         vip_configmap: args.hub.vip_configmap.clone(),
+        vip_shard_entries: args.vip_shard_entries.max(1),
+        vip_release_after: args.vip_release_after,
         max_concurrent_writes: args.max_concurrent_writes,
     };
     tracing::info!(namespace = %opts.namespace, secrets = %opts.secret_namespace, leader_election = opts.leader_election.is_some(), "starting");

@@ -33,12 +33,13 @@ pub struct Rendered {
 }
 
 /// The engine after one full compute of a loaded fleet: what `render` prints from. The hub's
-/// VIP store (the ConfigMap `vip_store` in `_hub/`, as `run` keeps it) gives the addresses already
-/// allocated, so `render` writes the addresses `run` writes; hosts it does not hold get addresses
-/// as `run` would allocate them.
+/// VIP store (the ConfigMap `vip_store` and its further shards in `_hub/`, as `run` keeps them)
+/// gives the addresses already allocated, so `render` writes the addresses `run` writes; hosts it
+/// does not hold get addresses as `run` would allocate them.
 pub fn engine(loaded: &LoadedFleet, settings: &Settings, vip_store: &str) -> Engine {
-    let store = loaded.hub_config_maps.get(vip_store).map(|cm| vip::parse_store(cm.data.as_ref()));
-    let mut engine = Engine::new(settings.clone(), VipTable::from_existing(store.unwrap_or_default()));
+    let shards = loaded.hub_config_maps.iter().filter_map(|(name, cm)| Some((vip::shard_index(vip_store, name)?, cm)));
+    let store = vip::parse_shards(shards.map(|(i, cm)| (i, cm.data.as_ref())));
+    let mut engine = Engine::new(settings.clone(), VipTable::from_existing(store));
     for (id, overrides) in &loaded.clusters {
         engine.fleet.upsert_cluster(id, overrides.clone());
     }

@@ -103,7 +103,11 @@ pub async fn snapshot(hub: &Client, opts: &SnapshotOptions, out: &Path) -> anyho
     let deps: Vec<InputObject> = deps.into_iter().map(|d| InputObject::Dependency(Box::new(d))).collect();
     write_if_any(&hub_dir, "dependencies.yaml", &reduced(&deps, &opts.identity_label))?;
     let configmaps: Api<ConfigMap> = Api::namespaced(hub.clone(), &opts.namespace);
-    if let Some(store) = configmaps.get_opt(&opts.vip_configmap).await? {
+    let shards = list(configmaps).await?.into_iter().filter(|cm| {
+        cm.metadata.name.as_deref().and_then(|n| crate::compute::vip::shard_index(&opts.vip_configmap, n)).is_some()
+    });
+    for store in shards {
+        let name = store.metadata.name.clone().unwrap_or_default();
         let kept = ConfigMap {
             metadata: kube::api::ObjectMeta {
                 name: store.metadata.name.clone(),
@@ -113,7 +117,7 @@ pub async fn snapshot(hub: &Client, opts: &SnapshotOptions, out: &Path) -> anyho
             data: store.data.clone(),
             ..Default::default()
         };
-        std::fs::write(hub_dir.join(format!("{}.yaml", opts.vip_configmap)), document(&kept))?;
+        std::fs::write(hub_dir.join(format!("{name}.yaml")), document(&kept))?;
     }
     Ok(report)
 }

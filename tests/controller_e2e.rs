@@ -5,7 +5,9 @@ mod testenv;
 
 use flotilla::crd::{Dependency, GlobalTrafficPolicy};
 use flotilla::istio::{ServiceEntry, Sidecar};
-use k8s_openapi::api::core::v1::Secret;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams};
@@ -23,7 +25,8 @@ async fn federates_a_fleet_registered_through_secrets() {
     prepare_member(east, "us-east-2", "10.0.0.2").await;
     prepare_member(north, "eu-north-1", "10.0.0.3").await;
 
-    let flotilla = Flotilla::start(&hub, "replica-a", &[]);
+    // A host's address outlives its last object by 2 s here (a week by default).
+    let flotilla = Flotilla::start(&hub, "replica-a", &["--vip-release-after", "2s"]);
     let secrets: Api<Secret> = Api::namespaced(hub_client.clone(), FLOTILLA_NAMESPACE);
     // Admiral's format with two clusters, Istio's with one, and one that must be refused.
     let admiral = secret(
@@ -136,6 +139,19 @@ async fn federates_a_fleet_registered_through_secrets() {
         .await;
         assert!(get_se(member, se_name).await.is_some(), "the default host stays in {name}");
     }
+    // The dropped host's address is marked unused, then released once the grace period is
+    // over; the default host keeps its address.
+    let store = || async {
+        let api = Api::<ConfigMap>::namespaced(hub_client.clone(), FLOTILLA_NAMESPACE);
+        api.get("flotilla-vips").await.unwrap().data.unwrap_or_default()
+    };
+    let address = get_se(west, se_name).await.unwrap().spec.addresses[0].clone();
+    eventually("the dropped host's address released", WAIT, &flotilla, || async {
+        let data = store().await;
+        (!data.contains_key("west.stage.greeting.global")).then_some(())
+    })
+    .await;
+    assert_eq!(store().await["stage.greeting.global"], address, "a live host's address never moves");
 
     // A second GTP for the same identity+env that takes precedence: the first says to whom it lost.
     // (A higher priority label decides it: creation times have one-second resolution.)
@@ -284,7 +300,9 @@ async fn a_stale_member_stays_in_the_fleet_is_reconciled_and_a_restart_writes_no
     let (a, b) = (&clients[0], &clients[1]);
     prepare_member(a, "us-west-2", "10.0.1.1").await;
     prepare_member(b, "us-east-2", "10.0.1.2").await;
-    let mut flotilla = Flotilla::start(&hub, "replica-b", &[]);
+    // Two hosts per ConfigMap of the VIP store: the store spreads over shards, and the restart
+    // below must read every one of them back (or it would allocate again, and write).
+    let mut flotilla = Flotilla::start(&hub, "replica-b", &["--vip-shard-entries", "2"]);
     let kubeconfigs = [("a-1", members[0].admin_kubeconfig()), ("b-1", members[1].admin_kubeconfig())];
     apply(&hub_client, &secret("members", "istio/multiCluster", &kubeconfigs)).await;
     deploy(a, "greeting", "greeting").await;
@@ -321,6 +339,19 @@ async fn a_stale_member_stays_in_the_fleet_is_reconciled_and_a_restart_writes_no
     // plan was empty, and no status or VIP is left to write. A build that rewrote anything on
     // restart would have written it by then.
     converged(&flotilla).await;
+    let configmaps = Api::<ConfigMap>::namespaced(hub_client.clone(), FLOTILLA_NAMESPACE);
+    let shards: BTreeMap<String, usize> = configmaps
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|cm| cm.metadata.name.as_deref().is_some_and(|n| n.starts_with("flotilla-vips")))
+        .map(|cm| (cm.metadata.name.unwrap(), cm.data.unwrap_or_default().len()))
+        .collect();
+    let names: Vec<&str> = shards.keys().map(String::as_str).collect();
+    assert_eq!(names, ["flotilla-vips", "flotilla-vips-1"], "three hosts, two per shard: {shards:?}");
+    assert_eq!(shards.values().sum::<usize>(), 3, "{shards:?}");
     flotilla.terminate();
     flotilla.restart();
     flotilla.wait_ready(WAIT).await;

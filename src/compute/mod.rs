@@ -160,6 +160,9 @@ pub struct Engine {
     /// depend on it.
     pub threads: usize,
     facts: Facts,
+    /// The hosts each identity's objects carry now (those with a VIP): what keeps an address
+    /// from being released.
+    hosts: BTreeMap<String, Vec<String>>,
 }
 
 impl Engine {
@@ -174,7 +177,18 @@ impl Engine {
             owners: Owners::default(),
             threads,
             facts: Facts::default(),
+            hosts: BTreeMap::new(),
         }
+    }
+
+    /// Every host some object carries now.
+    pub fn live_hosts(&self) -> BTreeSet<&str> {
+        self.hosts.values().flatten().map(String::as_str).collect()
+    }
+
+    /// The VIP table to change, with the hosts objects carry now (which keep their addresses).
+    pub fn vips_and_live_hosts(&mut self) -> (&mut VipTable, BTreeSet<&str>) {
+        (&mut self.vips, self.hosts.values().flatten().map(String::as_str).collect())
     }
 
     /// Replaces the VIP table (e.g. with the allocations persisted in the hub, when they disagree
@@ -218,6 +232,7 @@ impl Engine {
     pub fn clear_desired(&mut self) {
         self.desired = DesiredState::default();
         self.owners = Owners::default();
+        self.hosts.clear();
         self.fleet.mark_all_dirty();
     }
 
@@ -231,7 +246,7 @@ impl Engine {
         if dirty.all || dirty.facts {
             self.facts = Facts::of(&self.fleet, &self.settings);
         }
-        let Engine { settings, fleet, vips, desired, owners, threads, facts } = self;
+        let Engine { settings, fleet, vips, desired, owners, threads, facts, hosts } = self;
         touch_indirectly(&mut dirty, fleet, desired);
         let (widened, gone) = if dirty.all {
             // Everything, and the identities the model no longer knows: their objects go.
@@ -283,6 +298,15 @@ impl Engine {
                     let _ = vips.get_or_allocate(host, settings.vip_cidr);
                 }
             }
+        }
+        if dirty.all {
+            hosts.clear();
+        }
+        for id in &identities {
+            match pass.written_hosts(id) {
+                [] => hosts.remove(*id),
+                written => hosts.insert(id.to_string(), written.to_vec()),
+            };
         }
 
         // 3. Build objects on every core, comparing each identity's with what it produced before,

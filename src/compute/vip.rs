@@ -9,16 +9,156 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
+use k8s_openapi::jiff::Timestamp;
+
 use crate::meta::fnv1a;
 use crate::settings::Ipv4Cidr;
 
-/// Host → address, as the VIP store ConfigMap in the hub holds them (one data key per host);
+/// Hosts one ConfigMap of the VIP store holds at most: about 320 KiB with hosts of 46 characters
+/// (the 100,000-host test), under a third of the 1 MiB an object may hold.
+pub const SHARD_ENTRIES: usize = 5_000;
+
+/// The name of shard `index` of the VIP store `base`: `base` itself for the first (the store of
+/// the releases before shards), then `base-1`, `base-2`, ….
+pub fn shard_name(base: &str, index: usize) -> String {
+    if index == 0 { base.to_string() } else { format!("{base}-{index}") }
+}
+
+/// Which shard of the VIP store `base` the ConfigMap `name` is, if it is one.
+pub fn shard_index(base: &str, name: &str) -> Option<usize> {
+    if name == base {
+        return Some(0);
+    }
+    let digits = name.strip_prefix(base)?.strip_prefix('-')?;
+    let canonical = !digits.is_empty() && !digits.starts_with('0') && digits.bytes().all(|b| b.is_ascii_digit());
+    canonical.then(|| digits.parse().ok()).flatten()
+}
+
+/// The address of one entry of the store (`240.0.0.7`, or `240.0.0.7 unused-since=<time>`
+/// for a host no object carries any more); None when it is not an address (a hand edit).
+pub fn parse_entry(value: &str) -> Option<Ipv4Addr> {
+    value.split_whitespace().next()?.parse().ok()
+}
+
+/// Since when an entry's host has been unused, if the entry says so.
+pub fn unused_since(value: &str) -> Option<Timestamp> {
+    value.split_whitespace().find_map(|w| w.strip_prefix(UNUSED_SINCE)?.parse().ok())
+}
+
+const UNUSED_SINCE: &str = "unused-since=";
+
+fn entry(ip: Ipv4Addr, unused: Option<Timestamp>) -> String {
+    match unused {
+        None => ip.to_string(),
+        Some(since) => format!("{ip} {UNUSED_SINCE}{}", since.strftime("%Y-%m-%dT%H:%M:%SZ")),
+    }
+}
+
+/// A change to an entry of the store other than a new allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Edit {
+    /// No object carries the host any more, since then.
+    Unused(Timestamp),
+    /// Carried again: the mark goes.
+    InUse,
+    /// Unused for longer than the grace period: the entry goes, and its address is free.
+    Release,
+}
+
+/// Host → address, as one ConfigMap of the VIP store holds them (one data key per host);
 /// entries that are not IPv4 addresses are skipped.
 pub fn parse_store(data: Option<&BTreeMap<String, String>>) -> BTreeMap<String, Ipv4Addr> {
-    data.into_iter()
-        .flatten()
-        .filter_map(|(host, ip)| ip.trim().parse::<Ipv4Addr>().ok().map(|ip| (host.clone(), ip)))
-        .collect()
+    data.into_iter().flatten().filter_map(|(host, ip)| Some((host.clone(), parse_entry(ip)?))).collect()
+}
+
+/// Host → address over every shard: a host held by two shards (a hand edit) keeps the address
+/// of the lower one.
+pub fn parse_shards<'a>(
+    shards: impl IntoIterator<Item = (usize, Option<&'a BTreeMap<String, String>>)>,
+) -> BTreeMap<String, Ipv4Addr> {
+    let sorted: BTreeMap<usize, Option<&BTreeMap<String, String>>> = shards.into_iter().collect();
+    let mut all = BTreeMap::new();
+    for data in sorted.into_values() {
+        for (host, ip) in parse_store(data) {
+            all.entry(host).or_insert(ip);
+        }
+    }
+    all
+}
+
+/// Host → since when it is unused, over every shard (entries that say so).
+pub fn parse_unused<'a>(
+    shards: impl IntoIterator<Item = Option<&'a BTreeMap<String, String>>>,
+) -> BTreeMap<String, Timestamp> {
+    let entries = shards.into_iter().flatten().flatten();
+    entries.filter_map(|(host, value)| Some((host.clone(), unused_since(value)?))).collect()
+}
+
+/// New allocations placed in a sharded store.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// The shards to write, with their whole new data.
+    pub writes: BTreeMap<usize, BTreeMap<String, String>>,
+    /// Host → address over every shard once they are written.
+    pub stored: BTreeMap<String, Ipv4Addr>,
+}
+
+/// Where `new` allocations go in the store whose shards hold `shards` (index → data): an entry of
+/// the host that is not an address is repaired where it is; a host the store already gives an
+/// address keeps it (the store wins; the caller adopts it); any other goes to the lowest shard with
+/// room (a shard that does not exist has room), so entries never move between shards. `edits`
+/// change entries where they are (an entry that is not an address is left to its repair).
+pub fn place(
+    shards: &BTreeMap<usize, BTreeMap<String, String>>,
+    new: &BTreeMap<String, Ipv4Addr>,
+    edits: &BTreeMap<String, Edit>,
+    shard_entries: usize,
+) -> Placement {
+    let mut writes: BTreeMap<usize, BTreeMap<String, String>> = BTreeMap::new();
+    let stored = parse_shards(shards.iter().map(|(i, data)| (*i, Some(data))));
+    let holder = |host: &str| shards.iter().find(|(_, data)| data.contains_key(host)).map(|(i, _)| *i);
+    let mut fill = 0;
+    for (host, ip) in new {
+        if stored.contains_key(host) {
+            continue;
+        }
+        let index = match holder(host) {
+            Some(index) => index,
+            None => loop {
+                let len = writes.get(&fill).or(shards.get(&fill)).map_or(0, BTreeMap::len);
+                if len < shard_entries.max(1) {
+                    break fill;
+                }
+                fill += 1;
+            },
+        };
+        let data = writes.entry(index).or_insert_with(|| shards.get(&index).cloned().unwrap_or_default());
+        data.insert(host.clone(), ip.to_string());
+    }
+    for (host, edit) in edits {
+        let (Some(index), Some(ip)) = (holder(host), stored.get(host)) else { continue };
+        let value = match edit {
+            Edit::Unused(since) => Some(entry(*ip, Some(*since))),
+            Edit::InUse => Some(entry(*ip, None)),
+            Edit::Release => None,
+        };
+        let current = shards[&index].get(host);
+        if current.is_none_or(|c| parse_entry(c) != Some(*ip)) || current == value.as_ref() {
+            continue;
+        }
+        let data = writes.entry(index).or_insert_with(|| shards[&index].clone());
+        match value {
+            Some(value) => data.insert(host.clone(), value),
+            None => data.remove(host),
+        };
+    }
+    let stored = parse_shards(
+        shards
+            .iter()
+            .map(|(i, data)| (*i, Some(writes.get(i).unwrap_or(data))))
+            .chain(writes.iter().filter(|(i, _)| !shards.contains_key(i)).map(|(i, data)| (*i, Some(data)))),
+    );
+    Placement { writes, stored }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -66,6 +206,14 @@ impl VipTable {
 
     pub fn get(&self, host: &str) -> Option<Ipv4Addr> {
         self.by_host.get(host).copied()
+    }
+
+    /// Frees the host's address (released from the store after its grace period).
+    pub fn release(&mut self, host: &str) {
+        if let Some(ip) = self.by_host.remove(host) {
+            self.used.remove(&ip);
+            self.new.remove(host);
+        }
     }
 
     pub fn all(&self) -> &BTreeMap<String, Ipv4Addr> {
@@ -129,6 +277,121 @@ mod tests {
         assert_eq!(err.host, "c");
         assert_eq!(t.take_new().len(), 2);
         assert!(t.take_new().is_empty());
+    }
+
+    fn data(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
+        entries.iter().map(|(h, ip)| (h.to_string(), ip.to_string())).collect()
+    }
+
+    #[test]
+    fn shard_names_round_trip_and_nothing_else_is_a_shard() {
+        for i in [0, 1, 2, 10, 123] {
+            assert_eq!(shard_index("flotilla-vips", &shard_name("flotilla-vips", i)), Some(i));
+        }
+        for other in
+            ["flotilla-vips-0", "flotilla-vips-01", "flotilla-vips-", "flotilla-vips-x", "flotilla-vipsy", "other"]
+        {
+            assert_eq!(shard_index("flotilla-vips", other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn allocations_fill_the_lowest_shard_with_room_and_never_move() {
+        let ip = |i: u8| Ipv4Addr::new(240, 0, 0, i);
+        let shards: BTreeMap<usize, BTreeMap<String, String>> =
+            [(0, data(&[("a", "240.0.0.1"), ("b", "not an address")])), (2, data(&[("c", "240.0.0.3")]))].into();
+        let new: BTreeMap<String, Ipv4Addr> =
+            [("a", ip(9)), ("b", ip(2)), ("d", ip(4)), ("e", ip(5)), ("f", ip(6))].map(|(h, ip)| (h.into(), ip)).into();
+        let placed = place(&shards, &new, &BTreeMap::new(), 2);
+        // a keeps the store's address; b is repaired in shard 0; d fills the missing shard 1,
+        // e the rest of it; f finds shard 2 with room.
+        assert_eq!(placed.writes[&0], data(&[("a", "240.0.0.1"), ("b", "240.0.0.2")]));
+        assert_eq!(placed.writes[&1], data(&[("d", "240.0.0.4"), ("e", "240.0.0.5")]));
+        assert_eq!(placed.writes[&2], data(&[("c", "240.0.0.3"), ("f", "240.0.0.6")]));
+        let stored: Vec<(&str, Ipv4Addr)> = placed.stored.iter().map(|(h, ip)| (h.as_str(), *ip)).collect();
+        assert_eq!(stored, [("a", ip(1)), ("b", ip(2)), ("c", ip(3)), ("d", ip(4)), ("e", ip(5)), ("f", ip(6))]);
+        // Full shards: a new shard past the last.
+        let placed = place(&placed.writes, &[("g".to_string(), ip(7))].into(), &BTreeMap::new(), 2);
+        assert_eq!(placed.writes.keys().copied().collect::<Vec<_>>(), [3]);
+        // Nothing new: nothing to write.
+        assert_eq!(place(&shards, &[("a".to_string(), ip(1))].into(), &BTreeMap::new(), 2).writes, BTreeMap::new());
+    }
+
+    #[test]
+    fn edits_mark_unmark_and_release_entries_where_they_are() {
+        let since: Timestamp = "2026-12-07T11:00:00Z".parse().unwrap();
+        let shards: BTreeMap<usize, BTreeMap<String, String>> = [
+            (0, data(&[("a", "240.0.0.1"), ("b", "240.0.0.2 unused-since=2026-12-01T00:00:00Z"), ("x", "junk")])),
+            (1, data(&[("c", "240.0.0.3 unused-since=2026-11-01T00:00:00Z"), ("d", "240.0.0.4")])),
+        ]
+        .into();
+        let edits: BTreeMap<String, Edit> = [
+            ("a", Edit::Unused(since)),
+            ("b", Edit::InUse),
+            ("c", Edit::Release),
+            ("d", Edit::InUse),
+            ("x", Edit::Release),
+            ("nowhere", Edit::Release),
+        ]
+        .map(|(h, e)| (h.to_string(), e))
+        .into();
+        let placed = place(&shards, &BTreeMap::new(), &edits, 2);
+        assert_eq!(
+            placed.writes[&0],
+            data(&[("a", "240.0.0.1 unused-since=2026-12-07T11:00:00Z"), ("b", "240.0.0.2"), ("x", "junk")])
+        );
+        assert_eq!(placed.writes[&1], data(&[("d", "240.0.0.4")]), "c released; d was in use already");
+        assert!(!placed.stored.contains_key("c") && placed.stored.contains_key("a"));
+        assert_eq!(unused_since(&placed.writes[&0]["a"]), Some(since));
+        assert_eq!(parse_entry(&placed.writes[&0]["a"]), Some(Ipv4Addr::new(240, 0, 0, 1)));
+        // What is already so is not written again.
+        let placed = place(&placed.writes, &BTreeMap::new(), &edits, 2);
+        assert!(placed.writes.is_empty(), "{:?}", placed.writes);
+    }
+
+    #[test]
+    fn a_host_in_two_shards_keeps_the_lower_ones_address() {
+        let (zero, one) = (data(&[("a", "240.0.0.1")]), data(&[("a", "240.0.0.2"), ("b", "240.0.0.3")]));
+        let all = parse_shards([(1, Some(&one)), (0, Some(&zero))]);
+        assert_eq!(all["a"], Ipv4Addr::new(240, 0, 0, 1));
+        assert_eq!(all.len(), 2);
+    }
+
+    /// The store at 100,000 hosts with names as long as real ones (`stage.` + a 30-character
+    /// identity + `.global`): every ConfigMap far below the 1 MiB an object may hold.
+    #[test]
+    fn a_store_of_100_000_hosts_stays_far_below_the_configmap_limit() {
+        let mut table = VipTable::default();
+        let hosts: Vec<String> =
+            (0..100_000).map(|i| format!("stage.payments-ledger-reconciler-{i:06}.global")).collect();
+        for host in &hosts {
+            table.get_or_allocate(host, cidr("240.0.0.0/12")).unwrap();
+        }
+        let placed = place(&BTreeMap::new(), &table.take_new(), &BTreeMap::new(), SHARD_ENTRIES);
+        let sizes: Vec<usize> = placed
+            .writes
+            .iter()
+            .map(|(i, data)| {
+                let cm = k8s_openapi::api::core::v1::ConfigMap {
+                    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                        name: Some(shard_name("flotilla-vips", *i)),
+                        ..Default::default()
+                    },
+                    data: Some(data.clone()),
+                    ..Default::default()
+                };
+                serde_json::to_vec(&cm).unwrap().len()
+            })
+            .collect();
+        println!(
+            "100,000 hosts: {} shards, largest {} bytes, all {} bytes",
+            sizes.len(),
+            sizes.iter().max().unwrap(),
+            sizes.iter().sum::<usize>()
+        );
+        assert_eq!(placed.stored.len(), 100_000);
+        assert_eq!(sizes.len(), 20);
+        assert!(sizes.iter().all(|s| *s < 1024 * 1024 / 3), "{sizes:?}");
     }
 
     #[test]

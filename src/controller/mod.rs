@@ -64,7 +64,11 @@ pub struct Options {
     /// HTTPS with authorisation for /metrics and /debug; None: no authentication at all.
     pub secure: Option<SecureOptions>,
     pub leader_election: Option<LeaseOptions>,
+    /// The VIP store's first ConfigMap; more are named after it (`compute::vip::shard_name`).
     pub vip_configmap: String,
+    pub vip_shard_entries: usize,
+    /// How long an address outlives the last object that carries its host.
+    pub vip_release_after: Duration,
     pub max_concurrent_writes: usize,
 }
 

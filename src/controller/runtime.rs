@@ -49,6 +49,9 @@ use crate::model::{ClusterHealth, ClusterId, NsName, ObjectRef};
 /// How often health and retries are looked at when nothing happens.
 const TICK: Duration = Duration::from_secs(1);
 
+/// How often the leader looks for VIP store entries to mark unused, unmark or release.
+const VIP_LIFECYCLE_EVERY: Duration = Duration::from_secs(10);
+
 /// What a pass runs on its blocking thread: `Engine::recompute`, or a slower stand-in in tests.
 pub type Compute = Arc<dyn Fn(&mut Engine) -> Recomputed + Send + Sync>;
 
@@ -92,6 +95,8 @@ pub struct Runtime {
     /// not yet written: the change-to-write latency.
     batch_started: Option<Instant>,
     change_since: BTreeMap<ClusterId, Instant>,
+    /// When the leader next looks for VIP store entries to mark, unmark or release.
+    next_vip_lifecycle: Option<Instant>,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -172,6 +177,7 @@ impl Driven for Runtime {
                     tracing::warn!(host = %host, repair = ?address, "VIP store entry is not an address; it is written again with the host's address");
                 }
             }
+            Input::VipStore(VipStoreEvent::Unused(unused)) => self.vips.set_unused(unused),
             Input::VipStore(VipStoreEvent::Failed(e)) => tracing::warn!(error = %e, "watching the VIP store"),
             Input::Member { cluster, epoch, change } => {
                 if self.writers.get(&cluster).is_none_or(|w| w.slot.epoch != epoch) {
@@ -214,6 +220,12 @@ impl Driven for Runtime {
         }
         for (cluster, key) in self.retries.due(now) {
             self.pending.key(&cluster, key);
+        }
+        if ready && self.leader && self.vips.settled() && self.next_vip_lifecycle.is_none_or(|at| now >= at) {
+            // Every member has been listed, so the hosts objects carry now are all known.
+            self.next_vip_lifecycle = Some(now + VIP_LIFECYCLE_EVERY);
+            let engine = self.engine.as_ref().expect("the engine is home between passes");
+            self.vips.lifecycle(&engine.live_hosts(), k8s_openapi::jiff::Timestamp::now(), self.opts.vip_release_after);
         }
         if ready && self.leader {
             if self.vips.settled() && self.statuses_dirty {
@@ -260,6 +272,7 @@ impl Runtime {
             retries: Retries::default(),
             batch_started: None,
             change_since: BTreeMap::new(),
+            next_vip_lifecycle: None,
         };
         // The hub's writer: statuses of policies kept there, the VIP store, Events.
         rt.start_writer(HUB, 0, hub, Some(recorder));
@@ -374,9 +387,10 @@ impl Runtime {
     /// this replica's allocations makes the store win, and everything is recomputed.
     fn adopt_vips(&mut self, store: Option<std::collections::BTreeMap<String, std::net::Ipv4Addr>>, written: bool) {
         let engine = self.engine.as_mut().expect("the engine is home between passes");
+        let (table, live) = engine.vips_and_live_hosts();
         let adoption = match (store, written) {
-            (Some(store), false) => Some(self.vips.adopt(store, &mut engine.vips)),
-            (store, true) => self.vips.persisted(store, &mut engine.vips),
+            (Some(store), false) => Some(self.vips.adopt(store, table, &live)),
+            (store, true) => self.vips.persisted(store, table, &live),
             (None, false) => None,
         };
         if let Some(Adoption::Replace(table)) = adoption {
@@ -663,10 +677,12 @@ impl Runtime {
             let mut job = match member {
                 // The hub: its policies' statuses, the VIP store, Events.
                 None => WriteJob {
-                    persist_vips: self.vips.job().map(|new| VipStoreWrite {
+                    persist_vips: self.vips.job().map(|(new, edits)| VipStoreWrite {
                         namespace: self.opts.namespace.clone(),
                         name: self.opts.vip_configmap.clone(),
+                        shard_entries: self.opts.vip_shard_entries,
                         new,
+                        edits,
                     }),
                     events: std::mem::take(&mut self.events),
                     ..Default::default()
@@ -775,6 +791,8 @@ mod tests {
             secure: None,
             leader_election: None,
             vip_configmap: "flotilla-vips".into(),
+            vip_shard_entries: crate::compute::vip::SHARD_ENTRIES,
+            vip_release_after: Duration::from_secs(7 * 24 * 3600),
             max_concurrent_writes: 1,
         }
     }

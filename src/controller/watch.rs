@@ -26,8 +26,8 @@ use tokio::task::JoinSet;
 use super::deadline::{self, watcher_config};
 use super::{Change, Input, Watched};
 use crate::argo::{Rollout, VirtualService};
-use crate::compute::DesiredObject;
 use crate::compute::plan::ObservedObject;
+use crate::compute::{DesiredObject, vip};
 use crate::crd::{ClientConnectionConfig, Dependency, GlobalTrafficPolicy, OutlierDetection};
 use crate::ingest::InputObject;
 use crate::istio::{DestinationRule, ServiceEntry, Sidecar};
@@ -199,7 +199,7 @@ async fn probe(client: Client, send: impl Fn(Change) -> bool) {
 }
 
 /// Starts the hub's watches: registration Secrets (one watch per selector, merged), the
-/// Dependencies kept in the hub, and the VIP store ConfigMap.
+/// Dependencies kept in the hub, and the VIP store's ConfigMaps.
 pub fn spawn_hub_watches(
     client: Client,
     secret_namespace: &str,
@@ -218,43 +218,65 @@ pub fn spawn_hub_watches(
         Watched::Input(Box::new(InputObject::Dependency(Box::new(o))))
     });
 
+    // Every ConfigMap of flotilla's namespace, of which the VIP store's shards are kept.
     let configmaps = Api::<ConfigMap>::namespaced(client, own_namespace);
-    let config = watcher_config().fields(&format!("metadata.name={vip_configmap}"));
+    let base = vip_configmap.to_string();
     set.spawn(async move {
-        let mut stream = watcher(configmaps, config).backoff(backoff()).boxed();
-        // During a relist the ConfigMap is held until InitDone, so "absent" is only ever
-        // reported after a complete list.
-        let mut listed = None;
+        let shard = |cm: &ConfigMap| vip::shard_index(&base, cm.metadata.name.as_deref()?);
+        let mut stream = watcher(configmaps, watcher_config()).backoff(backoff()).boxed();
+        let mut shards: BTreeMap<usize, ConfigMap> = BTreeMap::new();
+        // During a relist the shards are held until InitDone, so a shard is only ever found
+        // absent after a complete list.
+        let mut relisting: BTreeMap<usize, ConfigMap> = BTreeMap::new();
+        let mut listed = false;
         while let Some(event) = stream.next().await {
-            let store = match event {
+            let changed: Vec<usize> = match event {
                 Ok(watcher::Event::Apply(cm)) => {
-                    let unreadable = unreadable_vips(&cm);
-                    if !unreadable.is_empty()
-                        && tx.send(Input::VipStore(VipStoreEvent::Unreadable(unreadable))).is_err()
-                    {
-                        return;
-                    }
-                    parse_vip_store(&cm)
+                    let Some(i) = shard(&cm) else { continue };
+                    shards.insert(i, cm);
+                    vec![i]
                 }
-                Ok(watcher::Event::Delete(_)) => VipStoreEvent::Contents(BTreeMap::new()),
+                Ok(watcher::Event::Delete(cm)) => {
+                    let Some(i) = shard(&cm) else { continue };
+                    shards.remove(&i);
+                    Vec::new()
+                }
                 Ok(watcher::Event::Init) => {
-                    listed = None;
+                    relisting.clear();
                     continue;
                 }
                 Ok(watcher::Event::InitApply(cm)) => {
-                    let unreadable = unreadable_vips(&cm);
-                    if !unreadable.is_empty()
-                        && tx.send(Input::VipStore(VipStoreEvent::Unreadable(unreadable))).is_err()
-                    {
-                        return;
+                    if let Some(i) = shard(&cm) {
+                        relisting.insert(i, cm);
                     }
-                    listed = Some(parse_vip_store(&cm));
                     continue;
                 }
-                Ok(watcher::Event::InitDone) => listed.take().unwrap_or(VipStoreEvent::Contents(BTreeMap::new())),
-                Err(e) => VipStoreEvent::Failed(e.to_string()),
+                Ok(watcher::Event::InitDone) => {
+                    shards = std::mem::take(&mut relisting);
+                    listed = true;
+                    shards.keys().copied().collect()
+                }
+                Err(e) => {
+                    if tx.send(Input::VipStore(VipStoreEvent::Failed(e.to_string()))).is_err() {
+                        return;
+                    }
+                    continue;
+                }
             };
-            if tx.send(Input::VipStore(store)).is_err() {
+            if !listed {
+                continue;
+            }
+            let unreadable: Vec<String> =
+                changed.iter().filter_map(|i| shards.get(i)).flat_map(unreadable_vips).collect();
+            if !unreadable.is_empty() && tx.send(Input::VipStore(VipStoreEvent::Unreadable(unreadable))).is_err() {
+                return;
+            }
+            let unused = vip::parse_unused(shards.values().map(|cm| cm.data.as_ref()));
+            if tx.send(Input::VipStore(VipStoreEvent::Unused(unused))).is_err() {
+                return;
+            }
+            let store = vip::parse_shards(shards.iter().map(|(i, cm)| (*i, cm.data.as_ref())));
+            if tx.send(Input::VipStore(VipStoreEvent::Contents(store))).is_err() {
                 return;
             }
         }
@@ -268,18 +290,15 @@ pub enum VipStoreEvent {
     Contents(BTreeMap<String, Ipv4Addr>),
     /// Hosts whose entry is not an address (a hand edit gone wrong).
     Unreadable(Vec<String>),
+    /// Hosts marked unused, and since when.
+    Unused(BTreeMap<String, k8s_openapi::jiff::Timestamp>),
     Failed(String),
 }
 
-/// The hosts whose entry in the store is not an address.
+/// The hosts whose entry in a shard of the store is not an address.
 pub fn unreadable_vips(cm: &ConfigMap) -> Vec<String> {
     let data = cm.data.iter().flatten();
-    data.filter(|(_, v)| v.trim().parse::<Ipv4Addr>().is_err()).map(|(h, _)| h.clone()).collect()
-}
-
-/// Host → address from the ConfigMap; entries that are not addresses are skipped.
-pub fn parse_vip_store(cm: &ConfigMap) -> VipStoreEvent {
-    VipStoreEvent::Contents(crate::compute::vip::parse_store(cm.data.as_ref()))
+    data.filter(|(_, v)| vip::parse_entry(v).is_none()).map(|(h, _)| h.clone()).collect()
 }
 
 async fn watch_secrets(api: Api<Secret>, selectors: Vec<LabelTerm>, tx: UnboundedSender<Input>) {

@@ -28,7 +28,7 @@ use super::lease::Fence;
 use super::metrics::Metrics;
 use super::{Input, WriteReport};
 use crate::compute::plan::{ClusterPlan, ObservedObject, Planned};
-use crate::compute::{DesiredObject, ObjectKey};
+use crate::compute::{DesiredObject, ObjectKey, vip};
 use crate::crd::{ClientConnectionConfig, Dependency, GlobalTrafficPolicy, OutlierDetection, PolicyStatus};
 use crate::istio::{DestinationRule, ServiceEntry, Sidecar};
 use crate::meta::{HUB, Kind, LABEL_MANAGED_BY, MANAGER};
@@ -88,8 +88,12 @@ impl WriteJob {
 #[derive(Clone, Debug)]
 pub struct VipStoreWrite {
     pub namespace: String,
+    /// The store's first ConfigMap (`compute::vip::shard_name`).
     pub name: String,
+    pub shard_entries: usize,
     pub new: BTreeMap<String, Ipv4Addr>,
+    /// Entries to mark unused, unmark or release.
+    pub edits: BTreeMap<String, vip::Edit>,
 }
 
 /// A problem with a registration Secret, published as a Warning Event on it.
@@ -502,7 +506,8 @@ async fn ensure_namespace(client: &Client, name: &str, cluster: &str, metrics: &
     }
 }
 
-/// Adds new host → address allocations to the hub's VIP store, with optimistic concurrency.
+/// Adds new host → address allocations to the hub's VIP store, a ConfigMap per
+/// `shard_entries` hosts (`vip::place` says where each goes), with optimistic concurrency.
 /// Returns the store's contents after the write. An allocation the store already holds with a
 /// different address is not overwritten: the caller must adopt the store's view.
 async fn persist_vips(
@@ -510,53 +515,67 @@ async fn persist_vips(
     write: &VipStoreWrite,
     metrics: &Metrics,
 ) -> Result<BTreeMap<String, Ipv4Addr>, String> {
-    let (namespace, name, new) = (write.namespace.as_str(), write.name.as_str(), &write.new);
+    let (namespace, base) = (write.namespace.as_str(), write.name.as_str());
     let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
     let mut last_error = String::new();
     for _attempt in 0..5 {
-        let current = api.get_opt(name).await.map_err(|e| short(&e))?;
-        let mut cm = current.clone().unwrap_or_else(|| ConfigMap {
-            metadata: ObjectMeta {
-                name: Some(name.to_string()),
-                namespace: Some(namespace.to_string()),
-                labels: Some([(LABEL_MANAGED_BY.to_string(), MANAGER.to_string())].into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        });
-        let data = cm.data.get_or_insert_with(Default::default);
-        let mut missing = false;
-        for (host, ip) in new {
-            match data.get(host).map(|v| v.trim().parse::<Ipv4Addr>()) {
-                Some(Ok(_)) => {}
-                // An entry that is not an address (a hand edit gone wrong) held no address a
-                // client could have resolved: it is repaired with this replica's allocation.
-                Some(Err(_)) => {
-                    tracing::warn!(host = %host, address = %ip, "VIP store entry is not an address; repairing it");
-                    data.insert(host.clone(), ip.to_string());
-                    missing = true;
-                }
-                None => {
-                    data.insert(host.clone(), ip.to_string());
-                    missing = true;
-                }
+        // The namespace is flotilla's own: few ConfigMaps; the shards are picked by name (the
+        // first may predate flotilla's labels).
+        let listed = api.list(&Default::default()).await.map_err(|e| short(&e))?;
+        let shards: BTreeMap<usize, ConfigMap> = listed
+            .items
+            .into_iter()
+            .filter_map(|cm| Some((vip::shard_index(base, cm.metadata.name.as_deref()?)?, cm)))
+            .collect();
+        let held: BTreeMap<usize, BTreeMap<String, String>> =
+            shards.iter().map(|(i, cm)| (*i, cm.data.clone().unwrap_or_default())).collect();
+        let placed = vip::place(&held, &write.new, &write.edits, write.shard_entries);
+        for (host, ip) in &write.new {
+            let unreadable =
+                |data: &BTreeMap<String, String>| data.get(host).is_some_and(|v| vip::parse_entry(v).is_none());
+            if held.values().any(unreadable) {
+                // A hand edit gone wrong held no address a client could have resolved.
+                tracing::warn!(host = %host, address = %ip, "VIP store entry is not an address; repairing it");
             }
         }
-        let stored = data.iter().filter_map(|(h, ip)| ip.parse().ok().map(|ip| (h.clone(), ip))).collect();
-        if !missing {
-            return Ok(stored);
+        let mut conflicted = false;
+        for (index, data) in placed.writes {
+            let name = vip::shard_name(base, index);
+            let pp = PostParams { field_manager: Some(MANAGER.into()), ..Default::default() };
+            // replace() sends the resourceVersion read: a concurrent writer makes it fail with 409.
+            let result = match shards.get(&index) {
+                Some(current) => {
+                    let mut cm = current.clone();
+                    cm.data = Some(data);
+                    api.replace(&name, &pp, &cm).await
+                }
+                None => {
+                    let cm = ConfigMap {
+                        metadata: ObjectMeta {
+                            name: Some(name.clone()),
+                            namespace: Some(namespace.to_string()),
+                            labels: Some([(LABEL_MANAGED_BY.to_string(), MANAGER.to_string())].into()),
+                            ..Default::default()
+                        },
+                        data: Some(data),
+                        ..Default::default()
+                    };
+                    api.create(&pp, &cm).await
+                }
+            };
+            metrics.write(HUB, "update", "ConfigMap", result.is_ok());
+            match result {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    last_error = format!("{name}: {}", s.message);
+                    conflicted = true;
+                    break;
+                }
+                Err(e) => return Err(format!("{name}: {}", short(&e))),
+            }
         }
-        let pp = PostParams { field_manager: Some(MANAGER.into()), ..Default::default() };
-        // replace() sends the resourceVersion we read: a concurrent writer makes it fail with 409.
-        let result = match current {
-            None => api.create(&pp, &cm).await,
-            Some(_) => api.replace(name, &pp, &cm).await,
-        };
-        metrics.write(HUB, "update", "ConfigMap", result.is_ok());
-        match result {
-            Ok(_) => return Ok(stored),
-            Err(kube::Error::Api(s)) if s.code == 409 => last_error = s.message,
-            Err(e) => return Err(short(&e)),
+        if !conflicted {
+            return Ok(placed.stored);
         }
     }
     Err(format!("still conflicting after 5 attempts: {last_error}"))
