@@ -13,6 +13,13 @@
 //! adds flags to Admiral's. The report is printed and
 //! written to `$CARGO_TARGET_DIR/admiral-compare/`. Figures are printed, never asserted.
 //!
+//! `FLOTILLA_ADMIRAL_SWITCH=1` runs the switch of docs/migrating-from-admiral.md instead, on one
+//! fleet (`FLOTILLA_BENCH_IDENTITIES`, here 20 by default): Admiral settles; flotilla in shadow
+//! mode reports its plan; Admiral stops; flotilla takes over with `--adopt-from=admiral` and
+//! `--import-vips-from`, while a sampler lists every member's ServiceEntries and
+//! DestinationRules every 100 ms; then the rollback (flotilla stopped, Admiral started), sampled
+//! the same way. Gaps and changed addresses are counted and printed.
+//!
 //! Admiral listens on 0.0.0.0:8080 and :6900 (fixed in its code), so flotilla uses other ports
 //! here. The controllers run one after the other, each alone on the machine.
 
@@ -342,6 +349,23 @@ impl Fleet {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 
+    /// What both controllers need, then `inputs` and the registration Secret.
+    async fn prepare(&self, inputs: &[(Place, Value)]) {
+        for i in 0..3 {
+            for d in member_basics(i) {
+                apply_doc(&self.clients[i], &d).await;
+            }
+        }
+        for ns in ["admiral", SYNC, "flotilla"] {
+            apply_doc(&self.hub_client, &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
+                .await;
+        }
+        let t = Instant::now();
+        self.apply_all(inputs).await;
+        apply_doc(&self.hub_client, &self.registration("admiral")).await;
+        println!("{} documents applied to fleet {} in {:.1?}", inputs.len(), self.label, t.elapsed());
+    }
+
     /// The members' kubeconfigs, one data key per cluster id (Admiral's format).
     fn registration(&self, namespace: &str) -> Value {
         let data: serde_json::Map<String, Value> =
@@ -405,14 +429,7 @@ impl Controller {
     }
 
     fn flotilla(fleet: &Fleet) -> Controller {
-        let extra =
-            ["--log-level", "warn", "--secret-namespace", "admiral", "--cluster-secret-selector", "admiral/sync=true"];
-        Controller::Flotilla(Box::new(Flotilla::start_on_ports(
-            &fleet.hub.admin_kubeconfig(),
-            "beside-admiral",
-            &extra,
-            [18080, 18443],
-        )))
+        Controller::Flotilla(Box::new(beside_admiral(fleet, "beside-admiral", &[])))
     }
 
     fn start(&mut self) {
@@ -449,6 +466,14 @@ impl Controller {
     fn usage(&self) -> (f64, u64) {
         (testenv::cpu_seconds_of(self.pid()), testenv::peak_rss_of(self.pid()) / 1024)
     }
+}
+
+/// flotilla on Admiral's fleet: its Secrets, on ports Admiral does not hold, with `extra` flags.
+fn beside_admiral(fleet: &Fleet, name: &str, extra: &[&str]) -> Flotilla {
+    let mut args =
+        vec!["--log-level", "warn", "--secret-namespace", "admiral", "--cluster-secret-selector", "admiral/sync=true"];
+    args.extend(extra);
+    Flotilla::start_on_ports(&fleet.hub.admin_kubeconfig(), name, &args, [18080, 18443])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -811,9 +836,16 @@ async fn main() {
     // `cargo bench` passes --bench; nothing else is taken.
     let admiral_bin = env_path("FLOTILLA_ADMIRAL_BIN", "an Admiral binary");
     let admiral_src = env_path("FLOTILLA_ADMIRAL_SRC", "Admiral's source (for its CRDs)");
-    let identities: usize = std::env::var("FLOTILLA_BENCH_IDENTITIES").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    let switching = std::env::var_os("FLOTILLA_ADMIRAL_SWITCH").is_some();
+    let identities: usize = std::env::var("FLOTILLA_BENCH_IDENTITIES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if switching { 20 } else { 300 });
     let version = Command::new(&admiral_bin).arg("--help").output().map(|o| o.status.success()).unwrap_or(false);
     assert!(version, "{} does not run", admiral_bin.display());
+    if switching {
+        return switch::run(admiral_bin, &admiral_src, identities).await;
+    }
 
     let t = Instant::now();
     let (a, f) = futures::future::join(Fleet::start("a"), Fleet::start("f")).await;
@@ -822,19 +854,7 @@ async fn main() {
     let mut inputs = example_fleet();
     inputs.extend(synthetic_fleet(identities));
     for fleet in [&a, &f] {
-        for i in 0..3 {
-            for d in member_basics(i) {
-                apply_doc(&fleet.clients[i], &d).await;
-            }
-        }
-        for ns in ["admiral", SYNC, "flotilla"] {
-            apply_doc(&fleet.hub_client, &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
-                .await;
-        }
-        let t = Instant::now();
-        fleet.apply_all(&inputs).await;
-        apply_doc(&fleet.hub_client, &fleet.registration("admiral")).await;
-        println!("compare: {} documents applied to fleet {} in {:.1?}", inputs.len(), fleet.label, t.elapsed());
+        fleet.prepare(&inputs).await;
     }
 
     let counters = support::CpuCounters::now();
@@ -933,4 +953,205 @@ async fn main() {
         std::fs::write(out.join(name), serde_json::to_string_pretty(&as_list).unwrap()).unwrap();
     }
     println!("compare: report in {}", out.display());
+}
+
+/// The switch from Admiral to flotilla, and back (see the module's documentation).
+mod switch {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    const ADOPT: [&str; 4] = ["--adopt-from", "admiral", "--import-vips-from", "admiral-sync/se-address-configmap"];
+
+    /// (member, kind, name) → (uid, addresses) of the ServiceEntries and DestinationRules in the
+    /// sync namespaces.
+    type Held = BTreeMap<(usize, &'static str, String), (String, Value)>;
+
+    /// What the members hold now (only Admiral's objects, with `admirals_only`); a member that
+    /// does not answer holds nothing.
+    async fn held(clients: &[Client], admirals_only: bool) -> Held {
+        let mut out = Held::new();
+        for (i, client) in clients.iter().enumerate() {
+            for kind in ["ServiceEntry", "DestinationRule"] {
+                let Ok(listed) = api(client, kind, Some(SYNC)).list(&ListParams::default()).await else { continue };
+                for o in listed.items.into_iter().filter(|o| !admirals_only || is_ours(o, "admiral")) {
+                    let uid = o.metadata.uid.clone().unwrap_or_default();
+                    let key = (i, kind, o.metadata.name.clone().unwrap_or_default());
+                    out.insert(key, (uid, o.data["spec"]["addresses"].clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// What the sampler saw: rounds, and reads that missed an object of `expected` or found it
+    /// with another address or uid.
+    #[derive(Debug, Default)]
+    struct Seen {
+        rounds: usize,
+        missing: BTreeMap<String, usize>,
+        address_changed: BTreeSet<String>,
+        recreated: BTreeSet<String>,
+    }
+
+    fn sample(fleet: &Fleet, expected: Held, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Seen> {
+        let clients = fleet.clients.clone();
+        tokio::spawn(async move {
+            let mut seen = Seen::default();
+            while !stop.load(Ordering::Relaxed) {
+                let started = tokio::time::Instant::now();
+                let now = held(&clients, false).await;
+                for (key, (uid, addresses)) in &expected {
+                    let name = format!("m{}/{}/{}", key.0, key.1, key.2);
+                    match now.get(key) {
+                        None => *seen.missing.entry(name).or_default() += 1,
+                        Some((u, a)) => {
+                            if u != uid {
+                                seen.recreated.insert(name.clone());
+                            }
+                            if a != addresses {
+                                seen.address_changed.insert(name);
+                            }
+                        }
+                    }
+                }
+                seen.rounds += 1;
+                tokio::time::sleep_until(started + Duration::from_millis(100)).await;
+            }
+            seen
+        })
+    }
+
+    fn report(what: &str, seen: &Seen, expected: usize) {
+        println!(
+            "switch: {what}: {expected} objects sampled over {} rounds of 100 ms; reads that missed one: {} ({} objects); addresses changed: {}; objects deleted and created again: {}",
+            seen.rounds,
+            seen.missing.values().sum::<usize>(),
+            seen.missing.len(),
+            seen.address_changed.len(),
+            seen.recreated.len(),
+        );
+        for (name, n) in seen.missing.iter().take(10) {
+            println!("switch:   missing {n}×: {name}");
+        }
+        for name in seen.address_changed.iter().chain(&seen.recreated).take(10) {
+            println!("switch:   changed: {name}");
+        }
+    }
+
+    async fn writes_by_verb(flotilla: &Flotilla) -> BTreeMap<String, f64> {
+        let (_, body) = flotilla.get("/metrics").await;
+        let mut out = BTreeMap::new();
+        for line in body.lines().filter(|l| l.starts_with("flotilla_api_writes_total{")) {
+            let verb = line.split("verb=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?");
+            let kind = line.split("kind=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?");
+            let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            *out.entry(format!("{verb} {kind}")).or_default() += value;
+        }
+        out
+    }
+
+    pub async fn run(admiral_bin: PathBuf, admiral_src: &Path, identities: usize) {
+        let fleet = Fleet::start("s").await;
+        fleet.install_admiral_crds(admiral_src).await;
+        fleet.prepare(&synthetic_fleet(identities)).await;
+
+        // 1. Admiral runs the fleet.
+        let t = Instant::now();
+        let mut admiral = Controller::admiral(admiral_bin, &fleet);
+        let (settled, objects) = settle(&fleet, "admiral", t).await;
+        let before = held(&fleet.clients, true).await;
+        let hosts: BTreeSet<&String> = before.keys().filter(|k| k.1 == "ServiceEntry").map(|k| &k.2).collect();
+        println!(
+            "switch: Admiral settled in {:.1?}: {objects} objects, {} ServiceEntries and DestinationRules in the sync namespaces ({} hosts)",
+            settled,
+            before.len(),
+            hosts.len()
+        );
+
+        // 2. flotilla in shadow mode beside it.
+        let mut args = vec!["--dry-run"];
+        args.extend(ADOPT);
+        let shadow = beside_admiral(&fleet, "shadow", &args);
+        shadow.wait_ready(Duration::from_secs(300)).await;
+        for id in MEMBERS {
+            let t = Instant::now();
+            let plan = loop {
+                let (code, body) = shadow.get(&format!("/debug/clusters/{id}/plan")).await;
+                if code == 200 {
+                    break serde_json::from_str::<Value>(&body).unwrap();
+                }
+                assert!(t.elapsed() < Duration::from_secs(300), "no plan for {id}: {body}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            let count = |action: &str| plan["plan"][action].as_array().map_or(0, Vec::len);
+            println!(
+                "switch: shadow plan for {id}: adopt {}, create {}, update {}, prune {}, conflicts {}, Admiral's left in place {}",
+                count("adopt"),
+                count("create"),
+                count("update"),
+                count("prune"),
+                count("conflicts"),
+                count("admiralLeftovers")
+            );
+            for key in ["conflicts", "create"] {
+                let first: Vec<&str> =
+                    plan["plan"][key].as_array().into_iter().flatten().filter_map(Value::as_str).take(5).collect();
+                if !first.is_empty() {
+                    println!("switch:   {key}, first: {first:?}");
+                }
+            }
+        }
+        let shadow_writes = shadow.metric("flotilla_api_writes_total").await;
+        println!("switch: write requests by the shadow: {shadow_writes}");
+        drop(shadow);
+
+        // 3. Admiral stops; 4. flotilla takes over, sampled.
+        admiral.stop();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = sample(&fleet, before.clone(), stop.clone());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t = Instant::now();
+        let flotilla = beside_admiral(&fleet, "takeover", &ADOPT);
+        flotilla.wait_ready(Duration::from_secs(300)).await;
+        loop {
+            let view = flotilla.json("/debug/clusters").await;
+            if view["converged"] == true {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(600), "flotilla did not converge: {view}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let converged = t.elapsed();
+        let now = held(&fleet.clients, false).await;
+        let still_there = before.keys().filter(|k| now.contains_key(*k)).count();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.store(true, Ordering::Relaxed);
+        let seen = sampler.await.unwrap();
+        println!("switch: flotilla converged {:.1?} after its start", converged);
+        report("cutover", &seen, before.len());
+        println!("switch: Admiral's objects still there after the cutover: {still_there} of {}", before.len());
+        println!("switch: flotilla's write requests by verb and kind: {:?}", writes_by_verb(&flotilla).await);
+        let view = flotilla.json("/debug/clusters").await;
+        for id in MEMBERS {
+            let left = view["clusters"][id]["admiralLeftovers"].as_array().map_or(0, Vec::len);
+            println!("switch: {id}: Admiral's objects left in place: {left}");
+        }
+
+        // 5. The rollback: flotilla stops, Admiral starts again, sampled for three of its periods
+        // after its warm-up.
+        let after = held(&fleet.clients, false).await;
+        let expected: Held =
+            after.iter().filter(|(k, _)| before.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        drop(flotilla);
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = sample(&fleet, expected.clone(), stop.clone());
+        admiral.start();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        stop.store(true, Ordering::Relaxed);
+        let seen = sampler.await.unwrap();
+        report("rollback (60 s of Admiral)", &seen, expected.len());
+        admiral.stop();
+    }
 }

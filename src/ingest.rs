@@ -527,7 +527,8 @@ pub fn reduce(obj: &InputObject, identity_label: &str) -> Option<InputObject> {
         InputObject::ServiceEntry(se) if is_managed(&se.metadata) => return None,
         InputObject::ServiceEntry(se) => {
             let spec = crate::istio::ServiceEntrySpec { hosts: se.spec.hosts.clone(), ..Default::default() };
-            InputObject::ServiceEntry(Box::new(ServiceEntry { metadata: header(None, &[]), spec }))
+            let metadata = header(None, &[crate::meta::ANNOTATION_CREATED_BY]);
+            InputObject::ServiceEntry(Box::new(ServiceEntry { metadata, spec }))
         }
         InputObject::GlobalTrafficPolicy(p) => InputObject::GlobalTrafficPolicy(Box::new(GlobalTrafficPolicy {
             metadata: policy_meta(meta),

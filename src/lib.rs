@@ -11,8 +11,9 @@
 //! * `ingest` — Kubernetes objects → the model's records, policies judged;
 //! * `compute` — the pure engine: desired objects per member, statuses, plans;
 //! * `fleet_dir`, `render` — `render`'s input files and printer;
+//! * `snapshot`, `preflight` — reading the live fleet through the hub;
 //! * `controller` — `run`'s I/O: registry, watches, the one writer, HTTP, and the runtime;
-//! * `cli` — the command line.
+//! * `cli` — the command line, one file per command.
 
 pub mod argo;
 pub mod cli;
@@ -26,6 +27,7 @@ pub mod istio;
 pub mod meta;
 pub mod model;
 pub(crate) mod parallel;
+pub mod preflight;
 pub(crate) mod register;
 pub mod render;
 pub mod settings;

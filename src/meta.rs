@@ -23,6 +23,9 @@ pub const ANNOTATION_ENV: &str = "admiral.io/env";
 pub const LABEL_IGNORE: &str = "admiral.io/ignore";
 pub const ANNOTATION_INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
 pub const LABEL_PRIORITY: &str = "priority";
+/// What Admiral writes on every object it creates: the objects `--adopt-from=admiral` takes over.
+pub const ANNOTATION_CREATED_BY: &str = "app.kubernetes.io/created-by";
+pub const ADMIRAL: &str = "admiral";
 pub const DEFAULT_ENV: &str = "default";
 
 pub const LABEL_REGION: &str = "topology.kubernetes.io/region";
@@ -100,6 +103,11 @@ pub fn is_managed(meta: &ObjectMeta) -> bool {
 /// at its next write). The only objects an installation ever modifies or prunes.
 pub fn is_ours(meta: &ObjectMeta, instance: &str) -> bool {
     is_managed(meta) && label(meta, LABEL_INSTANCE).is_none_or(|i| i == instance)
+}
+
+/// Whether Admiral created the object (`app.kubernetes.io/created-by: admiral`).
+pub fn is_admirals(meta: &ObjectMeta) -> bool {
+    annotation(meta, ANNOTATION_CREATED_BY).map(String::as_str) == Some(ADMIRAL)
 }
 
 /// `admiral.io/ignore: "true"` as a label or an annotation.

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::marker::PhantomData;
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -27,7 +28,7 @@ pub enum Format {
 #[derive(Debug, Default)]
 pub struct Rendered {
     pub clusters: BTreeMap<ClusterId, Vec<Arc<Desired>>>,
-    /// One line each, errors first, then warnings.
+    /// One line each, errors first, then warnings, then notes.
     pub diagnostics: Vec<String>,
     pub errors: usize,
 }
@@ -39,7 +40,8 @@ pub struct Rendered {
 pub fn engine(loaded: &LoadedFleet, settings: &Settings, vip_store: &str) -> Engine {
     let shards = loaded.hub_config_maps.iter().filter_map(|(name, cm)| Some((vip::shard_index(vip_store, name)?, cm)));
     let store = vip::parse_shards(shards.map(|(i, cm)| (i, cm.data.as_ref())));
-    let mut engine = Engine::new(settings.clone(), VipTable::from_existing(store));
+    let imported = vip::Imported::new(imported_vips(loaded, settings).unwrap_or_default());
+    let mut engine = Engine::new(settings.clone(), VipTable::from_existing(store).with_imported(imported));
     for (id, overrides) in &loaded.clusters {
         engine.fleet.upsert_cluster(id, overrides.clone());
     }
@@ -54,11 +56,25 @@ pub fn engine(loaded: &LoadedFleet, settings: &Settings, vip_store: &str) -> Eng
     engine
 }
 
+/// The addresses of Admiral's store that `--import-vips-from` names, as `_hub/` holds it (the
+/// ConfigMap of that name; its namespace, when the file gives one, must match).
+pub fn imported_vips(loaded: &LoadedFleet, settings: &Settings) -> Result<BTreeMap<String, Ipv4Addr>, String> {
+    let Some((namespace, name)) = &settings.import_vips_from else { return Ok(BTreeMap::new()) };
+    let flag = format!("--import-vips-from {namespace}/{name}");
+    let cm =
+        loaded.hub_config_maps.get(name).filter(|cm| cm.metadata.namespace.as_deref().is_none_or(|ns| ns == namespace));
+    let cm = cm.ok_or_else(|| format!("{flag}: no ConfigMap {name} in {}/", crate::fleet_dir::HUB_DIR))?;
+    vip::parse_admiral_store(cm.data.as_ref()).map_err(|e| format!("{flag}: {e}"))
+}
+
 /// Runs the engine over a loaded fleet (see `engine`).
 pub fn render(loaded: LoadedFleet, settings: &Settings, vip_store: &str) -> Rendered {
     let engine = engine(&loaded, settings, vip_store);
     let mut rendered = Rendered::default();
     let mut errors: Vec<String> = loaded.problems.iter().map(|p| format!("error: {p}")).collect();
+    if let Err(e) = imported_vips(&loaded, settings) {
+        errors.push(format!("error: {e}"));
+    }
     for (id, why) in &loaded.unreachable {
         errors.push(format!(
             "error: cluster {id}: unreachable when the snapshot was taken ({why}): its workloads are unknown here, so its endpoints and config differ from what run keeps"
@@ -87,18 +103,30 @@ pub fn render(loaded: LoadedFleet, settings: &Settings, vip_store: &str) -> Rend
         }
     }
 
+    let mut notes = Vec::new();
     let no_objects = BTreeMap::new();
     for id in loaded.clusters.keys() {
         let mut desired = engine.desired.cluster(id);
-        let plan = plan_cluster(&desired, loaded.observed.get(id).unwrap_or(&no_objects), &settings.instance);
+        let plan = plan_cluster(&desired, loaded.observed.get(id).unwrap_or(&no_objects), settings.owner());
         for key in &plan.conflicts {
             warnings.push(format!("warning: cluster {id}: {key}: exists and is not managed by flotilla; left alone"));
+        }
+        if !plan.adopt.is_empty() {
+            notes.push(format!(
+                "note: cluster {id}: {} object(s) created by Admiral are taken over in place (--adopt-from=admiral)",
+                plan.adopt.len()
+            ));
+        }
+        for key in &plan.admiral_leftovers {
+            warnings.push(format!(
+                "warning: cluster {id}: {key}: created by Admiral, and flotilla writes nothing under its name; left in place"
+            ));
         }
         desired.retain(|o| !plan.conflicts.contains(&o.key));
         rendered.clusters.insert(id.clone(), desired);
     }
     rendered.errors = errors.len();
-    rendered.diagnostics = errors.into_iter().chain(warnings).collect();
+    rendered.diagnostics = errors.into_iter().chain(warnings).chain(notes).collect();
     rendered
 }
 

@@ -124,6 +124,28 @@ pub struct Settings {
     pub warmup_seconds: u32,
     /// This installation's name, in the `flotilla.io/instance` label of everything it writes.
     pub instance: String,
+    /// `--adopt-from`: whose objects under the names flotilla writes are taken over in place.
+    pub adopt_from: Option<AdoptFrom>,
+    /// `--import-vips-from`: the Admiral address store (namespace, name) in the hub whose
+    /// addresses new hosts take.
+    pub import_vips_from: Option<(String, String)>,
+}
+
+/// The controllers whose objects flotilla can take over (`--adopt-from`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AdoptFrom {
+    /// Objects annotated `app.kubernetes.io/created-by: admiral`.
+    Admiral,
+}
+
+impl Settings {
+    /// Whose objects plans may write over.
+    pub fn owner(&self) -> crate::compute::plan::Owner<'_> {
+        crate::compute::plan::Owner {
+            instance: &self.instance,
+            adopt_admiral: self.adopt_from == Some(AdoptFrom::Admiral),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -145,6 +167,8 @@ impl Default for Settings {
             sidecar_mode: SidecarMode::Generate,
             warmup_seconds: 45,
             instance: crate::meta::DEFAULT_INSTANCE.into(),
+            adopt_from: None,
+            import_vips_from: None,
         }
     }
 }

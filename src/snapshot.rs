@@ -41,6 +41,10 @@ pub struct SnapshotOptions {
     pub vip_configmap: String,
     /// This installation (`--instance`): another installation's objects are someone else's.
     pub instance: String,
+    /// `--adopt-from=admiral`: Admiral's objects count as flotilla's (they are taken over).
+    pub adopt_admiral: bool,
+    /// `--import-vips-from`: Admiral's address store, copied into `_hub/`.
+    pub import_vips_from: Option<(String, String)>,
 }
 
 /// What a snapshot found: the members written, and those that could not be read, with why.
@@ -106,7 +110,17 @@ pub async fn snapshot(hub: &Client, opts: &SnapshotOptions, out: &Path) -> anyho
     let shards = list(configmaps).await?.into_iter().filter(|cm| {
         cm.metadata.name.as_deref().and_then(|n| crate::compute::vip::shard_index(&opts.vip_configmap, n)).is_some()
     });
-    for store in shards {
+    let imported = match &opts.import_vips_from {
+        Some((namespace, name)) => {
+            let api: Api<ConfigMap> = Api::namespaced(hub.clone(), namespace);
+            let found = api.get_opt(name).await?;
+            Some(found.ok_or_else(|| {
+                anyhow::anyhow!("--import-vips-from {namespace}/{name}: no such ConfigMap in the hub")
+            })?)
+        }
+        None => None,
+    };
+    for store in shards.chain(imported) {
         let name = store.metadata.name.clone().unwrap_or_default();
         let kept = ConfigMap {
             metadata: kube::api::ObjectMeta {
@@ -126,8 +140,9 @@ pub async fn snapshot(hub: &Client, opts: &SnapshotOptions, out: &Path) -> anyho
 pub type Owned = BTreeMap<String, BTreeMap<crate::compute::ObjectKey, DesiredObject>>;
 
 /// What flotilla owns now in every member `hub` registers (its ServiceEntries and
-/// DestinationRules in the sync namespace, its Sidecars anywhere); unreachable members are left
-/// out (`snapshot` reports them).
+/// DestinationRules in the sync namespace, its Sidecars anywhere; with `adopt_admiral` also
+/// Admiral's there, which it would take over); unreachable members are left out (`snapshot`
+/// reports them).
 pub async fn owned(hub: &Client, opts: &SnapshotOptions) -> anyhow::Result<Owned> {
     let secrets = registration_secrets(hub, opts).await?;
     let (claims, _) = resolve_claims(&secrets);
@@ -135,7 +150,13 @@ pub async fn owned(hub: &Client, opts: &SnapshotOptions) -> anyhow::Result<Owned
     for (id, reg) in claims {
         let Ok(kubeconfig) = check_kubeconfig(&reg.kubeconfig, opts.kubeconfig_trust) else { continue };
         let Ok(client) = member_client(kubeconfig).await else { continue };
-        let lp = ListParams::default().labels(&format!("{}={}", crate::meta::LABEL_MANAGED_BY, crate::meta::MANAGER));
+        let managed = format!("{}={}", crate::meta::LABEL_MANAGED_BY, crate::meta::MANAGER);
+        // Admiral's objects carry no label to select them by.
+        let lp = if opts.adopt_admiral { ListParams::default() } else { ListParams::default().labels(&managed) };
+        let owns = |m: &kube::api::ObjectMeta| {
+            is_ours(m, &opts.instance)
+                || (opts.adopt_admiral && crate::meta::is_admirals(m) && !crate::meta::is_managed(m))
+        };
         let listed = async {
             let mut objects = Vec::new();
             let ses = Api::<ServiceEntry>::namespaced(client.clone(), &opts.sync_namespace).list(&lp).await?;
@@ -147,10 +168,7 @@ pub async fn owned(hub: &Client, opts: &SnapshotOptions) -> anyhow::Result<Owned
             Ok::<_, kube::Error>(objects)
         };
         if let Ok(Ok(objects)) = tokio::time::timeout(MEMBER_TIMEOUT, listed).await {
-            out.insert(
-                id,
-                objects.into_iter().filter(|o| is_ours(o.meta(), &opts.instance)).map(|o| (o.key(), o)).collect(),
-            );
+            out.insert(id, objects.into_iter().filter(|o| owns(o.meta())).map(|o| (o.key(), o)).collect());
         }
     }
     Ok(out)
@@ -173,7 +191,7 @@ fn prepare_out_dir(out: &Path) -> anyhow::Result<()> {
 }
 
 /// The registration Secrets, as `run` selects them (any selector matches).
-async fn registration_secrets(hub: &Client, opts: &SnapshotOptions) -> anyhow::Result<Vec<Secret>> {
+pub(crate) async fn registration_secrets(hub: &Client, opts: &SnapshotOptions) -> anyhow::Result<Vec<Secret>> {
     let api: Api<Secret> = Api::namespaced(hub.clone(), &opts.secret_namespace);
     let mut by_name = BTreeMap::new();
     for term in &opts.secret_selectors {
@@ -249,8 +267,16 @@ async fn member_files(client: Client, opts: &SnapshotOptions) -> Result<Vec<(Str
     Ok(files)
 }
 
+/// Name and namespace, and whether Admiral created it (what `--adopt-from=admiral` takes over).
 fn name_only<K: Resource>(o: &K) -> kube::api::ObjectMeta {
-    kube::api::ObjectMeta { name: o.meta().name.clone(), namespace: o.meta().namespace.clone(), ..Default::default() }
+    let admirals = crate::meta::is_admirals(o.meta());
+    let created_by = [(crate::meta::ANNOTATION_CREATED_BY.to_string(), crate::meta::ADMIRAL.to_string())];
+    kube::api::ObjectMeta {
+        name: o.meta().name.clone(),
+        namespace: o.meta().namespace.clone(),
+        annotations: admirals.then(|| created_by.into_iter().collect()),
+        ..Default::default()
+    }
 }
 
 async fn list<K>(api: Api<K>) -> Result<Vec<K>, kube::Error>

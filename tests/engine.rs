@@ -865,6 +865,62 @@ fn another_installations_objects_are_someone_elses_and_unlabelled_ones_ours() {
     assert!(pruned.contains(&other.key()) && pruned.contains(&other_stray.key()));
 }
 
+#[test]
+fn admirals_objects_are_taken_over_only_when_asked_and_never_pruned() {
+    use flotilla::compute::plan::Owner;
+    use flotilla::meta::ANNOTATION_CREATED_BY;
+    fn meta_of(object: &mut DesiredObject) -> &mut ObjectMeta {
+        match object {
+            DesiredObject::DestinationRule(o) => &mut o.metadata,
+            DesiredObject::ServiceEntry(o) => &mut o.metadata,
+            DesiredObject::Sidecar(o) => &mut o.metadata,
+        }
+    }
+    let engine = engine_with(&["a", "b"], &base_fleet());
+    let desired = engine.desired.cluster("b");
+    // Admiral's object under a name flotilla writes: its own content, its annotation, no label of
+    // ours; and one under a name flotilla does not write.
+    let admirals = |object: DesiredObject, name: Option<&str>| {
+        let mut object = object;
+        let meta = meta_of(&mut object);
+        meta.labels = Some([("env".to_string(), "stage".to_string())].into());
+        meta.annotations = Some([(ANNOTATION_CREATED_BY.to_string(), "admiral".to_string())].into());
+        meta.resource_version = Some("41".into());
+        if let Some(name) = name {
+            meta.name = Some(name.into());
+        }
+        object
+    };
+    let wanted = admirals(desired[0].object(), None);
+    let leftover = admirals(desired[0].object(), Some("stage.retired.global-se"));
+    let observed: BTreeMap<ObjectKey, ObservedObject> =
+        [&wanted, &leftover].into_iter().map(|o| (o.key(), ObservedObject::new(o))).collect();
+    assert!(observed.values().all(|o| o.admirals() && !o.managed), "{observed:?}");
+
+    let left_alone = plan_cluster(&desired, &observed, DEFAULT_INSTANCE);
+    assert_eq!(left_alone.conflicts, vec![wanted.key()], "without the flag Admiral's object is someone else's");
+    assert!(left_alone.adopt.is_empty() && left_alone.admiral_leftovers.is_empty() && left_alone.prune.is_empty());
+
+    let adopting = Owner { instance: DEFAULT_INSTANCE, adopt_admiral: true };
+    let plan = plan_cluster(&desired, &observed, adopting);
+    assert!(plan.conflicts.is_empty(), "{plan:?}");
+    assert_eq!(plan.adopt, vec![wanted.key()]);
+    let taken = plan.apply.iter().find(|p| p.key == wanted.key()).expect("an apply over Admiral's object");
+    assert!(taken.adopts);
+    assert_eq!(taken.replaces.as_deref(), Some("41"), "conditional on the version seen: no delete, no create");
+    assert_eq!(plan.admiral_leftovers, vec![leftover.key()], "listed for the operator");
+    assert!(plan.prune.is_empty(), "Admiral's objects are never deleted");
+    assert_eq!(plan.apply.len(), desired.len(), "everything else as on an empty member");
+
+    // Once taken over, it is ours like any other: up to date, nothing to do.
+    let mut ours = desired[0].object();
+    meta_of(&mut ours).annotations = wanted.meta().annotations.clone();
+    assert_eq!(flotilla::meta::label(ours.meta(), LABEL_MANAGED_BY).map(String::as_str), Some("flotilla"));
+    let observed: BTreeMap<ObjectKey, ObservedObject> = [(ours.key(), ObservedObject::new(&ours))].into();
+    let after = plan_cluster(&desired[..1], &observed, adopting);
+    assert!(after.is_empty() && after.adopt.is_empty(), "{after:?}");
+}
+
 /// Identities are resolved and built on several threads; the desired state, the VIPs, the
 /// diagnostics and the policy reports must be exactly those of one thread, for a full compute and
 /// for an incremental one (a Dependency change that widens to many identities).

@@ -178,11 +178,7 @@ async fn a_leader_cut_off_from_the_hub_stops_writing_before_the_standby_leads() 
     let _serial = ONE_FLEET_AT_A_TIME.lock().await;
     let (hub, members, hub_client, clients) = start_fleet(&["west-1", "east-1"]).await;
     let (west, east) = (&clients[0], &clients[1]);
-    prepare_member(west, "us-west-2", "10.0.0.1").await;
-    prepare_member(east, "us-east-2", "10.0.0.2").await;
-    deploy(west, "greeting", "greeting").await;
-    deploy(east, "caller", "caller").await;
-    apply(east, &dependency("caller", "caller-deps", "caller", &["greeting"])).await;
+    greeting_and_caller(west, east).await;
     apply(west, &gtp("greeting", "greeting-gtp", "greeting", weights(80, 20))).await;
     apply(
         &hub_client,

@@ -194,7 +194,7 @@ impl Engine {
     /// Replaces the VIP table (e.g. with the allocations persisted in the hub, when they disagree
     /// with this replica's) and recomputes everything on the next pass.
     pub fn reset_vips(&mut self, vips: VipTable) {
-        self.vips = vips;
+        self.vips = vips.with_imported(self.vips.imported().clone());
         self.fleet.mark_all_dirty();
     }
 
@@ -220,9 +220,9 @@ impl Engine {
             return plan::ClusterPlan::default();
         }
         match scope {
-            plan::Scope::Whole => plan::plan_cluster(&self.desired.cluster(cluster), observed, &self.settings.instance),
+            plan::Scope::Whole => plan::plan_cluster(&self.desired.cluster(cluster), observed, self.settings.owner()),
             plan::Scope::Keys(keys) => {
-                plan::plan_keys(keys, |k| self.desired_object(cluster, k), observed, &self.settings.instance)
+                plan::plan_keys(keys, |k| self.desired_object(cluster, k), observed, self.settings.owner())
             }
         }
     }
@@ -383,7 +383,17 @@ impl Engine {
     /// Reads one Kubernetes object into the model (see `ingest::distill`).
     pub fn ingest(&mut self, cluster: &str, obj: &InputObject) {
         let (namespace, name) = obj.key();
-        match crate::ingest::distill(obj, cluster, &self.settings.identity_label) {
+        // An Admiral ServiceEntry that is being adopted holds no host from flotilla: it is the
+        // object flotilla takes over.
+        let adopted = |o: &InputObject| match o {
+            InputObject::ServiceEntry(se) => {
+                self.settings.owner().adopt_admiral && crate::meta::is_admirals(&se.metadata)
+            }
+            _ => false,
+        };
+        let record =
+            if adopted(obj) { None } else { crate::ingest::distill(obj, cluster, &self.settings.identity_label) };
+        match record {
             Some(record) => self.fleet.upsert(cluster, &namespace, &name, record),
             // Ignored (a Sidecar of ours): whatever was kept under its name goes.
             None => self.fleet.delete(cluster, obj.kind(), &namespace, &name),

@@ -2,7 +2,10 @@
 //!
 //! Only this installation's objects (flotilla's managed-by label, and its `--instance` or none)
 //! are ever updated or pruned; an object of someone else's (another installation's included)
-//! with the name flotilla wants is a conflict, reported and left alone.
+//! with the name flotilla wants is a conflict, reported and left alone. The one exception is
+//! asked for: with `--adopt-from=admiral`, an object Admiral created under a name flotilla writes
+//! is taken over in place (one apply over the version seen, never a delete); Admiral's objects
+//! flotilla does not write are listed, never touched.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,6 +26,8 @@ pub struct ObservedObject {
     pub managed: bool,
     /// Its `flotilla.io/instance` label: which installation wrote it (None: from before instances).
     pub instance: Option<String>,
+    /// Carries Admiral's `app.kubernetes.io/created-by: admiral`.
+    pub admiral: bool,
     pub digest: Digest,
     /// The version seen: a write of ours is conditional on it, so an object that changed hands
     /// meanwhile is never written over.
@@ -35,6 +40,7 @@ impl ObservedObject {
             key: object.key(),
             managed: crate::meta::is_managed(object.meta()),
             instance: crate::meta::label(object.meta(), crate::meta::LABEL_INSTANCE).cloned(),
+            admiral: crate::meta::is_admirals(object.meta()),
             digest: Digest::of(object),
             resource_version: object.meta().resource_version.clone(),
         }
@@ -44,6 +50,26 @@ impl ObservedObject {
     pub fn ours(&self, instance: &str) -> bool {
         self.managed && self.instance.as_deref().is_none_or(|i| i == instance)
     }
+
+    /// Admiral's, and nobody else's: created by Admiral and not (yet) carrying flotilla's label.
+    pub fn admirals(&self) -> bool {
+        self.admiral && !self.managed
+    }
+}
+
+/// Whose objects a plan may write over: this installation's, and, when asked, Admiral's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner<'a> {
+    pub instance: &'a str,
+    /// `--adopt-from=admiral`: take over Admiral's objects under the names flotilla writes.
+    pub adopt_admiral: bool,
+}
+
+impl<'a> From<&'a str> for Owner<'a> {
+    /// This installation alone, adopting nothing.
+    fn from(instance: &'a str) -> Self {
+        Owner { instance, adopt_admiral: false }
+    }
 }
 
 /// One object to write, and the version of our object it replaces: None when there is none, and
@@ -52,6 +78,8 @@ impl ObservedObject {
 pub struct Planned {
     pub desired: Arc<Desired>,
     pub replaces: Option<String>,
+    /// `replaces` is Admiral's object, taken over by this write.
+    pub adopts: bool,
 }
 
 impl std::ops::Deref for Planned {
@@ -70,6 +98,11 @@ pub struct ClusterPlan {
     pub prune: Vec<ObservedObject>,
     /// Wanted, but an object not managed by flotilla has the name: left alone, reported.
     pub conflicts: Vec<ObjectKey>,
+    /// The objects of `apply` that Admiral created and this plan takes over.
+    pub adopt: Vec<ObjectKey>,
+    /// Admiral's objects under names flotilla does not write: listed for the operator, never
+    /// touched.
+    pub admiral_leftovers: Vec<ObjectKey>,
 }
 
 impl ClusterPlan {
@@ -78,14 +111,58 @@ impl ClusterPlan {
     }
 }
 
+/// A plan as a dry run shows it: the objects per action, by `Kind namespace/name`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanSummary {
+    pub create: Vec<String>,
+    pub update: Vec<String>,
+    /// Admiral's objects, taken over in place by an apply.
+    pub adopt: Vec<String>,
+    pub prune: Vec<String>,
+    pub conflicts: Vec<String>,
+    pub admiral_leftovers: Vec<String>,
+}
+
+impl PlanSummary {
+    pub fn of(plan: &ClusterPlan) -> Self {
+        let names = |keys: &mut dyn Iterator<Item = &ObjectKey>| keys.map(ToString::to_string).collect();
+        let applied = |pick: fn(&Planned) -> bool| {
+            let mut keys = plan.apply.iter().filter(move |p| pick(p)).map(|p| &p.key);
+            names(&mut keys)
+        };
+        PlanSummary {
+            create: applied(|p| p.replaces.is_none()),
+            update: applied(|p| p.replaces.is_some() && !p.adopts),
+            adopt: applied(|p| p.adopts),
+            prune: names(&mut plan.prune.iter().map(|o| &o.key)),
+            conflicts: names(&mut plan.conflicts.iter()),
+            admiral_leftovers: names(&mut plan.admiral_leftovers.iter()),
+        }
+    }
+
+    /// (action, count) for every action, in a fixed order (the metric's label values).
+    pub fn counts(&self) -> [(&'static str, usize); 6] {
+        [
+            ("create", self.create.len()),
+            ("update", self.update.len()),
+            ("adopt", self.adopt.len()),
+            ("prune", self.prune.len()),
+            ("conflict", self.conflicts.len()),
+            ("admiral_leftover", self.admiral_leftovers.len()),
+        ]
+    }
+}
+
 /// Plans a whole cluster: one merge of the desired objects (sorted by key, as
 /// `DesiredState::cluster` gives them) with the observed ones, no lookups.
-/// Only `instance`'s objects are updated or pruned; another installation's are conflicts.
-pub fn plan_cluster(
+/// Only `owner`'s objects are updated or pruned; another installation's are conflicts.
+pub fn plan_cluster<'a>(
     desired: &[Arc<Desired>],
     observed: &BTreeMap<ObjectKey, ObservedObject>,
-    instance: &str,
+    owner: impl Into<Owner<'a>>,
 ) -> ClusterPlan {
+    let owner = owner.into();
     let mut plan = ClusterPlan::default();
     let mut want = desired.iter().map(|d| (&d.key, d)).peekable();
     let mut have = observed.iter().peekable();
@@ -99,16 +176,16 @@ pub fn plan_cluster(
         match order {
             Ordering::Less => {
                 let (key, w) = want.next().expect("peeked");
-                decide(&mut plan, key, Some(w), None, instance);
+                decide(&mut plan, key, Some(w), None, owner);
             }
             Ordering::Greater => {
                 let (key, h) = have.next().expect("peeked");
-                decide(&mut plan, key, None, Some(h), instance);
+                decide(&mut plan, key, None, Some(h), owner);
             }
             Ordering::Equal => {
                 let (key, w) = want.next().expect("peeked");
                 let (_, h) = have.next().expect("peeked");
-                decide(&mut plan, key, Some(w), Some(h), instance);
+                decide(&mut plan, key, Some(w), Some(h), owner);
             }
         }
     }
@@ -121,11 +198,11 @@ pub fn plan_keys<'a>(
     keys: impl IntoIterator<Item = &'a ObjectKey>,
     desired: impl Fn(&ObjectKey) -> Option<&'a Arc<Desired>>,
     observed: &BTreeMap<ObjectKey, ObservedObject>,
-    instance: &str,
+    owner: Owner<'_>,
 ) -> ClusterPlan {
     let mut plan = ClusterPlan::default();
     for key in keys {
-        decide(&mut plan, key, desired(key), observed.get(key), instance);
+        decide(&mut plan, key, desired(key), observed.get(key), owner);
     }
     plan
 }
@@ -161,24 +238,33 @@ impl Scope {
     }
 }
 
-/// What one key needs: apply when missing or different, prune when ours and unwanted, and a
-/// conflict when someone else's object holds the name.
+/// What one key needs: apply when missing or different, prune when ours and unwanted, a
+/// conflict when someone else's object holds the name, unless it is Admiral's and `owner`
+/// adopts Admiral's: then one apply over the version seen takes it over.
 fn decide(
     plan: &mut ClusterPlan,
     key: &ObjectKey,
     want: Option<&Arc<Desired>>,
     have: Option<&ObservedObject>,
-    instance: &str,
+    owner: Owner<'_>,
 ) {
+    let instance = owner.instance;
     match (want, have) {
-        (Some(want), None) => plan.apply.push(Planned { desired: want.clone(), replaces: None }),
+        (Some(want), None) => plan.apply.push(Planned { desired: want.clone(), replaces: None, adopts: false }),
+        (Some(want), Some(have)) if owner.adopt_admiral && have.admirals() => {
+            plan.adopt.push(key.clone());
+            let replaces = have.resource_version.clone();
+            plan.apply.push(Planned { desired: want.clone(), replaces, adopts: true });
+        }
         (Some(_), Some(have)) if !have.ours(instance) => plan.conflicts.push(key.clone()),
         (Some(want), Some(have)) => {
             if !up_to_date(want, have) {
-                plan.apply.push(Planned { desired: want.clone(), replaces: have.resource_version.clone() });
+                let replaces = have.resource_version.clone();
+                plan.apply.push(Planned { desired: want.clone(), replaces, adopts: false });
             }
         }
         (None, Some(have)) if have.ours(instance) => plan.prune.push(have.clone()),
+        (None, Some(have)) if owner.adopt_admiral && have.admirals() => plan.admiral_leftovers.push(key.clone()),
         (None, _) => {}
     }
 }

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use k8s_openapi::jiff::Timestamp;
 
@@ -167,6 +168,54 @@ pub struct VipTable {
     used: BTreeSet<Ipv4Addr>,
     /// Allocated since the last `take_new`: what `run` must persist before writing.
     new: BTreeMap<String, Ipv4Addr>,
+    /// Addresses imported from Admiral's store (`--import-vips-from`): a host without an address
+    /// takes its own from here, and no other host is ever given one of them.
+    imported: Arc<Imported>,
+}
+
+/// Host → address as another controller's store gave them, and those addresses.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Imported {
+    by_host: BTreeMap<String, Ipv4Addr>,
+    addresses: BTreeSet<Ipv4Addr>,
+}
+
+impl Imported {
+    pub fn new(by_host: BTreeMap<String, Ipv4Addr>) -> Arc<Imported> {
+        let addresses = by_host.values().copied().collect();
+        Arc::new(Imported { by_host, addresses })
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_host.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_host.is_empty()
+    }
+}
+
+/// The data key of Admiral's address store (`se-address-configmap`).
+pub const ADMIRAL_STORE_KEY: &str = "serviceEntryAddressStore";
+
+/// Host → address from Admiral's address store: the YAML under `serviceEntryAddressStore`,
+/// `entry-addresses: {<host>-se: <ip>}` (Admiral names each host's ServiceEntry `<host>-se`).
+/// Entries that are not a ServiceEntry name and an IPv4 address are skipped; a store without
+/// the key is empty (Admiral creates it so).
+pub fn parse_admiral_store(data: Option<&BTreeMap<String, String>>) -> Result<BTreeMap<String, Ipv4Addr>, String> {
+    #[derive(serde::Deserialize)]
+    struct Store {
+        #[serde(default, rename = "entry-addresses")]
+        entry_addresses: Option<BTreeMap<String, String>>,
+    }
+    let Some(text) = data.and_then(|d| d.get(ADMIRAL_STORE_KEY)) else { return Ok(BTreeMap::new()) };
+    let store: Option<Store> = serde_saphyr::from_str(text)
+        .map_err(|e| format!("{ADMIRAL_STORE_KEY}: {}", crate::meta::without_values(&e.to_string())))?;
+    let entries = store.and_then(|s| s.entry_addresses).unwrap_or_default();
+    Ok(entries
+        .into_iter()
+        .filter_map(|(se, ip)| Some((se.strip_suffix("-se")?.to_ascii_lowercase(), ip.trim().parse().ok()?)))
+        .collect())
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -208,6 +257,16 @@ impl VipTable {
         self.by_host.get(host).copied()
     }
 
+    /// This table, giving hosts without an address the imported one (see `imported`).
+    pub fn with_imported(mut self, imported: Arc<Imported>) -> Self {
+        self.imported = imported;
+        self
+    }
+
+    pub fn imported(&self) -> &Arc<Imported> {
+        &self.imported
+    }
+
     /// Frees the host's address (released from the store after its grace period).
     pub fn release(&mut self, host: &str) {
         if let Some(ip) = self.by_host.remove(host) {
@@ -225,12 +284,18 @@ impl VipTable {
         if let Some(ip) = self.by_host.get(host) {
             return Ok(*ip);
         }
+        let imported = self.imported.by_host.get(host).copied();
+        if let Some(ip) = imported.filter(|ip| self.used.insert(*ip)) {
+            self.by_host.insert(host.to_string(), ip);
+            self.new.insert(host.to_string(), ip);
+            return Ok(ip);
+        }
         // Skip the network address and the last (broadcast-like) address of the block.
         let usable = cidr.size() - 2;
         let start = fnv1a(host.as_bytes()) % usable;
         for step in 0..usable {
             let ip = cidr.nth(1 + (start + step) % usable);
-            if self.used.insert(ip) {
+            if !self.imported.addresses.contains(&ip) && self.used.insert(ip) {
                 self.by_host.insert(host.to_string(), ip);
                 self.new.insert(host.to_string(), ip);
                 return Ok(ip);
@@ -400,5 +465,45 @@ mod tests {
         let t = VipTable::from_existing([("b".to_string(), ip), ("a".to_string(), ip)]);
         assert_eq!(t.get("a"), Some(ip));
         assert_eq!(t.get("b"), None);
+    }
+
+    #[test]
+    fn admirals_addresses_are_kept_and_never_given_to_another_host() {
+        let store = "entry-addresses:\n  stage.greeting.global-se: 240.0.10.1\n  Stage.Payments.global-se: 240.0.10.2\n  not-a-service-entry: 240.0.10.3\n  stage.broken.global-se: nonsense\naddresses:\n- 240.0.10.1\n";
+        let data = BTreeMap::from([(ADMIRAL_STORE_KEY.to_string(), store.to_string())]);
+        let imported = parse_admiral_store(Some(&data)).unwrap();
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            imported,
+            BTreeMap::from([
+                ("stage.greeting.global".to_string(), ip("240.0.10.1")),
+                ("stage.payments.global".to_string(), ip("240.0.10.2")),
+            ])
+        );
+        assert_eq!(parse_admiral_store(None).unwrap(), BTreeMap::new(), "Admiral creates its store empty");
+        let broken = BTreeMap::from([(ADMIRAL_STORE_KEY.to_string(), "entry-addresses: [\"secret-ish\"".to_string())]);
+        let e = parse_admiral_store(Some(&broken)).unwrap_err();
+        assert!(e.starts_with(ADMIRAL_STORE_KEY) && !e.contains("secret-ish"), "{e}");
+
+        // A host whose hashed address is one of Admiral's must go elsewhere; Admiral's hosts
+        // keep theirs whatever the order; a host the store already holds keeps the store's.
+        let block = cidr("240.0.10.0/30"); // two usable addresses: .1 and .2
+        let mut table = VipTable::from_existing([("stage.stored.global".to_string(), ip("240.0.10.2"))])
+            .with_imported(Imported::new(imported.clone()));
+        assert!(table.get_or_allocate("stage.newcomer.global", block).is_err(), "Admiral's .1 is reserved, .2 stored");
+        assert_eq!(table.get_or_allocate("stage.greeting.global", block).unwrap(), ip("240.0.10.1"));
+        assert_ne!(
+            table.get_or_allocate("stage.payments.global", cidr("240.0.0.0/16")).unwrap(),
+            ip("240.0.10.2"),
+            "its address is taken by a stored host: the store wins"
+        );
+        let new = table.take_new();
+        assert_eq!(
+            new.get("stage.greeting.global"),
+            Some(&ip("240.0.10.1")),
+            "an imported address is persisted like any"
+        );
+        let replaced = VipTable::default().with_imported(table.imported().clone());
+        assert_eq!(replaced.imported().len(), 2);
     }
 }

@@ -14,6 +14,27 @@ use crate::compute::plan::{ClusterPlan, Scope};
 use crate::compute::{ClusterFacts, ObjectKey};
 use crate::meta::Kind;
 
+/// What a plan found that the last ones had not: worth a log line each.
+#[derive(Debug, Default)]
+pub struct Noticed {
+    pub conflicts: Vec<ObjectKey>,
+    pub admiral_leftovers: Vec<ObjectKey>,
+}
+
+/// Updates `known` (kept sorted) with what a plan of `scope` `found`; returns what is new.
+fn merge_found(known: &mut Vec<ObjectKey>, found: &[ObjectKey], scope: &Scope) -> Vec<ObjectKey> {
+    let new = found.iter().filter(|k| !known.contains(k)).cloned().collect();
+    match scope {
+        Scope::Whole => *known = found.to_vec(),
+        Scope::Keys(keys) => {
+            known.retain(|k| !keys.contains(k));
+            known.extend(found.iter().cloned());
+            known.sort();
+        }
+    }
+    new
+}
+
 pub struct Member {
     pub registration: Registration,
     pub health: MemberHealth,
@@ -23,6 +44,8 @@ pub struct Member {
     pub namespace_ready: bool,
     /// Objects desired there whose names someone else's objects hold, as of the last plan.
     pub conflicts: Vec<ObjectKey>,
+    /// Admiral's objects there under names flotilla does not write (with `--adopt-from=admiral`).
+    pub admiral_leftovers: Vec<ObjectKey>,
     /// Whether the last plan made for it was empty: with nothing dirty and nothing in flight,
     /// the member holds exactly what is desired.
     last_plan_empty: bool,
@@ -36,23 +59,19 @@ impl Member {
             _watches: watches,
             namespace_ready: false,
             conflicts: Vec::new(),
+            admiral_leftovers: Vec::new(),
             last_plan_empty: false,
         }
     }
 
     /// Takes a plan of `scope` of the member: the write job that carries it out (with the sync
-    /// namespace made first if it must be), and the conflicts that are new since the last plan
-    /// (logged once, not at every pass).
-    pub fn plan(&mut self, plan: ClusterPlan, scope: &Scope, sync_namespace: &str) -> (WriteJob, Vec<ObjectKey>) {
-        let new_conflicts = plan.conflicts.iter().filter(|k| !self.conflicts.contains(k)).cloned().collect();
-        match scope {
-            Scope::Whole => self.conflicts = plan.conflicts.clone(),
-            Scope::Keys(keys) => {
-                self.conflicts.retain(|k| !keys.contains(k));
-                self.conflicts.extend(plan.conflicts.iter().cloned());
-                self.conflicts.sort();
-            }
-        }
+    /// namespace made first if it must be), and the conflicts and Admiral leftovers that are new
+    /// since the last plan (logged once, not at every pass).
+    pub fn plan(&mut self, plan: ClusterPlan, scope: &Scope, sync_namespace: &str) -> (WriteJob, Noticed) {
+        let noticed = Noticed {
+            conflicts: merge_found(&mut self.conflicts, &plan.conflicts, scope),
+            admiral_leftovers: merge_found(&mut self.admiral_leftovers, &plan.admiral_leftovers, scope),
+        };
         self.last_plan_empty = plan.is_empty();
         let mut job = WriteJob { plan, ..Default::default() };
         // Sidecars live in the workloads' namespaces; everything else in the sync namespace.
@@ -60,7 +79,7 @@ impl Member {
         if wants_sync_ns && !self.namespace_ready {
             job.ensure_namespace = Some(sync_namespace.to_string());
         }
-        (job, new_conflicts)
+        (job, noticed)
     }
 
     /// The error the policies' statuses name for this member, if any.
@@ -111,6 +130,7 @@ impl Member {
             last_error,
             desired_objects,
             conflicts: self.conflicts.iter().map(|k| k.to_string()).collect(),
+            admiral_leftovers: self.admiral_leftovers.iter().map(|k| k.to_string()).collect(),
             unlisted: self.health.unlisted().map(|k| k.to_string()).collect(),
             converged,
         }
@@ -190,9 +210,9 @@ mod tests {
 
         let (job, new) = m.plan(plan(want(), &observed), &Scope::Whole, "admiral-sync");
         assert!(job.plan.is_empty(), "someone else's object is left alone");
-        assert_eq!(new.len(), 1);
+        assert_eq!(new.conflicts.len(), 1);
         let (_, new) = m.plan(plan(want(), &observed), &Scope::Whole, "admiral-sync");
-        assert!(new.is_empty(), "the same conflict is not news again");
+        assert!(new.conflicts.is_empty(), "the same conflict is not news again");
         assert_eq!(m.conflicts.len(), 1);
         assert!(m.converged(false, Some(&slot), now), "nothing left to write");
         assert!(!m.converged(true, Some(&slot), now), "something changed since the plan");

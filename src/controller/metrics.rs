@@ -27,6 +27,12 @@ pub struct Write {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterAction {
+    pub cluster: String,
+    pub action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SecretLabel {
     pub secret: String,
 }
@@ -47,6 +53,7 @@ pub struct Metrics {
     pub identities_recomputed: Counter,
     pub passes: Counter,
     pub leader: Gauge,
+    pub dry_run_planned: Family<ClusterAction, Gauge>,
 }
 
 impl Default for Metrics {
@@ -68,6 +75,7 @@ impl Default for Metrics {
             identities_recomputed: Counter::default(),
             passes: Counter::default(),
             leader: Gauge::default(),
+            dry_run_planned: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -103,6 +111,11 @@ impl Default for Metrics {
         r.register("identities_recomputed", "Identities recomputed", m.identities_recomputed.clone());
         r.register("passes", "Passes of the runtime: recompute, plan, dispatch", m.passes.clone());
         r.register("leader", "1 while this replica holds the lease and writes", m.leader.clone());
+        r.register(
+            "dry_run_planned",
+            "With --dry-run: the objects flotilla would create, update, adopt or prune in a member now, and the conflicts and Admiral leftovers it finds",
+            m.dry_run_planned.clone(),
+        );
         m
     }
 }
@@ -148,6 +161,17 @@ impl Metrics {
     pub fn forget_cluster(&self, cluster: &str) {
         for s in super::health::State::NAMES {
             self.cluster_state.remove(&ClusterState { cluster: cluster.to_string(), state: s.to_string() });
+        }
+        for (action, _) in crate::compute::plan::PlanSummary::default().counts() {
+            self.dry_run_planned.remove(&ClusterAction { cluster: cluster.to_string(), action: action.to_string() });
+        }
+    }
+
+    /// What a dry run would do in `cluster` now.
+    pub fn set_dry_run_plan(&self, cluster: &str, plan: &crate::compute::plan::PlanSummary) {
+        for (action, n) in plan.counts() {
+            let labels = ClusterAction { cluster: cluster.to_string(), action: action.to_string() };
+            self.dry_run_planned.get_or_create(&labels).set(n as i64);
         }
     }
 

@@ -70,6 +70,10 @@ pub struct Options {
     /// How long an address outlives the last object that carries its host.
     pub vip_release_after: Duration,
     pub max_concurrent_writes: usize,
+    /// Shadow mode: watch and compute as usual, write nothing at all, show the plans.
+    pub dry_run: bool,
+    /// Addresses imported from Admiral's store (`--import-vips-from`), host → address.
+    pub imported_vips: std::collections::BTreeMap<String, std::net::Ipv4Addr>,
 }
 
 #[derive(Clone, Debug)]

@@ -97,6 +97,8 @@ pub struct Runtime {
     change_since: BTreeMap<ClusterId, Instant>,
     /// When the leader next looks for VIP store entries to mark, unmark or release.
     next_vip_lifecycle: Option<Instant>,
+    /// With --dry-run: each member's plan, as of its last change.
+    dry_plans: BTreeMap<ClusterId, Arc<crate::compute::plan::PlanSummary>>,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -119,6 +121,9 @@ pub async fn run(hub: Client, opts: Options, shutdown: impl std::future::Future<
     // Without election the fence stays open for the life of this function.
     let (_open, fence) = Fence::open();
     let (lease, fence) = match &opts.leader_election {
+        // A dry run never leads: it takes no lease, and its fence never opens, so even a job
+        // that reached a writer would be dropped unwritten.
+        None if opts.dry_run => (None, Fence::new().1),
         None => {
             let _ = tx.send(Input::Leader(true));
             (None, fence)
@@ -227,6 +232,9 @@ impl Driven for Runtime {
             let engine = self.engine.as_ref().expect("the engine is home between passes");
             self.vips.lifecycle(&engine.live_hosts(), k8s_openapi::jiff::Timestamp::now(), self.opts.vip_release_after);
         }
+        if ready && self.opts.dry_run {
+            self.plan_dry();
+        }
         if ready && self.leader {
             if self.vips.settled() && self.statuses_dirty {
                 self.statuses_dirty = false;
@@ -240,7 +248,8 @@ impl Driven for Runtime {
 
 impl Runtime {
     pub fn new(hub: Client, opts: Options, shared: Arc<Shared>, feed: Feed, fence: Fence) -> Self {
-        let engine = Engine::new(opts.settings.clone(), VipTable::default());
+        let imported = crate::compute::vip::Imported::new(opts.imported_vips.clone());
+        let engine = Engine::new(opts.settings.clone(), VipTable::default().with_imported(imported));
         let limit = Arc::new(Semaphore::new(opts.max_concurrent_writes.max(1)));
         let reporter = Reporter {
             controller: MANAGER.into(),
@@ -273,6 +282,7 @@ impl Runtime {
             batch_started: None,
             change_since: BTreeMap::new(),
             next_vip_lifecycle: None,
+            dry_plans: BTreeMap::new(),
         };
         // The hub's writer: statuses of policies kept there, the VIP store, Events.
         rt.start_writer(HUB, 0, hub, Some(recorder));
@@ -439,6 +449,7 @@ impl Runtime {
         self.pending.take(id);
         self.retries.forget_cluster(id);
         self.change_since.remove(id);
+        self.dry_plans.remove(id);
         self.shared.metrics.forget_cluster(id);
         self.engine().fleet.remove_cluster(id);
         self.statuses_dirty = true;
@@ -693,9 +704,12 @@ impl Runtime {
                 Some(m) => match plans.remove(&cluster) {
                     Some((scope, plan)) => {
                         self.retries.planned(&cluster, &scope, &plan);
-                        let (job, new_conflicts) = m.plan(plan, &scope, &self.opts.settings.sync_namespace);
-                        for key in new_conflicts {
+                        let (job, noticed) = m.plan(plan, &scope, &self.opts.settings.sync_namespace);
+                        for key in noticed.conflicts {
                             tracing::warn!(cluster = %cluster, object = %key, "exists and is not managed by flotilla; left alone");
+                        }
+                        for key in noticed.admiral_leftovers {
+                            tracing::info!(cluster = %cluster, object = %key, "created by Admiral, and flotilla writes nothing under its name; left in place");
                         }
                         job
                     }
@@ -717,6 +731,25 @@ impl Runtime {
                 writer.slot.sent();
                 self.observed.job_sent(&cluster);
             }
+        }
+    }
+
+    /// Dry run: plans every member whose desired or held state moved, whole, against what it holds
+    /// now, and keeps the plan to show (/debug/clusters/<id>/plan, metrics); writes nothing. A
+    /// member that does not answer keeps its previous plan until it does.
+    fn plan_dry(&mut self) {
+        let engine = self.engine.as_ref().expect("the engine is home between passes");
+        let moved: Vec<ClusterId> = self.pending.clusters().cloned().collect();
+        let no_outputs = BTreeMap::new();
+        for cluster in moved {
+            let Some(m) = self.members.get(&cluster).filter(|m| m.health.answering()) else { continue };
+            self.pending.take(&cluster);
+            let health = m.health.state().cluster_health();
+            let observed = self.observed.outputs(&cluster).unwrap_or(&no_outputs);
+            let plan = engine.plan_member(&cluster, health, &Scope::Whole, observed);
+            let summary = crate::compute::plan::PlanSummary::of(&plan);
+            self.shared.metrics.set_dry_run_plan(&cluster, &summary);
+            self.dry_plans.insert(cluster, Arc::new(summary));
         }
     }
 
@@ -745,11 +778,12 @@ impl Runtime {
         let view = View {
             ready: self.ready(),
             leader: self.leader,
+            dry_run: self.opts.dry_run,
             converged: converged && hub_idle,
             clusters,
             registration_problems: self.problems.current().iter().map(|p| p.to_string()).collect(),
         };
-        self.shared.publish(Published { view, desired: engine.desired.clone() });
+        self.shared.publish(Published { view, desired: engine.desired.clone(), plans: self.dry_plans.clone() });
     }
 }
 
@@ -794,6 +828,8 @@ mod tests {
             vip_shard_entries: crate::compute::vip::SHARD_ENTRIES,
             vip_release_after: Duration::from_secs(7 * 24 * 3600),
             max_concurrent_writes: 1,
+            dry_run: false,
+            imported_vips: BTreeMap::new(),
         }
     }
 

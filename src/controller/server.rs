@@ -36,6 +36,8 @@ pub struct Shared {
 pub struct Published {
     pub view: View,
     pub desired: DesiredState,
+    /// With --dry-run: what flotilla would do in each member now.
+    pub plans: BTreeMap<String, Arc<crate::compute::plan::PlanSummary>>,
 }
 
 impl Shared {
@@ -57,6 +59,9 @@ impl Shared {
 pub struct View {
     pub ready: bool,
     pub leader: bool,
+    /// Started with --dry-run: computes and shows, writes nothing.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
     /// This replica leads, every synced member holds exactly what is desired (its last plan was
     /// empty, nothing is pending or in flight), and every status and VIP is written.
     pub converged: bool,
@@ -75,6 +80,9 @@ pub struct ClusterView {
     pub desired_objects: usize,
     /// Objects we want whose name someone else's object holds.
     pub conflicts: Vec<String>,
+    /// Admiral's objects under names flotilla does not write (with --adopt-from=admiral).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub admiral_leftovers: Vec<String>,
     /// Kinds whose first list has not completed.
     pub unlisted: Vec<String>,
     /// Synced, and holds exactly what is desired.
@@ -90,6 +98,7 @@ fn views() -> Router<Arc<Shared>> {
         .route("/metrics", get(metrics))
         .route("/debug/clusters", get(clusters))
         .route("/debug/clusters/{id}/desired", get(desired))
+        .route("/debug/clusters/{id}/plan", get(plan))
         .route("/debug/identities/{id}", get(identity))
 }
 
@@ -193,6 +202,26 @@ async fn desired(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Respon
     // Serialised as the whole objects they stand for.
     let objects: Vec<&crate::compute::Desired> = desired.iter().map(|d| &**d).collect();
     axum::Json(serde_json::json!({ "cluster": id, "objects": objects })).into_response()
+}
+
+/// With --dry-run, what flotilla would do in the member now.
+async fn plan(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    let published = s.published();
+    if !published.view.clusters.contains_key(&id) {
+        return (StatusCode::NOT_FOUND, format!("no member {id:?}\n")).into_response();
+    }
+    if !published.view.dry_run {
+        return (StatusCode::NOT_FOUND, "plans are shown with --dry-run only (this replica writes them)\n")
+            .into_response();
+    }
+    match published.plans.get(&id) {
+        Some(plan) => axum::Json(serde_json::json!({ "cluster": id, "plan": &**plan })).into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("member {id:?} is not planned yet (not listed, or not answering)\n"),
+        )
+            .into_response(),
+    }
 }
 
 /// Hosts, source and target clusters, the winning policies and why, and diagnostics.

@@ -293,7 +293,11 @@ async fn run_op(cluster: &str, client: &Client, op: Op, metrics: &Metrics) -> Ou
                 DesiredObject::DestinationRule(o) => apply(client, &planned, o, DesiredObject::DestinationRule).await,
                 DesiredObject::Sidecar(o) => apply(client, &planned, o, DesiredObject::Sidecar).await,
             };
-            metrics.write(cluster, "apply", &key.kind.to_string(), result.is_ok());
+            let op = if planned.adopts { "adopt" } else { "apply" };
+            metrics.write(cluster, op, &key.kind.to_string(), result.is_ok());
+            if planned.adopts && result.is_ok() {
+                tracing::info!(cluster, object = %key, "taken over from Admiral in place");
+            }
             let failed = |message: String| {
                 Outcome::Failed(WriteError::Apply { cluster: cluster.into(), key: key.clone(), message })
             };
@@ -418,7 +422,8 @@ where
         Some(seen) => {
             let mut conditional = obj.clone();
             conditional.meta_mut().resource_version = Some(seen.clone());
-            // Force: these objects carry our label, so every field we set is ours to set.
+            // Force: these objects carry our label (or are Admiral's, being taken over), so every
+            // field we set is ours to set.
             match api.patch(&key.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&conditional)).await {
                 Ok(written) => written,
                 // Merged with what another manager (or a create or replace of an earlier
@@ -622,7 +627,7 @@ mod tests {
         sidecar.metadata.namespace = Some("caller".into());
         let desired = Arc::new(Desired::from_object(DesiredObject::Sidecar(sidecar)));
         WriteJob {
-            plan: ClusterPlan { apply: vec![Planned { desired, replaces: None }], ..Default::default() },
+            plan: ClusterPlan { apply: vec![Planned { desired, replaces: None, adopts: false }], ..Default::default() },
             ..Default::default()
         }
     }

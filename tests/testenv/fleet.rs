@@ -31,6 +31,16 @@ pub async fn deploy(client: &Client, ns: &str, identity: &str) {
     apply(client, &service(ns, identity, "http", 80, 8080)).await;
 }
 
+/// The usual two members: greeting served in west (us-west-2, gateway 10.0.0.1), its client
+/// caller in east (us-east-2, gateway 10.0.0.2) with a Dependency on it kept next to it.
+pub async fn greeting_and_caller(west: &Client, east: &Client) {
+    prepare_member(west, "us-west-2", "10.0.0.1").await;
+    prepare_member(east, "us-east-2", "10.0.0.2").await;
+    deploy(west, "greeting", "greeting").await;
+    deploy(east, "caller", "caller").await;
+    apply(east, &dependency("caller", "caller-deps", "caller", &["greeting"])).await;
+}
+
 pub fn dependency(ns: &str, name: &str, source: &str, destinations: &[&str]) -> Dependency {
     serde_json::from_value(json!({
         "apiVersion": "admiral.io/v1alpha1", "kind": "Dependency",
