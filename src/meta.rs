@@ -110,6 +110,12 @@ pub fn is_admirals(meta: &ObjectMeta) -> bool {
     annotation(meta, ANNOTATION_CREATED_BY).map(String::as_str) == Some(ADMIRAL)
 }
 
+/// Admiral's and nobody else's: created by Admiral, and no tool (flotilla, Helm, Argo CD, …)
+/// claims it with `app.kubernetes.io/managed-by`. The objects `--adopt-from=admiral` takes over.
+pub fn is_admirals_alone(meta: &ObjectMeta) -> bool {
+    is_admirals(meta) && label(meta, LABEL_MANAGED_BY).is_none()
+}
+
 /// `admiral.io/ignore: "true"` as a label or an annotation.
 pub fn has_ignore(meta: &ObjectMeta) -> bool {
     let truthy = |v: Option<&String>| v.is_some_and(|v| v.eq_ignore_ascii_case("true"));

@@ -71,11 +71,19 @@ pub fn permissions(settings: &Settings) -> Vec<Permission> {
         add(&["patch"], "admiral.io", policy, Some("status"), None, "policies' status");
     }
     let sync = Some(settings.sync_namespace.as_str());
-    let write = &["list", "watch", "patch", "update", "delete"][..];
+    // A server-side apply that creates an object is authorised as `create`.
+    let write = &["list", "watch", "create", "patch", "update", "delete"][..];
     add(write, "networking.istio.io", "serviceentries", None, sync, "ServiceEntries (server-side apply, prune)");
     add(write, "networking.istio.io", "destinationrules", None, sync, "DestinationRules (server-side apply, prune)");
     if settings.sidecar_mode == SidecarMode::Generate {
-        add(&["patch", "update", "delete"], "networking.istio.io", "sidecars", None, None, "clients' Sidecars");
+        add(
+            &["create", "patch", "update", "delete"],
+            "networking.istio.io",
+            "sidecars",
+            None,
+            None,
+            "clients' Sidecars",
+        );
     }
     all
 }
@@ -234,7 +242,7 @@ mod tests {
         let off = Settings { sidecar_mode: SidecarMode::Off, ..Settings::default() };
         let without = permissions(&off);
         assert!(without.iter().all(|p| !(p.resource == "sidecars" && p.verb == "patch")));
-        assert_eq!(all.len(), without.len() + 3);
+        assert_eq!(all.len(), without.len() + 4);
     }
 
     #[test]

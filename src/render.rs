@@ -38,8 +38,7 @@ pub struct Rendered {
 /// gives the addresses already allocated, so `render` writes the addresses `run` writes; hosts it
 /// does not hold get addresses as `run` would allocate them.
 pub fn engine(loaded: &LoadedFleet, settings: &Settings, vip_store: &str) -> Engine {
-    let shards = loaded.hub_config_maps.iter().filter_map(|(name, cm)| Some((vip::shard_index(vip_store, name)?, cm)));
-    let store = vip::parse_shards(shards.map(|(i, cm)| (i, cm.data.as_ref())));
+    let store = stored_vips(loaded, vip_store);
     let imported = vip::Imported::new(imported_vips(loaded, settings).unwrap_or_default());
     let mut engine = Engine::new(settings.clone(), VipTable::from_existing(store).with_imported(imported));
     for (id, overrides) in &loaded.clusters {
@@ -54,6 +53,12 @@ pub fn engine(loaded: &LoadedFleet, settings: &Settings, vip_store: &str) -> Eng
     }
     engine.recompute();
     engine
+}
+
+/// The addresses the VIP store `vip_store` (its every shard in `_hub/`) holds.
+fn stored_vips(loaded: &LoadedFleet, vip_store: &str) -> BTreeMap<String, Ipv4Addr> {
+    let shards = loaded.hub_config_maps.iter().filter_map(|(name, cm)| Some((vip::shard_index(vip_store, name)?, cm)));
+    vip::parse_shards(shards.map(|(i, cm)| (i, cm.data.as_ref())))
 }
 
 /// The addresses of Admiral's store that `--import-vips-from` names, as `_hub/` holds it (the
@@ -72,15 +77,18 @@ pub fn render(loaded: LoadedFleet, settings: &Settings, vip_store: &str) -> Rend
     let engine = engine(&loaded, settings, vip_store);
     let mut rendered = Rendered::default();
     let mut errors: Vec<String> = loaded.problems.iter().map(|p| format!("error: {p}")).collect();
+    let mut warnings = Vec::new();
     if let Err(e) = imported_vips(&loaded, settings) {
         errors.push(format!("error: {e}"));
+    }
+    for line in engine.vips.imported().disagreements(&stored_vips(&loaded, vip_store)) {
+        warnings.push(format!("warning: {line}"));
     }
     for (id, why) in &loaded.unreachable {
         errors.push(format!(
             "error: cluster {id}: unreachable when the snapshot was taken ({why}): its workloads are unknown here, so its endpoints and config differ from what run keeps"
         ));
     }
-    let mut warnings = Vec::new();
     for d in engine.all_diagnostics() {
         match d.severity {
             Severity::Error => errors.push(d.to_string()),

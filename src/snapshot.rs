@@ -113,7 +113,9 @@ pub async fn snapshot(hub: &Client, opts: &SnapshotOptions, out: &Path) -> anyho
     let imported = match &opts.import_vips_from {
         Some((namespace, name)) => {
             let api: Api<ConfigMap> = Api::namespaced(hub.clone(), namespace);
-            let found = api.get_opt(name).await?;
+            let found = tokio::time::timeout(crate::controller::deadline::REQUEST, api.get_opt(name)).await.map_err(
+                |_| anyhow::anyhow!("--import-vips-from {namespace}/{name}: no answer from the hub in time"),
+            )??;
             Some(found.ok_or_else(|| {
                 anyhow::anyhow!("--import-vips-from {namespace}/{name}: no such ConfigMap in the hub")
             })?)
@@ -154,8 +156,7 @@ pub async fn owned(hub: &Client, opts: &SnapshotOptions) -> anyhow::Result<Owned
         // Admiral's objects carry no label to select them by.
         let lp = if opts.adopt_admiral { ListParams::default() } else { ListParams::default().labels(&managed) };
         let owns = |m: &kube::api::ObjectMeta| {
-            is_ours(m, &opts.instance)
-                || (opts.adopt_admiral && crate::meta::is_admirals(m) && !crate::meta::is_managed(m))
+            is_ours(m, &opts.instance) || (opts.adopt_admiral && crate::meta::is_admirals_alone(m))
         };
         let listed = async {
             let mut objects = Vec::new();

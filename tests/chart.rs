@@ -124,6 +124,21 @@ fn the_hub_chart_lints_templates_and_is_locked_down() {
         let secret_rule =
             secret_roles[0]["rules"].as_array().unwrap().iter().find(|r| r["resources"] == json!(["secrets"]));
         assert_eq!(secret_rule.unwrap()["verbs"], json!(["get", "list", "watch"]), "{values}");
+        // Admiral's address store, when imported: get of that one ConfigMap, in its namespace.
+        let stores: Vec<&Value> = rules_granting(&docs, "Role", "configmaps")
+            .into_iter()
+            .filter(|r| r["metadata"]["namespace"] == "admiral-sync")
+            .collect();
+        if values.contains("everything") {
+            let rule = &stores[0]["rules"][0];
+            assert_eq!(stores.len(), 1, "{values}");
+            assert_eq!(rule["resourceNames"], json!(["se-address-configmap"]), "{values}");
+            assert_eq!(rule["verbs"], json!(["get"]), "{values}");
+            assert!(c["args"].to_string().contains("--import-vips-from=admiral-sync/se-address-configmap"));
+            assert!(c["args"].to_string().contains("--adopt-from=admiral"));
+        } else {
+            assert!(stores.is_empty(), "{values}: no import, no grant");
+        }
         // Nothing in the hub writes Istio objects or reads workloads.
         for role in of_kind(&docs, "ClusterRole") {
             let text = role["rules"].to_string();
@@ -296,7 +311,7 @@ async fn apply_docs(client: &Client, docs: &[Value]) -> usize {
 async fn rendered_charts_are_accepted_by_an_api_server() {
     let cluster = TestCluster::start("charts").await;
     let client = cluster.client().await;
-    for ns in ["flotilla", "flotilla-clusters", "flotilla-system", "mesh-sync"] {
+    for ns in ["flotilla", "flotilla-clusters", "flotilla-system", "mesh-sync", "admiral-sync"] {
         apply(&client, &namespace(ns)).await;
     }
     let mut applied = 0;

@@ -41,7 +41,8 @@ fn admirals_service_entry(name: &str, host: &str, endpoint: &str) -> ServiceEntr
             "annotations": {"app.kubernetes.io/created-by": "admiral", "identity": "greeting"},
         },
         "spec": {
-            "hosts": [host], "addresses": [ADMIRAL_VIP], "location": "MESH_INTERNAL", "resolution": "DNS",
+            // `exportTo` is a field flotilla does not set here: the takeover has to replace it away.
+            "hosts": [host], "addresses": [ADMIRAL_VIP], "location": "MESH_INTERNAL", "resolution": "DNS", "exportTo": ["*"],
             "ports": [{"number": 80, "protocol": "http", "name": "http"}],
             "endpoints": [{"address": endpoint, "ports": {"http": 80}, "locality": "us-west-2"}],
         },
@@ -241,6 +242,10 @@ async fn an_admiral_fleet_is_shadowed_then_taken_over_in_place_with_its_addresse
     let se = get_se(east, GREETING_SE).await.unwrap();
     assert_eq!(se.spec.addresses, [ADMIRAL_VIP]);
     assert_eq!(endpoints(&se), ["10.0.0.1"]);
+    assert!(se.spec.export_to.is_empty(), "Admiral's field is gone: the object is flotilla's content");
+    let mark = |m: &kube::api::ObjectMeta| flotilla::meta::is_admirals(m);
+    assert!(mark(&se.metadata), "Admiral's annotation stays for a rollback, also through a replace");
+    assert!(mark(&get_dr(east, GREETING_DR).await.unwrap().metadata));
     let managers: Vec<_> = se.metadata.managed_fields.iter().flatten().map(|m| m.manager.clone().unwrap()).collect();
     assert!(managers.contains(&"flotilla".to_string()), "{managers:?}");
     let stored = store.get("flotilla-vips").await.unwrap().data.unwrap();
@@ -256,6 +261,23 @@ async fn an_admiral_fleet_is_shadowed_then_taken_over_in_place_with_its_addresse
     flotilla.wait_ready(WAIT).await;
     converged(&flotilla).await;
     assert_eq!(flotilla.metric("flotilla_api_writes_total").await, 0.0, "{}", flotilla.log_tail());
+
+    // An Admiral that was not stopped rewrites an object as its own (an update of the whole
+    // object, as Admiral writes): flotilla does not take it over again, and says why.
+    let drs: Api<DestinationRule> = Api::namespaced(east.clone(), SYNC);
+    let mut rewritten = admirals_destination_rule();
+    rewritten.metadata.resource_version = drs.get(GREETING_DR).await.unwrap().metadata.resource_version;
+    drs.replace(GREETING_DR, &PostParams::default(), &rewritten).await.unwrap();
+    let key = format!("DestinationRule {SYNC}/{GREETING_DR}");
+    eventually("the rewritten object reported as a conflict", WAIT, &flotilla, || async {
+        let view = flotilla.json("/debug/clusters").await;
+        view["clusters"]["east"]["conflicts"].as_array()?.iter().any(|c| c == &json!(key)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dr = get_dr(east, GREETING_DR).await.unwrap();
+    assert!(!flotilla::meta::is_managed(&dr.metadata), "not taken over a second time: {:?}", dr.metadata);
+    assert!(flotilla.logs().iter().any(|l| l.contains("Admiral still runs")), "{}", flotilla.log_tail());
 }
 
 /// Admiral's remote RBAC (install/admiralremote: read, create/update/delete in the sync
@@ -281,12 +303,13 @@ async fn preflight_names_what_admirals_member_credentials_lack() {
         "patch serviceentries.networking.istio.io in admiral-sync",
         "patch destinationrules.networking.istio.io in admiral-sync",
         "patch sidecars.networking.istio.io (all namespaces)",
+        "create sidecars.networking.istio.io (all namespaces)",
         "list dependencies.admiral.io (all namespaces)",
         "patch globaltrafficpolicies/status.admiral.io (all namespaces)",
     ] {
         assert!(stdout.contains(missing), "{missing:?} not reported:\n{stdout}");
     }
-    assert!(stdout.contains("west     FAIL    12 of 39 permissions missing"), "{stdout}");
+    assert!(stdout.contains("west     FAIL    13 of 42 permissions missing"), "{stdout}");
     assert!(!stdout.contains("list deployments.apps"), "granted by Admiral's role: {stdout}");
     assert!(!stdout.contains(&token) && !stderr.contains(&token), "no credential in the output");
 

@@ -56,6 +56,13 @@ pub(super) fn status(args: StatusArgs) -> ExitCode {
 async fn read(args: &StatusArgs) -> anyhow::Result<(Value, serde_json::Map<String, Value>)> {
     use anyhow::Context;
     let uri: http::Uri = args.url.parse().context("--url")?;
+    // A token sent in clear could be read on the way: plain HTTP only to this machine.
+    let loopback = matches!(uri.host(), Some("localhost" | "127.0.0.1" | "[::1]" | "::1"));
+    if args.token_file.is_some() && uri.scheme_str() != Some("https") && !loopback {
+        anyhow::bail!(
+            "--token-file with a plain http:// --url that is not this machine: the token would travel in clear"
+        );
+    }
     let mut config = kube::Config::new(uri);
     config.accept_invalid_certs = args.insecure_skip_tls_verify;
     if let Some(ca) = &args.ca_file {

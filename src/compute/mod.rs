@@ -383,11 +383,14 @@ impl Engine {
     /// Reads one Kubernetes object into the model (see `ingest::distill`).
     pub fn ingest(&mut self, cluster: &str, obj: &InputObject) {
         let (namespace, name) = obj.key();
-        // An Admiral ServiceEntry that is being adopted holds no host from flotilla: it is the
-        // object flotilla takes over.
+        // An Admiral ServiceEntry named as flotilla names the ServiceEntry of the one host it
+        // carries (`<host>-se`) holds no host from flotilla: it is the object flotilla takes over
+        // once it wants it. Any other of Admiral's holds its hosts as someone else's does.
         let adopted = |o: &InputObject| match o {
             InputObject::ServiceEntry(se) => {
-                self.settings.owner().adopt_admiral && crate::meta::is_admirals(&se.metadata)
+                let name = se.metadata.name.as_deref().unwrap_or_default();
+                let own_name = matches!(&se.spec.hosts[..], [host] if name.strip_suffix("-se") == Some(host.as_str()));
+                self.settings.owner().adopt_admiral && crate::meta::is_admirals_alone(&se.metadata) && own_name
             }
             _ => false,
         };

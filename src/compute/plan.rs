@@ -26,8 +26,11 @@ pub struct ObservedObject {
     pub managed: bool,
     /// Its `flotilla.io/instance` label: which installation wrote it (None: from before instances).
     pub instance: Option<String>,
-    /// Carries Admiral's `app.kubernetes.io/created-by: admiral`.
+    /// Carries Admiral's `app.kubernetes.io/created-by: admiral` (kept on the objects flotilla
+    /// took over, so that Admiral, started again, finds them as its own).
     pub admiral: bool,
+    /// Admiral's and nobody else's (`meta::is_admirals_alone`): what adoption may take over.
+    pub admirals_alone: bool,
     pub digest: Digest,
     /// The version seen: a write of ours is conditional on it, so an object that changed hands
     /// meanwhile is never written over.
@@ -41,6 +44,7 @@ impl ObservedObject {
             managed: crate::meta::is_managed(object.meta()),
             instance: crate::meta::label(object.meta(), crate::meta::LABEL_INSTANCE).cloned(),
             admiral: crate::meta::is_admirals(object.meta()),
+            admirals_alone: crate::meta::is_admirals_alone(object.meta()),
             digest: Digest::of(object),
             resource_version: object.meta().resource_version.clone(),
         }
@@ -51,9 +55,10 @@ impl ObservedObject {
         self.managed && self.instance.as_deref().is_none_or(|i| i == instance)
     }
 
-    /// Admiral's, and nobody else's: created by Admiral and not (yet) carrying flotilla's label.
+    /// Admiral's, and nobody else's: created by Admiral, and no tool's label on it (flotilla's
+    /// included: once taken over, it is flotilla's).
     pub fn admirals(&self) -> bool {
-        self.admiral && !self.managed
+        self.admirals_alone
     }
 }
 
@@ -80,6 +85,8 @@ pub struct Planned {
     pub replaces: Option<String>,
     /// `replaces` is Admiral's object, taken over by this write.
     pub adopts: bool,
+    /// The object carries Admiral's annotation (taken over now or before): a replace keeps it.
+    pub admirals_mark: bool,
 }
 
 impl std::ops::Deref for Planned {
@@ -250,17 +257,24 @@ fn decide(
 ) {
     let instance = owner.instance;
     match (want, have) {
-        (Some(want), None) => plan.apply.push(Planned { desired: want.clone(), replaces: None, adopts: false }),
+        (Some(want), None) => {
+            plan.apply.push(Planned { desired: want.clone(), replaces: None, adopts: false, admirals_mark: false })
+        }
         (Some(want), Some(have)) if owner.adopt_admiral && have.admirals() => {
             plan.adopt.push(key.clone());
             let replaces = have.resource_version.clone();
-            plan.apply.push(Planned { desired: want.clone(), replaces, adopts: true });
+            plan.apply.push(Planned { desired: want.clone(), replaces, adopts: true, admirals_mark: true });
         }
         (Some(_), Some(have)) if !have.ours(instance) => plan.conflicts.push(key.clone()),
         (Some(want), Some(have)) => {
             if !up_to_date(want, have) {
                 let replaces = have.resource_version.clone();
-                plan.apply.push(Planned { desired: want.clone(), replaces, adopts: false });
+                plan.apply.push(Planned {
+                    desired: want.clone(),
+                    replaces,
+                    adopts: false,
+                    admirals_mark: have.admiral,
+                });
             }
         }
         (None, Some(have)) if have.ours(instance) => plan.prune.push(have.clone()),

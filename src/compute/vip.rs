@@ -193,6 +193,25 @@ impl Imported {
     pub fn is_empty(&self) -> bool {
         self.by_host.is_empty()
     }
+
+    /// The hosts that cannot keep Admiral's address because flotilla's store (which wins) holds
+    /// the host under another address, or the address under another host; one line each.
+    pub fn disagreements(&self, store: &BTreeMap<String, Ipv4Addr>) -> Vec<String> {
+        let holder: BTreeMap<Ipv4Addr, &String> = store.iter().map(|(h, ip)| (*ip, h)).collect();
+        let mut out = Vec::new();
+        for (host, ip) in &self.by_host {
+            match (store.get(host), holder.get(ip)) {
+                (Some(stored), _) if stored != ip => out.push(format!(
+                    "host {host}: Admiral's address {ip} differs from {stored} in flotilla's store, which wins: clients that resolved {ip} lose it"
+                )),
+                (None, Some(other)) => out.push(format!(
+                    "host {host}: Admiral's address {ip} is held by {other} in flotilla's store: {host} gets another address"
+                )),
+                _ => {}
+            }
+        }
+        out
+    }
 }
 
 /// The data key of Admiral's address store (`se-address-configmap`).
@@ -505,5 +524,18 @@ mod tests {
         );
         let replaced = VipTable::default().with_imported(table.imported().clone());
         assert_eq!(replaced.imported().len(), 2);
+        let store = BTreeMap::from([
+            ("stage.greeting.global".to_string(), ip("240.0.10.9")),
+            ("stage.stored.global".to_string(), ip("240.0.10.2")),
+        ]);
+        let said = table.imported().disagreements(&store);
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(
+            said[0].starts_with("host stage.greeting.global: Admiral's address 240.0.10.1 differs from 240.0.10.9")
+        );
+        assert!(
+            said[1]
+                .starts_with("host stage.payments.global: Admiral's address 240.0.10.2 is held by stage.stored.global")
+        );
     }
 }

@@ -19,6 +19,8 @@ use crate::meta::Kind;
 pub struct Noticed {
     pub conflicts: Vec<ObjectKey>,
     pub admiral_leftovers: Vec<ObjectKey>,
+    /// Objects taken over from Admiral that a running Admiral rewrote as its own.
+    pub taken_back: Vec<ObjectKey>,
 }
 
 /// Updates `known` (kept sorted) with what a plan of `scope` `found`; returns what is new.
@@ -46,6 +48,9 @@ pub struct Member {
     pub conflicts: Vec<ObjectKey>,
     /// Admiral's objects there under names flotilla does not write (with `--adopt-from=admiral`).
     pub admiral_leftovers: Vec<ObjectKey>,
+    /// Objects flotilla took over from Admiral here: one that turns Admiral's again was rewritten
+    /// by a running Admiral, and is not taken over again (the two would take turns forever).
+    taken_over: std::collections::BTreeSet<ObjectKey>,
     /// Whether the last plan made for it was empty: with nothing dirty and nothing in flight,
     /// the member holds exactly what is desired.
     last_plan_empty: bool,
@@ -60,6 +65,7 @@ impl Member {
             namespace_ready: false,
             conflicts: Vec::new(),
             admiral_leftovers: Vec::new(),
+            taken_over: Default::default(),
             last_plan_empty: false,
         }
     }
@@ -67,10 +73,21 @@ impl Member {
     /// Takes a plan of `scope` of the member: the write job that carries it out (with the sync
     /// namespace made first if it must be), and the conflicts and Admiral leftovers that are new
     /// since the last plan (logged once, not at every pass).
-    pub fn plan(&mut self, plan: ClusterPlan, scope: &Scope, sync_namespace: &str) -> (WriteJob, Noticed) {
+    pub fn plan(&mut self, mut plan: ClusterPlan, scope: &Scope, sync_namespace: &str) -> (WriteJob, Noticed) {
+        // Taken over once already, and Admiral's again: a running Admiral rewrote it.
+        let taken_back: Vec<ObjectKey> = plan.adopt.iter().filter(|k| self.taken_over.contains(*k)).cloned().collect();
+        if !taken_back.is_empty() {
+            plan.apply.retain(|p| !(p.adopts && taken_back.contains(&p.key)));
+            plan.adopt.retain(|k| !taken_back.contains(k));
+            plan.conflicts.extend(taken_back.iter().cloned());
+            plan.conflicts.sort();
+        }
+        let new_conflicts = merge_found(&mut self.conflicts, &plan.conflicts, scope);
+        let (taken_back, conflicts) = new_conflicts.into_iter().partition(|k| taken_back.contains(k));
         let noticed = Noticed {
-            conflicts: merge_found(&mut self.conflicts, &plan.conflicts, scope),
+            conflicts,
             admiral_leftovers: merge_found(&mut self.admiral_leftovers, &plan.admiral_leftovers, scope),
+            taken_back,
         };
         self.last_plan_empty = plan.is_empty();
         let mut job = WriteJob { plan, ..Default::default() };
@@ -80,6 +97,11 @@ impl Member {
             job.ensure_namespace = Some(sync_namespace.to_string());
         }
         (job, noticed)
+    }
+
+    /// Objects a write just took over from Admiral (or wrote again, still carrying its mark).
+    pub fn taken_over<'a>(&mut self, keys: impl IntoIterator<Item = &'a ObjectKey>) {
+        self.taken_over.extend(keys.into_iter().cloned());
     }
 
     /// The error the policies' statuses name for this member, if any.
@@ -178,6 +200,37 @@ mod tests {
         se.metadata.name = Some(name.into());
         se.metadata.namespace = Some("admiral-sync".into());
         DesiredObject::ServiceEntry(se)
+    }
+
+    #[test]
+    fn an_object_admiral_takes_back_is_not_taken_over_again() {
+        use crate::compute::plan::Owner;
+        let now = Instant::now();
+        let mut m = synced(now);
+        let mut admirals = ServiceEntry::default();
+        admirals.metadata.name = Some("a".into());
+        admirals.metadata.namespace = Some("admiral-sync".into());
+        let mark = (crate::meta::ANNOTATION_CREATED_BY.to_string(), crate::meta::ADMIRAL.to_string());
+        admirals.metadata.annotations = Some([mark].into());
+        let seen = ObservedObject::new(&DesiredObject::ServiceEntry(admirals));
+        let key = seen.key.clone();
+        let observed: BTreeMap<_, _> = [(key.clone(), seen)].into();
+        let desired = vec![Arc::new(Desired::from_object(service_entry("a")))];
+        let adopting = Owner { instance: crate::meta::DEFAULT_INSTANCE, adopt_admiral: true };
+        let plan = || plan_cluster(&desired, &observed, adopting);
+
+        let (job, noticed) = m.plan(plan(), &Scope::Whole, "admiral-sync");
+        assert_eq!(job.plan.adopt, std::slice::from_ref(&key), "taken over the first time");
+        assert!(noticed.taken_back.is_empty() && noticed.conflicts.is_empty());
+        m.taken_over([&key]);
+        // Admiral, still running, rewrote it as its own: not taken over again, reported once.
+        let (job, noticed) = m.plan(plan(), &Scope::Whole, "admiral-sync");
+        assert!(job.plan.is_empty() && job.plan.adopt.is_empty(), "{:?}", job.plan);
+        assert_eq!(noticed.taken_back, std::slice::from_ref(&key));
+        assert!(noticed.conflicts.is_empty(), "named once, as taken back");
+        assert_eq!(m.conflicts, std::slice::from_ref(&key));
+        let (_, noticed) = m.plan(plan(), &Scope::Whole, "admiral-sync");
+        assert!(noticed.taken_back.is_empty(), "not news again");
     }
 
     #[test]

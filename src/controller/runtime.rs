@@ -121,9 +121,9 @@ pub async fn run(hub: Client, opts: Options, shutdown: impl std::future::Future<
     // Without election the fence stays open for the life of this function.
     let (_open, fence) = Fence::open();
     let (lease, fence) = match &opts.leader_election {
-        // A dry run never leads: it takes no lease, and its fence never opens, so even a job
-        // that reached a writer would be dropped unwritten.
-        None if opts.dry_run => (None, Fence::new().1),
+        // A dry run never leads: it takes no lease (whatever the options say), and its fence
+        // never opens, so even a job that reached a writer would be dropped unwritten.
+        _ if opts.dry_run => (None, Fence::new().1),
         None => {
             let _ = tx.send(Input::Leader(true));
             (None, fence)
@@ -169,6 +169,12 @@ impl Driven for Runtime {
             }
             Input::VipStore(VipStoreEvent::Contents(store)) => {
                 let first = !self.vips.loaded();
+                if first {
+                    let engine = self.engine.as_ref().expect("the engine is home between passes");
+                    for line in engine.vips.imported().disagreements(&store) {
+                        tracing::warn!("{line}");
+                    }
+                }
                 self.adopt_vips(Some(store), false);
                 if first {
                     tracing::info!("VIP store loaded");
@@ -389,6 +395,13 @@ impl Runtime {
 
     /// A watch reported one of the objects flotilla writes.
     fn observe(&mut self, cluster: &str, o: ObservedObject) {
+        // Ours and still marked as Admiral's: taken over from it (by this process or an earlier).
+        if o.managed
+            && o.admiral
+            && let Some(m) = self.members.get_mut(cluster)
+        {
+            m.taken_over([&o.key]);
+        }
         self.pending.key(cluster, o.key.clone());
         self.observed.watched_output(cluster, o);
     }
@@ -547,6 +560,9 @@ impl Runtime {
             self.pending.add(cluster, Scope::Keys(written));
         } else {
             self.pending.whole(cluster);
+        }
+        if let Some(m) = self.members.get_mut(cluster) {
+            m.taken_over(report.applied.iter().filter(|o| o.admiral).map(|o| &o.key));
         }
         self.observed.written(cluster, &mut report);
         if report.namespace_ready
@@ -710,6 +726,9 @@ impl Runtime {
                         }
                         for key in noticed.admiral_leftovers {
                             tracing::info!(cluster = %cluster, object = %key, "created by Admiral, and flotilla writes nothing under its name; left in place");
+                        }
+                        for key in noticed.taken_back {
+                            tracing::warn!(cluster = %cluster, object = %key, "taken over from Admiral, then rewritten as Admiral's: Admiral still runs; left alone until it stops (restart flotilla then)");
                         }
                         job
                     }

@@ -402,6 +402,11 @@ where
     let replace = |resource_version: Option<String>| {
         let mut whole = obj.clone();
         whole.meta_mut().resource_version = resource_version;
+        // Admiral's mark stays on what flotilla took over from it: a rollback relies on it.
+        if planned.admirals_mark {
+            let mark = (crate::meta::ANNOTATION_CREATED_BY.to_string(), crate::meta::ADMIRAL.to_string());
+            whole.meta_mut().annotations.get_or_insert_with(Default::default).extend([mark]);
+        }
         let (api, pp) = (api.clone(), pp.clone());
         async move { api.replace(&key.name, &pp, &whole).await }
     };
@@ -627,7 +632,10 @@ mod tests {
         sidecar.metadata.namespace = Some("caller".into());
         let desired = Arc::new(Desired::from_object(DesiredObject::Sidecar(sidecar)));
         WriteJob {
-            plan: ClusterPlan { apply: vec![Planned { desired, replaces: None, adopts: false }], ..Default::default() },
+            plan: ClusterPlan {
+                apply: vec![Planned { desired, replaces: None, adopts: false, admirals_mark: false }],
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
