@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use futures::{StreamExt, stream};
+use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::PostParams;
@@ -151,19 +151,18 @@ async fn check_member(
     check: &mut MemberCheck,
 ) -> Result<(), String> {
     let reviews: Api<SelfSubjectAccessReview> = Api::all(client.clone());
-    let answers: Vec<(Permission, Result<bool, String>)> = stream::iter(wanted.iter().cloned())
+    // The first review that fails ends the member's check (the rest are dropped): a member that
+    // does not answer costs one deadline, not one per permission.
+    let answers: Vec<(Permission, bool)> = stream::iter(wanted.iter().cloned())
         .map(|p| {
             let reviews = reviews.clone();
-            async move {
-                let allowed = within_deadline(allowed(&reviews, &p)).await;
-                (p, allowed)
-            }
+            async move { within_deadline(allowed(&reviews, &p)).await.map(|allowed| (p, allowed)) }
         })
         .buffered(REVIEWS_IN_FLIGHT)
-        .collect()
-        .await;
+        .try_collect()
+        .await?;
     for (permission, allowed) in answers {
-        match allowed? {
+        match allowed {
             true => check.granted += 1,
             false => check.missing.push(permission),
         }

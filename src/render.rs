@@ -119,10 +119,11 @@ pub fn render(loaded: LoadedFleet, settings: &Settings, vip_store: &str) -> Rend
         for key in &plan.conflicts {
             warnings.push(format!("warning: cluster {id}: {key}: exists and is not managed by flotilla; left alone"));
         }
-        if !plan.adopt.is_empty() {
+        let adopted = plan.adopted();
+        if !adopted.is_empty() {
             notes.push(format!(
                 "note: cluster {id}: {} object(s) created by Admiral are taken over in place (--adopt-from=admiral)",
-                plan.adopt.len()
+                adopted.len()
             ));
         }
         for key in &plan.admiral_leftovers {

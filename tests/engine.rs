@@ -895,16 +895,16 @@ fn admirals_objects_are_taken_over_only_when_asked_and_never_pruned() {
     let leftover = admirals(desired[0].object(), Some("stage.retired.global-se"));
     let observed: BTreeMap<ObjectKey, ObservedObject> =
         [&wanted, &leftover].into_iter().map(|o| (o.key(), ObservedObject::new(o))).collect();
-    assert!(observed.values().all(|o| o.admirals() && !o.managed), "{observed:?}");
+    assert!(observed.values().all(|o| o.admirals_alone && !o.managed), "{observed:?}");
 
     let left_alone = plan_cluster(&desired, &observed, DEFAULT_INSTANCE);
     assert_eq!(left_alone.conflicts, vec![wanted.key()], "without the flag Admiral's object is someone else's");
-    assert!(left_alone.adopt.is_empty() && left_alone.admiral_leftovers.is_empty() && left_alone.prune.is_empty());
+    assert!(left_alone.adopted().is_empty() && left_alone.admiral_leftovers.is_empty() && left_alone.prune.is_empty());
 
     let adopting = Owner { instance: DEFAULT_INSTANCE, adopt_admiral: true };
     let plan = plan_cluster(&desired, &observed, adopting);
     assert!(plan.conflicts.is_empty(), "{plan:?}");
-    assert_eq!(plan.adopt, vec![wanted.key()]);
+    assert_eq!(plan.adopted(), vec![wanted.key()]);
     let taken = plan.apply.iter().find(|p| p.key == wanted.key()).expect("an apply over Admiral's object");
     assert!(taken.adopts);
     assert_eq!(taken.replaces.as_deref(), Some("41"), "conditional on the version seen: no delete, no create");
@@ -918,7 +918,7 @@ fn admirals_objects_are_taken_over_only_when_asked_and_never_pruned() {
     assert_eq!(flotilla::meta::label(ours.meta(), LABEL_MANAGED_BY).map(String::as_str), Some("flotilla"));
     let observed: BTreeMap<ObjectKey, ObservedObject> = [(ours.key(), ObservedObject::new(&ours))].into();
     let after = plan_cluster(&desired[..1], &observed, adopting);
-    assert!(after.is_empty() && after.adopt.is_empty(), "{after:?}");
+    assert!(after.is_empty() && after.adopted().is_empty(), "{after:?}");
 }
 
 /// Identities are resolved and built on several threads; the desired state, the VIPs, the

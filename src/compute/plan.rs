@@ -54,12 +54,6 @@ impl ObservedObject {
     pub fn ours(&self, instance: &str) -> bool {
         self.managed && self.instance.as_deref().is_none_or(|i| i == instance)
     }
-
-    /// Admiral's, and nobody else's: created by Admiral, and no tool's label on it (flotilla's
-    /// included: once taken over, it is flotilla's).
-    pub fn admirals(&self) -> bool {
-        self.admirals_alone
-    }
 }
 
 /// Whose objects a plan may write over: this installation's, and, when asked, Admiral's.
@@ -105,8 +99,6 @@ pub struct ClusterPlan {
     pub prune: Vec<ObservedObject>,
     /// Wanted, but an object not managed by flotilla has the name: left alone, reported.
     pub conflicts: Vec<ObjectKey>,
-    /// The objects of `apply` that Admiral created and this plan takes over.
-    pub adopt: Vec<ObjectKey>,
     /// Admiral's objects under names flotilla does not write: listed for the operator, never
     /// touched.
     pub admiral_leftovers: Vec<ObjectKey>,
@@ -115,6 +107,11 @@ pub struct ClusterPlan {
 impl ClusterPlan {
     pub fn is_empty(&self) -> bool {
         self.apply.is_empty() && self.prune.is_empty()
+    }
+
+    /// The objects of `apply` that Admiral created and this plan takes over.
+    pub fn adopted(&self) -> Vec<ObjectKey> {
+        self.apply.iter().filter(|p| p.adopts).map(|p| p.key.clone()).collect()
     }
 }
 
@@ -260,8 +257,7 @@ fn decide(
         (Some(want), None) => {
             plan.apply.push(Planned { desired: want.clone(), replaces: None, adopts: false, admirals_mark: false })
         }
-        (Some(want), Some(have)) if owner.adopt_admiral && have.admirals() => {
-            plan.adopt.push(key.clone());
+        (Some(want), Some(have)) if owner.adopt_admiral && have.admirals_alone => {
             let replaces = have.resource_version.clone();
             plan.apply.push(Planned { desired: want.clone(), replaces, adopts: true, admirals_mark: true });
         }
@@ -278,7 +274,7 @@ fn decide(
             }
         }
         (None, Some(have)) if have.ours(instance) => plan.prune.push(have.clone()),
-        (None, Some(have)) if owner.adopt_admiral && have.admirals() => plan.admiral_leftovers.push(key.clone()),
+        (None, Some(have)) if owner.adopt_admiral && have.admirals_alone => plan.admiral_leftovers.push(key.clone()),
         (None, _) => {}
     }
 }

@@ -75,10 +75,9 @@ impl Member {
     /// since the last plan (logged once, not at every pass).
     pub fn plan(&mut self, mut plan: ClusterPlan, scope: &Scope, sync_namespace: &str) -> (WriteJob, Noticed) {
         // Taken over once already, and Admiral's again: a running Admiral rewrote it.
-        let taken_back: Vec<ObjectKey> = plan.adopt.iter().filter(|k| self.taken_over.contains(*k)).cloned().collect();
+        let taken_back: Vec<ObjectKey> = plan.adopted().into_iter().filter(|k| self.taken_over.contains(k)).collect();
         if !taken_back.is_empty() {
             plan.apply.retain(|p| !(p.adopts && taken_back.contains(&p.key)));
-            plan.adopt.retain(|k| !taken_back.contains(k));
             plan.conflicts.extend(taken_back.iter().cloned());
             plan.conflicts.sort();
         }
@@ -99,7 +98,8 @@ impl Member {
         (job, noticed)
     }
 
-    /// Objects a write just took over from Admiral (or wrote again, still carrying its mark).
+    /// Objects seen as flotilla's and still carrying Admiral's mark: taken over from Admiral, by
+    /// this process or an earlier one.
     pub fn taken_over<'a>(&mut self, keys: impl IntoIterator<Item = &'a ObjectKey>) {
         self.taken_over.extend(keys.into_iter().cloned());
     }
@@ -220,12 +220,12 @@ mod tests {
         let plan = || plan_cluster(&desired, &observed, adopting);
 
         let (job, noticed) = m.plan(plan(), &Scope::Whole, "admiral-sync");
-        assert_eq!(job.plan.adopt, std::slice::from_ref(&key), "taken over the first time");
+        assert_eq!(job.plan.adopted(), std::slice::from_ref(&key), "taken over the first time");
         assert!(noticed.taken_back.is_empty() && noticed.conflicts.is_empty());
         m.taken_over([&key]);
         // Admiral, still running, rewrote it as its own: not taken over again, reported once.
         let (job, noticed) = m.plan(plan(), &Scope::Whole, "admiral-sync");
-        assert!(job.plan.is_empty() && job.plan.adopt.is_empty(), "{:?}", job.plan);
+        assert!(job.plan.is_empty() && job.plan.adopted().is_empty(), "{:?}", job.plan);
         assert_eq!(noticed.taken_back, std::slice::from_ref(&key));
         assert!(noticed.conflicts.is_empty(), "named once, as taken back");
         assert_eq!(m.conflicts, std::slice::from_ref(&key));

@@ -561,9 +561,6 @@ impl Runtime {
         } else {
             self.pending.whole(cluster);
         }
-        if let Some(m) = self.members.get_mut(cluster) {
-            m.taken_over(report.applied.iter().filter(|o| o.admiral).map(|o| &o.key));
-        }
         self.observed.written(cluster, &mut report);
         if report.namespace_ready
             && let Some(m) = self.members.get_mut(cluster)
