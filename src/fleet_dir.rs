@@ -48,6 +48,7 @@ pub struct ClusterOverridesFile {
     pub region: Option<String>,
     pub gateway_address: Option<String>,
     pub gateway_port: Option<u16>,
+    pub trust_domain: Option<String>,
     /// Set by `flotilla snapshot` for a member it could not read: why. Its inputs are unknown.
     pub unreachable: Option<String>,
 }
@@ -103,6 +104,15 @@ pub fn load(dir: &Path) -> Result<LoadedFleet, FleetDirError> {
                 region: o.and_then(|o| o.region.clone()),
                 gateway_address: o.and_then(|o| o.gateway_address.clone()),
                 gateway_port: o.and_then(|o| o.gateway_port),
+                trust_domain: o.and_then(|o| o.trust_domain.clone()).filter(|td| {
+                    let valid = crate::meta::is_trust_domain(td);
+                    if !valid {
+                        steps.push(Step::Problem(format!(
+                            "{FLEET_FILE}: cluster {name}: trustDomain {td:?} is not a SPIFFE trust domain; --trust-domain is used"
+                        )));
+                    }
+                    valid
+                }),
             };
             fleet.clusters.insert(name.clone(), overrides);
             if let Some(why) = o.and_then(|o| o.unreachable.clone()) {

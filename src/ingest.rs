@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, PodTemplateSpec, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::argo::{Rollout, VirtualService};
@@ -15,11 +15,11 @@ use crate::crd::{
 };
 use crate::istio::{ServiceEntry, Sidecar};
 use crate::meta::{
-    ANNOTATION_ENV, ANNOTATION_INCLUDE_INBOUND_PORTS, DEFAULT_ENV, Kind, LABEL_PRIORITY, LABEL_REGION,
-    LABEL_REGION_LEGACY, annotation, has_ignore, is_dns_label, is_managed, label,
+    ANNOTATION_ENV, ANNOTATION_IDENTITIES, ANNOTATION_INCLUDE_INBOUND_PORTS, DEFAULT_ENV, Kind, LABEL_PRIORITY,
+    LABEL_REGION, LABEL_REGION_LEGACY, annotation, has_ignore, is_dns_label, is_managed, label,
 };
 use crate::model::{
-    DependencyEntry, ObjectRef, Policy, Record, RolloutPlan, ServiceInfo, ServicePortInfo, VsRoute, Workload,
+    Allowance, DependencyEntry, ObjectRef, Policy, Record, RolloutPlan, ServiceInfo, ServicePortInfo, VsRoute, Workload,
 };
 
 /// One object of a kind the engine reads.
@@ -105,7 +105,10 @@ pub fn distill(obj: &InputObject, cluster: &str, identity_label: &str) -> Option
         InputObject::VirtualService(vs) => Record::VirtualService { routes: vs_routes(vs) },
         InputObject::Service(s) => Record::Service(distill_service(s)),
         InputObject::Node(n) => Record::Node(node_region(n)),
-        InputObject::Namespace(n) => Record::Namespace { opted_out: has_ignore(&n.metadata) },
+        InputObject::Namespace(n) => Record::Namespace {
+            opted_out: has_ignore(&n.metadata),
+            allows: annotation(&n.metadata, ANNOTATION_IDENTITIES).map(|a| Allowance::parse(a)),
+        },
         InputObject::Sidecar(s) if is_managed(&s.metadata) => return None,
         InputObject::Sidecar(s) => {
             Record::ForeignSidecar { selector: s.spec.workload_selector.as_ref().map(|ws| ws.labels.clone()) }
@@ -164,15 +167,13 @@ fn valid_port(n: i32) -> Option<u16> {
 }
 
 pub fn distill_workload(d: &Deployment, identity_label: &str) -> Workload {
-    let template = d.spec.as_ref().and_then(|s| s.template.metadata.as_ref());
-    workload(&d.metadata, template, identity_label, None)
+    workload(&d.metadata, d.spec.as_ref().map(|s| &s.template), identity_label, None)
 }
 
 /// A Rollout is a workload like a Deployment (identity, env and opt-outs from its pod template),
 /// plus how its strategy picks Services.
 pub fn distill_rollout(r: &Rollout, identity_label: &str) -> Workload {
-    let template = r.spec.template.as_ref().and_then(|t| t.metadata.as_ref());
-    workload(&r.metadata, template, identity_label, Some(rollout_plan(r)))
+    workload(&r.metadata, r.spec.template.as_ref(), identity_label, Some(rollout_plan(r)))
 }
 
 fn rollout_plan(r: &Rollout) -> RolloutPlan {
@@ -211,11 +212,17 @@ fn vs_routes(vs: &VirtualService) -> Vec<VsRoute> {
 
 fn workload(
     meta: &ObjectMeta,
-    template: Option<&ObjectMeta>,
+    template: Option<&PodTemplateSpec>,
     identity_label: &str,
     rollout: Option<RolloutPlan>,
 ) -> Workload {
-    let template_meta = template.cloned().unwrap_or_default();
+    let template_meta = template.and_then(|t| t.metadata.clone()).unwrap_or_default();
+    let service_account = template
+        .and_then(|t| t.spec.as_ref())
+        .and_then(|s| s.service_account_name.as_deref())
+        .map(str::trim)
+        .filter(|sa| !sa.is_empty())
+        .map(str::to_string);
     let (identity, identity_from_label) = match label(&template_meta, identity_label) {
         Some(v) if !v.trim().is_empty() => (Some(v.trim().to_string()), true),
         _ => match annotation(&template_meta, identity_label) {
@@ -235,6 +242,9 @@ fn workload(
         pod_labels: template_meta.labels.clone().unwrap_or_default(),
         inbound_port,
         rollout,
+        service_account,
+        created: meta.creation_timestamp.as_ref().map(|t| t.0),
+        uid: meta.uid.clone(),
     }
 }
 
@@ -377,7 +387,8 @@ pub fn validate_connection_config(spec: &ClientConnectionConfigSpec) -> Result<(
 /// `obj` with only what the engine reads of it (and what names it), for a snapshot of a live
 /// fleet: no status noise, no managed fields, no annotations the engine ignores, no credentials
 /// (Secrets are never read at all). `distill` gives the same record for the reduced object as for
-/// the whole one. None for what a snapshot leaves out: Namespaces that do not opt out, and
+/// the whole one. None for what a snapshot leaves out: Namespaces that neither opt out nor name
+/// identities (`flotilla.io/identities`), and
 /// Sidecars flotilla manages (they are its output, not its input).
 pub fn reduce(obj: &InputObject, identity_label: &str) -> Option<InputObject> {
     use k8s_openapi::api::apps::v1::DeploymentSpec;
@@ -403,13 +414,24 @@ pub fn reduce(obj: &InputObject, identity_label: &str) -> Option<InputObject> {
         ..Default::default()
     };
     let ignore = [crate::meta::LABEL_IGNORE];
+    // A workload's age decides which of two allowed namespaces speaks for its identity.
+    let workload_header = || ObjectMeta {
+        creation_timestamp: meta.creation_timestamp.clone(),
+        uid: meta.uid.clone(),
+        ..header(keep(&ignore, &meta.labels), &ignore)
+    };
+    // Of a pod spec only the service account is read (the workload's SPIFFE identity).
+    let service_account = |spec: Option<&k8s_openapi::api::core::v1::PodSpec>| {
+        let name = spec?.service_account_name.clone()?;
+        Some(k8s_openapi::api::core::v1::PodSpec { service_account_name: Some(name), ..Default::default() })
+    };
     Some(match obj {
         InputObject::Deployment(d) => {
             let spec = d.spec.as_ref();
             let template = spec.and_then(|s| s.template.metadata.as_ref());
             let read = [identity_label, ANNOTATION_ENV, crate::meta::LABEL_IGNORE, ANNOTATION_INCLUDE_INBOUND_PORTS];
             InputObject::Deployment(Box::new(Deployment {
-                metadata: header(keep(&ignore, &meta.labels), &ignore),
+                metadata: workload_header(),
                 spec: Some(DeploymentSpec {
                     selector: spec.map(|s| s.selector.clone()).unwrap_or_default(),
                     template: PodTemplateSpec {
@@ -418,7 +440,7 @@ pub fn reduce(obj: &InputObject, identity_label: &str) -> Option<InputObject> {
                             annotations: keep(&read, &t.annotations),
                             ..Default::default()
                         }),
-                        spec: None,
+                        spec: service_account(spec.and_then(|s| s.template.spec.as_ref())),
                     },
                     ..Default::default()
                 }),
@@ -436,11 +458,11 @@ pub fn reduce(obj: &InputObject, identity_label: &str) -> Option<InputObject> {
                         annotations: keep(&read, &t.annotations),
                         ..Default::default()
                     }),
-                    spec: None,
+                    spec: service_account(r.spec.template.as_ref().and_then(|t| t.spec.as_ref())),
                 }),
                 strategy: r.spec.strategy.clone(),
             };
-            InputObject::Rollout(Box::new(Rollout { metadata: header(keep(&ignore, &meta.labels), &ignore), spec }))
+            InputObject::Rollout(Box::new(Rollout { metadata: workload_header(), spec }))
         }
         InputObject::VirtualService(vs) => InputObject::VirtualService(Box::new(VirtualService {
             metadata: header(None, &[]),
@@ -513,10 +535,14 @@ pub fn reduce(obj: &InputObject, identity_label: &str) -> Option<InputObject> {
             },
             ..Default::default()
         })),
-        InputObject::Namespace(n) if has_ignore(&n.metadata) => InputObject::Namespace(Box::new(Namespace {
-            metadata: header(keep(&ignore, &meta.labels), &ignore),
-            ..Default::default()
-        })),
+        InputObject::Namespace(n)
+            if has_ignore(&n.metadata) || annotation(&n.metadata, ANNOTATION_IDENTITIES).is_some() =>
+        {
+            InputObject::Namespace(Box::new(Namespace {
+                metadata: header(keep(&ignore, &meta.labels), &[crate::meta::LABEL_IGNORE, ANNOTATION_IDENTITIES]),
+                ..Default::default()
+            }))
+        }
         InputObject::Namespace(_) => return None,
         InputObject::Sidecar(s) if is_managed(&s.metadata) => return None,
         InputObject::Sidecar(s) => {

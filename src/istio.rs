@@ -46,6 +46,9 @@ pub struct ServiceEntrySpec {
     pub endpoints: Vec<WorkloadEntry>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub export_to: Vec<String>,
+    /// The SPIFFE ids a client accepts on the endpoints' certificates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]

@@ -39,6 +39,16 @@ pub const LABEL_TLS_MODE: &str = "security.istio.io/tlsMode";
 pub const ANNOTATION_REGION: &str = "flotilla.io/region";
 pub const ANNOTATION_GATEWAY_ADDRESS: &str = "flotilla.io/gateway-address";
 pub const ANNOTATION_GATEWAY_PORT: &str = "flotilla.io/gateway-port";
+/// The SPIFFE trust domain of a member's workload certificates, where it is not `--trust-domain`.
+pub const ANNOTATION_TRUST_DOMAIN: &str = "flotilla.io/trust-domain";
+/// On a member's Namespace: the identities its workloads may serve (comma-separated, `*` any).
+/// Set by platform teams; with `--tenancy=owned` nothing else may speak for an identity.
+pub const ANNOTATION_IDENTITIES: &str = "flotilla.io/identities";
+
+/// A SPIFFE trust domain: lower-case letters, digits, '.', '-' and '_' (the SPIFFE ID spec).
+pub fn is_trust_domain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_'))
+}
 
 /// The pseudo cluster id under which Dependencies kept in a hub that is not a member are stored.
 /// Not a DNS label, so it can never collide with a member's id.

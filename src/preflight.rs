@@ -63,13 +63,15 @@ pub fn permissions(settings: &Settings) -> Vec<Permission> {
     add(watch, "argoproj.io", "rollouts", None, None, "workloads (Argo Rollouts)");
     add(watch, "", "services", None, None, "workloads' ports and the gateway's address");
     add(watch, "", "nodes", None, None, "the member's region");
-    add(watch, "", "namespaces", None, None, "namespaces opted out with admiral.io/ignore");
+    add(watch, "", "namespaces", None, None, "namespaces opted out, and the identities each may run");
     add(watch, "networking.istio.io", "virtualservices", None, None, "canary weights of Rollouts");
     add(watch, "networking.istio.io", "sidecars", None, None, "Sidecars of others that select a client");
     for policy in ["globaltrafficpolicies", "dependencies", "outlierdetections", "clientconnectionconfigs"] {
         add(watch, "admiral.io", policy, None, None, "policies");
         add(&["patch"], "admiral.io", policy, Some("status"), None, "policies' status");
     }
+    let events = &["create", "patch"][..];
+    add(events, "events.k8s.io", "events", None, None, "Warning Events on workloads whose identity claim is refused");
     let sync = Some(settings.sync_namespace.as_str());
     // A server-side apply that creates an object is authorised as `create`.
     let write = &["list", "watch", "create", "patch", "update", "delete"][..];

@@ -15,7 +15,7 @@ use kube::{Api, Client};
 use serde_json::json;
 
 use crate::meta::is_dns_label;
-use crate::meta::{ANNOTATION_GATEWAY_ADDRESS, ANNOTATION_GATEWAY_PORT, ANNOTATION_REGION};
+use crate::meta::{ANNOTATION_GATEWAY_ADDRESS, ANNOTATION_GATEWAY_PORT, ANNOTATION_REGION, ANNOTATION_TRUST_DOMAIN};
 
 /// Records when the token in the Secret expires, so that rotation can be scheduled.
 pub const ANNOTATION_TOKEN_EXPIRES: &str = "flotilla.io/token-expires";
@@ -36,6 +36,7 @@ pub struct RegisterOptions {
     pub region: Option<String>,
     pub gateway_address: Option<String>,
     pub gateway_port: Option<u16>,
+    pub trust_domain: Option<String>,
 }
 
 /// A registration Secret as YAML, and the token's expiry (RFC 3339) for the caller to report.
@@ -139,6 +140,9 @@ pub async fn registration_secret(opts: &RegisterOptions) -> anyhow::Result<(Stri
     }
     if let Some(p) = opts.gateway_port {
         annotations.insert(ANNOTATION_GATEWAY_PORT.into(), json!(p.to_string()));
+    }
+    if let Some(td) = &opts.trust_domain {
+        annotations.insert(ANNOTATION_TRUST_DOMAIN.into(), json!(td));
     }
     let secret = json!({
         "apiVersion": "v1",

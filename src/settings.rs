@@ -36,6 +36,32 @@ pub enum SidecarMode {
     Off,
 }
 
+/// Who may speak for an identity (`--tenancy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Tenancy {
+    /// Every claim is accepted, as Admiral does; a claim on an identity that some Namespace names
+    /// in `flotilla.io/identities`, from a namespace that may not run it, is reported.
+    #[default]
+    Open,
+    /// An identity is served, configured and spoken for only from namespaces whose
+    /// `flotilla.io/identities` allows it (or a hub namespace of `--dependency-namespace`, for
+    /// Dependencies); every other claim is refused and reported.
+    Owned,
+}
+
+/// What a ServiceEntry pins its endpoints' certificates to (`--subject-alt-names`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SanForm {
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>` of every workload serving
+    /// the host: Istio's own certificates.
+    Workload,
+    /// `spiffe://<--san-prefix>/<identity>`: Admiral's `--enable_san` form, for fleets whose CA
+    /// issues such certificates.
+    Identity,
+    /// None: any certificate of the mesh is accepted (Admiral's default).
+    Off,
+}
+
 /// An IPv4 CIDR block such as `240.0.0.0/16`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ipv4Cidr {
@@ -129,6 +155,16 @@ pub struct Settings {
     /// `--import-vips-from`: the Admiral address store (namespace, name) in the hub whose
     /// addresses new hosts take.
     pub import_vips_from: Option<(String, String)>,
+    /// `--tenancy`: whether Namespaces' `flotilla.io/identities` are enforced.
+    pub tenancy: Tenancy,
+    /// `--dependency-namespace`: hub namespaces whose Dependencies the platform team owns; any
+    /// source is accepted there under `--tenancy=owned`.
+    pub dependency_namespaces: Vec<String>,
+    pub san_form: SanForm,
+    /// The SPIFFE trust domain of members that do not name their own.
+    pub trust_domain: String,
+    /// Admiral's `--san_prefix` (`--subject-alt-names=identity`).
+    pub san_prefix: String,
 }
 
 /// The controllers whose objects flotilla can take over (`--adopt-from`).
@@ -169,6 +205,11 @@ impl Default for Settings {
             instance: crate::meta::DEFAULT_INSTANCE.into(),
             adopt_from: None,
             import_vips_from: None,
+            tenancy: Tenancy::Open,
+            dependency_namespaces: vec!["admiral".into()],
+            san_form: SanForm::Workload,
+            trust_domain: "cluster.local".into(),
+            san_prefix: String::new(),
         }
     }
 }

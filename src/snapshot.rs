@@ -79,6 +79,7 @@ pub async fn snapshot(hub: &Client, opts: &SnapshotOptions, out: &Path) -> anyho
             ("region", o.region.clone()),
             ("gatewayAddress", o.gateway_address.clone()),
             ("gatewayPort", o.gateway_port.map(|p| p.to_string())),
+            ("trustDomain", o.trust_domain.clone()),
         ] {
             if let Some(v) = value {
                 let _ = writeln!(fleet_file, "    {key}: {}", serde_json::to_string(&v)?);

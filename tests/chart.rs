@@ -136,7 +136,20 @@ fn the_hub_chart_lints_templates_and_is_locked_down() {
             assert_eq!(rule["verbs"], json!(["get"]), "{values}");
             assert!(c["args"].to_string().contains("--import-vips-from=admiral-sync/se-address-configmap"));
             assert!(c["args"].to_string().contains("--adopt-from=admiral"));
+            for arg in [
+                "--tenancy=open",
+                "--dependency-namespace=platform-deps,flotilla",
+                "--subject-alt-names=identity",
+                "--san-prefix=mesh.example.com",
+                "--trust-domain=prod.example.com",
+            ] {
+                assert!(c["args"].to_string().contains(arg), "{values}: {arg} in {}", c["args"]);
+            }
         } else {
+            // A new install enforces ownership and pins workloads' names (docs/security.md).
+            for arg in ["--tenancy=owned", "--subject-alt-names=workload", "--trust-domain=cluster.local"] {
+                assert!(c["args"].to_string().contains(arg), "{values}: {arg} in {}", c["args"]);
+            }
             assert!(stores.is_empty(), "{values}: no import, no grant");
         }
         // Nothing in the hub writes Istio objects or reads workloads.

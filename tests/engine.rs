@@ -171,7 +171,11 @@ fn gateway_at(ingress: serde_json::Value) -> InputObject {
 type Objects = BTreeMap<String, Vec<DesiredObject>>;
 
 fn engine_with(clusters: &[&str], objects: &[(String, InputObject)]) -> Engine {
-    let mut engine = Engine::new(Settings::default(), VipTable::default());
+    engine_with_settings(Settings::default(), clusters, objects)
+}
+
+fn engine_with_settings(settings: Settings, clusters: &[&str], objects: &[(String, InputObject)]) -> Engine {
+    let mut engine = Engine::new(settings, VipTable::default());
     for c in clusters {
         engine.fleet.upsert_cluster(c, ClusterOverrides::default());
     }
@@ -1032,4 +1036,163 @@ fn export_to_and_outlier_detection_follow_admiral() {
     fleet.push(("b".into(), workload("sample", "greeting", "greeting", "stage")));
     fleet.push(("b".into(), service("sample", "greeting")));
     assert_eq!(of(&build(&fleet), "b", host).1, Some(100));
+}
+
+/// Settings of a fleet whose Namespaces own identities, with hub namespace `deps` the platform's.
+fn owned() -> Settings {
+    Settings {
+        tenancy: flotilla::settings::Tenancy::Owned,
+        dependency_namespaces: vec!["deps".into()],
+        ..Settings::default()
+    }
+}
+
+fn namespace(name: &str, identities: &str) -> InputObject {
+    InputObject::Namespace(Box::new(k8s_openapi::api::core::v1::Namespace {
+        metadata: meta(None, name, &[], &[("flotilla.io/identities", identities)]),
+        ..Default::default()
+    }))
+}
+
+/// What each member namespace of `fleet_strategy` may run: any, some, or nothing (no annotation).
+fn allowances() -> impl Strategy<Value = Vec<(String, InputObject)>> {
+    let choices = ["*", "i0,i1,i2", "i3, i4 ,i5", "i1,i4"];
+    prop::collection::vec(0..5usize, CLUSTERS.len() * 3).prop_map(move |picks| {
+        let mut out = Vec::new();
+        for (k, pick) in picks.into_iter().enumerate() {
+            let (cluster, ns) = (CLUSTERS[k / 3], ["ns0", "ns1", "deps"][k % 3]);
+            if let Some(allows) = choices.get(pick) {
+                out.push((cluster.to_string(), namespace(ns, allows)));
+            }
+        }
+        out
+    })
+}
+
+/// Claims from namespace `decoy`, which no annotation allows anything: workloads with Services,
+/// a GTP and Dependencies naming any identity as their source.
+fn decoys() -> impl Strategy<Value = Vec<(String, InputObject)>> {
+    let claims = prop::collection::vec((0..4usize, 0..6usize, any::<bool>(), 0..2usize, 0..DESTINATION_CHOICES), 1..6);
+    claims.prop_map(|claims| {
+        let mut out = Vec::new();
+        for (k, (c, id, upper, env, dest)) in claims.into_iter().enumerate() {
+            let (c, env) = (CLUSTERS[c].to_string(), ["stage", "prod"][env]);
+            // An identity, or its upper-case twin (which would own the lower-case one's hosts).
+            let id = if upper { IDS[id].to_uppercase() } else { IDS[id].to_string() };
+            let name = format!("decoy-{k}");
+            out.push((c.clone(), workload("decoy", &name, &id, env)));
+            out.push((c.clone(), service("decoy", &name)));
+            out.push((c.clone(), failover_gtp("decoy", &name, &id, env, 77, Some("west"))));
+            out.push((c.clone(), dependency("decoy", &name, &id, &[destination(dest)])));
+            out.push((HUB.to_string(), dependency("elsewhere", &name, &id, &[destination(dest)])));
+        }
+        out
+    })
+}
+
+fn owned_engine(objects: &[(String, InputObject)]) -> Engine {
+    engine_with_settings(owned(), &CLUSTERS, objects)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    /// Under `--tenancy=owned` no output depends on a claim its namespace may not make: adding
+    /// decoys (workloads, Services, GTPs, Dependencies from a namespace that may run nothing, and
+    /// Dependencies from a hub namespace that is not the platform's) leaves every member's objects
+    /// byte-identical, and the other policies' verdicts too.
+    #[test]
+    fn owned_output_never_depends_on_a_disallowed_claim(
+        spec in fleet_strategy(),
+        allowed in allowances(),
+        decoys in decoys(),
+        seed in any::<u64>(),
+    ) {
+        let honest: Vec<_> = spec.objects.iter().cloned().chain(allowed).collect();
+        let with_decoys = shuffled(&honest.iter().cloned().chain(decoys).collect::<Vec<_>>(), seed);
+        let (a, b) = (owned_engine(&honest), owned_engine(&with_decoys));
+        let ya = flotilla::yaml::to_yaml(&snapshot(&a, &CLUSTERS));
+        let yb = flotilla::yaml::to_yaml(&snapshot(&b, &CLUSTERS));
+        prop_assert_eq!(ya, yb);
+        let honest_reports = |e: &Engine| {
+            e.desired.reports().filter(|r| !["decoy", "elsewhere"].contains(&r.at.namespace.as_str())).cloned().collect::<Vec<_>>()
+        };
+        prop_assert_eq!(honest_reports(&a), honest_reports(&b));
+        for r in b.desired.reports().filter(|r| r.at.namespace == "decoy" || r.at.namespace == "elsewhere") {
+            prop_assert!(matches!(r.state, flotilla::compute::PolicyState::Invalid(_)), "{:?}", r);
+        }
+    }
+
+    /// Namespaces' allowances arriving, changing and going, one at a time and recomputed after
+    /// each, end where a full recompute of the last state does.
+    #[test]
+    fn ownership_changes_recompute_incrementally(
+        spec in fleet_strategy(),
+        first in allowances(),
+        then in allowances(),
+        seed in any::<u64>(),
+    ) {
+        let mut held = BTreeMap::new();
+        let mut inc = Engine::new(owned(), VipTable::default());
+        for c in CLUSTERS { inc.fleet.upsert_cluster(c, ClusterOverrides::default()); }
+        for (c, o) in shuffled(&spec.objects.iter().cloned().chain(first.clone()).collect::<Vec<_>>(), seed) {
+            inc.ingest(&c, &o);
+            follow(&mut inc, &mut held);
+        }
+        // Namespaces of `first` that `then` does not annotate lose their annotation.
+        let annotated: BTreeSet<(String, String)> = then.iter().map(|(c, o)| (c.clone(), o.key().1)).collect();
+        for (c, o) in &first {
+            if !annotated.contains(&(c.clone(), o.key().1)) {
+                inc.fleet.delete(c, Kind::Namespace, "", &o.key().1);
+                follow(&mut inc, &mut held);
+            }
+        }
+        for (c, o) in &then {
+            inc.ingest(c, o);
+            follow(&mut inc, &mut held);
+        }
+        let mut full = Engine::new(owned(), VipTable::from_existing(inc.vips.all().clone()));
+        for c in CLUSTERS { full.fleet.upsert_cluster(c, ClusterOverrides::default()); }
+        for (c, o) in spec.objects.iter().chain(&then) { full.ingest(c, o); }
+        full.recompute();
+        prop_assert_eq!(snapshot(&inc, &CLUSTERS), snapshot(&full, &CLUSTERS));
+        let reports = |e: &Engine| e.desired.reports().cloned().collect::<Vec<_>>();
+        prop_assert_eq!(reports(&inc), reports(&full));
+        for c in CLUSTERS {
+            let plan = plan_cluster(&inc.desired.cluster(c), held.get(c).unwrap_or(&BTreeMap::new()), DEFAULT_INSTANCE);
+            prop_assert!(plan.is_empty() && plan.conflicts.is_empty(), "{}: {:?}", c, plan);
+        }
+    }
+}
+
+/// Removing an allowance removes exactly what the claims it allowed caused; adding it back
+/// restores it, at the same addresses.
+#[test]
+fn an_allowance_taken_away_and_given_back_restores_the_same_objects() {
+    let objects: Vec<(String, InputObject)> = vec![
+        ("c0".into(), gateway("10.0.0.1")),
+        ("c1".into(), gateway("10.0.0.2")),
+        ("c0".into(), namespace("ns0", "i0")),
+        ("c0".into(), workload("ns0", "i0-stage", "i0", "stage")),
+        ("c0".into(), service("ns0", "i0-stage")),
+        ("c1".into(), namespace("ns1", "i1")),
+        ("c1".into(), workload("ns1", "i1-stage", "i1", "stage")),
+        ("c1".into(), service("ns1", "i1-stage")),
+        (HUB.into(), dependency("deps", "i1", "i1", &["i0"])),
+    ];
+    let mut engine = owned_engine(&objects);
+    let before = snapshot(&engine, &CLUSTERS);
+    assert!(before["c1"].iter().any(|o| o.key().name.as_ref() == "stage.i0.global-se"), "{before:?}");
+    engine.ingest("c0", &namespace("ns0", "someone-else"));
+    engine.recompute();
+    let without = snapshot(&engine, &CLUSTERS);
+    let names = |objects: &Objects| -> BTreeSet<String> {
+        objects.values().flatten().map(|o| o.key().name.to_string()).collect()
+    };
+    // Only i0's objects went: its ServiceEntries and DestinationRules, and the hosts in i1's Sidecar.
+    let gone: BTreeSet<String> = names(&before).difference(&names(&without)).cloned().collect();
+    assert_eq!(gone, BTreeSet::from(["stage.i0.global-default-dr".to_string(), "stage.i0.global-se".to_string()]));
+    engine.ingest("c0", &namespace("ns0", "i0, someone-else"));
+    engine.recompute();
+    assert_eq!(snapshot(&engine, &CLUSTERS), before, "restored, at the same address");
 }

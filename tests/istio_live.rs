@@ -2,8 +2,8 @@
 //! converged fleet, and istiod (`pilot-discovery`, out of cluster) against one member. istiod
 //! must load every object flotilla wrote with no rejection or conflict, and a fake sidecar
 //! (`flotilla-xds`) of a client workload must receive exactly the clusters its Dependencies name,
-//! with the GTP's locality weights and mTLS (SNI `outbound_.80_._.<host>`) towards the remote
-//! gateway. A GTP change is timed from the edit to the xDS push that carries it.
+//! with the GTP's locality weights and mTLS (SNI `outbound_.80_._.<host>`, and the serving
+//! workloads' SPIFFE ids as the only names accepted) towards the remote gateway. A GTP change is timed from the edit to the xDS push that carries it.
 
 mod testenv;
 
@@ -194,6 +194,9 @@ async fn istio_loads_what_flotilla_writes_and_a_client_gets_exactly_its_dependen
     // mTLS with the SNI the remote gateway routes by, and the gateway endpoint marked for it.
     assert_eq!(greeting["tls"]["mode"], "ISTIO_MUTUAL", "{greeting:#}");
     assert_eq!(greeting["tls"]["sni"], "outbound_.80_._.stage.greeting.global", "{greeting:#}");
+    // Pinned names: only greeting's own workloads' certificates are accepted (the ServiceEntry's
+    // subjectAltNames, in the TLS validation context istiod gives caller's sidecar).
+    assert_eq!(greeting["tls"]["sans"], json!(["spiffe://cluster.local/ns/greeting/sa/default"]), "{greeting:#}");
     let gateway = greeting["localities"]
         .as_array()
         .into_iter()

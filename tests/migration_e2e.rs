@@ -309,7 +309,7 @@ async fn preflight_names_what_admirals_member_credentials_lack() {
     ] {
         assert!(stdout.contains(missing), "{missing:?} not reported:\n{stdout}");
     }
-    assert!(stdout.contains("west     FAIL    13 of 42 permissions missing"), "{stdout}");
+    assert!(stdout.contains("west     FAIL    15 of 44 permissions missing"), "{stdout}");
     assert!(!stdout.contains("list deployments.apps"), "granted by Admiral's role: {stdout}");
     assert!(!stdout.contains(&token) && !stderr.contains(&token), "no credential in the output");
 

@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::settings::{AdoptFrom, ExportTo, ExposePorts, Ipv4Cidr, LabelTerm, Settings, SidecarMode, VipMode};
+use crate::settings::{
+    AdoptFrom, ExportTo, ExposePorts, Ipv4Cidr, LabelTerm, SanForm, Settings, SidecarMode, Tenancy, VipMode,
+};
 
 pub use diff::DiffArgs;
 pub use explain::ExplainArgs;
@@ -197,6 +199,27 @@ pub struct EngineArgs {
     /// `render` reads the ConfigMap of that name from the fleet directory's `_hub/`.
     #[arg(long, value_parser = parse_namespaced_name, env = "FLOTILLA_IMPORT_VIPS_FROM")]
     pub import_vips_from: Option<(String, String)>,
+    /// Who may speak for an identity: `open` accepts every claim (Admiral's behaviour; decoys of
+    /// identities a Namespace names are reported), `owned` only claims from namespaces whose
+    /// `flotilla.io/identities` annotation allows the identity (docs/security.md).
+    #[arg(long, value_enum, default_value = "open", env = "FLOTILLA_TENANCY")]
+    pub tenancy: Tenancy,
+    /// Hub namespace whose Dependencies the platform team owns: under `--tenancy=owned` they may
+    /// name any source. Repeatable.
+    #[arg(long = "dependency-namespace", env = "FLOTILLA_DEPENDENCY_NAMESPACE", value_delimiter = ',', default_values_t = ["admiral".to_string()])]
+    pub dependency_namespaces: Vec<String>,
+    /// What every ServiceEntry pins its endpoints' certificates to: `workload` (the SPIFFE ids
+    /// of the workloads serving the host), `identity` (`spiffe://<--san-prefix>/<identity>`,
+    /// Admiral's `--enable_san`), or `off`.
+    #[arg(long, value_enum, default_value = "workload", env = "FLOTILLA_SUBJECT_ALT_NAMES")]
+    pub subject_alt_names: SanForm,
+    /// SPIFFE trust domain of the members' workload certificates (a member's registration may
+    /// name its own: annotation `flotilla.io/trust-domain`).
+    #[arg(long, default_value = "cluster.local", env = "FLOTILLA_TRUST_DOMAIN")]
+    pub trust_domain: String,
+    /// Admiral's `--san_prefix`, for `--subject-alt-names=identity`.
+    #[arg(long, default_value = "", env = "FLOTILLA_SAN_PREFIX")]
+    pub san_prefix: String,
 }
 
 /// `<namespace>/<name>`, both DNS names.
@@ -228,6 +251,18 @@ impl EngineArgs {
         if !is_dns_label(&self.instance) {
             return Err(format!("--instance {:?} is not a DNS label (it is a label value)", self.instance));
         }
+        if let Some(ns) = self.dependency_namespaces.iter().find(|ns| !is_dns_label(ns)) {
+            return Err(format!("--dependency-namespace {ns:?} is not a valid namespace name"));
+        }
+        if !crate::meta::is_trust_domain(&self.trust_domain) {
+            return Err(format!(
+                "--trust-domain {:?} is not a SPIFFE trust domain (lower-case letters, digits, '.', '-', '_')",
+                self.trust_domain
+            ));
+        }
+        if self.subject_alt_names == SanForm::Identity && self.san_prefix.trim_matches('/').is_empty() {
+            return Err("--subject-alt-names=identity needs --san-prefix (Admiral's --san_prefix)".into());
+        }
         Ok(Settings {
             sync_namespace: self.sync_namespace.clone(),
             identity_label: self.identity_label.clone(),
@@ -244,6 +279,11 @@ impl EngineArgs {
             instance: self.instance.clone(),
             adopt_from: self.adopt_from,
             import_vips_from: self.import_vips_from.clone(),
+            tenancy: self.tenancy,
+            dependency_namespaces: self.dependency_namespaces.clone(),
+            san_form: self.subject_alt_names,
+            trust_domain: self.trust_domain.clone(),
+            san_prefix: self.san_prefix.trim_matches('/').to_string(),
         })
     }
 }

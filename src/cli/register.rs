@@ -39,6 +39,17 @@ pub struct RegisterArgs {
     pub gateway_address: Option<String>,
     #[arg(long)]
     pub gateway_port: Option<u16>,
+    /// The member's SPIFFE trust domain, where it is not the hub's `--trust-domain`.
+    #[arg(long, value_parser = parse_trust_domain)]
+    pub trust_domain: Option<String>,
+}
+
+fn parse_trust_domain(s: &str) -> Result<String, String> {
+    if crate::meta::is_trust_domain(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not a SPIFFE trust domain (lower-case letters, digits, '.', '-', '_')"))
+    }
 }
 
 /// A token lifetime: `8760h`, `90m`, …, at most ten years (the API server caps it anyway).
@@ -67,6 +78,7 @@ pub(super) fn register(a: RegisterArgs) -> ExitCode {
         region: a.region,
         gateway_address: a.gateway_address,
         gateway_port: a.gateway_port,
+        trust_domain: a.trust_domain,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,

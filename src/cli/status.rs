@@ -140,7 +140,7 @@ fn to_text(view: &Value, plans: &serde_json::Map<String, Value>) -> String {
     };
     let count = |v: &Value| v.as_array().map_or(0, Vec::len).to_string();
     let mut rows = vec![
-        ["CLUSTER", "STATE", "REGION", "GATEWAY", "DESIRED", "CONFLICTS", "CONVERGED", "LAST ERROR"]
+        ["CLUSTER", "STATE", "REGION", "GATEWAY", "DESIRED", "CONFLICTS", "DISALLOWED", "CONVERGED", "LAST ERROR"]
             .map(String::from)
             .to_vec(),
     ];
@@ -153,6 +153,7 @@ fn to_text(view: &Value, plans: &serde_json::Map<String, Value>) -> String {
             text(&c["gateway"]),
             text(&c["desiredObjects"]),
             count(&c["conflicts"]),
+            text(&c["disallowedClaims"]),
             if c["converged"] == true { "yes" } else { "no" }.to_string(),
             text(&c["lastError"]),
         ]);
@@ -192,9 +193,9 @@ mod tests {
             "ready": true, "leader": false, "dryRun": true, "converged": false, "registrationProblems": [],
             "clusters": {
                 "east": {"state": "synced", "region": "us-east-2", "gateway": "10.0.0.2:15443", "desiredObjects": 3,
-                    "conflicts": [], "converged": false, "lastError": null},
+                    "conflicts": [], "disallowedClaims": 2, "converged": false, "lastError": null},
                 "west-long-name": {"state": "stale", "region": null, "gateway": null, "desiredObjects": 0,
-                    "conflicts": ["ServiceEntry admiral-sync/a-se"], "converged": false, "lastError": "does not answer"},
+                    "conflicts": ["ServiceEntry admiral-sync/a-se"], "disallowedClaims": 0, "converged": false, "lastError": "does not answer"},
             },
         });
         let plans = json!({"east": {"create": ["a"], "update": [], "adopt": ["b", "c"], "prune": [], "conflicts": [], "admiralLeftovers": ["d"]}});
@@ -202,9 +203,9 @@ mod tests {
         assert_eq!(
             text,
             "flotilla: ready, not leading, not converged (dry run: writes nothing)\n\n\
-             CLUSTER         STATE   REGION     GATEWAY         DESIRED  CONFLICTS  CONVERGED  LAST ERROR\n\
-             east            synced  us-east-2  10.0.0.2:15443  3        0          no         -\n\
-             west-long-name  stale   -          -               0        1          no         does not answer\n\
+             CLUSTER         STATE   REGION     GATEWAY         DESIRED  CONFLICTS  DISALLOWED  CONVERGED  LAST ERROR\n\
+             east            synced  us-east-2  10.0.0.2:15443  3        0          2           no         -\n\
+             west-long-name  stale   -          -               0        1          0           no         does not answer\n\
              \n\
              PLAN  CREATE  UPDATE  ADOPT  PRUNE  CONFLICTS  ADMIRAL LEFT\n\
              east  1       0       2      0      0          1\n"

@@ -122,7 +122,8 @@ pub fn explain_host(engine: &super::Engine, host: &str, cluster: Option<&str>) -
             let through: Vec<String> =
                 fleet
                     .dependencies_of(client)
-                    .filter(|d| d.invalid.is_none() && (d.wildcard || d.destinations.contains(identity)))
+                    .filter(|d| d.invalid.is_none() && fleet.dependency_refusal(d).is_none())
+                    .filter(|d| d.wildcard || d.destinations.contains(identity))
                     .map(|d| {
                         if d.wildcard {
                             format!("\"*\" in Dependency {}", d.at)

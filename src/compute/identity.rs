@@ -9,11 +9,11 @@ use rustc_hash::FxHashMap;
 
 use crate::argo::LABEL_POD_TEMPLATE_HASH;
 use crate::crd::{ClientConnectionConfigSpec, GlobalTrafficPolicySpec, OutlierDetectionSpec, TrafficPolicy};
-use crate::meta::{Kind, is_dns_subdomain};
+use crate::meta::{ANNOTATION_IDENTITIES, Kind, is_dns_subdomain};
 use crate::model::{
-    Cluster, ClusterIdx, Fleet, ObjectRef, Policy, RolloutPlan, ServiceInfo, ServicePortInfo, Workload,
+    Cluster, ClusterIdx, Fleet, ObjectRef, Policy, RolloutPlan, ServiceInfo, ServicePortInfo, Standing, Workload,
 };
-use crate::settings::{ExposePorts, Settings};
+use crate::settings::{ExposePorts, Settings, Tenancy};
 
 use super::policy::rank;
 use super::{Diagnostic, PolicyReport, PolicyState};
@@ -34,6 +34,8 @@ pub struct ExposedPort {
 #[derive(Clone, Debug)]
 pub struct Local<'a> {
     pub service: &'a ServiceInfo,
+    /// The workload it serves (its service account is the endpoint's SPIFFE identity).
+    pub workload: &'a Workload,
     pub ports: Vec<ExposedPort>,
     /// A canary Rollout's share of the traffic (from its VirtualService); None: unweighted.
     pub weight: Option<u32>,
@@ -215,13 +217,19 @@ pub fn resolve<'a>(
     let mut out = ResolvedIdentity::default();
     // Federated workloads, grouped by env; (cluster, namespace) pairs decide policy scope.
     let mut locations: BTreeSet<(&str, &str, &str)> = BTreeSet::new();
+    // Claims its namespaces may not make, reported whatever else becomes of the identity.
+    for (cluster, w) in fleet.workloads_of(identity) {
+        if let Some(claim) = fleet.disallowed(cluster, w).filter(|c| c.is_reported()) {
+            out.diagnostics.push(Diagnostic::warning(Some(&cluster.id), w.describe(), claim.note()));
+        }
+    }
     if let Some(owner) = case_owner(fleet, identity, &mut out.diagnostics) {
         // Its hosts and objects would be the owner's: it is not written at all.
         out.diagnostics.push(Diagnostic::error(
             None,
             format!("identity {identity}"),
             format!(
-                "differs from identity {owner:?} only in case, and host and object names are lower-case; {owner:?} (first in byte order) owns them, so nothing is written for {identity:?}"
+                "differs from identity {owner:?} only in case, and host and object names are lower-case; {owner:?} owns them (a Namespace allows it and not {identity:?}, or it is first in byte order), so nothing is written for {identity:?}"
             ),
         ));
         select_policies(fleet, identity, &locations, &mut out);
@@ -237,9 +245,20 @@ pub fn resolve<'a>(
         }
     }
     out.federated = fleet.workloads_of(identity).filter(|(cluster, w)| cluster.is_federated(w)).collect();
-    // A Deployment and a Rollout (at most one of each) speak for a cluster, per host variant.
-    let mut spoken: BTreeSet<(Variant, &str, bool)> = BTreeSet::new();
-    for &(cluster, w) in &out.federated {
+    // Who speaks for a member where the identity runs in more than one namespace: a namespace
+    // that names it, before one that allows any, before one that is not allowed (`open`); then
+    // the oldest workload; then names. Never the name alone: a new namespace called "aaa" must
+    // not take over an identity that already runs.
+    let mut candidates = out.federated.clone();
+    candidates.sort_by_cached_key(|(cluster, w)| {
+        let standing = cluster.standing(&w.namespace, identity);
+        (cluster.idx, standing, w.created.is_none(), w.created, w.namespace.clone(), w.name.clone())
+    });
+    // Per (env, variant, member): the workload whose namespace speaks there, and the kinds that
+    // do. A Deployment and a Rollout of that namespace (at most one of each: a migration from one
+    // to the other) both speak; nothing of another namespace does.
+    let mut speakers: BTreeMap<(&str, Variant, &str), (&Workload, BTreeSet<bool>)> = BTreeMap::new();
+    for &(cluster, w) in &candidates {
         let picked = services_of(cluster, w);
         // Opting out on the (first) Service takes the workload out of federation entirely.
         if picked.first().is_some_and(|(_, s, _)| s.opted_out) {
@@ -248,8 +267,10 @@ pub fn resolve<'a>(
         let env = out.envs.entry(&w.env).or_insert_with(|| EnvPlan::new(&w.env));
         env.namespaces.entry(&cluster.id).or_default().insert(&w.namespace);
         locations.insert((w.env.as_str(), cluster.id.as_str(), w.namespace.as_str()));
+        let (is_rollout, member) = (w.rollout.is_some(), cluster.id.as_str());
         if picked.is_empty() {
-            if !spoken.contains(&(Variant::Default, cluster.id.as_str(), w.rollout.is_some())) {
+            let spoken = speakers.get(&(w.env.as_str(), Variant::Default, member));
+            if !spoken.is_some_and(|(_, kinds)| kinds.contains(&is_rollout)) {
                 out.diagnostics.push(Diagnostic::warning(
                     Some(&cluster.id),
                     w.describe(),
@@ -258,11 +279,20 @@ pub fn resolve<'a>(
             }
             continue;
         }
-        let mut speaking = BTreeSet::new();
+        let mut silenced_by = None;
+        // The slots this workload speaks in (one workload may give a slot several endpoints: a
+        // weighted canary's stable and canary Services), taken once it is done.
+        let mut speaking = Vec::new();
         for (variant, svc, weight) in picked {
-            let slot = (variant, cluster.id.as_str(), w.rollout.is_some());
-            if spoken.contains(&slot) {
-                continue; // the first workload (by namespace, name) of its kind speaks for the cluster
+            let slot = (w.env.as_str(), variant, member);
+            match speakers.get(&slot) {
+                Some((speaker, _)) if speaker.namespace != w.namespace => {
+                    silenced_by = Some(*speaker);
+                    continue;
+                }
+                // The first workload of its kind (in rank order) speaks for the namespace.
+                Some((_, kinds)) if kinds.contains(&is_rollout) => continue,
+                _ => {}
             }
             for problem in &svc.problems {
                 out.diagnostics.push(Diagnostic::warning(
@@ -285,10 +315,16 @@ pub fn resolve<'a>(
                 hosts: Vec::new(),
             });
             let source = group.sources.entry(&cluster.id).or_insert_with(|| Source { cluster, locals: Vec::new() });
-            source.locals.push(Local { service: svc, ports, weight });
-            speaking.insert(slot);
+            source.locals.push(Local { service: svc, ports, weight, workload: w });
+            speaking.push(slot);
         }
-        spoken.extend(speaking);
+        let spoke = !speaking.is_empty();
+        for slot in speaking {
+            speakers.entry(slot).or_insert_with(|| (w, BTreeSet::new())).1.insert(is_rollout);
+        }
+        if let Some(speaker) = silenced_by.filter(|_| !spoke) {
+            out.diagnostics.push(silent_namespace(identity, cluster, w, speaker));
+        }
     }
 
     let mut clients: Vec<ClusterIdx> = running.wildcard_clients.clone();
@@ -310,6 +346,30 @@ pub fn resolve<'a>(
     drop_second_hosts(identity, &mut out);
     out.written = out.served_hosts().map(str::to_string).collect();
     out
+}
+
+/// Says on a workload that another namespace of its member speaks for its identity there, and
+/// why: the speaker ranks first (see `resolve`).
+fn silent_namespace(identity: &str, cluster: &Cluster, w: &Workload, speaker: &Workload) -> Diagnostic {
+    let (mine, theirs) = (cluster.standing(&w.namespace, identity), cluster.standing(&speaker.namespace, identity));
+    let why = if theirs < mine {
+        match theirs {
+            Standing::Named => "its flotilla.io/identities names the identity",
+            _ => "its flotilla.io/identities allows any identity",
+        }
+    } else if speaker.created.is_some() && (w.created.is_none() || speaker.created < w.created) {
+        "its workload is older"
+    } else {
+        "its namespace and name come first"
+    };
+    Diagnostic::warning(
+        Some(&cluster.id),
+        w.describe(),
+        format!(
+            "identity {identity:?} also runs in namespace {:?} of this cluster, which speaks for it here ({why}); this workload serves no endpoint",
+            speaker.namespace
+        ),
+    )
 }
 
 /// Hosts are lower-case, so envs that differ only in case give the same host, and so does a GTP
@@ -341,16 +401,24 @@ fn drop_second_hosts(identity: &str, out: &mut ResolvedIdentity<'_>) {
 }
 
 /// Identities whose names differ only in case would write the same (lower-case) hosts and
-/// objects: the first in byte order owns them. Returns the owner when it is another identity;
-/// when `identity` is the owner of twins, says so in a diagnostic.
+/// objects: one owns them. A twin a Namespace allows (named or `*`) before one no Namespace
+/// allows, then the first in byte order; a twin whose every claim is refused owns nothing (a decoy
+/// `Payments` must not silence `payments`). Returns the owner when it is another identity; when
+/// `identity` is the owner of twins, says so in a diagnostic.
 fn case_owner<'a>(fleet: &'a Fleet, identity: &str, diagnostics: &mut Vec<Diagnostic>) -> Option<&'a str> {
-    let mut twins = fleet.case_twins(identity);
-    let owner = twins.next()?;
-    if owner != identity {
+    let accepted = |twin: &str| fleet.workloads_of(twin).any(|(c, w)| !c.is_refused(w));
+    let allowed = |twin: &str| {
+        fleet.workloads_of(twin).any(|(c, w)| c.claims(w) && c.standing(&w.namespace, twin) != Standing::NotAllowed)
+    };
+    let mut twins: Vec<&str> = fleet.case_twins(identity).filter(|t| accepted(t)).collect();
+    // Stable: byte order among equals.
+    twins.sort_by_key(|t| !allowed(t));
+    let (owner, others) = twins.split_first()?;
+    if *owner != identity {
         return Some(owner);
     }
-    let others: Vec<String> = twins.map(|t| format!("{t:?}")).collect();
     if !others.is_empty() {
+        let others: Vec<String> = others.iter().map(|t| format!("{t:?}")).collect();
         diagnostics.push(Diagnostic::warning(
             None,
             format!("identity {identity}"),
@@ -372,17 +440,43 @@ fn select_policies<'a>(
     out: &mut ResolvedIdentity<'a>,
 ) {
     let applies = |p: &ObjectRef, env: &str| locations.contains(&(env, p.cluster.as_str(), p.namespace.as_str()));
+    // A policy speaks for the identity only from a namespace that may run it (`owned`).
+    let refused = |p: &ObjectRef| {
+        let cluster = fleet.cluster(&p.cluster)?;
+        (!cluster.may_speak(&p.namespace, identity)).then(|| {
+            format!(
+                "namespace {:?} of cluster {:?} may not run identity {identity:?} (Namespace annotation {ANNOTATION_IDENTITIES}), so its policies may not configure it",
+                p.namespace, p.cluster
+            )
+        })
+    };
+
+    // Where several policies apply, one from a namespace that names the identity wins over one
+    // from a `*` namespace, which wins over one from a namespace that may not run it (`open`):
+    // a decoy's priority label does not outrank the owner's policy.
+    let standing =
+        |p: &ObjectRef| fleet.cluster(&p.cluster).map_or(Standing::NotAllowed, |c| c.standing(&p.namespace, identity));
+    let judge = Judge { applies: &applies, refused: &refused, standing: &standing };
+
+    struct Judge<'j> {
+        applies: &'j dyn Fn(&ObjectRef, &str) -> bool,
+        refused: &'j dyn Fn(&ObjectRef) -> Option<String>,
+        standing: &'j dyn Fn(&ObjectRef) -> Standing,
+    }
 
     fn pick<'a, S>(
         kind: Kind,
         policies: Vec<&'a Policy<S>>,
         use_priority: bool,
-        applies: &dyn Fn(&ObjectRef, &str) -> bool,
+        judge: &Judge<'_>,
         reports: &mut Vec<PolicyReport>,
     ) -> BTreeMap<&'a str, &'a Policy<S>> {
+        let Judge { applies, refused, standing } = judge;
         let mut by_env: BTreeMap<&'a str, Vec<&'a Policy<S>>> = BTreeMap::new();
         for p in policies {
-            let state = if !applies(&p.at, &p.env) {
+            let state = if let Some(why) = refused(&p.at) {
+                Some(PolicyState::Invalid(why))
+            } else if !applies(&p.at, &p.env) {
                 Some(PolicyState::NotApplied(format!(
                     "no workload of identity {:?} in env {:?} runs in namespace {:?} of cluster {:?}",
                     p.identity.as_deref().unwrap_or(""),
@@ -403,6 +497,8 @@ fn select_policies<'a>(
         let mut winners = BTreeMap::new();
         for (env, mut candidates) in by_env {
             rank(&mut candidates, use_priority);
+            // Stable: the ranking stands among policies of equal standing.
+            candidates.sort_by_key(|p| standing(&p.at));
             let winner = candidates[0];
             for (i, p) in candidates.iter().enumerate() {
                 let state = if i == 0 {
@@ -423,19 +519,14 @@ fn select_policies<'a>(
         winners
     }
 
-    let gtps = pick(Kind::GlobalTrafficPolicy, fleet.gtps_of(identity).collect(), true, &applies, &mut out.reports);
-    let ods = pick(
-        Kind::OutlierDetection,
-        fleet.outlier_detections_of(identity).collect(),
-        false,
-        &applies,
-        &mut out.reports,
-    );
+    let gtps = pick(Kind::GlobalTrafficPolicy, fleet.gtps_of(identity).collect(), true, &judge, &mut out.reports);
+    let ods =
+        pick(Kind::OutlierDetection, fleet.outlier_detections_of(identity).collect(), false, &judge, &mut out.reports);
     let cccs = pick(
         Kind::ClientConnectionConfig,
         fleet.connection_configs_of(identity).collect(),
         false,
-        &applies,
+        &judge,
         &mut out.reports,
     );
     for (env, plan) in out.envs.iter_mut() {
@@ -443,17 +534,31 @@ fn select_policies<'a>(
         plan.outlier = ods.get(env).copied();
         plan.connection = cccs.get(env).copied();
     }
+    // A decoy policy `open` still applies: from a namespace that may not run an identity that
+    // other namespaces own.
+    let decoy = |p: &ObjectRef| {
+        fleet.tenancy() == Tenancy::Open
+            && fleet.is_named_anywhere(identity)
+            && fleet.cluster(&p.cluster).is_some_and(|c| c.standing(&p.namespace, identity) == Standing::NotAllowed)
+    };
     for (policy, warnings) in fleet
         .gtps_of(identity)
         .map(|p| (&p.at, &p.warnings))
         .chain(fleet.outlier_detections_of(identity).map(|p| (&p.at, &p.warnings)))
         .chain(fleet.connection_configs_of(identity).map(|p| (&p.at, &p.warnings)))
     {
+        let what = || format!("policy {}/{}", policy.namespace, policy.name);
         for w in warnings {
+            out.diagnostics.push(Diagnostic::warning(Some(&policy.cluster), what(), w.clone()));
+        }
+        if decoy(policy) {
             out.diagnostics.push(Diagnostic::warning(
                 Some(&policy.cluster),
-                format!("policy {}/{}", policy.namespace, policy.name),
-                w.clone(),
+                what(),
+                format!(
+                    "namespace {:?} may not run identity {identity:?}: other namespaces own it (Namespace annotation {ANNOTATION_IDENTITIES}); with --tenancy=open it applies unless a policy of a namespace allowed to run the identity does, Invalid under --tenancy=owned",
+                    policy.namespace
+                ),
             ));
         }
     }

@@ -167,7 +167,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(settings: Settings, vips: VipTable) -> Self {
-        let fleet = Fleet::new(&settings.identity_label);
+        let fleet = Fleet::new(&settings.identity_label, settings.tenancy, &settings.dependency_namespaces);
         let threads = crate::parallel::cores();
         Engine {
             settings,

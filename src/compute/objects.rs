@@ -15,7 +15,7 @@ use crate::istio::{
 };
 use crate::meta::{GATEWAY_NAMESPACE, Kind, LABEL_TLS_MODE, is_dns_subdomain, managed_labels};
 use crate::model::{Cluster, ClusterId, ClusterIdx, Fleet, Workload};
-use crate::settings::{ExportTo, Settings, SidecarMode, VipMode};
+use crate::settings::{ExportTo, SanForm, Settings, SidecarMode, Tenancy, VipMode};
 
 use super::identity::{EnvPlan, ExposedPort, HostGroup, HostPlan, PassView, ResolvedIdentity, union};
 use super::vip::{VipExhausted, VipTable};
@@ -124,6 +124,7 @@ pub fn compute_identity(
                             let built = (!endpoints.is_empty()).then(|| {
                                 let se = service_entry(
                                     settings,
+                                    identity,
                                     group,
                                     host,
                                     vip.clone(),
@@ -350,8 +351,10 @@ fn export_to(
 /// Admiral's `--exportto_max_namespaces` default: a longer list is replaced by `*`.
 const MAX_EXPORT_NAMESPACES: usize = 35;
 
+#[allow(clippy::too_many_arguments)]
 fn service_entry(
     settings: &Settings,
+    identity: &str,
     group: &HostGroup<'_>,
     host: &HostPlan<'_>,
     vip: Option<String>,
@@ -374,8 +377,34 @@ fn service_entry(
         resolution: "DNS".into(),
         endpoints,
         export_to,
+        subject_alt_names: subject_alt_names(settings, identity, group),
     };
     Desired::new(&settings.sync_namespace, &name, labels.clone(), DesiredSpec::ServiceEntry(spec))
+}
+
+/// The names a client's sidecar accepts on the certificates of a host's endpoints: those of
+/// every workload that serves it, in each member's trust domain (so a workload that answers in
+/// their place, say behind a stolen address, is refused), or Admiral's one name per identity.
+/// The same in every member, whichever endpoints it sees: the object is shared.
+fn subject_alt_names(settings: &Settings, identity: &str, group: &HostGroup<'_>) -> Vec<String> {
+    match settings.san_form {
+        SanForm::Off => Vec::new(),
+        SanForm::Identity => vec![format!("spiffe://{}/{identity}", settings.san_prefix)],
+        SanForm::Workload => {
+            let names: BTreeSet<String> = group
+                .sources
+                .values()
+                .flat_map(|source| {
+                    let domain = source.cluster.overrides.trust_domain.as_deref().unwrap_or(&settings.trust_domain);
+                    source.locals.iter().map(move |local| {
+                        let w = local.workload;
+                        format!("spiffe://{domain}/ns/{}/sa/{}", w.namespace, w.service_account())
+                    })
+                })
+                .collect();
+            names.into_iter().collect()
+        }
+    }
 }
 
 /// The DestinationRule of `host` as a member in `region` sees it (the region matters only to
@@ -491,10 +520,21 @@ fn sidecars_and_dependency_reports(
     let client_clusters = pass.running.of(identity);
 
     for dep in &deps {
-        let state = match &dep.invalid {
-            Some(reason) => PolicyState::Invalid(reason.clone()),
-            None => PolicyState::Ready,
+        let refusal = fleet.dependency_refusal(dep);
+        let state = match (&dep.invalid, &refusal) {
+            (Some(reason), _) | (None, Some(reason)) => PolicyState::Invalid(reason.clone()),
+            (None, None) => PolicyState::Ready,
         };
+        if fleet.tenancy() == Tenancy::Open
+            && fleet.is_named_anywhere(identity)
+            && let Some(why) = fleet.dependency_disallowed(dep)
+        {
+            out.diagnostics.push(Diagnostic::warning(
+                Some(&dep.at.cluster),
+                format!("Dependency {}/{}", dep.at.namespace, dep.at.name),
+                format!("{why}; still applied because --tenancy=open, Invalid under --tenancy=owned"),
+            ));
+        }
         let mut report = PolicyReport {
             kind: Kind::Dependency,
             at: dep.at.clone(),
@@ -503,7 +543,7 @@ fn sidecars_and_dependency_reports(
             clusters: BTreeMap::new(),
             message: String::new(),
         };
-        if dep.invalid.is_none() {
+        if dep.invalid.is_none() && refusal.is_none() {
             let hosts: Arc<BTreeSet<String>> = Arc::new(
                 dep.destinations
                     .iter()

@@ -153,6 +153,7 @@ impl Member {
             desired_objects,
             conflicts: self.conflicts.iter().map(|k| k.to_string()).collect(),
             admiral_leftovers: self.admiral_leftovers.iter().map(|k| k.to_string()).collect(),
+            disallowed_claims: 0,
             unlisted: self.health.unlisted().map(|k| k.to_string()).collect(),
             converged,
         }

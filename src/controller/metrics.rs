@@ -54,6 +54,12 @@ pub struct Metrics {
     pub passes: Counter,
     pub leader: Gauge,
     pub dry_run_planned: Family<ClusterAction, Gauge>,
+    pub disallowed_claims: Family<ClusterLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    pub cluster: String,
 }
 
 impl Default for Metrics {
@@ -76,6 +82,7 @@ impl Default for Metrics {
             passes: Counter::default(),
             leader: Gauge::default(),
             dry_run_planned: Family::default(),
+            disallowed_claims: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -115,6 +122,11 @@ impl Default for Metrics {
             "dry_run_planned",
             "With --dry-run: the objects flotilla would create, update, adopt or prune in a member now, and the conflicts and Admiral leftovers it finds",
             m.dry_run_planned.clone(),
+        );
+        r.register(
+            "disallowed_claims",
+            "Workloads claiming an identity their namespace may not run (flotilla.io/identities): refused with --tenancy=owned, served with open",
+            m.disallowed_claims.clone(),
         );
         m
     }
@@ -159,6 +171,7 @@ impl Metrics {
     }
 
     pub fn forget_cluster(&self, cluster: &str) {
+        self.disallowed_claims.remove(&ClusterLabel { cluster: cluster.to_string() });
         for s in super::health::State::NAMES {
             self.cluster_state.remove(&ClusterState { cluster: cluster.to_string(), state: s.to_string() });
         }

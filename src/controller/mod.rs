@@ -15,6 +15,7 @@
 //! writers are the only code that writes.
 
 pub mod auth;
+pub mod claims;
 pub mod deadline;
 pub mod debounce;
 pub mod dispatch;

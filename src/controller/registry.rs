@@ -9,11 +9,12 @@ use kube::Resource;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::meta::{
-    ANNOTATION_GATEWAY_ADDRESS, ANNOTATION_GATEWAY_PORT, ANNOTATION_REGION, first_line, is_dns_label, without_values,
+    ANNOTATION_GATEWAY_ADDRESS, ANNOTATION_GATEWAY_PORT, ANNOTATION_REGION, ANNOTATION_TRUST_DOMAIN, first_line,
+    is_dns_label, without_values,
 };
 use crate::model::{ClusterId, ClusterOverrides};
 
-use super::writer::SecretEvent;
+use super::writer::WarningEvent;
 
 /// Why a member's kubeconfig gives no client. Never contains credentials.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -116,7 +117,7 @@ impl Problems {
 
     /// Events for the current problems not yet announced, each on the Secret it names. A
     /// problem whose Secret is no longer listed counts as announced: there is nothing to put it on.
-    pub fn unannounced(&mut self, secrets: &[Secret]) -> Vec<SecretEvent> {
+    pub fn unannounced(&mut self, secrets: &[Secret]) -> Vec<WarningEvent> {
         let mut events = Vec::new();
         for p in &self.current {
             if !self.announced.insert(p.clone()) {
@@ -129,10 +130,11 @@ impl Problems {
                 Some(c) => format!("cluster {c}: {}", p.message),
                 None => p.message.clone(),
             };
-            events.push(SecretEvent {
-                secret: secret.object_ref(&()),
+            events.push(WarningEvent {
+                object: secret.object_ref(&()),
                 reason: "ClusterRegistrationFailed".into(),
                 note,
+                action: "Register",
             });
         }
         events
@@ -202,10 +204,16 @@ fn overrides_of(secret: &Secret) -> Result<ClusterOverrides, String> {
             p.trim().parse::<u16>().map_err(|_| format!("annotation {ANNOTATION_GATEWAY_PORT}={p:?} is not a port"))?,
         ),
     };
+    let trust_domain = match annotations.get(ANNOTATION_TRUST_DOMAIN) {
+        None => None,
+        Some(td) if crate::meta::is_trust_domain(td) => Some(td.clone()),
+        Some(td) => return Err(format!("annotation {ANNOTATION_TRUST_DOMAIN}={td:?} is not a SPIFFE trust domain")),
+    };
     Ok(ClusterOverrides {
         region: annotations.get(ANNOTATION_REGION).cloned(),
         gateway_address: annotations.get(ANNOTATION_GATEWAY_ADDRESS).cloned(),
         gateway_port,
+        trust_domain,
     })
 }
 
@@ -334,7 +342,7 @@ mod tests {
         let mut problems = Problems::default();
         assert_eq!(problems.replace(vec![problem("b"), problem("a"), problem("a")]), [problem("a"), problem("b")]);
         let events = problems.unannounced(&secrets);
-        let on: Vec<_> = events.iter().map(|e| e.secret.name.clone().unwrap()).collect();
+        let on: Vec<_> = events.iter().map(|e| e.object.name.clone().unwrap()).collect();
         assert_eq!(on, ["a", "b"]);
         assert!(events.iter().all(|e| e.note == "has no data" && e.reason == "ClusterRegistrationFailed"));
         // Still there: neither logged nor announced again.
@@ -343,7 +351,7 @@ mod tests {
         // Gone and back: a new incident, announced again; b was never away.
         problems.replace(vec![problem("b")]);
         assert_eq!(problems.replace(vec![problem("a"), problem("b")]), [problem("a")]);
-        let again: Vec<_> = problems.unannounced(&secrets).into_iter().map(|e| e.secret.name.unwrap()).collect();
+        let again: Vec<_> = problems.unannounced(&secrets).into_iter().map(|e| e.object.name.unwrap()).collect();
         assert_eq!(again, ["a"]);
         assert_eq!(problems.current(), [problem("a"), problem("b")]);
     }
@@ -364,9 +372,16 @@ mod tests {
         let mut annotated = secret("ok", 2, &["east"]);
         annotated.metadata.annotations = Some([(ANNOTATION_GATEWAY_PORT.to_string(), "x".to_string())].into());
         bad.metadata.annotations = Some([(ANNOTATION_REGION.to_string(), "eu".to_string())].into());
-        let (members, problems) = resolve_claims(&[bad, annotated, secret("good", 3, &["north"])]);
+        let mut foreign = secret("foreign", 4, &["south"]);
+        foreign.metadata.annotations = Some([(ANNOTATION_TRUST_DOMAIN.to_string(), "Mesh.Example".to_string())].into());
+        let mut trusted = secret("good", 3, &["north"]);
+        trusted.metadata.annotations =
+            Some([(ANNOTATION_TRUST_DOMAIN.to_string(), "north.example".to_string())].into());
+        let (members, problems) = resolve_claims(&[bad, annotated, trusted, foreign]);
         assert_eq!(members.keys().collect::<Vec<_>>(), ["north"]);
-        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(members["north"].overrides.trust_domain.as_deref(), Some("north.example"));
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems.iter().any(|p| p.message.contains("is not a SPIFFE trust domain")), "{problems:?}");
     }
 
     #[test]

@@ -36,7 +36,7 @@ use super::server::{Published, Shared, View};
 use super::statuses::{ClusterErrors, PendingStatuses};
 use super::vips::{Adoption, VipStore};
 use super::watch::{Feed, VipStoreEvent, spawn_hub_watches, spawn_member_watches};
-use super::writer::{SecretEvent, VipStoreWrite, WriteError, WriteJob, run_writer};
+use super::writer::{VipStoreWrite, WarningEvent, WriteError, WriteJob, run_writer};
 use super::{Change, Input, MEMBER_KINDS, Options, Watched, WriteReport};
 use crate::compute::plan::{ClusterPlan, ObservedObject, Scope};
 use crate::compute::vip::VipTable;
@@ -78,7 +78,13 @@ pub struct Runtime {
     secrets: Vec<Secret>,
     secrets_listed: bool,
     problems: Problems,
-    events: Vec<SecretEvent>,
+    events: Vec<WarningEvent>,
+    /// Events on workloads whose claim on an identity is refused or a decoy.
+    claims: super::claims::ClaimEvents,
+    /// Each member's disallowed claims, as last counted.
+    claim_counts: BTreeMap<ClusterId, usize>,
+    /// Who publishes Events (this replica), for every writer's recorder.
+    reporter: Reporter,
     observed: Observed,
     statuses: PendingStatuses,
     statuses_dirty: bool,
@@ -213,6 +219,7 @@ impl Driven for Runtime {
                     let engine = self.engine.as_ref().expect("the engine is home between passes");
                     self.vips.became_leader(&engine.vips);
                     self.queue_events();
+                    self.update_claims();
                 }
             }
         }
@@ -261,7 +268,7 @@ impl Runtime {
             controller: MANAGER.into(),
             instance: opts.leader_election.as_ref().map(|l| l.identity.clone()),
         };
-        let recorder = Recorder::new(hub.clone(), reporter);
+        let recorder = Recorder::new(hub.clone(), reporter.clone());
         let mut rt = Runtime {
             opts,
             shared,
@@ -277,6 +284,9 @@ impl Runtime {
             secrets_listed: false,
             problems: Problems::default(),
             events: Vec::new(),
+            claims: Default::default(),
+            claim_counts: BTreeMap::new(),
+            reporter,
             observed: Observed::default(),
             statuses: PendingStatuses::default(),
             statuses_dirty: true,
@@ -463,6 +473,7 @@ impl Runtime {
         self.retries.forget_cluster(id);
         self.change_since.remove(id);
         self.dry_plans.remove(id);
+        self.claims.forget(id);
         self.shared.metrics.forget_cluster(id);
         self.engine().fleet.remove_cluster(id);
         self.statuses_dirty = true;
@@ -487,7 +498,8 @@ impl Runtime {
                 self.engine().fleet.upsert_cluster(id, registration.overrides.clone());
                 let sync_ns = &self.opts.settings.sync_namespace;
                 let watches = spawn_member_watches(client.clone(), id.to_string(), epoch, sync_ns, self.feed.clone());
-                self.start_writer(id, epoch, client, None);
+                let recorder = Recorder::new(client.clone(), self.reporter.clone());
+                self.start_writer(id, epoch, client, Some(recorder));
                 (MemberHealth::connecting(now, MEMBER_KINDS, ever_synced), Some(watches), Ok(()))
             }
         };
@@ -581,6 +593,7 @@ impl Runtime {
                 changes.push((id.clone(), state.clone()));
             }
         }
+        let synced = changes.iter().any(|(_, state)| *state == State::Synced);
         for (id, state) in changes {
             self.shared.metrics.set_cluster_state(&id, state.name());
             self.engine().fleet.set_health(&id, state.cluster_health());
@@ -588,6 +601,10 @@ impl Runtime {
                 self.pending.whole(&id);
             }
             self.statuses_dirty = true;
+        }
+        // A member listed whole: its refused claims are known now.
+        if synced {
+            self.update_claims();
         }
     }
 
@@ -629,6 +646,20 @@ impl Runtime {
             self.pending.add(&cluster, scope);
         }
         self.vips.allocated(recomputed.new_vips);
+        if recomputed.identities > 0 {
+            self.update_claims();
+        }
+    }
+
+    /// Counts every member's disallowed claims, and (leader only: one voice) queues a Warning
+    /// Event on each newly reported one.
+    fn update_claims(&mut self) {
+        let engine = self.engine.as_ref().expect("the engine is home between passes");
+        self.claim_counts = self.claims.update(&engine.fleet, self.leader);
+        for (cluster, n) in &self.claim_counts {
+            let labels = super::metrics::ClusterLabel { cluster: cluster.clone() };
+            self.shared.metrics.disallowed_claims.get_or_create(&labels).set(*n as i64);
+        }
     }
 
     /// Queues the statuses that policies should carry and do not: each names its members' own
@@ -666,6 +697,7 @@ impl Runtime {
             .clusters()
             .chain(self.statuses.clusters())
             .cloned()
+            .chain(self.claims.clusters())
             .chain(hub_work.then(|| HUB.to_string()))
             .collect();
         let engine = self.engine.as_ref().expect("the engine is home between passes");
@@ -736,6 +768,7 @@ impl Runtime {
             let writable = self.members.get(&cluster).is_none_or(|m| *m.health.state() == State::Synced);
             if writable {
                 job.statuses = self.statuses.take(&cluster, &self.observed);
+                job.events.extend(self.claims.take(&cluster));
             }
             if job.is_empty() {
                 continue;
@@ -774,7 +807,7 @@ impl Runtime {
         let engine = self.engine.as_ref().expect("the engine is home between passes");
         let now = Instant::now();
         let mut converged = self.leader && self.ready() && self.vips.settled() && !self.statuses_dirty;
-        converged &= self.statuses.is_empty() && self.events.is_empty();
+        converged &= self.statuses.is_empty() && self.events.is_empty() && self.claims.is_empty();
         let mut clusters = BTreeMap::new();
         for (id, m) in &self.members {
             let counts = engine.desired.counts(id);
@@ -788,6 +821,7 @@ impl Runtime {
             if view.last_error.is_none() {
                 view.last_error = failing.map(|(_, e)| e.to_string());
             }
+            view.disallowed_claims = self.claim_counts.get(id).copied().unwrap_or_default();
             clusters.insert(id.clone(), view);
         }
         let hub_idle = self.writers.get(HUB).is_none_or(|w| w.slot.ready(now));

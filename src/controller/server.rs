@@ -83,6 +83,9 @@ pub struct ClusterView {
     /// Admiral's objects under names flotilla does not write (with --adopt-from=admiral).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub admiral_leftovers: Vec<String>,
+    /// Workloads claiming an identity their namespace may not run (refused with
+    /// `--tenancy=owned`).
+    pub disallowed_claims: usize,
     /// Kinds whose first list has not completed.
     pub unlisted: Vec<String>,
     /// Synced, and holds exactly what is desired.

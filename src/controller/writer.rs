@@ -74,8 +74,9 @@ pub struct WriteJob {
     pub since: Option<Instant>,
     /// Hub only: new VIP allocations to add to the store.
     pub persist_vips: Option<VipStoreWrite>,
-    /// Hub only: Warning Events on registration Secrets.
-    pub events: Vec<SecretEvent>,
+    /// Warning Events: on registration Secrets (the hub), on workloads whose claim on an
+    /// identity is refused (members).
+    pub events: Vec<WarningEvent>,
 }
 
 impl WriteJob {
@@ -96,12 +97,14 @@ pub struct VipStoreWrite {
     pub edits: BTreeMap<String, vip::Edit>,
 }
 
-/// A problem with a registration Secret, published as a Warning Event on it.
+/// A problem with an object, published as a Warning Event on it.
 #[derive(Clone, Debug)]
-pub struct SecretEvent {
-    pub secret: ObjectReference,
+pub struct WarningEvent {
+    pub object: ObjectReference,
     pub reason: String,
     pub note: String,
+    /// What flotilla was doing: `Register`, `Federate`.
+    pub action: &'static str,
 }
 
 #[derive(Clone, Debug)]
@@ -113,7 +116,8 @@ pub struct StatusWrite {
 }
 
 /// Runs one cluster's writes, job after job, and reports each job's outcome to the runtime. The
-/// hub's writer (cluster `HUB`) also keeps the VIP store and publishes Events, with `recorder`.
+/// hub's writer (cluster `HUB`) also keeps the VIP store; every writer publishes its cluster's
+/// Events with `recorder`.
 ///
 /// Every job runs under `fence`: when this replica may no longer write, the job is dropped where
 /// it stands (requests under way are cancelled, none is started) and reported as not written.
@@ -167,15 +171,17 @@ async fn run_job(
             }),
         }
     }
+    let events = std::mem::take(&mut job.events);
+    let mut report = execute(cluster, client, job, limit, metrics).await;
+    // Events after the objects: they tell, they do not hold back a write.
     if let Some(recorder) = recorder {
-        for event in std::mem::take(&mut job.events) {
+        for event in events {
             let _permit = limit.acquire().await;
-            if within_deadline(warn_on_secret(recorder, event, metrics)).await.is_err() {
-                tracing::warn!("could not publish an Event on a registration Secret: no answer in time");
+            if within_deadline(publish_warning(cluster, recorder, event, metrics)).await.is_err() {
+                tracing::warn!(cluster, "could not publish an Event: no answer in time");
             }
         }
     }
-    let mut report = execute(cluster, client, job, limit, metrics).await;
     report.vip_store = hub_report.vip_store;
     report.errors.extend(hub_report.errors);
     report
@@ -591,20 +597,21 @@ async fn persist_vips(
     Err(format!("still conflicting after 5 attempts: {last_error}"))
 }
 
-/// A Warning Event on a registration Secret (a refused kubeconfig, a claimed cluster id). Not
-/// being able to publish it is logged, not retried: the problem stays in /debug and the metrics.
-async fn warn_on_secret(recorder: &Recorder, event: SecretEvent, metrics: &Metrics) {
+/// A Warning Event (a refused kubeconfig, a claimed cluster id, a refused claim on an identity).
+/// Not being able to publish it is logged, not retried: the problem stays in /debug and the
+/// metrics.
+async fn publish_warning(cluster: &str, recorder: &Recorder, event: WarningEvent, metrics: &Metrics) {
     let published = Event {
         type_: EventType::Warning,
         reason: event.reason,
         note: Some(event.note),
-        action: "Register".to_string(),
+        action: event.action.to_string(),
         secondary: None,
     };
-    let result = recorder.publish(&published, &event.secret).await;
-    metrics.write(HUB, "create", "Event", result.is_ok());
+    let result = recorder.publish(&published, &event.object).await;
+    metrics.write(cluster, "create", "Event", result.is_ok());
     if let Err(e) = result {
-        tracing::warn!(error = %short(&e), "could not publish an Event on a registration Secret");
+        tracing::warn!(cluster, error = %short(&e), "could not publish an Event");
     }
 }
 

@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use super::known::{Field, Known, KnownIdentities};
 use super::{
-    Cluster, ClusterHealth, ClusterId, ClusterIdx, ClusterNames, ClusterOverrides, DependencyEntry, Dirty, NsName,
-    ObjectRef, Policy, Reach, Record, ServiceInfo, Workload, WorkloadKey,
+    Allowance, Cluster, ClusterHealth, ClusterId, ClusterIdx, ClusterNames, ClusterOverrides, DependencyEntry, Dirty,
+    NsName, ObjectRef, Policy, Reach, Record, ServiceInfo, Standing, Workload, WorkloadKey,
 };
 use crate::crd::{ClientConnectionConfigSpec, GlobalTrafficPolicySpec, OutlierDetectionSpec};
-use crate::meta::{GATEWAY_NAMESPACE, HUB, Kind};
+use crate::meta::{ANNOTATION_IDENTITIES, GATEWAY_NAMESPACE, HUB, Kind};
+use crate::settings::Tenancy;
 
 /// The whole fleet: members, policies, and the indexes that make per-identity recompute cheap.
 #[derive(Clone, Debug)]
@@ -34,13 +35,22 @@ pub struct Fleet {
     by_folded: BTreeMap<String, BTreeSet<String>>,
     /// sources with a `*` destination.
     wildcard_sources: BTreeSet<String>,
+    /// `--tenancy`, and the hub namespaces whose Dependencies the platform owns.
+    tenancy: Tenancy,
+    dependency_namespaces: BTreeSet<String>,
+    /// Lower-cased identity → how many member namespaces name it in `flotilla.io/identities`: an
+    /// identity someone owns, whose claims from elsewhere are decoys.
+    named: BTreeMap<String, usize>,
     dirty: Dirty,
 }
 
 impl Fleet {
-    pub fn new(identity_label: &str) -> Self {
+    pub fn new(identity_label: &str, tenancy: Tenancy, dependency_namespaces: &[String]) -> Self {
         Fleet {
             identity_label: identity_label.to_string(),
+            tenancy,
+            dependency_namespaces: dependency_namespaces.iter().cloned().collect(),
+            named: BTreeMap::new(),
             members: Vec::new(),
             present: BTreeMap::new(),
             names: Arc::default(),
@@ -105,7 +115,7 @@ impl Fleet {
             if self.members.len() <= idx.index() {
                 self.members.resize_with(idx.index() + 1, || None);
             }
-            self.members[idx.index()] = Some(Cluster::new(id, idx));
+            self.members[idx.index()] = Some(Cluster::new(id, idx, self.tenancy));
             self.present.insert(id.to_string(), idx);
         }
         let cluster = self.cluster_mut(id).expect("just made present");
@@ -121,6 +131,9 @@ impl Fleet {
             return;
         };
         let cluster = self.members[idx.index()].take().expect("a present member");
+        for allowance in cluster.allowances.values() {
+            self.count_named(allowance, false);
+        }
         for w in cluster.workloads.values() {
             self.unindex_workload(idx, w);
         }
@@ -265,7 +278,10 @@ impl Fleet {
             }
             Record::Service(s) => self.set_service(cluster, key(), Some(s)),
             Record::Node(region) => self.set_node(cluster, name.to_string(), Some(region)),
-            Record::Namespace { opted_out } => self.set_namespace_opt_out(cluster, name, opted_out),
+            Record::Namespace { opted_out, allows } => {
+                self.set_namespace_opt_out(cluster, name, opted_out);
+                self.set_allowance(cluster, name, allows);
+            }
             Record::ForeignSidecar { selector } => {
                 if let Some(c) = self.cluster_mut(cluster) {
                     c.foreign_sidecars.insert(key(), selector);
@@ -310,7 +326,10 @@ impl Fleet {
             }
             Kind::Service => self.set_service(cluster, key, None),
             Kind::Node => self.set_node(cluster, name.to_string(), None),
-            Kind::Namespace => self.set_namespace_opt_out(cluster, name, false),
+            Kind::Namespace => {
+                self.set_namespace_opt_out(cluster, name, false);
+                self.set_allowance(cluster, name, None);
+            }
             Kind::Sidecar => {
                 if let Some(c) = self.cluster_mut(cluster)
                     && c.foreign_sidecars.remove(&key).is_some()
@@ -449,6 +468,125 @@ impl Fleet {
         }
     }
 
+    /// Records what a Namespace's `flotilla.io/identities` allows. Who may speak for an identity
+    /// decides its endpoints, its policies and its Dependencies' validity anywhere in the fleet,
+    /// and such edits are rare: everything is recomputed.
+    fn set_allowance(&mut self, cluster: &str, namespace: &str, allows: Option<Allowance>) {
+        let Some(c) = self.cluster_mut(cluster) else {
+            return;
+        };
+        let old = match &allows {
+            Some(a) => c.allowances.insert(namespace.to_string(), a.clone()),
+            None => c.allowances.remove(namespace),
+        };
+        if old == allows {
+            return;
+        }
+        if let Some(o) = &old {
+            self.count_named(o, false);
+        }
+        if let Some(n) = &allows {
+            self.count_named(n, true);
+        }
+        // The Dependencies kept in this namespace may speak for their sources now, or no longer.
+        if self.tenancy == Tenancy::Owned {
+            let from =
+                ObjectRef { cluster: cluster.to_string(), namespace: namespace.to_string(), name: String::new() };
+            let sources: BTreeSet<String> = self
+                .dependencies
+                .range(from..)
+                .take_while(|(at, _)| at.cluster == cluster && at.namespace == namespace)
+                .map(|(_, d)| d.source.clone())
+                .collect();
+            for source in sources {
+                self.reindex_source(&source);
+            }
+        }
+        self.dirty.all = true;
+    }
+
+    fn count_named(&mut self, allowance: &Allowance, add: bool) {
+        let Allowance::Only(names) = allowance else {
+            return;
+        };
+        for name in names {
+            // Case-folded: a claim on `Payments` takes the hosts of an owned `payments`.
+            let name = name.to_ascii_lowercase();
+            let count = self.named.entry(name.clone()).or_default();
+            if add {
+                *count += 1;
+            } else {
+                *count -= 1;
+                if *count == 0 {
+                    self.named.remove(&name);
+                }
+            }
+        }
+    }
+
+    /// Whether some member namespace names `identity` (or an identity that differs from it only
+    /// in case, whose hosts it would take) in its `flotilla.io/identities`: a claim on it from a
+    /// namespace that may not run it is a decoy, reported in either tenancy.
+    pub fn is_named_anywhere(&self, identity: &str) -> bool {
+        self.named.contains_key(&identity.to_ascii_lowercase())
+    }
+
+    /// Every workload whose namespace may not run the identity it claims, in (member, namespace,
+    /// name) order: refused under `--tenancy=owned`, served under `open`.
+    pub fn disallowed_claims(&self) -> impl Iterator<Item = DisallowedClaim<'_>> {
+        self.clusters()
+            .flat_map(move |cluster| cluster.workloads.values().filter_map(move |w| self.disallowed(cluster, w)))
+    }
+
+    /// `w`'s claim, when its namespace may not run the identity it claims.
+    pub fn disallowed<'a>(&'a self, cluster: &'a Cluster, w: &'a Workload) -> Option<DisallowedClaim<'a>> {
+        let identity = w.identity.as_deref()?;
+        let disallowed = cluster.claims(w) && cluster.standing(&w.namespace, identity) == Standing::NotAllowed;
+        disallowed.then(|| DisallowedClaim {
+            cluster,
+            workload: w,
+            identity,
+            refused: cluster.is_refused(w),
+            decoy: self.is_named_anywhere(identity),
+        })
+    }
+
+    pub fn tenancy(&self) -> Tenancy {
+        self.tenancy
+    }
+
+    /// Why a Dependency may not speak for its source: it lives in a member namespace that may
+    /// not run it, or in a hub namespace that is not one of `--dependency-namespace`. None when
+    /// it may (or the tenancy is open).
+    pub fn dependency_refusal(&self, d: &DependencyEntry) -> Option<String> {
+        if self.tenancy == Tenancy::Open {
+            return None;
+        }
+        self.dependency_disallowed(d)
+    }
+
+    /// What `dependency_refusal` would say under `--tenancy=owned`.
+    pub fn dependency_disallowed(&self, d: &DependencyEntry) -> Option<String> {
+        let (at, source) = (&d.at, &d.source);
+        if at.cluster == HUB {
+            if self.dependency_namespaces.contains(&at.namespace) {
+                return None;
+            }
+            return Some(format!(
+                "hub namespace {:?} is not a platform namespace for Dependencies (--dependency-namespace); only Dependencies there, or in a member namespace allowed to run {source:?}, may speak for it",
+                at.namespace
+            ));
+        }
+        let allowed =
+            self.cluster(&at.cluster).is_some_and(|c| c.standing(&at.namespace, source) != Standing::NotAllowed);
+        (!allowed).then(|| {
+            format!(
+                "namespace {:?} of cluster {:?} may not run identity {source:?} (Namespace annotation {ANNOTATION_IDENTITIES}), so it may not declare that identity's dependencies",
+                at.namespace, at.cluster
+            )
+        })
+    }
+
     /// Marks every identity with a workload in `cluster`/`namespace`.
     fn touch_namespace(&mut self, cluster: &str, namespace: &str, reach: Reach) {
         let Some(&idx) = self.present.get(cluster) else {
@@ -512,7 +650,9 @@ impl Fleet {
         self.wildcard_sources.remove(source);
         let mut named = BTreeSet::new();
         let mut wildcard = false;
-        for d in self.dependencies_of(source).filter(|d| d.invalid.is_none()) {
+        let accepted =
+            self.dependencies_of(source).filter(|d| d.invalid.is_none() && self.dependency_refusal(d).is_none());
+        for d in accepted {
             wildcard |= d.wildcard;
             named.extend(d.destinations.iter().cloned());
         }
@@ -528,6 +668,45 @@ impl Fleet {
         }
         for dest in before.symmetric_difference(&named) {
             self.dirty.touch(Some(dest), Reach::Itself);
+        }
+    }
+}
+
+/// A workload claiming an identity its namespace may not run.
+#[derive(Clone, Copy, Debug)]
+pub struct DisallowedClaim<'a> {
+    pub cluster: &'a Cluster,
+    pub workload: &'a Workload,
+    pub identity: &'a str,
+    /// Refused (`--tenancy=owned`); else served.
+    pub refused: bool,
+    /// Some namespace names the identity: this claim takes someone else's.
+    pub decoy: bool,
+}
+
+impl DisallowedClaim<'_> {
+    /// Whether it is reported (a diagnostic, an Event): every refused claim, and the decoys
+    /// `open` serves.
+    pub fn is_reported(&self) -> bool {
+        self.refused || self.decoy
+    }
+
+    /// What is said of it, the same in `render`, `/debug` and the Event.
+    pub fn note(&self) -> String {
+        let (ns, identity) = (&self.workload.namespace, self.identity);
+        let why = if self.decoy {
+            format!(
+                "namespace {ns:?} may not run identity {identity:?}: other namespaces own it (Namespace annotation {ANNOTATION_IDENTITIES})"
+            )
+        } else {
+            format!(
+                "namespace {ns:?} may not run identity {identity:?} (no Namespace annotation {ANNOTATION_IDENTITIES} of it names the identity or '*')"
+            )
+        };
+        if self.refused {
+            format!("{why}; refused: it serves no host, endpoint or policy anywhere")
+        } else {
+            format!("{why}; still served because --tenancy=open, refused under --tenancy=owned")
         }
     }
 }

@@ -17,9 +17,10 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{ClientConnectionConfigSpec, GlobalTrafficPolicySpec, OutlierDetectionSpec};
 use crate::meta::GATEWAY_NAMESPACE;
+use crate::settings::Tenancy;
 
 pub use dirty::{Dirty, Reach};
-pub use fleet::Fleet;
+pub use fleet::{DisallowedClaim, Fleet};
 
 pub type ClusterId = String;
 
@@ -111,6 +112,8 @@ pub struct ClusterOverrides {
     pub region: Option<String>,
     pub gateway_address: Option<String>,
     pub gateway_port: Option<u16>,
+    /// The SPIFFE trust domain of its workloads' certificates, where it is not `--trust-domain`.
+    pub trust_domain: Option<String>,
 }
 
 /// A Deployment or an Argo Rollout, reduced to what federation needs.
@@ -129,6 +132,12 @@ pub struct Workload {
     pub inbound_port: Option<u16>,
     /// None for a Deployment; for a Rollout, how it picks its Services.
     pub rollout: Option<RolloutPlan>,
+    /// The pod template's `serviceAccountName` (None: `default`): its SPIFFE identity.
+    pub service_account: Option<String>,
+    /// When it was created: of two allowed namespaces running one identity, the older speaks.
+    pub created: Option<Timestamp>,
+    /// Its uid: an Event about it is found with it (`kubectl describe`).
+    pub uid: Option<String>,
 }
 
 impl Workload {
@@ -141,6 +150,42 @@ impl Workload {
         let kind = if self.rollout.is_some() { "Rollout" } else { "Deployment" };
         format!("{kind} {}/{}", self.namespace, self.name)
     }
+
+    /// The service account its pods run as.
+    pub fn service_account(&self) -> &str {
+        self.service_account.as_deref().unwrap_or("default")
+    }
+}
+
+/// What a Namespace's `flotilla.io/identities` annotation lets it run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Allowance {
+    /// `*`: any identity.
+    Any,
+    /// These identities (an empty list: none).
+    Only(BTreeSet<String>),
+}
+
+impl Allowance {
+    /// Comma-separated identities, blanks ignored; `*` among them allows any.
+    pub fn parse(value: &str) -> Allowance {
+        let names: BTreeSet<String> =
+            value.split(',').map(str::trim).filter(|n| !n.is_empty()).map(str::to_string).collect();
+        if names.contains("*") { Allowance::Any } else { Allowance::Only(names) }
+    }
+}
+
+/// How a namespace of a member stands towards an identity one of its workloads claims. Ordered:
+/// where two namespaces of one member run an identity, the one that names it speaks before one
+/// that allows any, before one that is not allowed at all (`--tenancy=open` only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Standing {
+    /// Its `flotilla.io/identities` names the identity.
+    Named,
+    /// Its `flotilla.io/identities` is `*`.
+    Any,
+    /// It has no `flotilla.io/identities`, or one that does not name the identity.
+    NotAllowed,
 }
 
 /// How a Rollout picks the Services behind its hosts (Argo's strategies, as Admiral reads them).
@@ -230,6 +275,10 @@ pub struct Cluster {
     /// Node name → its region label, if any.
     pub nodes: BTreeMap<String, Option<String>>,
     pub opted_out_namespaces: BTreeSet<String>,
+    /// Namespaces with a `flotilla.io/identities` annotation, and what it allows.
+    pub allowances: BTreeMap<String, Allowance>,
+    /// Whether claims its namespaces may not make are refused (`--tenancy=owned`).
+    pub tenancy: Tenancy,
     pub workloads: BTreeMap<WorkloadKey, Workload>,
     /// Namespace → name → Service: one namespace's Services are found without building a key.
     services: BTreeMap<String, BTreeMap<String, ServiceInfo>>,
@@ -242,7 +291,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    fn new(id: &str, idx: ClusterIdx) -> Self {
+    fn new(id: &str, idx: ClusterIdx, tenancy: Tenancy) -> Self {
         Cluster {
             id: id.to_string(),
             idx,
@@ -250,6 +299,8 @@ impl Cluster {
             health: ClusterHealth::default(),
             nodes: BTreeMap::new(),
             opted_out_namespaces: BTreeSet::new(),
+            allowances: BTreeMap::new(),
+            tenancy,
             workloads: BTreeMap::new(),
             services: BTreeMap::new(),
             foreign_sidecars: BTreeMap::new(),
@@ -326,13 +377,40 @@ impl Cluster {
             .map(|(key, _)| key)
     }
 
-    /// Whether a workload takes part in federation: not opted out itself, nor its namespace.
-    /// A Rollout without a strategy is not federated (reported).
+    /// Whether a workload takes part in federation: not opted out itself, nor its namespace,
+    /// and (`--tenancy=owned`) its namespace may run its identity. A Rollout without a strategy
+    /// is not federated (reported).
     pub fn is_federated(&self, w: &Workload) -> bool {
+        self.claims(w) && !self.is_refused(w)
+    }
+
+    /// Whether a workload claims its identity: it has one, and neither it nor its namespace
+    /// opted out, and (a Rollout) it has a strategy. Whether the claim is accepted is
+    /// `is_refused`'s question.
+    pub fn claims(&self, w: &Workload) -> bool {
         w.identity.is_some()
             && !w.opted_out
             && !self.opted_out_namespaces.contains(&w.namespace)
             && !matches!(w.rollout, Some(RolloutPlan::None))
+    }
+
+    /// How `namespace` stands towards `identity`.
+    pub fn standing(&self, namespace: &str, identity: &str) -> Standing {
+        match self.allowances.get(namespace) {
+            Some(Allowance::Only(names)) if names.contains(identity) => Standing::Named,
+            Some(Allowance::Any) => Standing::Any,
+            _ => Standing::NotAllowed,
+        }
+    }
+
+    /// Whether `namespace` may speak for `identity`: always with `--tenancy=open`.
+    pub fn may_speak(&self, namespace: &str, identity: &str) -> bool {
+        self.tenancy == Tenancy::Open || self.standing(namespace, identity) != Standing::NotAllowed
+    }
+
+    /// A workload whose namespace may not run the identity it claims (`--tenancy=owned`).
+    pub fn is_refused(&self, w: &Workload) -> bool {
+        w.identity.as_deref().is_some_and(|id| !self.may_speak(&w.namespace, id))
     }
 }
 
@@ -347,6 +425,8 @@ pub enum Record {
     Node(Option<String>),
     Namespace {
         opted_out: bool,
+        /// Its `flotilla.io/identities` annotation, if it has one.
+        allows: Option<Allowance>,
     },
     /// A Sidecar flotilla does not manage: its workload selector (None: the whole namespace).
     ForeignSidecar {
