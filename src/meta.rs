@@ -39,6 +39,10 @@ pub const LABEL_TLS_MODE: &str = "security.istio.io/tlsMode";
 pub const ANNOTATION_REGION: &str = "flotilla.io/region";
 pub const ANNOTATION_GATEWAY_ADDRESS: &str = "flotilla.io/gateway-address";
 pub const ANNOTATION_GATEWAY_PORT: &str = "flotilla.io/gateway-port";
+/// On a registration Secret: stop writing to its members (`"true"`); they are still watched.
+pub const ANNOTATION_PAUSED: &str = "flotilla.io/paused";
+/// On a registration Secret: the ids of prune holds (the blast-radius guard) to let go.
+pub const ANNOTATION_RELEASE_PRUNES: &str = "flotilla.io/release-prunes";
 /// The SPIFFE trust domain of a member's workload certificates, where it is not `--trust-domain`.
 pub const ANNOTATION_TRUST_DOMAIN: &str = "flotilla.io/trust-domain";
 /// On a member's Namespace: the identities its workloads may serve (comma-separated, `*` any).

@@ -142,6 +142,9 @@ fn the_hub_chart_lints_templates_and_is_locked_down() {
                 "--subject-alt-names=identity",
                 "--san-prefix=mesh.example.com",
                 "--trust-domain=prod.example.com",
+                "--prune-hold-threshold=500",
+                "--prune-hold-share=0.5",
+                "--prune-hold-window=30m",
             ] {
                 assert!(c["args"].to_string().contains(arg), "{values}: {arg} in {}", c["args"]);
             }

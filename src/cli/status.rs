@@ -140,20 +140,36 @@ fn to_text(view: &Value, plans: &serde_json::Map<String, Value>) -> String {
     };
     let count = |v: &Value| v.as_array().map_or(0, Vec::len).to_string();
     let mut rows = vec![
-        ["CLUSTER", "STATE", "REGION", "GATEWAY", "DESIRED", "CONFLICTS", "DISALLOWED", "CONVERGED", "LAST ERROR"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "CLUSTER",
+            "STATE",
+            "REGION",
+            "GATEWAY",
+            "DESIRED",
+            "CONFLICTS",
+            "DISALLOWED",
+            "HELD",
+            "CONVERGED",
+            "LAST ERROR",
+        ]
+        .map(String::from)
+        .to_vec(),
     ];
     let clusters = view["clusters"].as_object().cloned().unwrap_or_default();
     for (id, c) in &clusters {
+        let state = if c["paused"] == true { format!("{},paused", text(&c["state"])) } else { text(&c["state"]) };
+        let held = c["heldPrunes"]
+            .as_object()
+            .map_or("-".to_string(), |h| format!("{} ({})", text(&h["count"]), text(&h["id"])));
         rows.push(vec![
             id.clone(),
-            text(&c["state"]),
+            state,
             text(&c["region"]),
             text(&c["gateway"]),
             text(&c["desiredObjects"]),
             count(&c["conflicts"]),
             text(&c["disallowedClaims"]),
+            held,
             if c["converged"] == true { "yes" } else { "no" }.to_string(),
             text(&c["lastError"]),
         ]);
@@ -193,9 +209,10 @@ mod tests {
             "ready": true, "leader": false, "dryRun": true, "converged": false, "registrationProblems": [],
             "clusters": {
                 "east": {"state": "synced", "region": "us-east-2", "gateway": "10.0.0.2:15443", "desiredObjects": 3,
-                    "conflicts": [], "disallowedClaims": 2, "converged": false, "lastError": null},
+                    "conflicts": [], "disallowedClaims": 2, "paused": true, "converged": false, "lastError": null},
                 "west-long-name": {"state": "stale", "region": null, "gateway": null, "desiredObjects": 0,
-                    "conflicts": ["ServiceEntry admiral-sync/a-se"], "disallowedClaims": 0, "converged": false, "lastError": "does not answer"},
+                    "conflicts": ["ServiceEntry admiral-sync/a-se"], "disallowedClaims": 0, "converged": false, "lastError": "does not answer",
+                    "heldPrunes": {"id": "west-long-name-1", "count": 120, "allowed": 100, "first": []}},
             },
         });
         let plans = json!({"east": {"create": ["a"], "update": [], "adopt": ["b", "c"], "prune": [], "conflicts": [], "admiralLeftovers": ["d"]}});
@@ -203,9 +220,9 @@ mod tests {
         assert_eq!(
             text,
             "flotilla: ready, not leading, not converged (dry run: writes nothing)\n\n\
-             CLUSTER         STATE   REGION     GATEWAY         DESIRED  CONFLICTS  DISALLOWED  CONVERGED  LAST ERROR\n\
-             east            synced  us-east-2  10.0.0.2:15443  3        0          2           no         -\n\
-             west-long-name  stale   -          -               0        1          0           no         does not answer\n\
+             CLUSTER         STATE          REGION     GATEWAY         DESIRED  CONFLICTS  DISALLOWED  HELD                    CONVERGED  LAST ERROR\n\
+             east            synced,paused  us-east-2  10.0.0.2:15443  3        0          2           -                       no         -\n\
+             west-long-name  stale          -          -               0        1          0           120 (west-long-name-1)  no         does not answer\n\
              \n\
              PLAN  CREATE  UPDATE  ADOPT  PRUNE  CONFLICTS  ADMIRAL LEFT\n\
              east  1       0       2      0      0          1\n"

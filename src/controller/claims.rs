@@ -68,6 +68,7 @@ impl ClaimEvents {
         self.queued.keys().map(|k| k.0.clone()).collect()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.queued.is_empty()
     }

@@ -154,6 +154,8 @@ impl Member {
             conflicts: self.conflicts.iter().map(|k| k.to_string()).collect(),
             admiral_leftovers: self.admiral_leftovers.iter().map(|k| k.to_string()).collect(),
             disallowed_claims: 0,
+            paused: self.registration.brakes.paused,
+            held_prunes: None,
             unlisted: self.health.unlisted().map(|k| k.to_string()).collect(),
             converged,
         }
@@ -171,7 +173,12 @@ mod tests {
     use std::time::Duration;
 
     fn registration() -> Registration {
-        Registration { secret: "flotilla/east".into(), kubeconfig: String::new(), overrides: Default::default() }
+        Registration {
+            secret: "flotilla/east".into(),
+            kubeconfig: String::new(),
+            overrides: Default::default(),
+            brakes: Default::default(),
+        }
     }
 
     fn synced(now: Instant) -> Member {

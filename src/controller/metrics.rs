@@ -55,6 +55,8 @@ pub struct Metrics {
     pub leader: Gauge,
     pub dry_run_planned: Family<ClusterAction, Gauge>,
     pub disallowed_claims: Family<ClusterLabel, Gauge>,
+    pub member_paused: Family<ClusterLabel, Gauge>,
+    pub prunes_held: Family<ClusterLabel, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,6 +85,8 @@ impl Default for Metrics {
             leader: Gauge::default(),
             dry_run_planned: Family::default(),
             disallowed_claims: Family::default(),
+            member_paused: Family::default(),
+            prunes_held: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -128,6 +132,16 @@ impl Default for Metrics {
             "Workloads claiming an identity their namespace may not run (flotilla.io/identities): refused with --tenancy=owned, served with open",
             m.disallowed_claims.clone(),
         );
+        r.register(
+            "member_paused",
+            "1 while a member is paused (flotilla.io/paused): nothing is written to it",
+            m.member_paused.clone(),
+        );
+        r.register(
+            "prunes_held",
+            "Prunes the blast-radius guard holds in a member, waiting for the cause to be fixed or the hold released",
+            m.prunes_held.clone(),
+        );
         m
     }
 }
@@ -171,7 +185,9 @@ impl Metrics {
     }
 
     pub fn forget_cluster(&self, cluster: &str) {
-        self.disallowed_claims.remove(&ClusterLabel { cluster: cluster.to_string() });
+        for family in [&self.disallowed_claims, &self.member_paused, &self.prunes_held] {
+            family.remove(&ClusterLabel { cluster: cluster.to_string() });
+        }
         for s in super::health::State::NAMES {
             self.cluster_state.remove(&ClusterState { cluster: cluster.to_string(), state: s.to_string() });
         }

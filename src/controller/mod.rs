@@ -19,6 +19,7 @@ pub mod claims;
 pub mod deadline;
 pub mod debounce;
 pub mod dispatch;
+pub mod guard;
 pub mod health;
 pub mod lease;
 pub mod member;
@@ -71,6 +72,8 @@ pub struct Options {
     /// How long an address outlives the last object that carries its host.
     pub vip_release_after: Duration,
     pub max_concurrent_writes: usize,
+    /// When a member's prunes are held (the blast-radius guard).
+    pub prune_guard: guard::Limits,
     /// Shadow mode: watch and compute as usual, write nothing at all, show the plans.
     pub dry_run: bool,
     /// Addresses imported from Admiral's store (`--import-vips-from`), host → address.

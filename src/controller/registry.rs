@@ -9,8 +9,8 @@ use kube::Resource;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::meta::{
-    ANNOTATION_GATEWAY_ADDRESS, ANNOTATION_GATEWAY_PORT, ANNOTATION_REGION, ANNOTATION_TRUST_DOMAIN, first_line,
-    is_dns_label, without_values,
+    ANNOTATION_GATEWAY_ADDRESS, ANNOTATION_GATEWAY_PORT, ANNOTATION_PAUSED, ANNOTATION_REGION,
+    ANNOTATION_RELEASE_PRUNES, ANNOTATION_TRUST_DOMAIN, first_line, is_dns_label, without_values,
 };
 use crate::model::{ClusterId, ClusterOverrides};
 
@@ -72,6 +72,29 @@ pub struct Registration {
     pub secret: String,
     pub kubeconfig: String,
     pub overrides: ClusterOverrides,
+    pub brakes: Brakes,
+}
+
+/// What the operator asks of a member through its registration Secret's annotations (every
+/// member of that Secret).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Brakes {
+    /// `flotilla.io/paused: "true"`: nothing is written to it; it is still watched.
+    pub paused: bool,
+    /// `flotilla.io/release-prunes`: the ids of prune holds to let go (comma-separated).
+    pub release_prunes: Vec<String>,
+}
+
+impl Brakes {
+    fn of(secret: &Secret) -> Brakes {
+        let annotation = |key: &str| secret.metadata.annotations.as_ref().and_then(|a| a.get(key));
+        Brakes {
+            paused: annotation(ANNOTATION_PAUSED).is_some_and(|v| v.trim().eq_ignore_ascii_case("true")),
+            release_prunes: annotation(ANNOTATION_RELEASE_PRUNES)
+                .map(|v| v.split(',').map(str::trim).filter(|id| !id.is_empty()).map(str::to_string).collect())
+                .unwrap_or_default(),
+        }
+    }
 }
 
 /// A problem with one Secret (or one cluster in it), reported on that Secret.
@@ -189,7 +212,11 @@ pub fn resolve_claims(secrets: &[Secret]) -> (BTreeMap<String, Registration>, Ve
                 });
                 continue;
             }
-            members.insert(cluster, Registration { secret: name.clone(), kubeconfig, overrides: overrides.clone() });
+            let brakes = Brakes::of(secret);
+            members.insert(
+                cluster,
+                Registration { secret: name.clone(), kubeconfig, overrides: overrides.clone(), brakes },
+            );
         }
     }
     problems.sort();
@@ -426,6 +453,7 @@ mod tests {
     #[test]
     fn new_rotated_changed_and_removed_registrations() {
         let reg = |secret: &str, kubeconfig: &str, region: Option<&str>| Registration {
+            brakes: Default::default(),
             secret: secret.into(),
             kubeconfig: kubeconfig.into(),
             overrides: ClusterOverrides { region: region.map(str::to_string), ..Default::default() },

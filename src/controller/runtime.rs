@@ -43,7 +43,7 @@ use crate::compute::vip::VipTable;
 use crate::compute::{DesiredObject, Engine, MemberChange, ObjectKey, Recomputed};
 use crate::crd::PolicyStatus;
 use crate::ingest::InputObject;
-use crate::meta::{HUB, Kind, MANAGER};
+use crate::meta::{ANNOTATION_RELEASE_PRUNES, HUB, Kind, MANAGER};
 use crate::model::{ClusterHealth, ClusterId, NsName, ObjectRef};
 
 /// How often health and retries are looked at when nothing happens.
@@ -83,6 +83,8 @@ pub struct Runtime {
     claims: super::claims::ClaimEvents,
     /// Each member's disallowed claims, as last counted.
     claim_counts: BTreeMap<ClusterId, usize>,
+    /// The blast-radius guard: prunes held per member.
+    guard: super::guard::PruneGuard,
     /// Who publishes Events (this replica), for every writer's recorder.
     reporter: Reporter,
     observed: Observed,
@@ -269,6 +271,7 @@ impl Runtime {
             instance: opts.leader_election.as_ref().map(|l| l.identity.clone()),
         };
         let recorder = Recorder::new(hub.clone(), reporter.clone());
+        let guard = super::guard::PruneGuard::new(opts.prune_guard);
         let mut rt = Runtime {
             opts,
             shared,
@@ -286,6 +289,7 @@ impl Runtime {
             events: Vec::new(),
             claims: Default::default(),
             claim_counts: BTreeMap::new(),
+            guard,
             reporter,
             observed: Observed::default(),
             statuses: PendingStatuses::default(),
@@ -444,8 +448,21 @@ impl Runtime {
         for (id, registration) in plan.update {
             self.engine().fleet.upsert_cluster(&id, registration.overrides.clone());
             if let Some(m) = self.members.get_mut(&id) {
+                let (before, after) = (&m.registration.brakes, &registration.brakes);
+                if before.paused != after.paused {
+                    tracing::warn!(cluster = %id, paused = after.paused, "member {}", if after.paused { "paused: nothing is written to it" } else { "resumed: reconciled whole" });
+                }
+                // Resumed, or a hold released: the member is planned whole.
+                let moved = before != after;
                 m.registration = registration;
+                if moved {
+                    self.pending.whole(&id);
+                }
             }
+        }
+        for (id, m) in &self.members {
+            let labels = super::metrics::ClusterLabel { cluster: id.clone() };
+            self.shared.metrics.member_paused.get_or_create(&labels).set(i64::from(m.registration.brakes.paused));
         }
         for (id, registration) in plan.start {
             if let Err(message) = self.start_member(&id, registration, now).await {
@@ -474,6 +491,7 @@ impl Runtime {
         self.change_since.remove(id);
         self.dry_plans.remove(id);
         self.claims.forget(id);
+        self.guard.forget(id);
         self.shared.metrics.forget_cluster(id);
         self.engine().fleet.remove_cluster(id);
         self.statuses_dirty = true;
@@ -561,6 +579,7 @@ impl Runtime {
             self.statuses_dirty = true;
         }
         self.shared.metrics.written(cluster, &report);
+        self.guard.pruned(cluster, report.pruned.len(), now);
         // What the job wrote is planned again (finding it done is what convergence waits for);
         // after a failure of the whole job, the whole member, once its backoff is over.
         let written: std::collections::BTreeSet<ObjectKey> =
@@ -706,10 +725,14 @@ impl Runtime {
         let writable = |c: &ClusterId| self.writers.get(c).is_some_and(|w| w.slot.ready(now)) && settled;
         let mut to_plan: Vec<(ClusterId, ClusterHealth, Scope)> = Vec::new();
         for cluster in candidates.iter().filter(|c| writable(c)) {
-            // A member that does not answer keeps what is pending for it until it does.
-            if let Some(m) = self.members.get(cluster).filter(|m| m.health.answering())
+            // A member that does not answer keeps what is pending for it until it does; a paused
+            // one, until it is resumed.
+            if let Some(m) = self.members.get(cluster).filter(|m| m.health.answering() && !m.registration.brakes.paused)
                 && let Some(scope) = self.pending.take(cluster)
             {
+                // A member whose prunes are held is planned whole: the hold is then every prune
+                // it still wants, and ends when they are few again.
+                let scope = if self.guard.is_holding(cluster) { Scope::Whole } else { scope };
                 to_plan.push((cluster.clone(), m.health.state().cluster_health(), scope));
             }
         }
@@ -727,6 +750,10 @@ impl Runtime {
                 continue;
             };
             if !writer.slot.ready(now) {
+                continue;
+            }
+            // Paused: nothing is written, not even statuses or Events; it waits.
+            if self.members.get(&cluster).is_some_and(|m| m.registration.brakes.paused) {
                 continue;
             }
             let member = self.members.get_mut(&cluster);
@@ -747,7 +774,25 @@ impl Runtime {
                 // answers.
                 Some(m) if !settled || !m.health.answering() => continue,
                 Some(m) => match plans.remove(&cluster) {
-                    Some((scope, plan)) => {
+                    Some((scope, mut plan)) => {
+                        let managed =
+                            self.observed.outputs(&cluster).map_or(0, |o| o.values().filter(|o| o.managed).count());
+                        let released = &m.registration.brakes.release_prunes;
+                        let verdict =
+                            self.guard.check(&cluster, &mut plan, managed, scope == Scope::Whole, released, now);
+                        if let Some(event) = guard_news(
+                            &cluster,
+                            &verdict,
+                            self.guard.hold(&cluster),
+                            &m.registration.secret,
+                            &self.secrets,
+                            self.opts.prune_guard.window,
+                        ) {
+                            self.events.push(event);
+                        }
+                        let held = self.guard.hold(&cluster).map_or(0, |h| h.held.len());
+                        let labels = super::metrics::ClusterLabel { cluster: cluster.clone() };
+                        self.shared.metrics.prunes_held.get_or_create(&labels).set(held as i64);
                         self.retries.planned(&cluster, &scope, &plan);
                         let (job, noticed) = m.plan(plan, &scope, &self.opts.settings.sync_namespace);
                         for key in noticed.conflicts {
@@ -807,21 +852,35 @@ impl Runtime {
         let engine = self.engine.as_ref().expect("the engine is home between passes");
         let now = Instant::now();
         let mut converged = self.leader && self.ready() && self.vips.settled() && !self.statuses_dirty;
-        converged &= self.statuses.is_empty() && self.events.is_empty() && self.claims.is_empty();
+        // What waits for a paused member (its statuses, its Events) waits for the operator.
+        let paused = |c: &ClusterId| self.members.get(c).is_some_and(|m| m.registration.brakes.paused);
+        converged &=
+            self.statuses.clusters().all(paused) && self.events.is_empty() && self.claims.clusters().iter().all(paused);
         let mut clusters = BTreeMap::new();
         for (id, m) in &self.members {
             let counts = engine.desired.counts(id);
             self.shared.metrics.set_member_objects(id, counts, &m.conflicts);
             let writer = self.writers.get(id).map(|w| &w.slot);
             let failing = self.retries.errors(id).next();
-            let member_converged = m.converged(self.pending.contains(id) || failing.is_some(), writer, now);
-            converged &= member_converged || !m.waited_for();
+            let held = self.guard.is_holding(id);
+            let member_converged = m.converged(self.pending.contains(id) || failing.is_some(), writer, now)
+                && !held
+                && !m.registration.brakes.paused;
+            // A paused member is not waited for (the operator stopped it); held prunes are.
+            converged &= member_converged || !m.waited_for() || (m.registration.brakes.paused && !held);
             let count = counts.iter().sum();
             let mut view = m.view(engine.facts(id), count, writer, member_converged);
             if view.last_error.is_none() {
                 view.last_error = failing.map(|(_, e)| e.to_string());
             }
             view.disallowed_claims = self.claim_counts.get(id).copied().unwrap_or_default();
+            view.held_prunes = self.guard.hold(id).map(|h| super::server::HeldPrunes {
+                id: h.id.clone(),
+                count: h.held.len(),
+                allowed: h.allowed,
+                first: h.held.iter().take(10).map(ToString::to_string).collect(),
+            });
+
             clusters.insert(id.clone(), view);
         }
         let hub_idle = self.writers.get(HUB).is_none_or(|w| w.slot.ready(now));
@@ -844,6 +903,49 @@ fn policy_status_of(obj: &InputObject) -> Option<Option<PolicyStatus>> {
         InputObject::ClientConnectionConfig(p) => Some(p.status.clone()),
         InputObject::Dependency(p) => Some(p.status.clone()),
         _ => None,
+    }
+}
+
+/// The Warning Event a guard verdict calls for (a new hold, on the member's registration Secret),
+/// and the log line of every change.
+fn guard_news(
+    cluster: &str,
+    verdict: &super::guard::Verdict,
+    hold: Option<&super::guard::Hold>,
+    secret_name: &str,
+    secrets: &[k8s_openapi::api::core::v1::Secret],
+    window: Duration,
+) -> Option<WarningEvent> {
+    use super::guard::Verdict;
+    match verdict {
+        Verdict::Held => {
+            let hold = hold?;
+            let note = format!(
+                "cluster {cluster}: {} prunes held (hold {}): more than {} within {}s would go at once; everything else is written. Fix the cause, or let them go: annotate this Secret {ANNOTATION_RELEASE_PRUNES}={}",
+                hold.held.len(),
+                hold.id,
+                hold.allowed,
+                window.as_secs(),
+                hold.id
+            );
+            tracing::warn!(cluster, hold = %hold.id, held = hold.held.len(), allowed = hold.allowed, "prunes held by the blast-radius guard");
+            let secret = secrets.iter().find(|s| s.metadata.name.as_deref() == Some(secret_name))?;
+            Some(WarningEvent {
+                object: kube::Resource::object_ref(secret, &()),
+                reason: "PrunesHeld".into(),
+                note,
+                action: "Prune",
+            })
+        }
+        Verdict::Released(id) => {
+            tracing::warn!(cluster, hold = %id, "held prunes released by the operator");
+            None
+        }
+        Verdict::Cleared(id) => {
+            tracing::info!(cluster, hold = %id, "held prunes no longer wanted: the hold ends");
+            None
+        }
+        Verdict::Pass | Verdict::Holding => None,
     }
 }
 
@@ -878,6 +980,11 @@ mod tests {
             vip_shard_entries: crate::compute::vip::SHARD_ENTRIES,
             vip_release_after: Duration::from_secs(7 * 24 * 3600),
             max_concurrent_writes: 1,
+            prune_guard: crate::controller::guard::Limits {
+                threshold: 100,
+                share: 0.25,
+                window: Duration::from_secs(600),
+            },
             dry_run: false,
             imported_vips: BTreeMap::new(),
         }
@@ -894,8 +1001,12 @@ mod tests {
             health.unanswered("no answer within 5s".into());
         }
         health.update(now, runtime.opts.stale_after);
-        let registration =
-            Registration { secret: format!("flotilla/{id}"), kubeconfig: String::new(), overrides: Default::default() };
+        let registration = Registration {
+            secret: format!("flotilla/{id}"),
+            kubeconfig: String::new(),
+            overrides: Default::default(),
+            brakes: Default::default(),
+        };
         runtime.engine().fleet.upsert_cluster(id, Default::default());
         runtime.engine().fleet.set_health(id, health.state().cluster_health());
         runtime.members.insert(id.to_string(), Member::new(registration, health, None));

@@ -86,10 +86,28 @@ pub struct ClusterView {
     /// Workloads claiming an identity their namespace may not run (refused with
     /// `--tenancy=owned`).
     pub disallowed_claims: usize,
+    /// Nothing is written to it (`flotilla.io/paused` on its registration Secret).
+    pub paused: bool,
+    /// Prunes the blast-radius guard holds there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_prunes: Option<HeldPrunes>,
     /// Kinds whose first list has not completed.
     pub unlisted: Vec<String>,
     /// Synced, and holds exactly what is desired.
     pub converged: bool,
+}
+
+/// A hold of the blast-radius guard, as /debug shows it.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldPrunes {
+    /// What `flotilla.io/release-prunes` on the registration Secret must say to let them go.
+    pub id: String,
+    pub count: usize,
+    /// The most prunes allowed within the window there.
+    pub allowed: usize,
+    /// The first few, by kind, namespace and name.
+    pub first: Vec<String>,
 }
 
 fn probes() -> Router<Arc<Shared>> {

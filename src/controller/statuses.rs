@@ -119,6 +119,7 @@ impl PendingStatuses {
         self.by_cluster.keys()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.by_cluster.is_empty()
     }
