@@ -94,6 +94,14 @@ async fn a_mass_prune_is_held_until_released_and_a_paused_member_waits() {
     converged(&flotilla).await;
     assert_eq!(service_entries(east).await, settled);
     assert_eq!(flotilla.metric_with("flotilla_prunes_held", "cluster=\"east\"").await, 0.0);
+    // The released prunes do not count against the next ones: a small prune goes at once.
+    deps.delete("caller-deps", &DeleteParams::default()).await.unwrap();
+    eventually("greeting's ServiceEntry pruned", WAIT, &flotilla, || async {
+        (service_entries(east).await == ["stage.caller.global-se"]).then_some(())
+    })
+    .await;
+    converged(&flotilla).await;
+    let settled = ["stage.caller.global-se"];
 
     // Paused: a new destination is computed for east but not written there.
     annotate(&hub_client, "east", "flotilla.io/paused", Some("true")).await;
@@ -109,7 +117,9 @@ async fn a_mass_prune_is_held_until_released_and_a_paused_member_waits() {
     .await;
     converged(&flotilla).await;
     assert_eq!(flotilla.metric_with("flotilla_member_paused", "cluster=\"east\"").await, 1.0);
+    assert_eq!(flotilla.json("/debug/clusters").await["clusters"]["east"]["converged"], false);
     assert_eq!(service_entries(east).await, settled, "nothing written while paused");
+    assert!(deps.get("caller-dest-0").await.unwrap().status.is_none(), "not even a status");
     // Resumed: reconciled.
     annotate(&hub_client, "east", "flotilla.io/paused", None).await;
     eventually("dest-0 written after the pause", WAIT, &flotilla, || async {

@@ -63,19 +63,23 @@ struct MemberGuard {
     /// When prunes were done, and how many.
     recent: VecDeque<(Instant, usize)>,
     hold: Option<Hold>,
+    /// Prunes the operator released, until done or the window passes: they go without counting.
+    granted: BTreeMap<ObjectKey, Instant>,
+    /// The number of this member's last hold id: ids are `<member>-<n>`, n the wall-clock second
+    /// the hold began (or one more than the last), so that an id left in an annotation never
+    /// matches a later hold, even one made by another process or replica.
+    last: u64,
 }
 
 #[derive(Debug)]
 pub struct PruneGuard {
     limits: Limits,
     members: BTreeMap<ClusterId, MemberGuard>,
-    /// Holds made by this process, for ids that are never given twice.
-    next: u64,
 }
 
 impl PruneGuard {
     pub fn new(limits: Limits) -> Self {
-        PruneGuard { limits, members: BTreeMap::new(), next: 1 }
+        PruneGuard { limits, members: BTreeMap::new() }
     }
 
     /// A held member is planned whole: its held set is then every prune it still wants.
@@ -88,8 +92,10 @@ impl PruneGuard {
     }
 
     /// Checks a plan about to be written into `cluster`, which holds `managed` objects of ours;
-    /// `whole` when it is a plan of the whole member, `released` the hold ids the operator let go.
-    /// Held prunes are taken out of the plan; everything else stays.
+    /// `whole` when it is a plan of the whole member, `released` the hold ids the operator let go,
+    /// `wall` the Unix time in seconds. Held prunes are taken out of the plan; everything else
+    /// stays.
+    #[allow(clippy::too_many_arguments)]
     pub fn check(
         &mut self,
         cluster: &str,
@@ -98,6 +104,7 @@ impl PruneGuard {
         whole: bool,
         released: &[String],
         now: Instant,
+        wall: u64,
     ) -> Verdict {
         if self.limits.threshold == 0 {
             return Verdict::Pass;
@@ -106,48 +113,99 @@ impl PruneGuard {
         let window = self.limits.window;
         let m = self.members.entry(cluster.to_string()).or_default();
         m.recent.retain(|(at, _)| now.duration_since(*at) < window);
+        m.granted.retain(|_, at| now.duration_since(*at) < window);
         let recent: usize = m.recent.iter().map(|(_, n)| n).sum();
+        // Released prunes go without counting; the others are judged.
+        let counted = plan.prune.iter().filter(|o| !m.granted.contains_key(&o.key)).count();
+        let granted = &m.granted;
+        let take_counted = |plan: &mut ClusterPlan| -> Vec<ObjectKey> {
+            let (keep, held): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut plan.prune).into_iter().partition(|o| granted.contains_key(&o.key));
+            plan.prune = keep;
+            held.into_iter().map(|o| o.key).collect()
+        };
         if let Some(hold) = &mut m.hold {
-            if released.contains(&hold.id) {
+            // Only a whole plan knows every prune the member wants: what was released is that.
+            if whole && released.contains(&hold.id) {
                 let id = hold.id.clone();
+                for o in &plan.prune {
+                    m.granted.insert(o.key.clone(), now);
+                }
                 m.hold = None;
-                m.recent.clear();
                 return Verdict::Released(id);
             }
-            if whole && recent + plan.prune.len() <= allowed {
+            if whole && (counted == 0 || recent + counted <= allowed) {
                 let id = hold.id.clone();
                 m.hold = None;
                 return Verdict::Cleared(id);
             }
-            let pruned = std::mem::take(&mut plan.prune);
-            if whole {
-                hold.held = pruned.into_iter().map(|o| o.key).collect();
-            } else {
-                hold.held.extend(pruned.into_iter().map(|o| o.key));
-                hold.held.sort();
-                hold.held.dedup();
+            let held = take_counted(plan);
+            if !whole {
+                let mut all = std::mem::take(&mut hold.held);
+                all.extend(held);
+                all.sort();
+                all.dedup();
+                hold.held = all;
+                return Verdict::Holding;
             }
-            return Verdict::Holding;
+            // More than the operator was told of: a new id, announced again, so that a release
+            // lets go of no more than what was read.
+            let grew = held.len() > hold.held.len();
+            hold.held = held;
+            if !grew {
+                return Verdict::Holding;
+            }
+            m.last = wall.max(m.last + 1);
+            hold.id = format!("{cluster}-{}", m.last);
+            return Verdict::Held;
         }
-        if plan.prune.is_empty() || recent + plan.prune.len() <= allowed {
+        if counted == 0 || recent + counted <= allowed {
             return Verdict::Pass;
         }
-        let id = format!("{cluster}-{}", self.next);
-        self.next += 1;
-        let held = std::mem::take(&mut plan.prune).into_iter().map(|o| o.key).collect();
+        m.last = wall.max(m.last + 1);
+        while released.contains(&format!("{cluster}-{}", m.last)) {
+            m.last += 1;
+        }
+        let id = format!("{cluster}-{}", m.last);
+        let held = take_counted(plan);
         m.hold = Some(Hold { id, held, allowed });
         Verdict::Held
     }
 
-    /// Prunes a writer did in `cluster`.
-    pub fn pruned(&mut self, cluster: &str, count: usize, now: Instant) {
-        if count > 0 {
-            self.members.entry(cluster.to_string()).or_default().recent.push_back((now, count));
+    /// Prunes a writer did in `cluster`: released ones are not counted again.
+    pub fn pruned(&mut self, cluster: &str, keys: &[ObjectKey], now: Instant) {
+        if self.limits.threshold == 0 || keys.is_empty() {
+            return;
         }
+        let m = self.members.entry(cluster.to_string()).or_default();
+        let counted = keys.iter().filter(|k| m.granted.remove(*k).is_none()).count();
+        if counted > 0 {
+            m.recent.push_back((now, counted));
+        }
+    }
+
+    /// Members holding prunes whose window moved since they were last checked: planned whole
+    /// again, a hold that only the window made ends by itself.
+    pub fn window_moved(&mut self, now: Instant) -> Vec<ClusterId> {
+        let window = self.limits.window;
+        let mut moved = Vec::new();
+        for (id, m) in self.members.iter_mut().filter(|(_, m)| m.hold.is_some()) {
+            let before = m.recent.len();
+            m.recent.retain(|(at, _)| now.duration_since(*at) < window);
+            if m.recent.len() < before {
+                moved.push(id.clone());
+            }
+        }
+        moved
     }
 
     pub fn forget(&mut self, cluster: &str) {
         self.members.remove(cluster);
+    }
+
+    /// A replica that no longer leads forgets its holds: the next leader judges afresh.
+    pub fn forget_all(&mut self) {
+        self.members.clear();
     }
 }
 
@@ -161,7 +219,12 @@ mod tests {
     use crate::istio::ServiceEntry;
 
     fn plan_pruning(n: usize) -> ClusterPlan {
-        let prune = (0..n)
+        plan_pruning_from(0, n)
+    }
+
+    /// A plan pruning `n` ServiceEntries, numbered from `first`.
+    fn plan_pruning_from(first: usize, n: usize) -> ClusterPlan {
+        let prune = (first..first + n)
             .map(|i| {
                 let mut se = ServiceEntry::default();
                 se.metadata.name = Some(format!("h{i:04}-se"));
@@ -173,6 +236,10 @@ mod tests {
         ClusterPlan { prune, ..Default::default() }
     }
 
+    fn keys(n: usize) -> Vec<ObjectKey> {
+        plan_pruning(n).prune.into_iter().map(|o| o.key).collect()
+    }
+
     fn new_guard() -> PruneGuard {
         PruneGuard::new(Limits { threshold: 10, share: 0.25, window: Duration::from_secs(600) })
     }
@@ -181,18 +248,18 @@ mod tests {
     fn a_mass_prune_is_held_and_the_rest_of_the_plan_goes() {
         let (mut guard, now) = (new_guard(), Instant::now());
         // 10 of 100: at the limit, not over it.
-        assert_eq!(guard.check("a", &mut plan_pruning(10), 100, false, &[], now), Verdict::Pass);
+        assert_eq!(guard.check("a", &mut plan_pruning(10), 100, false, &[], now, 1000), Verdict::Pass);
         // 30 of 100 is over 10 and over a quarter of 100.
         let mut plan = plan_pruning(30);
-        assert_eq!(guard.check("a", &mut plan, 100, false, &[], now), Verdict::Held);
+        assert_eq!(guard.check("a", &mut plan, 100, false, &[], now, 1000), Verdict::Held);
         assert!(plan.prune.is_empty());
         let hold = guard.hold("a").unwrap().clone();
-        assert_eq!((hold.id.as_str(), hold.held.len(), hold.allowed), ("a-1", 30, 25));
+        assert_eq!((hold.id.as_str(), hold.held.len(), hold.allowed), ("a-1000", 30, 25));
         // More arrive: held too, once each.
-        assert_eq!(guard.check("a", &mut plan_pruning(35), 100, false, &[], now), Verdict::Holding);
+        assert_eq!(guard.check("a", &mut plan_pruning(35), 100, false, &[], now, 1000), Verdict::Holding);
         assert_eq!(guard.hold("a").unwrap().held.len(), 35);
         // A big member may lose more at once: 30 of 1000 is under a quarter.
-        assert_eq!(guard.check("b", &mut plan_pruning(30), 1000, false, &[], now), Verdict::Pass);
+        assert_eq!(guard.check("b", &mut plan_pruning(30), 1000, false, &[], now, 1000), Verdict::Pass);
     }
 
     #[test]
@@ -201,35 +268,64 @@ mod tests {
         // A limit of 10 (20 objects): 4 and 4 go, the next 4 would make 12.
         for i in 0..2 {
             let at = now + Duration::from_secs(i);
-            assert_eq!(guard.check("a", &mut plan_pruning(4), 20, false, &[], at), Verdict::Pass);
-            guard.pruned("a", 4, at);
+            assert_eq!(guard.check("a", &mut plan_pruning(4), 20, false, &[], at, 1000), Verdict::Pass);
+            guard.pruned("a", &keys(4), at);
         }
-        assert_eq!(guard.check("a", &mut plan_pruning(4), 20, false, &[], now + Duration::from_secs(2)), Verdict::Held);
+        assert_eq!(
+            guard.check("a", &mut plan_pruning(4), 20, false, &[], now + Duration::from_secs(2), 1000),
+            Verdict::Held
+        );
         // Out of the window, the past no longer counts.
         let mut fresh = new_guard();
-        fresh.pruned("a", 9, now);
+        fresh.pruned("a", &keys(9), now);
         let later = now + Duration::from_secs(601);
-        assert_eq!(fresh.check("a", &mut plan_pruning(4), 20, false, &[], later), Verdict::Pass);
+        assert_eq!(fresh.check("a", &mut plan_pruning(4), 20, false, &[], later, 1000), Verdict::Pass);
     }
 
     #[test]
     fn a_hold_ends_by_its_id_or_when_the_cause_is_fixed_never_by_a_stale_id() {
         let (mut guard, now) = (new_guard(), Instant::now());
-        guard.check("a", &mut plan_pruning(40), 100, false, &[], now);
+        guard.check("a", &mut plan_pruning(40), 100, false, &[], now, 1000);
+        let stale = ["a-999".to_string()];
+        assert_eq!(guard.check("a", &mut plan_pruning(40), 100, true, &stale, now, 1000), Verdict::Holding);
+        // Released: exactly what a whole plan wants goes, and is not counted again once done.
+        let released = ["a-1000".to_string()];
         let mut plan = plan_pruning(40);
-        assert_eq!(guard.check("a", &mut plan, 100, true, &["a-0".into()], now), Verdict::Holding, "another hold's id");
-        let mut plan = plan_pruning(40);
-        assert_eq!(guard.check("a", &mut plan, 100, true, &["a-1".into()], now), Verdict::Released("a-1".into()));
+        assert_eq!(guard.check("a", &mut plan, 100, true, &released, now, 1000), Verdict::Released("a-1000".into()));
         assert_eq!(plan.prune.len(), 40, "released: they go");
-        // A new hold has a new id: the old annotation does not release it.
-        guard.check("a", &mut plan_pruning(40), 100, false, &[], now);
-        assert_eq!(guard.check("a", &mut plan_pruning(40), 100, true, &["a-1".into()], now), Verdict::Holding);
+        guard.pruned("a", &keys(40), now);
+        assert_eq!(guard.check("a", &mut plan_pruning_from(100, 3), 100, false, &[], now, 1000), Verdict::Pass);
+        // A new hold has a new id, even within the same second, and the annotation left on the
+        // Secret does not release it.
+        let mut plan = plan_pruning_from(200, 40);
+        assert_eq!(guard.check("a", &mut plan, 100, false, &released, now, 1000), Verdict::Held);
+        assert_eq!(guard.hold("a").unwrap().id, "a-1001");
+        let mut plan = plan_pruning_from(200, 40);
+        assert_eq!(guard.check("a", &mut plan, 100, true, &released, now, 1000), Verdict::Holding);
+        // It grows past what was announced: a new id, announced again.
+        let mut plan = plan_pruning_from(200, 60);
+        assert_eq!(guard.check("a", &mut plan, 100, true, &[], now, 1000), Verdict::Held);
+        assert_eq!(guard.hold("a").unwrap().id, "a-1002");
         // The cause is fixed: a whole plan prunes 3.
-        let mut plan = plan_pruning(3);
-        assert_eq!(guard.check("a", &mut plan, 100, true, &[], now), Verdict::Cleared("a-2".into()));
+        let mut plan = plan_pruning_from(200, 3);
+        assert_eq!(guard.check("a", &mut plan, 100, true, &[], now, 1000), Verdict::Cleared("a-1002".into()));
         assert_eq!(plan.prune.len(), 3);
-        // Off.
+        // Off: nothing held, nothing kept.
         let mut off = PruneGuard::new(Limits { threshold: 0, share: 0.0, window: Duration::ZERO });
-        assert_eq!(off.check("a", &mut plan_pruning(1000), 1000, true, &[], now), Verdict::Pass);
+        assert_eq!(off.check("a", &mut plan_pruning(1000), 1000, true, &[], now, 1000), Verdict::Pass);
+        off.pruned("a", &keys(1000), now);
+        assert!(off.members.is_empty());
+    }
+
+    #[test]
+    fn a_hold_the_window_made_is_planned_again_when_the_window_moves() {
+        let (mut guard, now) = (new_guard(), Instant::now());
+        guard.pruned("a", &keys(9), now);
+        assert_eq!(guard.check("a", &mut plan_pruning_from(50, 4), 20, false, &[], now, 1000), Verdict::Held);
+        assert!(guard.window_moved(now + Duration::from_secs(1)).is_empty());
+        let later = now + Duration::from_secs(601);
+        assert_eq!(guard.window_moved(later), ["a".to_string()]);
+        let mut plan = plan_pruning_from(50, 4);
+        assert_eq!(guard.check("a", &mut plan, 20, true, &[], later, 1000), Verdict::Cleared("a-1000".into()));
     }
 }

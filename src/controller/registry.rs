@@ -86,14 +86,23 @@ pub struct Brakes {
 }
 
 impl Brakes {
-    fn of(secret: &Secret) -> Brakes {
+    /// The brakes a Secret asks for, and a problem with them. A `flotilla.io/paused` value that is
+    /// neither true nor false pauses (someone meant to stop the member) and is reported.
+    fn of(secret: &Secret) -> (Brakes, Option<String>) {
         let annotation = |key: &str| secret.metadata.annotations.as_ref().and_then(|a| a.get(key));
-        Brakes {
-            paused: annotation(ANNOTATION_PAUSED).is_some_and(|v| v.trim().eq_ignore_ascii_case("true")),
+        let (paused, problem) = match annotation(ANNOTATION_PAUSED).map(|v| v.trim().to_ascii_lowercase()) {
+            None => (false, None),
+            Some(v) if ["true", "yes", "1"].contains(&v.as_str()) => (true, None),
+            Some(v) if ["false", "no", "0", ""].contains(&v.as_str()) => (false, None),
+            Some(v) => (true, Some(format!("annotation {ANNOTATION_PAUSED}={v:?} is neither true nor false; paused"))),
+        };
+        let brakes = Brakes {
+            paused,
             release_prunes: annotation(ANNOTATION_RELEASE_PRUNES)
                 .map(|v| v.split(',').map(str::trim).filter(|id| !id.is_empty()).map(str::to_string).collect())
                 .unwrap_or_default(),
-        }
+        };
+        (brakes, problem)
     }
 }
 
@@ -212,7 +221,10 @@ pub fn resolve_claims(secrets: &[Secret]) -> (BTreeMap<String, Registration>, Ve
                 });
                 continue;
             }
-            let brakes = Brakes::of(secret);
+            let (brakes, problem) = Brakes::of(secret);
+            if let Some(message) = problem {
+                problems.push(RegistrationProblem { secret: name.clone(), cluster: Some(cluster.clone()), message });
+            }
             members.insert(
                 cluster,
                 Registration { secret: name.clone(), kubeconfig, overrides: overrides.clone(), brakes },

@@ -210,6 +210,11 @@ impl Driven for Runtime {
                 if leader != self.leader {
                     tracing::info!(leader, "leadership changed");
                 }
+                if self.leader && !leader {
+                    // The next leader judges prunes afresh; this replica shows no hold it cannot act on.
+                    self.guard.forget_all();
+                    self.shared.metrics.prunes_held.clear();
+                }
                 self.leader = leader;
                 self.shared.metrics.leader.set(i64::from(leader));
                 if leader {
@@ -240,6 +245,9 @@ impl Driven for Runtime {
         }
         for (cluster, key) in self.retries.due(now) {
             self.pending.key(&cluster, key);
+        }
+        for cluster in self.guard.window_moved(now) {
+            self.pending.whole(&cluster);
         }
         if ready && self.leader && self.vips.settled() && self.next_vip_lifecycle.is_none_or(|at| now >= at) {
             // Every member has been listed, so the hosts objects carry now are all known.
@@ -460,15 +468,15 @@ impl Runtime {
                 }
             }
         }
-        for (id, m) in &self.members {
-            let labels = super::metrics::ClusterLabel { cluster: id.clone() };
-            self.shared.metrics.member_paused.get_or_create(&labels).set(i64::from(m.registration.brakes.paused));
-        }
         for (id, registration) in plan.start {
             if let Err(message) = self.start_member(&id, registration, now).await {
                 let secret = self.members.get(&id).map(|m| m.registration.secret.clone()).unwrap_or_default();
                 problems.push(RegistrationProblem { secret, cluster: Some(id.clone()), message });
             }
+        }
+        for (id, m) in &self.members {
+            let labels = super::metrics::ClusterLabel { cluster: id.clone() };
+            self.shared.metrics.member_paused.get_or_create(&labels).set(i64::from(m.registration.brakes.paused));
         }
         for p in self.problems.replace(problems) {
             tracing::warn!(problem = %p, "cluster registration");
@@ -579,7 +587,7 @@ impl Runtime {
             self.statuses_dirty = true;
         }
         self.shared.metrics.written(cluster, &report);
-        self.guard.pruned(cluster, report.pruned.len(), now);
+        self.guard.pruned(cluster, &report.pruned, now);
         // What the job wrote is planned again (finding it done is what convergence waits for);
         // after a failure of the whole job, the whole member, once its backoff is over.
         let written: std::collections::BTreeSet<ObjectKey> =
@@ -775,11 +783,19 @@ impl Runtime {
                 Some(m) if !settled || !m.health.answering() => continue,
                 Some(m) => match plans.remove(&cluster) {
                     Some((scope, mut plan)) => {
-                        let managed =
-                            self.observed.outputs(&cluster).map_or(0, |o| o.values().filter(|o| o.managed).count());
+                        // Counted only when it can matter: a plan of a few keys stays a few lookups.
+                        let managed = if plan.prune.is_empty() && !self.guard.is_holding(&cluster) {
+                            0
+                        } else {
+                            self.observed.outputs(&cluster).map_or(0, |o| o.values().filter(|o| o.managed).count())
+                        };
                         let released = &m.registration.brakes.release_prunes;
-                        let verdict =
-                            self.guard.check(&cluster, &mut plan, managed, scope == Scope::Whole, released, now);
+                        // Hold ids carry the wall clock: unique across restarts and replicas.
+                        let wall = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
+                        let whole = scope == Scope::Whole;
+                        let verdict = self.guard.check(&cluster, &mut plan, managed, whole, released, now, wall);
                         if let Some(event) = guard_news(
                             &cluster,
                             &verdict,
