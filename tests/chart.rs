@@ -20,6 +20,7 @@ use testenv::controller::{Flotilla, eventually};
 use testenv::{TEST_MANAGER, TestCluster, start_clusters};
 
 const HELM_HINT: &str = "install it with: scripts/helm-install (or set FLOTILLA_HELM)";
+const PROMTOOL_HINT: &str = "build it with: scripts/promtool-install (or set FLOTILLA_PROMTOOL)";
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -31,6 +32,79 @@ fn helm_binary() -> PathBuf {
     });
     assert!(path.exists(), "helm not found at {}; {HELM_HINT}", path.display());
     path
+}
+
+fn promtool_binary() -> PathBuf {
+    let path = std::env::var_os("FLOTILLA_PROMTOOL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/flotilla/tools/promtool-v0.316.0/promtool")
+    });
+    assert!(path.exists(), "promtool not found at {}; {PROMTOOL_HINT}", path.display());
+    path
+}
+
+/// Runs promtool in `dir`; panics with its output unless it succeeds.
+fn promtool(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(promtool_binary()).args(args).current_dir(dir).output().expect("running promtool");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "promtool {}:\n{text}", args.join(" "));
+    text
+}
+
+/// The chart's PrometheusRule (release namespace `flotilla`) as a Prometheus rules file.
+fn rendered_alerts(set: &[&str]) -> Value {
+    let mut set = set.to_vec();
+    set.push("metrics.prometheusRule.enabled=true");
+    let docs = template("flotilla", "charts/flotilla", "flotilla", "charts/flotilla/values.yaml", &set);
+    let rules = of_kind(&docs, "PrometheusRule");
+    assert_eq!(rules.len(), 1, "one PrometheusRule");
+    rules[0]["spec"].clone()
+}
+
+/// The chart's Grafana dashboard, from its ConfigMap.
+fn rendered_dashboard() -> (Value, Value) {
+    let set = ["metrics.dashboard.enabled=true", "metrics.dashboard.folder=Mesh"];
+    let docs = template("flotilla", "charts/flotilla", "flotilla", "charts/flotilla/values.yaml", &set);
+    let maps: Vec<&Value> =
+        of_kind(&docs, "ConfigMap").into_iter().filter(|c| c["metadata"]["name"] == "flotilla-dashboard").collect();
+    assert_eq!(maps.len(), 1, "one dashboard ConfigMap");
+    let dashboard = serde_json::from_str(maps[0]["data"]["flotilla.json"].as_str().unwrap()).expect("dashboard JSON");
+    (maps[0].clone(), dashboard)
+}
+
+/// Every PromQL query of the dashboard (panels and variables), with Grafana's variables given
+/// values Prometheus accepts.
+fn dashboard_queries(dashboard: &Value) -> Vec<String> {
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            queries.push(target["expr"].as_str().expect("every target has an expr").to_string());
+        }
+    }
+    for variable in dashboard["templating"]["list"].as_array().unwrap() {
+        // label_values(<selector>, <label>) is Grafana's; its selector is PromQL.
+        if let Some(q) = variable["query"]["query"].as_str()
+            && let Some(inner) = q.strip_prefix("label_values(").and_then(|q| q.rsplit_once(',')).map(|(s, _)| s)
+        {
+            queries.push(inner.to_string());
+        }
+    }
+    queries
+        .into_iter()
+        .map(|q| q.replace("$__rate_interval", "5m").replace("$namespace", "flotilla").replace("$cluster", ".*"))
+        .collect()
+}
+
+/// The metric names a query reads (all of flotilla's start with `flotilla_`).
+fn metric_names(query: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = query;
+    while let Some(at) = rest.find("flotilla_") {
+        let name: String =
+            rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':').collect();
+        rest = &rest[at + name.len()..];
+        names.insert(name);
+    }
+    names
 }
 
 /// Runs helm; Ok(stdout) or Err(stderr).
@@ -292,6 +366,60 @@ fn the_member_chart_grants_only_what_the_sidecar_mode_needs() {
     assert_eq!(rules_granting(&off, "Role", "serviceentries")[0]["metadata"]["namespace"], "mesh-sync");
 }
 
+#[test]
+fn the_alerts_pass_their_promtool_unit_tests() {
+    let dir = testenv::scratch_dir("alerts");
+    let rules = rendered_alerts(&[]);
+    let names: Vec<&str> =
+        rules["groups"][0]["rules"].as_array().unwrap().iter().filter_map(|r| r["alert"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "FlotillaMemberStale",
+            "FlotillaRegistrationFailing",
+            "FlotillaWriteErrors",
+            "FlotillaConflicts",
+            "FlotillaPrunesHeld",
+            "FlotillaTokenExpiringSoon",
+            "FlotillaChangeToWriteSlow",
+            "FlotillaNoLeader",
+            "FlotillaTwoLeaders",
+        ]
+    );
+    std::fs::write(dir.join("rules.yaml"), serde_json::to_string_pretty(&rules).unwrap()).unwrap();
+    std::fs::copy(root().join("tests/fixtures/alerts/flotilla.test.yaml"), dir.join("flotilla.test.yaml")).unwrap();
+    let checked = promtool(&dir, &["check", "rules", "rules.yaml"]);
+    assert!(checked.contains("SUCCESS: 9 rules found"), "{checked}");
+    let tested = promtool(&dir, &["test", "rules", "flotilla.test.yaml"]);
+    assert!(tested.contains("SUCCESS"), "{tested}");
+    // Every alert has a case in the unit tests.
+    let tests = std::fs::read_to_string(dir.join("flotilla.test.yaml")).unwrap();
+    for name in &names {
+        assert!(tests.contains(&format!("alertname: {name}\n")), "{name} has no promtool test");
+    }
+    // A dry run never leads: no alert about leaders.
+    let dry = rendered_alerts(&["flotilla.dryRun=true"]);
+    let alerts = dry["groups"][0]["rules"].to_string();
+    assert!(!alerts.contains("Leader") && alerts.contains("FlotillaMemberStale"), "{alerts}");
+}
+
+#[test]
+fn every_dashboard_query_parses_and_the_sidecar_finds_it() {
+    let (configmap, dashboard) = rendered_dashboard();
+    assert_eq!(configmap["metadata"]["labels"]["grafana_dashboard"], "1", "{configmap}");
+    assert_eq!(configmap["metadata"]["annotations"]["grafana_folder"], "Mesh", "{configmap}");
+    let queries = dashboard_queries(&dashboard);
+    assert!(queries.len() >= 20, "{queries:?}");
+    // promtool parses PromQL only inside rules: each query becomes a recording rule.
+    let rules: Vec<Value> =
+        queries.iter().enumerate().map(|(i, q)| json!({"record": format!("dashboard:query{i}"), "expr": q})).collect();
+    let dir = testenv::scratch_dir("dashboard");
+    let file = json!({"groups": [{"name": "dashboard", "rules": rules}]});
+    std::fs::write(dir.join("queries.yaml"), serde_json::to_string_pretty(&file).unwrap()).unwrap();
+    let checked = promtool(&dir, &["check", "rules", "queries.yaml"]);
+    assert!(checked.contains(&format!("SUCCESS: {} rules found", queries.len())), "{checked}");
+}
+
 /// Server-side applies a rendered document of any kind (resolved through discovery).
 async fn apply_doc(client: &Client, doc: &Value) {
     let (group, version) = match doc["apiVersion"].as_str().unwrap().split_once('/') {
@@ -313,8 +441,8 @@ async fn apply_doc(client: &Client, doc: &Value) {
 async fn apply_docs(client: &Client, docs: &[Value]) -> usize {
     let mut applied = 0;
     for doc in docs {
-        // No Prometheus operator in the test environment: its CRD is absent.
-        if doc["kind"] == "ServiceMonitor" {
+        // No Prometheus operator in the test environment: its CRDs are absent.
+        if doc["kind"] == "ServiceMonitor" || doc["kind"] == "PrometheusRule" {
             continue;
         }
         apply_doc(client, doc).await;
@@ -426,6 +554,18 @@ async fn a_fleet_onboarded_with_the_charts_and_register_cluster_runs_on_chart_rb
     let (code, body, _) = flotilla.https_get("/metrics", Some(&scraper)).await;
     assert_eq!(code, 200, "{body}\n{}", flotilla.log_tail());
     assert!(body.contains("flotilla_passes_total"), "{body}");
+    // register-cluster's expiry annotation (a token of an hour, by the member's limit) is read.
+    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    for member in ["m-1", "m-2"] {
+        let line = format!("flotilla_token_expiry_timestamp_seconds{{cluster=\"{member}\"}} ");
+        let expiry: f64 = body
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .unwrap_or_else(|| panic!("no {line}in /metrics:\n{body}"))
+            .parse()
+            .unwrap();
+        assert!(expiry > wall + 600.0 && expiry < wall + 400.0 * 86400.0, "{member}: {expiry} vs now {wall}\n{body}");
+    }
     assert_eq!(
         flotilla.https_get("/debug/clusters", Some(&scraper)).await.0,
         403,
@@ -478,6 +618,30 @@ async fn a_fleet_onboarded_with_the_charts_and_register_cluster_runs_on_chart_rb
     })
     .await;
     assert_eq!(flotilla.metric("flotilla_api_write_errors_total").await, 0.0, "{}", flotilla.log_tail());
+    // Every metric the chart's dashboard reads is in a live scrape, as Prometheus gets it.
+    let (_, body, _) = flotilla.https_get("/metrics", Some(&scraper)).await;
+    let scraped: std::collections::BTreeSet<&str> =
+        body.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(['{', ' ']).next()).collect();
+    let (_, dashboard) = rendered_dashboard();
+    let read: std::collections::BTreeSet<String> =
+        dashboard_queries(&dashboard).iter().flat_map(|q| metric_names(q)).collect();
+    let missing: Vec<&String> = read.iter().filter(|name| !scraped.contains(name.as_str())).collect();
+    assert!(missing.is_empty(), "the dashboard reads {missing:?}, which /metrics does not have:\n{body}");
+    assert!(read.len() >= 15, "{read:?}");
+    // So does every alert.
+    let alerts = rendered_alerts(&[]);
+    let alerted: std::collections::BTreeSet<String> = alerts["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| metric_names(r["expr"].as_str().unwrap()))
+        .collect();
+    // Registration errors exist only while a Secret is refused (none is, here).
+    let missing: Vec<&String> = alerted
+        .iter()
+        .filter(|name| *name != "flotilla_registration_errors" && !scraped.contains(name.as_str()))
+        .collect();
+    assert!(missing.is_empty(), "the alerts read {missing:?}, which /metrics does not have:\n{body}");
     let view = flotilla.json("/debug/clusters").await;
     for id in ["m-1", "m-2"] {
         assert_eq!(view["clusters"][id]["state"], "synced", "{view}");

@@ -44,6 +44,8 @@ pub trait Driven {
     type Input;
     fn handle(&mut self, input: Self::Input) -> impl std::future::Future<Output = ()>;
     fn pass(&mut self) -> impl std::future::Future<Output = ()>;
+    /// How many inputs wait in the channel as a pass starts (a measure of lag).
+    fn queued(&mut self, _depth: usize) {}
 }
 
 /// Handles inputs as they arrive and runs a pass when `debounce` says it is due, or every `tick`
@@ -66,6 +68,7 @@ pub async fn drive<D: Driven>(
             _ = tokio::time::sleep_until(wake) => {
                 debounce.pass();
                 next_tick = Instant::now() + tick;
+                driven.queued(rx.len());
                 driven.pass().await;
             }
             input = rx.recv() => {

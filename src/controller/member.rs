@@ -178,6 +178,7 @@ mod tests {
             kubeconfig: String::new(),
             overrides: Default::default(),
             brakes: Default::default(),
+            token_expires: None,
         }
     }
 

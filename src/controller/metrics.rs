@@ -57,6 +57,17 @@ pub struct Metrics {
     pub disallowed_claims: Family<ClusterLabel, Gauge>,
     pub member_paused: Family<ClusterLabel, Gauge>,
     pub prunes_held: Family<ClusterLabel, Gauge>,
+    pub token_expiry: Family<ClusterLabel, Gauge>,
+    pub last_successful_write: Family<ClusterLabel, Gauge>,
+    pub watch_restarts: Family<ClusterKind, Counter>,
+    pub vip_store_entries: Family<ConfigMapLabel, Gauge>,
+    pub vip_store_bytes: Family<ConfigMapLabel, Gauge>,
+    pub input_queue_depth: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfigMapLabel {
+    pub configmap: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -87,6 +98,12 @@ impl Default for Metrics {
             disallowed_claims: Family::default(),
             member_paused: Family::default(),
             prunes_held: Family::default(),
+            token_expiry: Family::default(),
+            last_successful_write: Family::default(),
+            watch_restarts: Family::default(),
+            vip_store_entries: Family::default(),
+            vip_store_bytes: Family::default(),
+            input_queue_depth: Gauge::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -142,6 +159,32 @@ impl Default for Metrics {
             "Prunes the blast-radius guard holds in a member, waiting for the cause to be fixed or the hold released",
             m.prunes_held.clone(),
         );
+        r.register(
+            "token_expiry_timestamp_seconds",
+            "When the token in a member's registration expires (its flotilla.io/token-expires annotation, written by register-cluster), in seconds since the epoch",
+            m.token_expiry.clone(),
+        );
+        r.register(
+            "last_successful_write_timestamp_seconds",
+            "When a write job to a member last finished without an error, in seconds since the epoch",
+            m.last_successful_write.clone(),
+        );
+        r.register(
+            "watch_restarts",
+            "Watches of a member that failed and start again from a fresh list, by kind",
+            m.watch_restarts.clone(),
+        );
+        r.register("vip_store_entries", "Hosts in each ConfigMap of the VIP store", m.vip_store_entries.clone());
+        r.register(
+            "vip_store_bytes",
+            "Size of the data of each ConfigMap of the VIP store (the API server refuses one past 1 MiB)",
+            m.vip_store_bytes.clone(),
+        );
+        r.register(
+            "input_queue_depth",
+            "Inputs (watch events, write results) waiting for the runtime when a pass starts",
+            m.input_queue_depth.clone(),
+        );
         m
     }
 }
@@ -150,8 +193,10 @@ impl Metrics {
     pub fn write(&self, cluster: &str, verb: &str, kind: &str, ok: bool) {
         let labels = Write { cluster: cluster.to_string(), verb: verb.to_string(), kind: kind.to_string() };
         self.api_writes.get_or_create(&labels).inc();
+        // Created with the first write, so that a rate of errors is 0 rather than absent.
+        let errors = self.api_write_errors.get_or_create(&labels);
         if !ok {
-            self.api_write_errors.get_or_create(&labels).inc();
+            errors.inc();
         }
     }
 
@@ -174,6 +219,9 @@ impl Metrics {
             self.objects_desired.get_or_create(&labels).set(n as i64);
             let c = conflicts.iter().filter(|k| k.kind == kind).count();
             self.conflicts.get_or_create(&labels).set(c as i64);
+            // Counters shown from the start, at 0, rather than absent until the first write.
+            self.objects_applied.get_or_create(&labels).inc_by(0);
+            self.objects_pruned.get_or_create(&labels).inc_by(0);
         }
     }
 
@@ -184,9 +232,54 @@ impl Metrics {
         }
     }
 
+    /// A member starts: its watches' restart counters are shown at 0 from now on.
+    pub fn member_started(&self, cluster: &str, kinds: &[crate::meta::Kind]) {
+        for kind in kinds {
+            let labels = ClusterKind { cluster: cluster.to_string(), kind: kind.to_string() };
+            self.watch_restarts.get_or_create(&labels).inc_by(0);
+        }
+    }
+
+    pub fn watch_restarted(&self, cluster: &str, kind: crate::meta::Kind) {
+        self.watch_restarts.get_or_create(&ClusterKind { cluster: cluster.to_string(), kind: kind.to_string() }).inc();
+    }
+
+    /// The time a member's token expires, from its registration; none: the series goes.
+    pub fn set_token_expiry(&self, cluster: &str, expires: Option<i64>) {
+        let labels = ClusterLabel { cluster: cluster.to_string() };
+        match expires {
+            Some(at) => {
+                self.token_expiry.get_or_create(&labels).set(at);
+            }
+            None => {
+                self.token_expiry.remove(&labels);
+            }
+        }
+    }
+
+    /// Each ConfigMap of the VIP store: its hosts, and the size of its data.
+    pub fn set_vip_store(&self, shards: &[super::watch::ShardSize]) {
+        self.vip_store_entries.clear();
+        self.vip_store_bytes.clear();
+        for shard in shards {
+            let labels = ConfigMapLabel { configmap: shard.name.clone() };
+            self.vip_store_entries.get_or_create(&labels).set(shard.entries as i64);
+            self.vip_store_bytes.get_or_create(&labels).set(shard.bytes as i64);
+        }
+    }
+
     pub fn forget_cluster(&self, cluster: &str) {
-        for family in [&self.disallowed_claims, &self.member_paused, &self.prunes_held] {
+        for family in [
+            &self.disallowed_claims,
+            &self.member_paused,
+            &self.prunes_held,
+            &self.token_expiry,
+            &self.last_successful_write,
+        ] {
             family.remove(&ClusterLabel { cluster: cluster.to_string() });
+        }
+        for kind in super::MEMBER_KINDS {
+            self.watch_restarts.remove(&ClusterKind { cluster: cluster.to_string(), kind: kind.to_string() });
         }
         for s in super::health::State::NAMES {
             self.cluster_state.remove(&ClusterState { cluster: cluster.to_string(), state: s.to_string() });

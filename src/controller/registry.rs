@@ -73,6 +73,8 @@ pub struct Registration {
     pub kubeconfig: String,
     pub overrides: ClusterOverrides,
     pub brakes: Brakes,
+    /// When its token expires (`flotilla.io/token-expires`, seconds since the epoch), if said.
+    pub token_expires: Option<i64>,
 }
 
 /// What the operator asks of a member through its registration Secret's annotations (every
@@ -103,6 +105,25 @@ impl Brakes {
                 .unwrap_or_default(),
         };
         (brakes, problem)
+    }
+}
+
+/// When the token of a Secret expires, from `flotilla.io/token-expires` (RFC 3339, as
+/// `register-cluster` writes it); an unreadable value is a problem, reported, and no expiry.
+fn token_expiry(secret: &Secret) -> (Option<i64>, Option<String>) {
+    let annotations = secret.metadata.annotations.as_ref();
+    let Some(value) = annotations.and_then(|a| a.get(crate::register::ANNOTATION_TOKEN_EXPIRES)) else {
+        return (None, None);
+    };
+    match value.trim().parse::<k8s_openapi::jiff::Timestamp>() {
+        Ok(at) => (Some(at.as_second()), None),
+        Err(_) => (
+            None,
+            Some(format!(
+                "annotation {}={value:?} is not an RFC 3339 time; its expiry is not watched",
+                crate::register::ANNOTATION_TOKEN_EXPIRES
+            )),
+        ),
     }
 }
 
@@ -222,12 +243,16 @@ pub fn resolve_claims(secrets: &[Secret]) -> (BTreeMap<String, Registration>, Ve
                 continue;
             }
             let (brakes, problem) = Brakes::of(secret);
+            let (token_expires, expiry_problem) = token_expiry(secret);
+            if let Some(message) = expiry_problem {
+                problems.push(RegistrationProblem { secret: name.clone(), cluster: Some(cluster.clone()), message });
+            }
             if let Some(message) = problem {
                 problems.push(RegistrationProblem { secret: name.clone(), cluster: Some(cluster.clone()), message });
             }
             members.insert(
                 cluster,
-                Registration { secret: name.clone(), kubeconfig, overrides: overrides.clone(), brakes },
+                Registration { secret: name.clone(), kubeconfig, overrides: overrides.clone(), brakes, token_expires },
             );
         }
     }
@@ -424,6 +449,25 @@ mod tests {
     }
 
     #[test]
+    fn the_token_expiry_is_read_and_a_bad_one_reported_without_losing_the_member() {
+        let expiry = |value: &str| {
+            let mut s = secret("s", 1, &["east"]);
+            let key = crate::register::ANNOTATION_TOKEN_EXPIRES.to_string();
+            s.metadata.annotations = Some([(key, value.to_string())].into());
+            resolve_claims(&[s])
+        };
+        let (members, problems) = expiry("2026-12-08T10:00:00Z");
+        assert_eq!(members["east"].token_expires, Some(1_796_724_000));
+        assert!(problems.is_empty(), "{problems:?}");
+        let (members, problems) = expiry("next tuesday");
+        assert_eq!(members["east"].token_expires, None, "still a member");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].message.contains("is not an RFC 3339 time"), "{problems:?}");
+        let (members, _) = resolve_claims(&[secret("s", 1, &["east"])]);
+        assert_eq!(members["east"].token_expires, None);
+    }
+
+    #[test]
     fn unsafe_kubeconfigs_are_refused_without_leaking_credentials() {
         assert!(check_kubeconfig(TOKEN_KUBECONFIG, KubeconfigTrust::default()).is_ok());
         let exec = TOKEN_KUBECONFIG.replace(
@@ -466,6 +510,7 @@ mod tests {
     fn new_rotated_changed_and_removed_registrations() {
         let reg = |secret: &str, kubeconfig: &str, region: Option<&str>| Registration {
             brakes: Default::default(),
+            token_expires: None,
             secret: secret.into(),
             kubeconfig: kubeconfig.into(),
             overrides: ClusterOverrides { region: region.map(str::to_string), ..Default::default() },

@@ -197,6 +197,7 @@ impl Driven for Runtime {
                 }
             }
             Input::VipStore(VipStoreEvent::Unused(unused)) => self.vips.set_unused(unused),
+            Input::VipStore(VipStoreEvent::Sizes(sizes)) => self.shared.metrics.set_vip_store(&sizes),
             Input::VipStore(VipStoreEvent::Failed(e)) => tracing::warn!(error = %e, "watching the VIP store"),
             Input::Member { cluster, epoch, change } => {
                 if self.writers.get(&cluster).is_none_or(|w| w.slot.epoch != epoch) {
@@ -230,6 +231,10 @@ impl Driven for Runtime {
                 }
             }
         }
+    }
+
+    fn queued(&mut self, depth: usize) {
+        self.shared.metrics.input_queue_depth.set(depth as i64);
     }
 
     async fn pass(&mut self) {
@@ -361,6 +366,9 @@ impl Runtime {
             }
             Change::Failed(e) => {
                 tracing::debug!(error = %e, "watch failed");
+                if cluster != HUB {
+                    self.shared.metrics.watch_restarted(cluster, e.kind);
+                }
                 if let Some(h) = health {
                     h.watch_failed(e.kind, now, e.message);
                 }
@@ -477,6 +485,7 @@ impl Runtime {
         for (id, m) in &self.members {
             let labels = super::metrics::ClusterLabel { cluster: id.clone() };
             self.shared.metrics.member_paused.get_or_create(&labels).set(i64::from(m.registration.brakes.paused));
+            self.shared.metrics.set_token_expiry(id, m.registration.token_expires);
         }
         for p in self.problems.replace(problems) {
             tracing::warn!(problem = %p, "cluster registration");
@@ -524,6 +533,7 @@ impl Runtime {
                 self.engine().fleet.upsert_cluster(id, registration.overrides.clone());
                 let sync_ns = &self.opts.settings.sync_namespace;
                 let watches = spawn_member_watches(client.clone(), id.to_string(), epoch, sync_ns, self.feed.clone());
+                self.shared.metrics.member_started(id, &MEMBER_KINDS);
                 let recorder = Recorder::new(client.clone(), self.reporter.clone());
                 self.start_writer(id, epoch, client, Some(recorder));
                 (MemberHealth::connecting(now, MEMBER_KINDS, ever_synced), Some(watches), Ok(()))
@@ -587,6 +597,11 @@ impl Runtime {
             self.statuses_dirty = true;
         }
         self.shared.metrics.written(cluster, &report);
+        if report.errors.is_empty() {
+            let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let labels = super::metrics::ClusterLabel { cluster: cluster.to_string() };
+            self.shared.metrics.last_successful_write.get_or_create(&labels).set(wall as i64);
+        }
         self.guard.pruned(cluster, &report.pruned, now);
         // What the job wrote is planned again (finding it done is what convergence waits for);
         // after a failure of the whole job, the whole member, once its backoff is over.
@@ -1022,6 +1037,7 @@ mod tests {
             kubeconfig: String::new(),
             overrides: Default::default(),
             brakes: Default::default(),
+            token_expires: None,
         };
         runtime.engine().fleet.upsert_cluster(id, Default::default());
         runtime.engine().fleet.set_health(id, health.state().cluster_health());

@@ -275,6 +275,10 @@ pub fn spawn_hub_watches(
             if tx.send(Input::VipStore(VipStoreEvent::Unused(unused))).is_err() {
                 return;
             }
+            let sizes = shards.values().map(ShardSize::of).collect();
+            if tx.send(Input::VipStore(VipStoreEvent::Sizes(sizes))).is_err() {
+                return;
+            }
             let store = vip::parse_shards(shards.iter().map(|(i, cm)| (*i, cm.data.as_ref())));
             if tx.send(Input::VipStore(VipStoreEvent::Contents(store))).is_err() {
                 return;
@@ -292,7 +296,29 @@ pub enum VipStoreEvent {
     Unreadable(Vec<String>),
     /// Hosts marked unused, and since when.
     Unused(BTreeMap<String, k8s_openapi::jiff::Timestamp>),
+    /// How full each of its ConfigMaps is.
+    Sizes(Vec<ShardSize>),
     Failed(String),
+}
+
+/// One ConfigMap of the VIP store: its entries, and the bytes of its data (keys and values,
+/// what counts toward the API server's 1 MiB limit).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardSize {
+    pub name: String,
+    pub entries: usize,
+    pub bytes: usize,
+}
+
+impl ShardSize {
+    fn of(cm: &ConfigMap) -> ShardSize {
+        let data = cm.data.iter().flatten();
+        ShardSize {
+            name: cm.metadata.name.clone().unwrap_or_default(),
+            entries: cm.data.as_ref().map_or(0, BTreeMap::len),
+            bytes: data.map(|(k, v)| k.len() + v.len()).sum(),
+        }
+    }
 }
 
 /// The hosts whose entry in a shard of the store is not an address.
