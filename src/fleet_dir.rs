@@ -49,6 +49,10 @@ pub struct ClusterOverridesFile {
     pub gateway_address: Option<String>,
     pub gateway_port: Option<u16>,
     pub trust_domain: Option<String>,
+    /// Drained (`flotilla.io/drain` on its registration Secret): its endpoints are withheld
+    /// wherever another member serves the host.
+    #[serde(default)]
+    pub drain: bool,
     /// Set by `flotilla snapshot` for a member it could not read: why. Its inputs are unknown.
     pub unreachable: Option<String>,
 }
@@ -113,6 +117,7 @@ pub fn load(dir: &Path) -> Result<LoadedFleet, FleetDirError> {
                     }
                     valid
                 }),
+                drain: o.is_some_and(|o| o.drain),
             };
             fleet.clusters.insert(name.clone(), overrides);
             if let Some(why) = o.and_then(|o| o.unreachable.clone()) {

@@ -41,6 +41,9 @@ pub const ANNOTATION_GATEWAY_ADDRESS: &str = "flotilla.io/gateway-address";
 pub const ANNOTATION_GATEWAY_PORT: &str = "flotilla.io/gateway-port";
 /// On a registration Secret: stop writing to its members (`"true"`); they are still watched.
 pub const ANNOTATION_PAUSED: &str = "flotilla.io/paused";
+/// On a registration Secret: `"true"` moves traffic away from the member's endpoints, in every
+/// member, wherever another member serves the same host (docs/operations.md, "Brakes").
+pub const ANNOTATION_DRAIN: &str = "flotilla.io/drain";
 /// On a registration Secret: the ids of prune holds (the blast-radius guard) to let go.
 pub const ANNOTATION_RELEASE_PRUNES: &str = "flotilla.io/release-prunes";
 /// The SPIFFE trust domain of a member's workload certificates, where it is not `--trust-domain`.

@@ -85,6 +85,9 @@ pub async fn snapshot(hub: &Client, opts: &SnapshotOptions, out: &Path) -> anyho
                 let _ = writeln!(fleet_file, "    {key}: {}", serde_json::to_string(&v)?);
             }
         }
+        if o.drain {
+            let _ = writeln!(fleet_file, "    drain: true");
+        }
         let dir = out.join(id);
         std::fs::create_dir_all(&dir)?;
         match result {

@@ -1,7 +1,8 @@
 //! The operator's brakes on real API servers: the blast-radius guard holds a mass prune (a
 //! Dependency of many destinations deleted) while everything else is still written, reports it, and lets
 //! it go when the hold's id is written on the registration Secret; a paused member is written
-//! nothing until it is resumed, then is reconciled whole.
+//! nothing until it is resumed, then is reconciled whole; a drained member's endpoints leave
+//! every member, as `render` of a snapshot says, and undraining restores the very same objects.
 
 mod testenv;
 
@@ -13,6 +14,7 @@ use serde_json::json;
 use testenv::builders::apply;
 use testenv::controller::{FLOTILLA_NAMESPACE, Flotilla, eventually};
 use testenv::fleet::*;
+use testenv::oracle;
 
 const DESTINATIONS: usize = 8;
 
@@ -127,6 +129,104 @@ async fn a_mass_prune_is_held_until_released_and_a_paused_member_waits() {
     })
     .await;
     converged(&flotilla).await;
+    drop(flotilla);
+    drop((hub, members));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drained_member_leaves_traffic_and_undraining_restores_the_very_same_objects() {
+    let _serial = ONE_FLEET_AT_A_TIME.lock().await;
+    let (hub, members, hub_client, clients) = start_fleet(&["west", "east"]).await;
+    let (west, east) = (&clients[0], &clients[1]);
+    greeting_and_caller(west, east).await;
+    // greeting is served in both members; its GTP sends 70/30 west/east.
+    deploy(east, "greeting", "greeting").await;
+    let policy = json!([{"dnsPrefix": "default", "lbType": "FAILOVER",
+        "target": [{"region": "us-west-2", "weight": 70}, {"region": "us-east-2", "weight": 30}]}]);
+    apply(west, &gtp("greeting", "greeting-gtp", "greeting", policy)).await;
+    for m in &members {
+        apply(&hub_client, &m.registration_secret(FLOTILLA_NAMESPACE)).await;
+    }
+    let flotilla = Flotilla::start(&hub, "drain", &[]);
+    flotilla.wait_ready(WAIT).await;
+    converged(&flotilla).await;
+    let pairs = [("west", west), ("east", east)];
+    let before = [oracle::owned(west, SYNC).await, oracle::owned(east, SYNC).await];
+    let se = get_se(west, "stage.greeting.global-se").await.unwrap();
+    assert_eq!(endpoints(&se).len(), 2, "{se:?}");
+
+    // Drained: east's gateway leaves west's ServiceEntry, east's own clients go to west's
+    // gateway, and the distribution no longer names us-east-2.
+    annotate(&hub_client, "east", "flotilla.io/drain", Some("true")).await;
+    eventually("east's endpoints withheld everywhere", WAIT, &flotilla, || async {
+        let in_west = endpoints(&get_se(west, "stage.greeting.global-se").await?);
+        let in_east = endpoints(&get_se(east, "stage.greeting.global-se").await?);
+        (in_west == ["greeting.greeting.svc.cluster.local"] && in_east == ["10.0.0.1"]).then_some(())
+    })
+    .await;
+    converged(&flotilla).await;
+    let dr = get_dr(east, "stage.greeting.global-default-dr").await.unwrap();
+    assert_eq!(distribute(&dr)[0]["to"], json!({"us-west-2": 100}), "{dr:?}");
+    assert_eq!(flotilla.json("/debug/clusters").await["clusters"]["east"]["drained"], true);
+    assert_eq!(flotilla.metric_with("flotilla_member_drained", "cluster=\"east\"").await, 1.0);
+    // `flotilla status`: the table says so, and --watch -o json gives one document per line.
+    let url = format!("http://{}", flotilla.http_addr());
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla")).args(["status", "--url", &url]).output();
+    let table = String::from_utf8(status.unwrap().stdout).unwrap();
+    let east_row = table.lines().find(|l| l.starts_with("east ")).unwrap_or_else(|| panic!("{table}"));
+    assert!(east_row.contains(" synced,drained "), "{table}");
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["status", "--url", &url, "-o", "json", "--watch", "--interval", "100ms"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines: Vec<String> = {
+        use std::io::BufRead;
+        let out = std::io::BufReader::new(watch.stdout.take().unwrap());
+        out.lines().take(2).map(Result::unwrap).collect()
+    };
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+    for line in &lines {
+        let read: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(read["fleet"]["clusters"]["east"]["drained"], true, "{line}");
+    }
+    let gtps: Api<flotilla::crd::GlobalTrafficPolicy> = Api::namespaced(west.clone(), "greeting");
+    eventually("the GTP's status says the drain is in force", WAIT, &flotilla, || async {
+        let status = gtps.get("greeting-gtp").await.unwrap().status?;
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+        (ready.status == "True" && ready.message.contains("drain in force: east")).then_some(())
+    })
+    .await;
+    // The oracle: a snapshot keeps the drain, and render of it is what the members hold.
+    let dir = oracle::fresh_dir("drain");
+    let (_, found) =
+        oracle::converge_to_render(&hub.admin_kubeconfig(), FLOTILLA_NAMESPACE, &pairs, SYNC, &dir, WAIT).await;
+    assert!(found.is_empty(), "drained, render of the snapshot differs:\n{}", found.join("\n"));
+    let fleet_yaml = std::fs::read_to_string(dir.join("fleet.yaml")).unwrap();
+    assert!(fleet_yaml.contains("    drain: true"), "{fleet_yaml}");
+
+    // Undrained: exactly the objects from before, and render agrees again.
+    annotate(&hub_client, "east", "flotilla.io/drain", None).await;
+    eventually("east's endpoints back", WAIT, &flotilla, || async {
+        (endpoints(&get_se(west, "stage.greeting.global-se").await?).len() == 2).then_some(())
+    })
+    .await;
+    converged(&flotilla).await;
+    let after = [oracle::owned(west, SYNC).await, oracle::owned(east, SYNC).await];
+    for (member, (b, a)) in ["west", "east"].iter().zip(before.iter().zip(&after)) {
+        let digests =
+            |objects: &std::collections::BTreeMap<flotilla::compute::ObjectKey, flotilla::compute::DesiredObject>| {
+                objects
+                    .iter()
+                    .map(|(k, o)| (k.clone(), flotilla::compute::plan::ObservedObject::new(o).digest))
+                    .collect::<Vec<_>>()
+            };
+        assert_eq!(digests(a), digests(b), "{member}: undrained objects differ from those before the drain");
+    }
+    let (_, found) =
+        oracle::converge_to_render(&hub.admin_kubeconfig(), FLOTILLA_NAMESPACE, &pairs, SYNC, &dir, WAIT).await;
+    assert!(found.is_empty(), "undrained, render of the snapshot differs:\n{}", found.join("\n"));
     drop(flotilla);
     drop((hub, members));
 }

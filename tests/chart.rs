@@ -387,7 +387,7 @@ fn the_alerts_pass_their_promtool_unit_tests() {
         ]
     );
     std::fs::write(dir.join("rules.yaml"), serde_json::to_string_pretty(&rules).unwrap()).unwrap();
-    std::fs::copy(root().join("tests/fixtures/alerts/flotilla.test.yaml"), dir.join("flotilla.test.yaml")).unwrap();
+    std::fs::copy(root().join("tests/promtool/alerts.test.yaml"), dir.join("flotilla.test.yaml")).unwrap();
     let checked = promtool(&dir, &["check", "rules", "rules.yaml"]);
     assert!(checked.contains("SUCCESS: 9 rules found"), "{checked}");
     let tested = promtool(&dir, &["test", "rules", "flotilla.test.yaml"]);

@@ -147,3 +147,26 @@ fn strict_mode_fails_on_errors_and_a_missing_fleet_is_exit_1() {
     assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
     assert!(stderr.contains("/nonexistent/fleet"), "{stderr}");
 }
+
+/// Undrained, the drain case renders exactly what its fleet renders without a drain: a drain
+/// changes only what it must, and undraining restores the very same objects.
+#[test]
+fn undraining_restores_exactly_the_previous_objects() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let scratch = std::env::temp_dir().join(format!("flotilla-undrain-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let copy = |from: &Path, to: &Path| {
+        let status = Command::new("cp").arg("-r").arg(from).arg(to).status().expect("cp");
+        assert!(status.success());
+    };
+    std::fs::create_dir_all(&scratch).unwrap();
+    copy(&root.join("drain/fleet"), &scratch.join("fleet"));
+    std::fs::write(scratch.join("fleet/fleet.yaml"), "clusters:\n  b: {drain: false}\n").unwrap();
+    let (undrained, stderr, code) = render(&scratch, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let before = std::fs::read_to_string(root.join("failover-prefixes/expected.yaml")).unwrap();
+    assert!(undrained == before, "undrained output differs from failover-prefixes/expected.yaml");
+    let drained = std::fs::read_to_string(root.join("drain/expected.yaml")).unwrap();
+    assert_ne!(drained, before, "the drain changes something");
+    std::fs::remove_dir_all(&scratch).unwrap();
+}

@@ -24,8 +24,15 @@ pub struct StatusArgs {
     /// Do not check flotilla's certificate (its default one is self-signed).
     #[arg(long)]
     pub insecure_skip_tls_verify: bool,
-    #[arg(long, value_enum, default_value = "text", env = "FLOTILLA_FORMAT")]
+    /// `text`: tables; `json`: the debug API's answers (one line per read with --watch).
+    #[arg(long, short = 'o', visible_alias = "output", value_enum, default_value = "text", env = "FLOTILLA_FORMAT")]
     pub format: ReportFormat,
+    /// Read again every --interval and show it, until interrupted (a terminal is redrawn).
+    #[arg(long, short = 'w')]
+    pub watch: bool,
+    /// How often --watch reads.
+    #[arg(long, default_value = "2s", value_parser = super::parse_duration)]
+    pub interval: std::time::Duration,
 }
 
 /// Exit 0: answered (whatever the fleet's state); 1: flotilla could not be read.
@@ -34,21 +41,45 @@ pub(super) fn status(args: StatusArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(&format!("starting the async runtime: {e}")),
     };
-    let read = runtime.block_on(read(&args));
-    let (view, plans) = match read {
-        Ok(r) => r,
-        Err(e) => return fail(&format!("{}: {e:#}", args.url)),
-    };
-    let text = match args.format {
-        ReportFormat::Text => to_text(&view, &plans),
+    if !args.watch {
+        let (view, plans) = match runtime.block_on(read(&args)) {
+            Ok(r) => r,
+            Err(e) => return fail(&format!("{}: {e:#}", args.url)),
+        };
+        return match print_stdout(&shown(&view, &plans, args.format, false)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        };
+    }
+    // Followed until interrupted; a read that fails is shown and the next one tried (a
+    // port-forward that drops should not end the watch).
+    use std::io::IsTerminal;
+    let redraw = std::io::stdout().is_terminal() && args.format == ReportFormat::Text;
+    loop {
+        let text = match runtime.block_on(read(&args)) {
+            Ok((view, plans)) => shown(&view, &plans, args.format, true),
+            Err(e) => format!("flotilla: {}: {e:#}\n", args.url),
+        };
+        // Home and clear, as `watch` does: the table replaces the previous one.
+        let text = if redraw { format!("\x1b[H\x1b[2J{text}") } else { text };
+        if let Err(e) = print_stdout(&text) {
+            return fail(&e);
+        }
+        std::thread::sleep(args.interval);
+    }
+}
+
+/// One read as shown: tables, or JSON (one line each when watching, so that a pipe gets one
+/// document per line).
+fn shown(view: &Value, plans: &serde_json::Map<String, Value>, format: ReportFormat, watching: bool) -> String {
+    match format {
+        ReportFormat::Text if watching => format!("{}\n", to_text(view, plans)),
+        ReportFormat::Text => to_text(view, plans),
         ReportFormat::Json => {
             let all = serde_json::json!({ "fleet": view, "plans": plans });
-            serde_json::to_string_pretty(&all).expect("serialising JSON") + "\n"
+            let text = if watching { serde_json::to_string(&all) } else { serde_json::to_string_pretty(&all) };
+            text.expect("serialising JSON") + "\n"
         }
-    };
-    match print_stdout(&text) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e),
     }
 }
 
@@ -157,7 +188,12 @@ fn to_text(view: &Value, plans: &serde_json::Map<String, Value>) -> String {
     ];
     let clusters = view["clusters"].as_object().cloned().unwrap_or_default();
     for (id, c) in &clusters {
-        let state = if c["paused"] == true { format!("{},paused", text(&c["state"])) } else { text(&c["state"]) };
+        let mut state = text(&c["state"]);
+        for brake in ["paused", "drained"] {
+            if c[brake] == true {
+                state = format!("{state},{brake}");
+            }
+        }
         let held = c["heldPrunes"]
             .as_object()
             .map_or("-".to_string(), |h| format!("{} ({})", text(&h["count"]), text(&h["id"])));

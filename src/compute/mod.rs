@@ -50,6 +50,8 @@ pub struct ClusterFacts {
     pub region: Option<String>,
     pub gateway_address: Option<String>,
     pub gateway_port: u16,
+    /// Its endpoints are withheld where another member serves the host (`ClusterOverrides::drain`).
+    pub drained: bool,
 }
 
 /// The names of several sorted runs, sorted, each once. (The stable sort finds the runs and
@@ -127,6 +129,7 @@ impl Facts {
                 region: c.region(),
                 gateway_address: c.gateway_address(&settings.gateway_selectors),
                 gateway_port: c.gateway_port(settings.gateway_port),
+                drained: c.overrides.drain,
             });
         }
         Facts(facts)

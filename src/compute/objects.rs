@@ -17,7 +17,7 @@ use crate::meta::{GATEWAY_NAMESPACE, Kind, LABEL_TLS_MODE, is_dns_subdomain, man
 use crate::model::{Cluster, ClusterId, ClusterIdx, Fleet, Workload};
 use crate::settings::{ExportTo, SanForm, Settings, SidecarMode, Tenancy, VipMode};
 
-use super::identity::{EnvPlan, ExposedPort, HostGroup, HostPlan, PassView, ResolvedIdentity, union};
+use super::identity::{EnvPlan, ExposedPort, HostGroup, HostPlan, PassView, ResolvedIdentity, Source, union};
 use super::vip::{VipExhausted, VipTable};
 use super::{
     Clients, Desired, DesiredSpec, Diagnostic, Facts, IdentityOutput, ManagedLabels, Placed, PolicyReport, PolicyState,
@@ -71,6 +71,7 @@ pub fn compute_identity(
             check_port_agreement(identity, env.env, group, &mut out.diagnostics);
             let sources = group.sources.values().map(|s| s.cluster.idx);
             let targets = union([sources.collect(), resolved.client_clusters.clone()]);
+            let drained = drained_regions(group, facts);
             for host in &group.hosts {
                 let vip = match settings.vip_mode {
                     VipMode::None => None,
@@ -155,7 +156,8 @@ pub fn compute_identity(
                         Some((_, rule)) => *rule,
                         None => {
                             let (region, ejection, export_to) = view.clone();
-                            let dr = destination_rule(settings, env, host, region, ejection, export_to, &labels);
+                            let dr =
+                                destination_rule(settings, env, host, region, &drained, ejection, export_to, &labels);
                             let rule = place(&mut out.objects, dr);
                             rules.push((view, rule));
                             rule
@@ -182,9 +184,23 @@ pub fn compute_identity(
                     }
                 })
                 .collect();
+            // A drain in force is said in the winning policies' status.
+            let drained: BTreeSet<&str> = env
+                .served()
+                .flat_map(|g| g.sources.values())
+                .filter(|s| facts.get(s.cluster.idx).is_some_and(|f| f.drained))
+                .map(|s| s.cluster.id.as_str())
+                .collect();
             for report in out.reports.iter_mut() {
                 if winners.iter().flatten().any(|(k, at)| *k == report.kind && **at == report.at) {
                     report.clusters = written.clone();
+                    if !drained.is_empty() {
+                        let members: Vec<&str> = drained.iter().copied().collect();
+                        report.message = format!(
+                            "drain in force: {} (flotilla.io/drain); traffic goes to the other members wherever one serves the host",
+                            members.join(", ")
+                        );
+                    }
                 }
             }
         }
@@ -251,11 +267,24 @@ fn host_ports<'a>(group: &'a HostGroup<'_>) -> &'a [ExposedPort] {
 
 /// One endpoint per source cluster, as seen from `target`: in its own cluster, the local
 /// Services (one per Service behind the host there, weighted for a canary); elsewhere the
-/// source's gateway (sources without a gateway are unreachable from outside).
+/// source's gateway (sources without a gateway are unreachable from outside). A drained source's
+/// endpoints are left out, unless no other source has one: a drain moves traffic, it never
+/// leaves a host with nowhere to go.
 fn endpoints_for(group: &HostGroup<'_>, target: ClusterIdx, facts: &Facts) -> Vec<WorkloadEntry> {
+    let drained = |s: &&Source<'_>| facts.get(s.cluster.idx).is_some_and(|f| f.drained);
+    let undrained = endpoints_from(group, group.sources.values().filter(|s| !drained(s)), target, facts);
+    if undrained.is_empty() { endpoints_from(group, group.sources.values(), target, facts) } else { undrained }
+}
+
+fn endpoints_from<'s, 'a: 's>(
+    group: &HostGroup<'a>,
+    sources: impl Iterator<Item = &'s Source<'a>>,
+    target: ClusterIdx,
+    facts: &Facts,
+) -> Vec<WorkloadEntry> {
     let ports = host_ports(group);
     let mut endpoints = Vec::new();
-    for source in group.sources.values() {
+    for source in sources {
         let Some(source_facts) = facts.get(source.cluster.idx) else {
             continue;
         };
@@ -407,13 +436,54 @@ fn subject_alt_names(settings: &Settings, identity: &str, group: &HostGroup<'_>)
     }
 }
 
+/// Regions whose only sources of the group are drained members: traffic is moved out of them.
+/// None when every source is drained (the drain then moves nothing: there is nowhere to go).
+fn drained_regions(group: &HostGroup<'_>, facts: &Facts) -> BTreeSet<String> {
+    let (mut drained, mut serving) = (BTreeSet::new(), BTreeSet::new());
+    let mut any_serving = false;
+    for source in group.sources.values() {
+        let Some(f) = facts.get(source.cluster.idx) else { continue };
+        any_serving |= !f.drained;
+        if let Some(region) = &f.region {
+            if f.drained { &mut drained } else { &mut serving }.insert(region.clone());
+        }
+    }
+    if !any_serving {
+        return BTreeSet::new();
+    }
+    drained.difference(&serving).cloned().collect()
+}
+
+/// A FAILOVER distribution without the drained regions, its weights scaled back to 100 (largest
+/// remainders first, then by region); None when nothing is left to distribute to.
+fn without_drained(to: BTreeMap<String, u32>, drained: &BTreeSet<String>) -> Option<BTreeMap<String, u32>> {
+    if !to.keys().any(|r| drained.contains(r)) {
+        return Some(to);
+    }
+    let kept: BTreeMap<String, u32> = to.into_iter().filter(|(r, _)| !drained.contains(r)).collect();
+    let total: u32 = kept.values().sum();
+    if total == 0 {
+        return None;
+    }
+    let mut scaled: BTreeMap<String, u32> = kept.iter().map(|(r, w)| (r.clone(), w * 100 / total)).collect();
+    let mut remainders: Vec<(u32, &String)> = kept.iter().map(|(r, w)| (w * 100 % total, r)).collect();
+    remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+    let short = 100 - scaled.values().sum::<u32>();
+    for (_, region) in remainders.into_iter().take(short as usize) {
+        *scaled.get_mut(region).expect("a kept region") += 1;
+    }
+    Some(scaled)
+}
+
 /// The DestinationRule of `host` as a member in `region` sees it (the region matters only to
 /// FAILOVER, which distributes from there; without one, from "*").
+#[allow(clippy::too_many_arguments)]
 fn destination_rule(
     settings: &Settings,
     env: &EnvPlan<'_>,
     host: &HostPlan<'_>,
     region: Option<&str>,
+    drained: &BTreeSet<String>,
     ejection: Ejection,
     export_to: Vec<String>,
     labels: &ManagedLabels,
@@ -423,13 +493,16 @@ fn destination_rule(
         LbType::Topology => Some(LocalityLbSetting { distribute: Vec::new(), enabled: Some(true) }),
         LbType::Failover => {
             let from = region.map(|r| format!("{r}/*")).unwrap_or_else(|| "*".into());
-            let to = p
+            let to: BTreeMap<String, u32> = p
                 .target
                 .iter()
                 .flatten()
                 .filter(|t| t.weight.unwrap_or(0) > 0)
                 .map(|t| (t.region.trim().to_string(), t.weight.unwrap_or(0) as u32))
                 .collect();
+            // Istio drops the endpoints of localities a distribution does not name: a drained
+            // region must leave it, or the traffic would go nowhere.
+            let to = without_drained(to, drained)?;
             Some(LocalityLbSetting { distribute: vec![Distribute { from, to }], enabled: None })
         }
     });
@@ -649,4 +722,28 @@ fn foreign_sidecar_in_the_way(
             }
         })
         .map(|((_, n), _)| n.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights(pairs: &[(&str, u32)]) -> BTreeMap<String, u32> {
+        pairs.iter().map(|(r, w)| (r.to_string(), *w)).collect()
+    }
+
+    #[test]
+    fn a_drained_region_leaves_the_distribution_and_the_rest_sums_to_100() {
+        let drained: BTreeSet<String> = ["us-east-2".to_string()].into();
+        let to = weights(&[("us-west-2", 80), ("us-east-2", 20)]);
+        assert_eq!(without_drained(to, &drained), Some(weights(&[("us-west-2", 100)])));
+        // Three ways: 50/30/20 without 20 → 62.5/37.5, the tie of remainders goes by region.
+        let to = weights(&[("eu-west-1", 50), ("us-east-2", 20), ("us-west-2", 30)]);
+        assert_eq!(without_drained(to, &drained), Some(weights(&[("eu-west-1", 63), ("us-west-2", 37)])));
+        // Only the drained region: nothing to distribute to, the rule distributes nothing.
+        assert_eq!(without_drained(weights(&[("us-east-2", 100)]), &drained), None);
+        // Nothing drained there: untouched, whatever its sum.
+        let to = weights(&[("us-west-2", 70), ("eu-west-1", 20)]);
+        assert_eq!(without_drained(to.clone(), &drained), Some(to));
+    }
 }

@@ -155,6 +155,7 @@ impl Member {
             admiral_leftovers: self.admiral_leftovers.iter().map(|k| k.to_string()).collect(),
             disallowed_claims: 0,
             paused: self.registration.brakes.paused,
+            drained: self.registration.overrides.drain,
             held_prunes: None,
             unlisted: self.health.unlisted().map(|k| k.to_string()).collect(),
             converged,

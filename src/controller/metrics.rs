@@ -56,6 +56,7 @@ pub struct Metrics {
     pub dry_run_planned: Family<ClusterAction, Gauge>,
     pub disallowed_claims: Family<ClusterLabel, Gauge>,
     pub member_paused: Family<ClusterLabel, Gauge>,
+    pub member_drained: Family<ClusterLabel, Gauge>,
     pub prunes_held: Family<ClusterLabel, Gauge>,
     pub token_expiry: Family<ClusterLabel, Gauge>,
     pub last_successful_write: Family<ClusterLabel, Gauge>,
@@ -97,6 +98,7 @@ impl Default for Metrics {
             dry_run_planned: Family::default(),
             disallowed_claims: Family::default(),
             member_paused: Family::default(),
+            member_drained: Family::default(),
             prunes_held: Family::default(),
             token_expiry: Family::default(),
             last_successful_write: Family::default(),
@@ -153,6 +155,11 @@ impl Default for Metrics {
             "member_paused",
             "1 while a member is paused (flotilla.io/paused): nothing is written to it",
             m.member_paused.clone(),
+        );
+        r.register(
+            "member_drained",
+            "1 while a member is drained (flotilla.io/drain): its endpoints are withheld wherever another member serves",
+            m.member_drained.clone(),
         );
         r.register(
             "prunes_held",
@@ -272,6 +279,7 @@ impl Metrics {
         for family in [
             &self.disallowed_claims,
             &self.member_paused,
+            &self.member_drained,
             &self.prunes_held,
             &self.token_expiry,
             &self.last_successful_write,

@@ -9,7 +9,7 @@ use kube::Resource;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::meta::{
-    ANNOTATION_GATEWAY_ADDRESS, ANNOTATION_GATEWAY_PORT, ANNOTATION_PAUSED, ANNOTATION_REGION,
+    ANNOTATION_DRAIN, ANNOTATION_GATEWAY_ADDRESS, ANNOTATION_GATEWAY_PORT, ANNOTATION_PAUSED, ANNOTATION_REGION,
     ANNOTATION_RELEASE_PRUNES, ANNOTATION_TRUST_DOMAIN, first_line, is_dns_label, without_values,
 };
 use crate::model::{ClusterId, ClusterOverrides};
@@ -92,12 +92,7 @@ impl Brakes {
     /// neither true nor false pauses (someone meant to stop the member) and is reported.
     fn of(secret: &Secret) -> (Brakes, Option<String>) {
         let annotation = |key: &str| secret.metadata.annotations.as_ref().and_then(|a| a.get(key));
-        let (paused, problem) = match annotation(ANNOTATION_PAUSED).map(|v| v.trim().to_ascii_lowercase()) {
-            None => (false, None),
-            Some(v) if ["true", "yes", "1"].contains(&v.as_str()) => (true, None),
-            Some(v) if ["false", "no", "0", ""].contains(&v.as_str()) => (false, None),
-            Some(v) => (true, Some(format!("annotation {ANNOTATION_PAUSED}={v:?} is neither true nor false; paused"))),
-        };
+        let (paused, problem) = switch(secret, ANNOTATION_PAUSED, "paused");
         let brakes = Brakes {
             paused,
             release_prunes: annotation(ANNOTATION_RELEASE_PRUNES)
@@ -124,6 +119,18 @@ fn token_expiry(secret: &Secret) -> (Option<i64>, Option<String>) {
                 crate::register::ANNOTATION_TOKEN_EXPIRES
             )),
         ),
+    }
+}
+
+/// An on/off annotation of a Secret: absent is off; a value that is neither true nor false is
+/// on (someone meant to use the brake) and reported, saying what it did (`on`).
+fn switch(secret: &Secret, key: &str, on: &str) -> (bool, Option<String>) {
+    let value = secret.metadata.annotations.as_ref().and_then(|a| a.get(key));
+    match value.map(|v| v.trim().to_ascii_lowercase()) {
+        None => (false, None),
+        Some(v) if ["true", "yes", "1"].contains(&v.as_str()) => (true, None),
+        Some(v) if ["false", "no", "0", ""].contains(&v.as_str()) => (false, None),
+        Some(v) => (true, Some(format!("annotation {key}={v:?} is neither true nor false; {on}"))),
     }
 }
 
@@ -206,13 +213,12 @@ pub fn resolve_claims(secrets: &[Secret]) -> (BTreeMap<String, Registration>, Ve
     let mut problems = Vec::new();
     for secret in sorted {
         let name = secret.metadata.name.clone().unwrap_or_default();
-        let overrides = match overrides_of(secret) {
-            Ok(o) => o,
-            Err(message) => {
-                problems.push(RegistrationProblem { secret: name, cluster: None, message });
-                continue;
-            }
-        };
+        // A bad override is reported and left out; the members stay (dropping them would take
+        // their endpoints out of every other member).
+        let (overrides, bad) = overrides_of(secret);
+        for message in bad {
+            problems.push(RegistrationProblem { secret: name.clone(), cluster: None, message });
+        }
         let data = secret.data.clone().unwrap_or_default();
         let mut entries: Vec<(String, Vec<u8>)> = data.into_iter().map(|(k, v)| (k, v.0)).collect();
         if let Some(strings) = &secret.string_data {
@@ -260,25 +266,37 @@ pub fn resolve_claims(secrets: &[Secret]) -> (BTreeMap<String, Registration>, Ve
     (members, problems)
 }
 
-fn overrides_of(secret: &Secret) -> Result<ClusterOverrides, String> {
+/// The overrides a Secret's annotations give its members, and the problems with them: a value
+/// that cannot be read is left out (discovery or the flag's default applies) and reported.
+fn overrides_of(secret: &Secret) -> (ClusterOverrides, Vec<String>) {
     let annotations = secret.metadata.annotations.clone().unwrap_or_default();
-    let gateway_port = match annotations.get(ANNOTATION_GATEWAY_PORT) {
-        None => None,
-        Some(p) => Some(
-            p.trim().parse::<u16>().map_err(|_| format!("annotation {ANNOTATION_GATEWAY_PORT}={p:?} is not a port"))?,
-        ),
-    };
-    let trust_domain = match annotations.get(ANNOTATION_TRUST_DOMAIN) {
-        None => None,
-        Some(td) if crate::meta::is_trust_domain(td) => Some(td.clone()),
-        Some(td) => return Err(format!("annotation {ANNOTATION_TRUST_DOMAIN}={td:?} is not a SPIFFE trust domain")),
-    };
-    Ok(ClusterOverrides {
+    let mut problems = Vec::new();
+    let gateway_port = annotations.get(ANNOTATION_GATEWAY_PORT).and_then(|p| {
+        let port = p.trim().parse::<u16>().ok();
+        if port.is_none() {
+            problems.push(format!("annotation {ANNOTATION_GATEWAY_PORT}={p:?} is not a port; discovery applies"));
+        }
+        port
+    });
+    let trust_domain = annotations.get(ANNOTATION_TRUST_DOMAIN).and_then(|td| {
+        let valid = crate::meta::is_trust_domain(td);
+        if !valid {
+            problems.push(format!(
+                "annotation {ANNOTATION_TRUST_DOMAIN}={td:?} is not a SPIFFE trust domain; --trust-domain applies"
+            ));
+        }
+        valid.then(|| td.clone())
+    });
+    let (drain, drain_problem) = switch(secret, ANNOTATION_DRAIN, "drained");
+    problems.extend(drain_problem);
+    let overrides = ClusterOverrides {
         region: annotations.get(ANNOTATION_REGION).cloned(),
         gateway_address: annotations.get(ANNOTATION_GATEWAY_ADDRESS).cloned(),
         gateway_port,
         trust_domain,
-    })
+        drain,
+    };
+    (overrides, problems)
 }
 
 /// What a registration's kubeconfig may hold beyond a server, its CA and a token or client key.
@@ -441,11 +459,20 @@ mod tests {
         let mut trusted = secret("good", 3, &["north"]);
         trusted.metadata.annotations =
             Some([(ANNOTATION_TRUST_DOMAIN.to_string(), "north.example".to_string())].into());
-        let (members, problems) = resolve_claims(&[bad, annotated, trusted, foreign]);
-        assert_eq!(members.keys().collect::<Vec<_>>(), ["north"]);
+        let mut drained = secret("drained", 5, &["west"]);
+        drained.metadata.annotations = Some([(ANNOTATION_DRAIN.to_string(), "please".to_string())].into());
+        let (members, problems) = resolve_claims(&[bad, annotated, trusted, foreign, drained]);
+        // A bad annotation is left out and reported; its members stay.
+        assert_eq!(members.keys().collect::<Vec<_>>(), ["east", "north", "south", "west"]);
         assert_eq!(members["north"].overrides.trust_domain.as_deref(), Some("north.example"));
-        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(members["south"].overrides.trust_domain, None);
+        assert_eq!(members["east"].overrides.gateway_port, None);
+        assert!(members["west"].overrides.drain, "a value neither true nor false drains");
+        assert!(!members["north"].overrides.drain);
+        assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(problems.iter().any(|p| p.message.contains("is not a SPIFFE trust domain")), "{problems:?}");
+        assert!(problems.iter().any(|p| p.message.contains("is not a port")), "{problems:?}");
+        assert!(problems.iter().any(|p| p.message.contains("neither true nor false; drained")), "{problems:?}");
     }
 
     #[test]

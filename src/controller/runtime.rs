@@ -465,6 +465,10 @@ impl Runtime {
             self.engine().fleet.upsert_cluster(&id, registration.overrides.clone());
             if let Some(m) = self.members.get_mut(&id) {
                 let (before, after) = (&m.registration.brakes, &registration.brakes);
+                if m.registration.overrides.drain != registration.overrides.drain {
+                    let drained = registration.overrides.drain;
+                    tracing::warn!(cluster = %id, drained, "member {}", if drained { "drained: its endpoints are withheld wherever another member serves" } else { "undrained: its endpoints are served again" });
+                }
                 if before.paused != after.paused {
                     tracing::warn!(cluster = %id, paused = after.paused, "member {}", if after.paused { "paused: nothing is written to it" } else { "resumed: reconciled whole" });
                 }
@@ -486,6 +490,8 @@ impl Runtime {
             let labels = super::metrics::ClusterLabel { cluster: id.clone() };
             self.shared.metrics.member_paused.get_or_create(&labels).set(i64::from(m.registration.brakes.paused));
             self.shared.metrics.set_token_expiry(id, m.registration.token_expires);
+            let drained = i64::from(m.registration.overrides.drain);
+            self.shared.metrics.member_drained.get_or_create(&labels).set(drained);
         }
         for p in self.problems.replace(problems) {
             tracing::warn!(problem = %p, "cluster registration");

@@ -88,6 +88,8 @@ pub struct ClusterView {
     pub disallowed_claims: usize,
     /// Nothing is written to it (`flotilla.io/paused` on its registration Secret).
     pub paused: bool,
+    /// Its endpoints are withheld wherever another member serves (`flotilla.io/drain`).
+    pub drained: bool,
     /// Prunes the blast-radius guard holds there.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub held_prunes: Option<HeldPrunes>,

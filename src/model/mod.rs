@@ -114,6 +114,9 @@ pub struct ClusterOverrides {
     pub gateway_port: Option<u16>,
     /// The SPIFFE trust domain of its workloads' certificates, where it is not `--trust-domain`.
     pub trust_domain: Option<String>,
+    /// Drained: its endpoints are withheld wherever another member serves the same host (its own
+    /// clients included); its objects stay.
+    pub drain: bool,
 }
 
 /// A Deployment or an Argo Rollout, reduced to what federation needs.
