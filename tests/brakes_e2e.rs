@@ -147,7 +147,7 @@ async fn a_drained_member_leaves_traffic_and_undraining_restores_the_very_same_o
     for m in &members {
         apply(&hub_client, &m.registration_secret(FLOTILLA_NAMESPACE)).await;
     }
-    let flotilla = Flotilla::start(&hub, "drain", &[]);
+    let flotilla = Flotilla::start(&hub, "drain", &["--removal-grace", "1h"]);
     flotilla.wait_ready(WAIT).await;
     converged(&flotilla).await;
     let pairs = [("west", west), ("east", east)];
@@ -227,6 +227,41 @@ async fn a_drained_member_leaves_traffic_and_undraining_restores_the_very_same_o
     let (_, found) =
         oracle::converge_to_render(&hub.admin_kubeconfig(), FLOTILLA_NAMESPACE, &pairs, SYNC, &dir, WAIT).await;
     assert!(found.is_empty(), "undrained, render of the snapshot differs:\n{}", found.join("\n"));
+
+    // east's registration deleted by mistake: east is leaving, and west keeps its endpoint.
+    let secrets: Api<Secret> = Api::namespaced(hub_client.clone(), FLOTILLA_NAMESPACE);
+    let registration = secrets.get("flotilla-remote-east").await.unwrap();
+    secrets.delete("flotilla-remote-east", &DeleteParams::default()).await.unwrap();
+    eventually("east leaving", WAIT, &flotilla, || async {
+        let view = flotilla.json("/debug/clusters").await;
+        (view["clusters"]["east"]["state"] == "leaving").then_some(())
+    })
+    .await;
+    let events: Api<Event> = Api::namespaced(hub_client.clone(), FLOTILLA_NAMESPACE);
+    eventually("a MemberLeaving Event", WAIT, &flotilla, || async {
+        let list = events.list(&ListParams::default()).await.unwrap().items;
+        list.into_iter().find(|e| e.reason.as_deref() == Some("MemberLeaving"))
+    })
+    .await;
+    converged(&flotilla).await;
+    assert_eq!(oracle::owned(west, SYNC).await.len(), before[0].len());
+    assert_eq!(endpoints(&get_se(west, "stage.greeting.global-se").await.unwrap()).len(), 2, "east still served");
+    // Put back: east is started again, and nothing moved.
+    let mut again = registration.clone();
+    again.metadata = kube::api::ObjectMeta {
+        name: registration.metadata.name.clone(),
+        namespace: registration.metadata.namespace.clone(),
+        labels: registration.metadata.labels.clone(),
+        ..Default::default()
+    };
+    apply(&hub_client, &again).await;
+    eventually("east synced again", WAIT, &flotilla, || async {
+        (flotilla.json("/debug/clusters").await["clusters"]["east"]["state"] == "synced").then_some(())
+    })
+    .await;
+    converged(&flotilla).await;
+    let after = [oracle::owned(west, SYNC).await, oracle::owned(east, SYNC).await];
+    assert_eq!(after.iter().map(|o| o.len()).collect::<Vec<_>>(), before.iter().map(|o| o.len()).collect::<Vec<_>>());
     drop(flotilla);
     drop((hub, members));
 }

@@ -79,6 +79,11 @@ pub struct RunArgs {
     pub prune_hold_share: f64,
     #[arg(long, default_value = "10m", value_parser = parse_duration, env = "FLOTILLA_PRUNE_HOLD_WINDOW")]
     pub prune_hold_window: Duration,
+    /// How long a member whose registration (Secret or key) is removed keeps its endpoints in
+    /// the other members, shown `leaving`, before it is forgotten: a registration deleted by
+    /// mistake can be put back without a blip. 0: at once.
+    #[arg(long, default_value = "10m", value_parser = parse_duration, env = "FLOTILLA_REMOVAL_GRACE")]
+    pub removal_grace: Duration,
     /// How long a host's VIP stays reserved after the last object carrying it is gone (clients
     /// may still resolve it); then the address is released for other hosts.
     #[arg(long, default_value = "168h", value_parser = parse_duration, env = "FLOTILLA_VIP_RELEASE_AFTER")]
@@ -196,6 +201,7 @@ async fn run_controller(args: RunArgs, settings: crate::settings::Settings) -> a
             window: args.prune_hold_window,
         },
         dry_run: args.dry_run,
+        removal_grace: args.removal_grace,
         imported_vips,
     };
     tracing::info!(namespace = %opts.namespace, secrets = %opts.secret_namespace, leader_election = opts.leader_election.is_some(), "starting");

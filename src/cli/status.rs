@@ -30,7 +30,7 @@ pub struct StatusArgs {
     /// Read again every --interval and show it, until interrupted (a terminal is redrawn).
     #[arg(long, short = 'w')]
     pub watch: bool,
-    /// How often --watch reads.
+    /// How often --watch reads (at least 100ms).
     #[arg(long, default_value = "2s", value_parser = super::parse_duration)]
     pub interval: std::time::Duration,
 }
@@ -51,23 +51,32 @@ pub(super) fn status(args: StatusArgs) -> ExitCode {
             Err(e) => fail(&e),
         };
     }
-    // Followed until interrupted; a read that fails is shown and the next one tried (a
-    // port-forward that drops should not end the watch).
-    use std::io::IsTerminal;
+    // Followed until interrupted or until the reader goes (`| head`); a read that fails is told
+    // on stderr and the next one tried (a port-forward that drops should not end the watch).
+    use std::io::{IsTerminal, Write};
     let redraw = std::io::stdout().is_terminal() && args.format == ReportFormat::Text;
+    let interval = args.interval.max(MIN_INTERVAL);
     loop {
-        let text = match runtime.block_on(read(&args)) {
-            Ok((view, plans)) => shown(&view, &plans, args.format, true),
-            Err(e) => format!("flotilla: {}: {e:#}\n", args.url),
-        };
-        // Home and clear, as `watch` does: the table replaces the previous one.
-        let text = if redraw { format!("\x1b[H\x1b[2J{text}") } else { text };
-        if let Err(e) = print_stdout(&text) {
-            return fail(&e);
+        match runtime.block_on(read(&args)) {
+            Ok((view, plans)) => {
+                let text = shown(&view, &plans, args.format, true);
+                // Home and clear, as `watch` does: the table replaces the previous one.
+                let text = if redraw { format!("\x1b[H\x1b[2J{text}") } else { text };
+                let mut out = std::io::stdout().lock();
+                match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return ExitCode::SUCCESS,
+                    Err(e) => return fail(&format!("stdout: {e}")),
+                }
+            }
+            Err(e) => eprintln!("flotilla: {}: {e:#}", args.url),
         }
-        std::thread::sleep(args.interval);
+        std::thread::sleep(interval);
     }
 }
+
+/// The shortest --interval: a faster loop would only load the controller.
+const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One read as shown: tables, or JSON (one line each when watching, so that a pipe gets one
 /// document per line).

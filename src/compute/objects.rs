@@ -71,7 +71,6 @@ pub fn compute_identity(
             check_port_agreement(identity, env.env, group, &mut out.diagnostics);
             let sources = group.sources.values().map(|s| s.cluster.idx);
             let targets = union([sources.collect(), resolved.client_clusters.clone()]);
-            let drained = drained_regions(group, facts);
             for host in &group.hosts {
                 let vip = match settings.vip_mode {
                     VipMode::None => None,
@@ -94,7 +93,7 @@ pub fn compute_identity(
                 // region, and (with --export-to=dependents) their exportTo. Targets standing in the
                 // same place share one object (its index in `out.objects`). Places are few, so
                 // they are searched in a list.
-                let mut entries: Vec<(EntryView, Option<(usize, Ejection)>)> = Vec::new();
+                let mut entries: Vec<(EntryView, Option<BuiltEntry>)> = Vec::new();
                 let mut rules: Vec<(RuleView, usize)> = Vec::new();
                 // Only a FAILOVER rule depends on the target's region (it distributes from there).
                 let failover = host.policy.is_some_and(|p| matches!(p.lb_type(), Ok(LbType::Failover)));
@@ -118,9 +117,9 @@ pub fn compute_identity(
                     let export_to = export_to(fleet, settings, resolved, env, identity, &target_facts.id[..]);
                     let view = (local, export_to);
                     let built = match entries.iter().find(|(v, _)| *v == view) {
-                        Some((_, built)) => *built,
+                        Some((_, built)) => built.clone(),
                         None => {
-                            let endpoints = endpoints_for(group, target, facts);
+                            let (endpoints, withheld) = endpoints_for(group, target, facts);
                             let ejection = Ejection::of(&endpoints);
                             let built = (!endpoints.is_empty()).then(|| {
                                 let se = service_entry(
@@ -133,13 +132,13 @@ pub fn compute_identity(
                                     view.1.clone(),
                                     &labels,
                                 );
-                                (place(&mut out.objects, se), ejection)
+                                (place(&mut out.objects, se), ejection, Arc::new(withheld))
                             });
-                            entries.push((view.clone(), built));
+                            entries.push((view.clone(), built.clone()));
                             built
                         }
                     };
-                    let Some((entry, ejection)) = built else {
+                    let Some((entry, ejection, withheld)) = built else {
                         continue;
                     };
                     let region = target_facts.region.as_deref();
@@ -151,13 +150,13 @@ pub fn compute_identity(
                                 .into(),
                         ));
                     }
-                    let view = (region.filter(|_| failover), ejection, view.1);
+                    let view = (region.filter(|_| failover), ejection, view.1, withheld);
                     let rule = match rules.iter().find(|(v, _)| *v == view) {
                         Some((_, rule)) => *rule,
                         None => {
-                            let (region, ejection, export_to) = view.clone();
+                            let (region, ejection, export_to, withheld) = view.clone();
                             let dr =
-                                destination_rule(settings, env, host, region, &drained, ejection, export_to, &labels);
+                                destination_rule(settings, env, host, region, &withheld, ejection, export_to, &labels);
                             let rule = place(&mut out.objects, dr);
                             rules.push((view, rule));
                             rule
@@ -230,9 +229,21 @@ fn place(objects: &mut Vec<Placed>, object: Desired) -> usize {
 /// Where a target stands for a ServiceEntry: the source it is (if any) and its exportTo.
 type EntryView = (Option<ClusterIdx>, Vec<String>);
 
+/// A ServiceEntry built for one place: its index in the output, how far its endpoints may be
+/// ejected, and what a drain withheld from them.
+type BuiltEntry = (usize, Ejection, Arc<Withheld>);
+
 /// Where a target stands for a DestinationRule: its region (for FAILOVER only), how far its
-/// endpoints may be ejected, and its exportTo.
-type RuleView<'a> = (Option<&'a str>, Ejection, Vec<String>);
+/// endpoints may be ejected, its exportTo, and what a drain withheld from its endpoints.
+type RuleView<'a> = (Option<&'a str>, Ejection, Vec<String>, Arc<Withheld>);
+
+/// What a drain took out of one target's endpoints of a host: the regions only drained members
+/// serve it from there, and the regions of the endpoints it kept. Empty when nothing was taken.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Withheld {
+    regions: BTreeSet<String>,
+    kept: BTreeSet<String>,
+}
 
 /// How much of a host's endpoints outlier detection may eject in one cluster, as Admiral decides
 /// it: a lone endpoint that is the local Service or a gateway IP is never ejected (no outlier
@@ -270,10 +281,20 @@ fn host_ports<'a>(group: &'a HostGroup<'_>) -> &'a [ExposedPort] {
 /// source's gateway (sources without a gateway are unreachable from outside). A drained source's
 /// endpoints are left out, unless no other source has one: a drain moves traffic, it never
 /// leaves a host with nowhere to go.
-fn endpoints_for(group: &HostGroup<'_>, target: ClusterIdx, facts: &Facts) -> Vec<WorkloadEntry> {
+fn endpoints_for(group: &HostGroup<'_>, target: ClusterIdx, facts: &Facts) -> (Vec<WorkloadEntry>, Withheld) {
+    let all = endpoints_from(group, group.sources.values(), target, facts);
     let drained = |s: &&Source<'_>| facts.get(s.cluster.idx).is_some_and(|f| f.drained);
-    let undrained = endpoints_from(group, group.sources.values().filter(|s| !drained(s)), target, facts);
-    if undrained.is_empty() { endpoints_from(group, group.sources.values(), target, facts) } else { undrained }
+    if !group.sources.values().any(|s| drained(&s)) {
+        return (all, Withheld::default());
+    }
+    let kept = endpoints_from(group, group.sources.values().filter(|s| !drained(s)), target, facts);
+    if kept.is_empty() {
+        return (all, Withheld::default());
+    }
+    let regions = |endpoints: &[WorkloadEntry]| endpoints.iter().filter_map(|e| e.locality.clone()).collect();
+    let (all_regions, kept_regions): (BTreeSet<String>, BTreeSet<String>) = (regions(&all), regions(&kept));
+    let withheld = Withheld { regions: all_regions.difference(&kept_regions).cloned().collect(), kept: kept_regions };
+    (kept, withheld)
 }
 
 fn endpoints_from<'s, 'a: 's>(
@@ -436,33 +457,16 @@ fn subject_alt_names(settings: &Settings, identity: &str, group: &HostGroup<'_>)
     }
 }
 
-/// Regions whose only sources of the group are drained members: traffic is moved out of them.
-/// None when every source is drained (the drain then moves nothing: there is nowhere to go).
-fn drained_regions(group: &HostGroup<'_>, facts: &Facts) -> BTreeSet<String> {
-    let (mut drained, mut serving) = (BTreeSet::new(), BTreeSet::new());
-    let mut any_serving = false;
-    for source in group.sources.values() {
-        let Some(f) = facts.get(source.cluster.idx) else { continue };
-        any_serving |= !f.drained;
-        if let Some(region) = &f.region {
-            if f.drained { &mut drained } else { &mut serving }.insert(region.clone());
-        }
-    }
-    if !any_serving {
-        return BTreeSet::new();
-    }
-    drained.difference(&serving).cloned().collect()
-}
-
-/// A FAILOVER distribution without the drained regions, its weights scaled back to 100 (largest
-/// remainders first, then by region); None when nothing is left to distribute to.
-fn without_drained(to: BTreeMap<String, u32>, drained: &BTreeSet<String>) -> Option<BTreeMap<String, u32>> {
-    if !to.keys().any(|r| drained.contains(r)) {
+/// A FAILOVER distribution without the regions a drain withheld, its weights scaled back to 100
+/// (largest remainders first, then by region). None (distribute nothing) when none of the regions
+/// left holds an endpoint the target keeps: Istio would drop every endpoint it does not name.
+fn without_drained(to: BTreeMap<String, u32>, withheld: &Withheld) -> Option<BTreeMap<String, u32>> {
+    if !to.keys().any(|r| withheld.regions.contains(r)) {
         return Some(to);
     }
-    let kept: BTreeMap<String, u32> = to.into_iter().filter(|(r, _)| !drained.contains(r)).collect();
+    let kept: BTreeMap<String, u32> = to.into_iter().filter(|(r, _)| !withheld.regions.contains(r)).collect();
     let total: u32 = kept.values().sum();
-    if total == 0 {
+    if total == 0 || !kept.keys().any(|r| withheld.kept.contains(r)) {
         return None;
     }
     let mut scaled: BTreeMap<String, u32> = kept.iter().map(|(r, w)| (r.clone(), w * 100 / total)).collect();
@@ -483,7 +487,7 @@ fn destination_rule(
     env: &EnvPlan<'_>,
     host: &HostPlan<'_>,
     region: Option<&str>,
-    drained: &BTreeSet<String>,
+    withheld: &Withheld,
     ejection: Ejection,
     export_to: Vec<String>,
     labels: &ManagedLabels,
@@ -502,7 +506,7 @@ fn destination_rule(
                 .collect();
             // Istio drops the endpoints of localities a distribution does not name: a drained
             // region must leave it, or the traffic would go nowhere.
-            let to = without_drained(to, drained)?;
+            let to = without_drained(to, withheld)?;
             Some(LocalityLbSetting { distribute: vec![Distribute { from, to }], enabled: None })
         }
     });
@@ -732,18 +736,34 @@ mod tests {
         pairs.iter().map(|(r, w)| (r.to_string(), *w)).collect()
     }
 
+    fn withheld(regions: &[&str], kept: &[&str]) -> Withheld {
+        Withheld {
+            regions: regions.iter().map(|r| r.to_string()).collect(),
+            kept: kept.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
     #[test]
     fn a_drained_region_leaves_the_distribution_and_the_rest_sums_to_100() {
-        let drained: BTreeSet<String> = ["us-east-2".to_string()].into();
+        let east = withheld(&["us-east-2"], &["us-west-2", "eu-west-1"]);
         let to = weights(&[("us-west-2", 80), ("us-east-2", 20)]);
-        assert_eq!(without_drained(to, &drained), Some(weights(&[("us-west-2", 100)])));
+        assert_eq!(without_drained(to, &east), Some(weights(&[("us-west-2", 100)])));
         // Three ways: 50/30/20 without 20 → 62.5/37.5, the tie of remainders goes by region.
         let to = weights(&[("eu-west-1", 50), ("us-east-2", 20), ("us-west-2", 30)]);
-        assert_eq!(without_drained(to, &drained), Some(weights(&[("eu-west-1", 63), ("us-west-2", 37)])));
+        assert_eq!(without_drained(to, &east), Some(weights(&[("eu-west-1", 63), ("us-west-2", 37)])));
         // Only the drained region: nothing to distribute to, the rule distributes nothing.
-        assert_eq!(without_drained(weights(&[("us-east-2", 100)]), &drained), None);
+        assert_eq!(without_drained(weights(&[("us-east-2", 100)]), &east), None);
+        // What is left names no region the target keeps an endpoint in (the member left has
+        // another region, or none): distributing would drop every endpoint, so nothing is.
+        let elsewhere = withheld(&["us-east-2"], &["ap-south-1"]);
+        assert_eq!(without_drained(weights(&[("us-east-2", 50), ("eu-west-1", 50)]), &elsewhere), None);
+        assert_eq!(
+            without_drained(weights(&[("us-east-2", 50), ("eu-west-1", 50)]), &withheld(&["us-east-2"], &[])),
+            None
+        );
         // Nothing drained there: untouched, whatever its sum.
         let to = weights(&[("us-west-2", 70), ("eu-west-1", 20)]);
-        assert_eq!(without_drained(to.clone(), &drained), Some(to));
+        assert_eq!(without_drained(to.clone(), &east), Some(to.clone()));
+        assert_eq!(without_drained(to.clone(), &Withheld::default()), Some(to));
     }
 }

@@ -22,11 +22,14 @@ pub enum State {
     Stale,
     /// The kubeconfig was refused or no client could be built from it.
     Failed(String),
+    /// Its registration is gone: not watched or written any more, its last known workloads
+    /// still served elsewhere until the grace period ends (`--removal-grace`).
+    Leaving(String),
 }
 
 impl State {
     /// Every state's name, as metrics and `/debug/clusters` show it.
-    pub const NAMES: [&'static str; 4] = ["connecting", "synced", "stale", "failed"];
+    pub const NAMES: [&'static str; 5] = ["connecting", "synced", "stale", "failed", "leaving"];
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -34,6 +37,7 @@ impl State {
             State::Synced => "synced",
             State::Stale => "stale",
             State::Failed(_) => "failed",
+            State::Leaving(_) => "leaving",
         }
     }
 
@@ -42,7 +46,7 @@ impl State {
         match self {
             State::Connecting => ClusterHealth::Connecting,
             State::Synced => ClusterHealth::Synced,
-            State::Stale | State::Failed(_) => ClusterHealth::Stale,
+            State::Stale | State::Failed(_) | State::Leaving(_) => ClusterHealth::Stale,
         }
     }
 }
@@ -81,6 +85,12 @@ impl MemberHealth {
         let mut health = Self::connecting(now, [], ever_synced);
         health.state = State::Failed(message);
         health
+    }
+
+    /// A member whose registration was removed: it stays so until it is removed or registered
+    /// again.
+    pub fn leaving(&mut self, message: String) {
+        self.state = State::Leaving(message);
     }
 
     pub fn state(&self) -> &State {
@@ -136,7 +146,7 @@ impl MemberHealth {
 
     /// The state at `now`; returns it when it changed.
     pub fn update(&mut self, now: Instant, stale_after: Duration) -> Option<&State> {
-        if matches!(self.state, State::Failed(_)) {
+        if matches!(self.state, State::Failed(_) | State::Leaving(_)) {
             return None;
         }
         if self.unlisted.is_empty() {

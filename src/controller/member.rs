@@ -100,6 +100,13 @@ impl Member {
 
     /// Objects seen as flotilla's and still carrying Admiral's mark: taken over from Admiral, by
     /// this process or an earlier one.
+    /// Its registration is gone: its watches stop (their client's credentials were withdrawn),
+    /// and it is shown leaving with `message` until it is removed.
+    pub fn leave(&mut self, message: String) {
+        self._watches = None;
+        self.health.leaving(message);
+    }
+
     pub fn taken_over<'a>(&mut self, keys: impl IntoIterator<Item = &'a ObjectKey>) {
         self.taken_over.extend(keys.into_iter().cloned());
     }
@@ -107,7 +114,7 @@ impl Member {
     /// The error the policies' statuses name for this member, if any.
     pub fn status_error(&self) -> Option<String> {
         match self.health.state() {
-            State::Failed(e) => Some(e.clone()),
+            State::Failed(e) | State::Leaving(e) => Some(e.clone()),
             State::Stale => Some("member is stale: its API server cannot be watched".to_string()),
             _ => None,
         }
@@ -125,7 +132,7 @@ impl Member {
     /// Whether the fleet's convergence waits for this member: stale and failed members are not
     /// written to, so they are not waited for.
     pub fn waited_for(&self) -> bool {
-        !matches!(self.health.state(), State::Stale | State::Failed(_))
+        !matches!(self.health.state(), State::Stale | State::Failed(_) | State::Leaving(_))
     }
 
     /// How `/debug/clusters` shows the member.
@@ -137,7 +144,7 @@ impl Member {
         converged: bool,
     ) -> ClusterView {
         let last_error = match self.health.state() {
-            State::Failed(e) => Some(e.clone()),
+            State::Failed(e) | State::Leaving(e) => Some(e.clone()),
             _ => self
                 .health
                 .watch_error()

@@ -178,7 +178,7 @@ impl Default for Metrics {
         );
         r.register(
             "watch_restarts",
-            "Watches of a member that failed and start again from a fresh list, by kind",
+            "Failures of a member's watches, by kind; each is retried from a fresh list after a backoff",
             m.watch_restarts.clone(),
         );
         r.register("vip_store_entries", "Hosts in each ConfigMap of the VIP store", m.vip_store_entries.clone());
@@ -288,6 +288,15 @@ impl Metrics {
         }
         for kind in super::MEMBER_KINDS {
             self.watch_restarts.remove(&ClusterKind { cluster: cluster.to_string(), kind: kind.to_string() });
+        }
+        for kind in crate::meta::Kind::OUTPUTS {
+            let labels = ClusterKind { cluster: cluster.to_string(), kind: kind.to_string() };
+            for family in [&self.objects_desired, &self.conflicts] {
+                family.remove(&labels);
+            }
+            for family in [&self.objects_applied, &self.objects_pruned] {
+                family.remove(&labels);
+            }
         }
         for s in super::health::State::NAMES {
             self.cluster_state.remove(&ClusterState { cluster: cluster.to_string(), state: s.to_string() });

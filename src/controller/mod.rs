@@ -76,6 +76,8 @@ pub struct Options {
     pub prune_guard: guard::Limits,
     /// Shadow mode: watch and compute as usual, write nothing at all, show the plans.
     pub dry_run: bool,
+    /// How long a member whose registration is gone keeps its endpoints elsewhere.
+    pub removal_grace: Duration,
     /// Addresses imported from Admiral's store (`--import-vips-from`), host → address.
     pub imported_vips: std::collections::BTreeMap<String, std::net::Ipv4Addr>,
 }

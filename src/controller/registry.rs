@@ -278,17 +278,22 @@ fn overrides_of(secret: &Secret) -> (ClusterOverrides, Vec<String>) {
         }
         port
     });
+    // The names its workloads' certificates carry are unknown: clients would refuse them, so its
+    // endpoints are withheld (drained) until the annotation is fixed.
+    let mut unknown_names = false;
     let trust_domain = annotations.get(ANNOTATION_TRUST_DOMAIN).and_then(|td| {
         let valid = crate::meta::is_trust_domain(td);
         if !valid {
+            unknown_names = true;
             problems.push(format!(
-                "annotation {ANNOTATION_TRUST_DOMAIN}={td:?} is not a SPIFFE trust domain; --trust-domain applies"
+                "annotation {ANNOTATION_TRUST_DOMAIN}={td:?} is not a SPIFFE trust domain; its members are drained until it is fixed"
             ));
         }
         valid.then(|| td.clone())
     });
     let (drain, drain_problem) = switch(secret, ANNOTATION_DRAIN, "drained");
     problems.extend(drain_problem);
+    let drain = drain || unknown_names;
     let overrides = ClusterOverrides {
         region: annotations.get(ANNOTATION_REGION).cloned(),
         gateway_address: annotations.get(ANNOTATION_GATEWAY_ADDRESS).cloned(),
@@ -466,6 +471,7 @@ mod tests {
         assert_eq!(members.keys().collect::<Vec<_>>(), ["east", "north", "south", "west"]);
         assert_eq!(members["north"].overrides.trust_domain.as_deref(), Some("north.example"));
         assert_eq!(members["south"].overrides.trust_domain, None);
+        assert!(members["south"].overrides.drain, "an unknown trust domain drains");
         assert_eq!(members["east"].overrides.gateway_port, None);
         assert!(members["west"].overrides.drain, "a value neither true nor false drains");
         assert!(!members["north"].overrides.drain);

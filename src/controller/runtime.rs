@@ -107,6 +107,8 @@ pub struct Runtime {
     next_vip_lifecycle: Option<Instant>,
     /// With --dry-run: each member's plan, as of its last change.
     dry_plans: BTreeMap<ClusterId, Arc<crate::compute::plan::PlanSummary>>,
+    /// Members whose registration is gone, kept (not watched, not written) until then.
+    leaving: BTreeMap<ClusterId, Instant>,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -215,6 +217,11 @@ impl Driven for Runtime {
                     // The next leader judges prunes afresh; this replica shows no hold it cannot act on.
                     self.guard.forget_all();
                     self.shared.metrics.prunes_held.clear();
+                    // Conflicts are found by planning, which only the leader does: a standby
+                    // shows none rather than what it found when it last led.
+                    for m in self.members.values_mut() {
+                        m.conflicts.clear();
+                    }
                 }
                 self.leader = leader;
                 self.shared.metrics.leader.set(i64::from(leader));
@@ -241,6 +248,7 @@ impl Driven for Runtime {
         let now = Instant::now();
         self.shared.metrics.passes.inc();
         self.update_health(now);
+        self.forget_leaving(now);
         let ready = self.ready();
         self.started |= ready;
         self.shared.ready.store(ready, Ordering::Relaxed);
@@ -316,6 +324,7 @@ impl Runtime {
             change_since: BTreeMap::new(),
             next_vip_lifecycle: None,
             dry_plans: BTreeMap::new(),
+            leaving: BTreeMap::new(),
         };
         // The hub's writer: statuses of policies kept there, the VIP store, Events.
         rt.start_writer(HUB, 0, hub, Some(recorder));
@@ -455,11 +464,16 @@ impl Runtime {
     /// Applies the current set of registration Secrets: starts, rebuilds and removes members.
     async fn reconcile_registry(&mut self, now: Instant) {
         let (claims, mut problems) = resolve_claims(&self.secrets);
-        let current = self.members.iter().map(|(id, m)| (id.clone(), m.registration.clone())).collect();
+        // A leaving member registered again is started afresh (its watches are gone).
+        let current = self
+            .members
+            .iter()
+            .filter(|(id, _)| !self.leaving.contains_key(*id))
+            .map(|(id, m)| (id.clone(), m.registration.clone()))
+            .collect();
         let plan = plan_registry(&current, claims);
         for id in plan.remove {
-            tracing::info!(cluster = %id, "member removed (its Secret or key is gone)");
-            self.remove_member(&id);
+            self.registration_removed(&id, now);
         }
         for (id, registration) in plan.update {
             self.engine().fleet.upsert_cluster(&id, registration.overrides.clone());
@@ -504,7 +518,64 @@ impl Runtime {
         self.queue_events();
     }
 
+    /// A member's registration is gone. One that has served something keeps its last known
+    /// workloads in the model (so the other members keep its endpoints) for `--removal-grace`,
+    /// shown `leaving` and reported; its watches and writer stop at once.
+    fn registration_removed(&mut self, id: &str, now: Instant) {
+        let grace = self.opts.removal_grace;
+        let Some(m) = self.members.get_mut(id).filter(|m| m.health.ever_synced() && !grace.is_zero()) else {
+            tracing::info!(cluster = %id, "member removed (its Secret or key is gone)");
+            self.remove_member(id);
+            return;
+        };
+        let wall = k8s_openapi::jiff::Timestamp::now() + grace;
+        let until = wall.strftime("%Y-%m-%dT%H:%M:%SZ");
+        let message = format!(
+            "its registration is gone: not watched or written any more; its endpoints are kept in the other members until {until} (--removal-grace), then removed"
+        );
+        tracing::warn!(cluster = %id, until = %until, "member leaving: {message}");
+        // Announced by the leader only (one voice), like every registration problem.
+        let event = WarningEvent {
+            object: k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Secret".into()),
+                namespace: Some(self.opts.secret_namespace.clone()),
+                name: Some(m.registration.secret.clone()),
+                ..Default::default()
+            },
+            reason: "MemberLeaving".into(),
+            note: format!("cluster {id}: {message}"),
+            action: "Register",
+        };
+        if self.leader {
+            self.events.push(event);
+        }
+        m.leave(message);
+        let state = m.health.state().clone();
+        self.leaving.insert(id.to_string(), now + grace);
+        self.writers.remove(id);
+        self.pending.take(id);
+        self.retries.forget_cluster(id);
+        self.guard.forget(id);
+        self.statuses.forget(id);
+        self.claims.forget(id);
+        self.shared.metrics.set_cluster_state(id, state.name());
+        self.engine().fleet.set_health(id, state.cluster_health());
+        self.statuses_dirty = true;
+    }
+
+    /// Members whose grace period is over are forgotten: their endpoints leave the fleet now.
+    fn forget_leaving(&mut self, now: Instant) {
+        let over: Vec<ClusterId> =
+            self.leaving.iter().filter(|(_, until)| now >= **until).map(|(id, _)| id.clone()).collect();
+        for id in over {
+            tracing::info!(cluster = %id, "member removed: its registration has been gone for --removal-grace");
+            self.remove_member(&id);
+        }
+    }
+
     fn remove_member(&mut self, id: &str) {
+        self.leaving.remove(id);
         self.members.remove(id);
         self.writers.remove(id);
         self.observed.forget_cluster(id);
@@ -523,6 +594,9 @@ impl Runtime {
     /// Builds a member's client and starts its watches and writer. A refused kubeconfig leaves the
     /// member `failed`; what was known about it stays in the model (fail static).
     async fn start_member(&mut self, id: &str, registration: Registration, now: Instant) -> Result<(), String> {
+        if self.leaving.remove(id).is_some() {
+            tracing::info!(cluster = %id, "member registered again while leaving");
+        }
         let previous = self.members.remove(id);
         let ever_synced = previous.as_ref().is_some_and(|m| m.health.ever_synced());
         self.writers.remove(id);
@@ -603,7 +677,7 @@ impl Runtime {
             self.statuses_dirty = true;
         }
         self.shared.metrics.written(cluster, &report);
-        if report.errors.is_empty() {
+        if report.errors.is_empty() && cluster != HUB {
             let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let labels = super::metrics::ClusterLabel { cluster: cluster.to_string() };
             self.shared.metrics.last_successful_write.get_or_create(&labels).set(wall as i64);
@@ -889,8 +963,11 @@ impl Runtime {
         let engine = self.engine.as_ref().expect("the engine is home between passes");
         let now = Instant::now();
         let mut converged = self.leader && self.ready() && self.vips.settled() && !self.statuses_dirty;
-        // What waits for a paused member (its statuses, its Events) waits for the operator.
-        let paused = |c: &ClusterId| self.members.get(c).is_some_and(|m| m.registration.brakes.paused);
+        // What waits for a paused member (its statuses, its Events) waits for the operator; a
+        // leaving one is written nothing more.
+        let paused = |c: &ClusterId| {
+            self.leaving.contains_key(c) || self.members.get(c).is_some_and(|m| m.registration.brakes.paused)
+        };
         converged &=
             self.statuses.clusters().all(paused) && self.events.is_empty() && self.claims.clusters().iter().all(paused);
         let mut clusters = BTreeMap::new();
@@ -1023,6 +1100,7 @@ mod tests {
                 window: Duration::from_secs(600),
             },
             dry_run: false,
+            removal_grace: Duration::ZERO,
             imported_vips: BTreeMap::new(),
         }
     }
@@ -1049,6 +1127,46 @@ mod tests {
         runtime.engine().fleet.set_health(id, health.state().cluster_health());
         runtime.members.insert(id.to_string(), Member::new(registration, health, None));
         runtime.start_writer(id, 1, unreachable_hub(), None);
+    }
+
+    /// A registration removed: a member that synced is kept leaving (not watched or written,
+    /// still served elsewhere) for --removal-grace, then forgotten; one that never synced goes.
+    #[tokio::test(start_paused = true)]
+    async fn a_removed_registration_keeps_the_member_leaving_for_the_grace_period() {
+        let shared = Arc::new(Shared::new(Arc::new(Metrics::default())));
+        let (tx, _rx) = unbounded_channel();
+        let opts = Options { removal_grace: Duration::from_secs(600), ..options() };
+        let mut runtime = Runtime::new(unreachable_hub(), opts, shared.clone(), Feed::new(tx), Fence::open().1);
+        runtime.handle(Input::VipStore(VipStoreEvent::Contents(BTreeMap::new()))).await;
+        runtime.handle(Input::Leader(true)).await;
+        let t0 = Instant::now();
+        add_member(&mut runtime, "synced", t0, true, true);
+        add_member(&mut runtime, "never", t0, false, true);
+        assert!(runtime.members["synced"].health.ever_synced());
+
+        // Both Secrets are gone: the one that never synced goes at once, the other is leaving.
+        runtime.handle(Input::Secrets(Vec::new())).await;
+        assert!(!runtime.members.contains_key("never"));
+        assert!(runtime.engine().fleet.cluster("never").is_none());
+        let leaving = &runtime.members["synced"];
+        assert_eq!(leaving.health.state().name(), "leaving");
+        assert!(!runtime.writers.contains_key("synced"), "nothing is written to it any more");
+        assert!(runtime.engine().fleet.cluster("synced").is_some(), "its workloads are still served elsewhere");
+        assert_eq!(runtime.events.len(), 1, "{:?}", runtime.events);
+        assert_eq!(runtime.events[0].reason, "MemberLeaving");
+        assert!(runtime.events[0].note.contains("--removal-grace"), "{}", runtime.events[0].note);
+        // The Secrets are read again (unchanged): still leaving, announced once.
+        runtime.handle(Input::Secrets(Vec::new())).await;
+        assert_eq!(runtime.events.len(), 1);
+        runtime.pass().await;
+        assert!(runtime.members.contains_key("synced"), "kept within the grace period");
+
+        // The grace period ends: forgotten, its workloads leave the fleet.
+        tokio::time::advance(Duration::from_secs(601)).await;
+        runtime.pass().await;
+        assert!(!runtime.members.contains_key("synced"));
+        assert!(runtime.engine().fleet.cluster("synced").is_none());
+        assert!(runtime.leaving.is_empty());
     }
 
     /// Dispatch decisions: at start-up nothing is written until every member has listed (or

@@ -63,6 +63,11 @@ impl Flotilla {
         if !extra.contains(&"--stale-after") {
             args.extend(["--stale-after".to_string(), "8s".to_string()]);
         }
+        // A deleted registration goes at once, as `render` of a snapshot (which has no Secret
+        // for it) says; the grace period has its own tests.
+        if !extra.contains(&"--removal-grace") {
+            args.extend(["--removal-grace".to_string(), "0s".to_string()]);
+        }
         // Tests read /metrics and /debug plainly unless they test the secure listener.
         if !extra.contains(&"--http-auth") {
             args.extend(["--http-auth".to_string(), "none".to_string()]);
