@@ -52,6 +52,18 @@ pub struct ClusterDiff {
     pub create: Vec<ObjectChange>,
     pub change: Vec<ObjectChange>,
     pub prune: Vec<ObjectChange>,
+    /// The blast-radius guard of `run` would hold these prunes (all of them), not make them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<GuardHold>,
+}
+
+/// What the blast-radius guard would do with a member's prunes.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct GuardHold {
+    pub prunes: usize,
+    /// How many it lets go at once there (`--prune-hold-threshold`, or the share of what
+    /// flotilla holds there, whichever is more).
+    pub allowed: usize,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -128,6 +140,18 @@ pub fn diff(before: &Side, after: &Side) -> FleetDiff {
     out
 }
 
+/// Marks the members whose prunes the blast-radius guard of `run` would hold, judged as `run`
+/// judges one pass: the prunes against what flotilla holds there before (prunes of earlier
+/// passes within `--prune-hold-window` are not known here).
+pub fn mark_held(d: &mut FleetDiff, before: &Side, limits: &crate::controller::guard::Limits) {
+    for (member, cd) in &mut d.clusters {
+        let managed = before.objects.get(member).map_or(0, BTreeMap::len);
+        if limits.holds(cd.prune.len(), managed) {
+            cd.held = Some(GuardHold { prunes: cd.prune.len(), allowed: limits.allowed(managed) });
+        }
+    }
+}
+
 /// What flotilla compares of an object, as YAML: its labels of ours and its spec.
 fn comparable(o: &DesiredObject) -> serde_json::Value {
     let mut v = serde_json::to_value(o).expect("objects serialise");
@@ -196,6 +220,13 @@ pub fn to_text(d: &FleetDiff) -> String {
             cd.change.len(),
             cd.prune.len()
         );
+        if let Some(h) = &cd.held {
+            let _ = writeln!(
+                out,
+                "! the blast-radius guard would hold these {} prunes (more than the {} it lets go at once here): run writes the rest and waits for flotilla.io/release-prunes",
+                h.prunes, h.allowed
+            );
+        }
         for (sign, verb, list) in [("+", "create", &cd.create), ("~", "change", &cd.change), ("-", "prune", &cd.prune)]
         {
             for c in list {
@@ -229,6 +260,44 @@ pub fn to_text(d: &FleetDiff) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn prunes_past_the_guard_s_limits_are_marked_held() {
+        let prune = |i: usize| ObjectChange {
+            kind: Kind::ServiceEntry,
+            namespace: "admiral-sync".into(),
+            name: format!("se-{i}"),
+            fields: Vec::new(),
+            diff: String::new(),
+        };
+        let cluster = |n: usize| ClusterDiff { prune: (0..n).map(prune).collect(), ..Default::default() };
+        let mut d = FleetDiff::default();
+        d.clusters.insert("big".into(), cluster(6));
+        d.clusters.insert("small".into(), cluster(4));
+        let mut before = Side::default();
+        // 6 of 40 objects: more than 5 and more than a tenth (4): held. 4 of 100: not.
+        let objects = |n: usize| -> BTreeMap<ObjectKey, DesiredObject> {
+            (0..n)
+                .map(|i| {
+                    let key = ObjectKey::new(Kind::ServiceEntry, "admiral-sync", &format!("se-{i}"));
+                    (key, DesiredObject::ServiceEntry(Default::default()))
+                })
+                .collect()
+        };
+        before.objects.insert("big".into(), objects(40));
+        before.objects.insert("small".into(), objects(100));
+        let limits =
+            crate::controller::guard::Limits { threshold: 5, share: 0.1, window: std::time::Duration::from_secs(600) };
+        mark_held(&mut d, &before, &limits);
+        assert_eq!(d.clusters["big"].held, Some(GuardHold { prunes: 6, allowed: 5 }));
+        assert_eq!(d.clusters["small"].held, None);
+        assert!(to_text(&d).contains("! the blast-radius guard would hold these 6 prunes"), "{}", to_text(&d));
+        // Off: nothing is held.
+        let mut d2 = FleetDiff::default();
+        d2.clusters.insert("big".into(), cluster(6));
+        mark_held(&mut d2, &before, &crate::controller::guard::Limits { threshold: 0, ..limits });
+        assert_eq!(d2.clusters["big"].held, None);
+    }
 
     #[test]
     fn fields_are_the_leaves_that_differ() {

@@ -28,6 +28,7 @@ pub mod meta;
 pub mod model;
 pub(crate) mod parallel;
 pub mod preflight;
+pub mod progress;
 pub(crate) mod register;
 pub mod render;
 pub mod settings;

@@ -64,7 +64,15 @@ pub async fn snapshot(hub: &Client, opts: &SnapshotOptions, out: &Path) -> anyho
     let mut report =
         SnapshotReport { problems: problems.iter().map(|p| p.to_string()).collect(), ..Default::default() };
 
-    let members = join_all(claims.iter().map(|(id, reg)| read_member(id, reg, opts))).await;
+    let progress = crate::progress::Progress::stderr("snapshot");
+    progress.say(format_args!("reading {} members", claims.len()));
+    let members = join_all(claims.iter().map(|(id, reg)| async {
+        let read = read_member(id, reg, opts).await;
+        progress.tick(claims.len(), "members read");
+        read
+    }))
+    .await;
+    progress.finish();
     let mut fleet_file =
         String::from("# Taken by `flotilla snapshot`: per-member overrides from the registration Secrets.\n");
     fleet_file.push_str(if claims.is_empty() { "clusters: {}\n" } else { "clusters:\n" });

@@ -193,7 +193,11 @@ pub fn generate(spec: &SynthSpec) -> BTreeMap<String, String> {
 
 /// Writes the fleet as `<dir>/<cluster>/fleet.yaml`.
 pub fn write_fleet_dir(spec: &SynthSpec, dir: &Path) -> std::io::Result<()> {
-    for (cluster, text) in generate(spec) {
+    let progress = crate::progress::Progress::stderr("synth");
+    progress.say("generating");
+    let clusters = generate(spec);
+    for (cluster, text) in &clusters {
+        progress.tick(clusters.len(), "members written");
         let sub = dir.join(cluster);
         std::fs::create_dir_all(&sub)?;
         std::fs::write(sub.join("objects.yaml"), text)?;

@@ -139,3 +139,23 @@ fn huge_durations_and_impossible_ports_are_errors_not_panics() {
         "the valid port is used:\n{stdout}"
     );
 }
+
+/// Progress goes to a terminal only: on one (a pseudo-terminal made by util-linux's `script`)
+/// `render` says what it does and clears the line; through a pipe its stderr has none of it.
+#[test]
+fn render_shows_progress_on_a_terminal_only() {
+    let fleet = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/fleet");
+    let (_, piped, code) = flotilla(&["render", fleet]);
+    assert_eq!(code, 0, "{piped}");
+    assert!(!piped.contains("render: ") && !piped.contains('\r'), "{piped:?}");
+
+    let command = format!("{} render {fleet} >/dev/null", env!("CARGO_BIN_EXE_flotilla"));
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .expect("`script` (util-linux, Debian's bsdutils) runs a command on a pseudo-terminal");
+    let terminal = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{terminal}");
+    assert!(terminal.contains("render: computing 3 members"), "{terminal:?}");
+    assert!(terminal.contains("\r\x1b[K"), "the line is rewritten and cleared: {terminal:?}");
+}

@@ -21,6 +21,9 @@ pub struct DiffArgs {
     pub hub: HubArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
+    /// The limits `run` holds prunes at: a member past them is marked (held, not pruned).
+    #[command(flatten)]
+    pub guard: super::GuardArgs,
 }
 
 pub(super) fn diff(args: DiffArgs) -> ExitCode {
@@ -50,7 +53,8 @@ pub(super) fn diff(args: DiffArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
-    let d = crate::diff::diff(&before, &after);
+    let mut d = crate::diff::diff(&before, &after);
+    crate::diff::mark_held(&mut d, &before, &args.guard.limits());
     let text = match args.format {
         ReportFormat::Text => crate::diff::to_text(&d),
         ReportFormat::Json => serde_json::to_string_pretty(&d).expect("serialising JSON") + "\n",

@@ -115,6 +115,39 @@ pub struct HubArgs {
     pub vip_configmap: String,
 }
 
+/// The blast-radius guard's limits: `run` holds prunes past them, `diff` shows what it would hold.
+#[derive(Debug, Args)]
+pub struct GuardArgs {
+    /// Blast-radius guard: a member's prunes are held when more than this many would go within
+    /// `--prune-hold-window` and more than `--prune-hold-share` of its managed objects; the rest
+    /// is written. Released by the hold's id (annotation `flotilla.io/release-prunes` on the
+    /// registration Secret) or when the cause is fixed. 0 turns it off.
+    #[arg(long, default_value_t = 100, env = "FLOTILLA_PRUNE_HOLD_THRESHOLD")]
+    pub prune_hold_threshold: usize,
+    #[arg(long, default_value_t = 0.25, value_parser = parse_share, env = "FLOTILLA_PRUNE_HOLD_SHARE")]
+    pub prune_hold_share: f64,
+    #[arg(long, default_value = "10m", value_parser = parse_duration, env = "FLOTILLA_PRUNE_HOLD_WINDOW")]
+    pub prune_hold_window: Duration,
+}
+
+impl GuardArgs {
+    pub fn limits(&self) -> crate::controller::guard::Limits {
+        crate::controller::guard::Limits {
+            threshold: self.prune_hold_threshold,
+            share: self.prune_hold_share,
+            window: self.prune_hold_window,
+        }
+    }
+}
+
+/// A share between 0 and 1.
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a share between 0 and 1 (e.g. 0.25)")),
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReportFormat {
     Text,
@@ -430,7 +463,10 @@ fn rendered(
     settings: &Settings,
     vip_store: &str,
 ) -> Result<(crate::compute::Engine, crate::render::Rendered), String> {
+    let progress = crate::progress::Progress::stderr("diff");
+    progress.say(format_args!("reading {}", dir.display()));
     let loaded = crate::fleet_dir::load(dir).map_err(|e| e.to_string())?;
+    progress.say(format_args!("computing {} members, {} objects", loaded.clusters.len(), loaded.objects.len()));
     let engine = crate::render::engine(&loaded, settings, vip_store);
     Ok((engine, crate::render::render(loaded, settings, vip_store)))
 }

@@ -33,25 +33,20 @@ pub(super) fn render(args: RenderArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
+    let progress = crate::progress::Progress::stderr("render");
+    progress.say(format_args!("reading {}", args.fleet_dir.display()));
     let loaded = match crate::fleet_dir::load(&args.fleet_dir) {
         Ok(l) => l,
         Err(e) => return fail(&e.to_string()),
     };
+    progress.say(format_args!("computing {} members, {} objects", loaded.clusters.len(), loaded.objects.len()));
     let rendered = crate::render::render(loaded, &settings, &args.vip_configmap);
+    progress.say("writing");
+    let written = write(&args, &rendered);
+    progress.finish();
     for line in &rendered.diagnostics {
         eprintln!("{line}");
     }
-    let written = match &args.out_dir {
-        Some(dir) => crate::render::write_out_dir(&rendered, dir, args.format)
-            .map_err(|e| format!("--out-dir {}: {e}", dir.display())),
-        None => {
-            let text = match args.format {
-                Format::Yaml => crate::render::to_yaml(&rendered),
-                Format::Json => crate::render::to_json(&rendered),
-            };
-            print_stdout(&text)
-        }
-    };
     if let Err(e) = written {
         return fail(&e);
     }
@@ -60,4 +55,19 @@ pub(super) fn render(args: RenderArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     ExitCode::SUCCESS
+}
+
+/// The rendered objects to --out-dir, or to stdout.
+fn write(args: &RenderArgs, rendered: &crate::render::Rendered) -> Result<(), String> {
+    match &args.out_dir {
+        Some(dir) => crate::render::write_out_dir(rendered, dir, args.format)
+            .map_err(|e| format!("--out-dir {}: {e}", dir.display())),
+        None => {
+            let text = match args.format {
+                Format::Yaml => crate::render::to_yaml(rendered),
+                Format::Json => crate::render::to_json(rendered),
+            };
+            print_stdout(&text)
+        }
+    }
 }

@@ -69,16 +69,8 @@ pub struct RunArgs {
     /// Write requests in flight across all members.
     #[arg(long, default_value_t = 16, env = "FLOTILLA_MAX_CONCURRENT_WRITES")]
     pub max_concurrent_writes: usize,
-    /// Blast-radius guard: a member's prunes are held when more than this many would go within
-    /// `--prune-hold-window` and more than `--prune-hold-share` of its managed objects; the rest
-    /// is written. Released by the hold's id (annotation `flotilla.io/release-prunes` on the
-    /// registration Secret) or when the cause is fixed. 0 turns it off.
-    #[arg(long, default_value_t = 100, env = "FLOTILLA_PRUNE_HOLD_THRESHOLD")]
-    pub prune_hold_threshold: usize,
-    #[arg(long, default_value_t = 0.25, value_parser = parse_share, env = "FLOTILLA_PRUNE_HOLD_SHARE")]
-    pub prune_hold_share: f64,
-    #[arg(long, default_value = "10m", value_parser = parse_duration, env = "FLOTILLA_PRUNE_HOLD_WINDOW")]
-    pub prune_hold_window: Duration,
+    #[command(flatten)]
+    pub guard: super::GuardArgs,
     /// How long a member whose registration (Secret or key) is removed keeps its endpoints in
     /// the other members, shown `leaving`, before it is forgotten: a registration deleted by
     /// mistake can be put back without a blip. 0: at once.
@@ -195,11 +187,7 @@ async fn run_controller(args: RunArgs, settings: crate::settings::Settings) -> a
         vip_shard_entries: args.vip_shard_entries.max(1),
         vip_release_after: args.vip_release_after,
         max_concurrent_writes: args.max_concurrent_writes,
-        prune_guard: crate::controller::guard::Limits {
-            threshold: args.prune_hold_threshold,
-            share: args.prune_hold_share,
-            window: args.prune_hold_window,
-        },
+        prune_guard: args.guard.limits(),
         dry_run: args.dry_run,
         removal_grace: args.removal_grace,
         imported_vips,
@@ -239,13 +227,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = terminate => {}
         _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-/// A share between 0 and 1.
-fn parse_share(s: &str) -> Result<f64, String> {
-    match s.trim().parse::<f64>() {
-        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
-        _ => Err(format!("{s:?} is not a share between 0 and 1 (e.g. 0.25)")),
     }
 }

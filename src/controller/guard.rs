@@ -30,6 +30,11 @@ impl Limits {
     pub fn allowed(&self, managed: usize) -> usize {
         self.threshold.max((self.share * managed as f64) as usize)
     }
+
+    /// Whether `prunes` at once in a member holding `managed` objects are held.
+    pub fn holds(&self, prunes: usize, managed: usize) -> bool {
+        self.threshold != 0 && prunes > self.allowed(managed)
+    }
 }
 
 /// Prunes held in one member.
