@@ -21,6 +21,7 @@ fn report(state: PolicyState, generation: i64) -> PolicyReport {
         state,
         clusters: BTreeMap::new(),
         message: String::new(),
+        sidecar: None,
     }
 }
 

@@ -619,6 +619,7 @@ fn sidecars_and_dependency_reports(
             state,
             clusters: BTreeMap::new(),
             message: String::new(),
+            sidecar: Some(format!("{}-egress", identity.to_ascii_lowercase())),
         };
         if dep.invalid.is_none() && refusal.is_none() {
             let hosts: Arc<BTreeSet<String>> = Arc::new(

@@ -383,6 +383,9 @@ pub struct PolicyReport {
     /// the clusters that get the same hosts).
     pub clusters: BTreeMap<ClusterId, Arc<BTreeSet<String>>>,
     pub message: String,
+    /// A Dependency's own object besides its hosts': the Sidecar it shapes in its source's
+    /// members (by name), whose write errors its status names.
+    pub sidecar: Option<String>,
 }
 
 impl PolicyReport {
@@ -394,6 +397,7 @@ impl PolicyReport {
             state,
             clusters: BTreeMap::new(),
             message: String::new(),
+            sidecar: None,
         }
     }
 }

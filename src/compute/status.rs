@@ -104,6 +104,7 @@ mod tests {
             state,
             clusters,
             message: String::new(),
+            sidecar: None,
         }
     }
 

@@ -27,8 +27,8 @@ const ERROR_CHARS: usize = 300;
 
 impl ClusterErrors {
     /// Per member a report writes to, the error its status names there: the member's own, else
-    /// those of the report's own objects (a ServiceEntry or DestinationRule of one of its hosts),
-    /// never another policy's.
+    /// those of the report's own objects (a ServiceEntry or DestinationRule of one of its hosts,
+    /// a Dependency's Sidecar), never another policy's.
     fn for_report(&self, report: &PolicyReport) -> BTreeMap<ClusterId, String> {
         let mut out = BTreeMap::new();
         for (cluster, hosts) in &report.clusters {
@@ -38,9 +38,10 @@ impl ClusterErrors {
             }
             let Some(failing) = self.objects.get(cluster) else { continue };
             let own = |name: &str| {
-                ["-se", "-default-dr", "-dr"]
-                    .iter()
-                    .any(|suffix| name.strip_suffix(suffix).is_some_and(|h| hosts.contains(h)))
+                report.sidecar.as_deref() == Some(name)
+                    || ["-se", "-default-dr", "-dr"]
+                        .iter()
+                        .any(|suffix| name.strip_suffix(suffix).is_some_and(|h| hosts.contains(h)))
             };
             let mine: Vec<&String> = failing.iter().filter(|(name, _)| own(name)).map(|(_, e)| e).collect();
             let Some(first) = mine.first() else { continue };
@@ -145,6 +146,7 @@ mod tests {
             state: PolicyState::Ready,
             clusters: BTreeMap::new(),
             message: String::new(),
+            sidecar: None,
         }
     }
 
@@ -212,6 +214,25 @@ mod tests {
         let named = errors.for_report(&many);
         assert!(named["west"].ends_with("(and 7 more)"), "{}", named["west"]);
         assert!(named["west"].len() < 4 * ERROR_CHARS * ERRORS_SHOWN);
+    }
+
+    #[test]
+    fn a_dependency_names_its_sidecar_s_errors_and_not_another_s() {
+        let mut dep = report("caller-deps");
+        dep.kind = Kind::Dependency;
+        dep.sidecar = Some("caller-egress".into());
+        dep.clusters.insert("east".into(), std::sync::Arc::new(["stage.greeting.global".to_string()].into()));
+        let mut errors = ClusterErrors::default();
+        let east = errors.objects.entry("east".into()).or_default();
+        east.insert("caller-egress".into(), "apply caller/caller-egress: denied by a webhook".into());
+        east.insert("other-egress".into(), "apply other/other-egress: denied".into());
+        let named = errors.for_report(&dep);
+        assert!(named["east"].contains("caller-egress: denied by a webhook"), "{named:?}");
+        assert!(!named["east"].contains("other-egress"), "{named:?}");
+        // A GTP of the same hosts does not name the Sidecar.
+        let mut gtp = report("gtp");
+        gtp.clusters = dep.clusters.clone();
+        assert!(errors.for_report(&gtp).is_empty());
     }
 
     impl PendingStatuses {
