@@ -496,16 +496,11 @@ fn is_ours(o: &DynamicObject, label: &str) -> bool {
     }
 }
 
-/// Lowercases protocols, replaces VIP values by a marker (their presence is compared, not their
-/// value) and sorts lists whose order carries no meaning.
+/// Lowercases protocols and sorts lists whose order carries no meaning. VIP values are kept:
+/// each controller allocates its own, and the report shows every address that differs.
 fn normalise(kind: &str, spec: &Value) -> Value {
     let mut s = spec.clone();
     if kind == "ServiceEntry" {
-        if let Some(addresses) = s.get_mut("addresses").and_then(Value::as_array_mut) {
-            for a in addresses.iter_mut() {
-                *a = json!("<vip>");
-            }
-        }
         for p in s.get_mut("ports").and_then(Value::as_array_mut).into_iter().flatten() {
             if let Some(proto) = p["protocol"].as_str() {
                 p["protocol"] = json!(proto.to_lowercase());

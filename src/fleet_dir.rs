@@ -294,6 +294,8 @@ fn parse_kind<'de, D: Deserializer<'de>>(api_version: &str, kind: &str, de: D) -
     Some(match (group, kind) {
         ("apps", "Deployment") => input(de, InputObject::Deployment),
         ("argoproj.io", "Rollout") => input(de, InputObject::Rollout),
+        ("batch", "Job") => input(de, InputObject::Job),
+        ("batch", "CronJob") => input(de, InputObject::CronJob),
         ("networking.istio.io", "VirtualService") => input(de, InputObject::VirtualService),
         ("", "Service") if core => input(de, InputObject::Service),
         ("", "Node") if core => input(de, InputObject::Node),

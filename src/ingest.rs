@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, Job, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{Namespace, Node, PodTemplateSpec, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -15,18 +16,23 @@ use crate::crd::{
 };
 use crate::istio::{ServiceEntry, Sidecar};
 use crate::meta::{
-    ANNOTATION_ENV, ANNOTATION_IDENTITIES, ANNOTATION_INCLUDE_INBOUND_PORTS, DEFAULT_ENV, Kind, LABEL_PRIORITY,
-    LABEL_REGION, LABEL_REGION_LEGACY, annotation, has_ignore, is_dns_label, is_managed, label,
+    ANNOTATION_IDENTITIES, ANNOTATION_INCLUDE_INBOUND_PORTS, DEFAULT_ENV, Kind, LABEL_PRIORITY, LABEL_REGION,
+    LABEL_REGION_LEGACY, annotation, has_ignore, is_dns_label, is_managed, label,
 };
 use crate::model::{
-    Allowance, DependencyEntry, ObjectRef, Policy, Record, RolloutPlan, ServiceInfo, ServicePortInfo, VsRoute, Workload,
+    Allowance, DependencyEntry, ForeignSidecar, ObjectRef, Policy, Record, RolloutPlan, ServiceInfo, ServicePortInfo,
+    VsRoute, Workload, WorkloadKind,
 };
+use crate::settings::Keys;
 
 /// One object of a kind the engine reads.
 #[derive(Clone, Debug)]
 pub enum InputObject {
     Deployment(Box<Deployment>),
     Rollout(Box<Rollout>),
+    /// Jobs and CronJobs: clients only (they call others, nothing calls them).
+    Job(Box<Job>),
+    CronJob(Box<CronJob>),
     /// VirtualServices: a canary Rollout reads its weights from the one it names.
     VirtualService(Box<VirtualService>),
     Service(Box<Service>),
@@ -47,6 +53,8 @@ macro_rules! each_input {
         match $obj {
             InputObject::Deployment($o) => $body,
             InputObject::Rollout($o) => $body,
+            InputObject::Job($o) => $body,
+            InputObject::CronJob($o) => $body,
             InputObject::VirtualService($o) => $body,
             InputObject::Service($o) => $body,
             InputObject::Node($o) => $body,
@@ -66,6 +74,8 @@ impl InputObject {
         match self {
             InputObject::Deployment(_) => Kind::Deployment,
             InputObject::Rollout(_) => Kind::Rollout,
+            InputObject::Job(_) => Kind::Job,
+            InputObject::CronJob(_) => Kind::CronJob,
             InputObject::VirtualService(_) => Kind::VirtualService,
             InputObject::Service(_) => Kind::Service,
             InputObject::Node(_) => Kind::Node,
@@ -96,12 +106,20 @@ impl InputObject {
 
 /// What the model keeps of `obj`, seen in `cluster`; None for what it ignores (a Sidecar
 /// flotilla manages is its own output, not an input).
-pub fn distill(obj: &InputObject, cluster: &str, identity_label: &str) -> Option<Record> {
+pub fn distill(obj: &InputObject, cluster: &str, keys: &Keys) -> Option<Record> {
     let (namespace, name) = obj.key();
     let at = || ObjectRef { cluster: cluster.to_string(), namespace: namespace.clone(), name: name.clone() };
     Some(match obj {
-        InputObject::Deployment(d) => Record::Workload(distill_workload(d, identity_label)),
-        InputObject::Rollout(r) => Record::Workload(distill_rollout(r, identity_label)),
+        InputObject::Deployment(d) => Record::Workload(distill_workload(d, keys)),
+        InputObject::Rollout(r) => Record::Workload(distill_rollout(r, keys)),
+        InputObject::Job(j) => {
+            let template = j.spec.as_ref().map(|s| &s.template);
+            Record::Workload(workload(WorkloadKind::Job, &j.metadata, template, keys, None))
+        }
+        InputObject::CronJob(c) => {
+            let template = c.spec.as_ref().and_then(|s| s.job_template.spec.as_ref()).map(|s| &s.template);
+            Record::Workload(workload(WorkloadKind::CronJob, &c.metadata, template, keys, None))
+        }
         InputObject::VirtualService(vs) => Record::VirtualService { routes: vs_routes(vs) },
         InputObject::Service(s) => Record::Service(distill_service(s)),
         InputObject::Node(n) => Record::Node(node_region(n)),
@@ -110,13 +128,16 @@ pub fn distill(obj: &InputObject, cluster: &str, identity_label: &str) -> Option
             allows: annotation(&n.metadata, ANNOTATION_IDENTITIES).map(|a| Allowance::parse(a)),
         },
         InputObject::Sidecar(s) if is_managed(&s.metadata) => return None,
-        InputObject::Sidecar(s) => {
-            Record::ForeignSidecar { selector: s.spec.workload_selector.as_ref().map(|ws| ws.labels.clone()) }
-        }
+        InputObject::Sidecar(s) => Record::ForeignSidecar(ForeignSidecar {
+            selector: s.spec.workload_selector.as_ref().map(|ws| ws.labels.clone()),
+            egress_hosts: (!s.spec.egress.is_empty())
+                .then(|| s.spec.egress.iter().flat_map(|l| l.hosts.iter().cloned()).collect()),
+            uid: s.metadata.uid.clone(),
+        }),
         InputObject::ServiceEntry(se) if is_managed(&se.metadata) => return None,
         InputObject::ServiceEntry(se) => Record::ForeignServiceEntry { hosts: se.spec.hosts.clone() },
         InputObject::GlobalTrafficPolicy(g) => {
-            let mut policy = policy_header(at(), &g.metadata, Some(&g.spec.selector), identity_label);
+            let mut policy = policy_header(at(), &g.metadata, Some(&g.spec.selector), keys);
             policy.priority = match label(&g.metadata, LABEL_PRIORITY) {
                 None => 0,
                 Some(p) => p.trim().parse().unwrap_or_else(|_| {
@@ -128,11 +149,11 @@ pub fn distill(obj: &InputObject, cluster: &str, identity_label: &str) -> Option
             Record::GlobalTrafficPolicy(judged(policy, &g.spec, verdict))
         }
         InputObject::OutlierDetection(o) => {
-            let policy = policy_header(at(), &o.metadata, Some(&o.spec.selector), identity_label);
+            let policy = policy_header(at(), &o.metadata, Some(&o.spec.selector), keys);
             Record::OutlierDetection(judged(policy, &o.spec, Ok(())))
         }
         InputObject::ClientConnectionConfig(o) => {
-            let policy = policy_header(at(), &o.metadata, Some(&o.spec.selector), identity_label);
+            let policy = policy_header(at(), &o.metadata, Some(&o.spec.selector), keys);
             let verdict = validate_connection_config(&o.spec);
             Record::ClientConnectionConfig(judged(policy, &o.spec, verdict))
         }
@@ -149,10 +170,11 @@ fn judged<S: Clone>(mut policy: Policy<S>, spec: &S, verdict: Result<(), String>
     policy
 }
 
-/// Env from annotation `admiral.io/env`, label `admiral.io/env`, label `env`, then `fallback`.
-fn env_of(meta: &ObjectMeta, fallback: Option<&String>) -> String {
-    annotation(meta, ANNOTATION_ENV)
-        .or_else(|| label(meta, ANNOTATION_ENV))
+/// Env from annotation `<env key>` (`admiral.io/env`), label `<env key>`, label `env`, then
+/// `fallback`.
+fn env_of(meta: &ObjectMeta, env_key: &str, fallback: Option<&String>) -> String {
+    annotation(meta, env_key)
+        .or_else(|| label(meta, env_key))
         .or_else(|| label(meta, "env"))
         .or(fallback)
         .map(|s| s.trim())
@@ -166,14 +188,14 @@ fn valid_port(n: i32) -> Option<u16> {
     u16::try_from(n).ok().filter(|p| *p > 0)
 }
 
-pub fn distill_workload(d: &Deployment, identity_label: &str) -> Workload {
-    workload(&d.metadata, d.spec.as_ref().map(|s| &s.template), identity_label, None)
+pub fn distill_workload(d: &Deployment, keys: &Keys) -> Workload {
+    workload(WorkloadKind::Deployment, &d.metadata, d.spec.as_ref().map(|s| &s.template), keys, None)
 }
 
 /// A Rollout is a workload like a Deployment (identity, env and opt-outs from its pod template),
 /// plus how its strategy picks Services.
-pub fn distill_rollout(r: &Rollout, identity_label: &str) -> Workload {
-    workload(&r.metadata, r.spec.template.as_ref(), identity_label, Some(rollout_plan(r)))
+pub fn distill_rollout(r: &Rollout, keys: &Keys) -> Workload {
+    workload(WorkloadKind::Rollout, &r.metadata, r.spec.template.as_ref(), keys, Some(rollout_plan(r)))
 }
 
 fn rollout_plan(r: &Rollout) -> RolloutPlan {
@@ -211,9 +233,10 @@ fn vs_routes(vs: &VirtualService) -> Vec<VsRoute> {
 }
 
 fn workload(
+    kind: WorkloadKind,
     meta: &ObjectMeta,
     template: Option<&PodTemplateSpec>,
-    identity_label: &str,
+    keys: &Keys,
     rollout: Option<RolloutPlan>,
 ) -> Workload {
     let template_meta = template.and_then(|t| t.metadata.clone()).unwrap_or_default();
@@ -223,9 +246,9 @@ fn workload(
         .map(str::trim)
         .filter(|sa| !sa.is_empty())
         .map(str::to_string);
-    let (identity, identity_from_label) = match label(&template_meta, identity_label) {
+    let (identity, identity_from_label) = match label(&template_meta, &keys.identity) {
         Some(v) if !v.trim().is_empty() => (Some(v.trim().to_string()), true),
-        _ => match annotation(&template_meta, identity_label) {
+        _ => match annotation(&template_meta, &keys.identity) {
             Some(v) if !v.trim().is_empty() => (Some(v.trim().to_string()), false),
             _ => (None, false),
         },
@@ -233,11 +256,12 @@ fn workload(
     let inbound_port = annotation(&template_meta, ANNOTATION_INCLUDE_INBOUND_PORTS)
         .and_then(|v| v.split(',').find_map(|p| p.trim().parse::<i32>().ok().and_then(valid_port)));
     Workload {
+        kind,
         namespace: meta.namespace.clone().unwrap_or_default(),
         name: meta.name.clone().unwrap_or_default(),
         identity,
         identity_from_label,
-        env: env_of(&template_meta, None),
+        env: env_of(&template_meta, &keys.env, None),
         opted_out: has_ignore(meta) || has_ignore(&template_meta),
         pod_labels: template_meta.labels.clone().unwrap_or_default(),
         inbound_port,
@@ -306,15 +330,16 @@ fn policy_header<S>(
     at: ObjectRef,
     meta: &ObjectMeta,
     selector: Option<&BTreeMap<String, String>>,
-    identity_label: &str,
+    keys: &Keys,
 ) -> Policy<S> {
+    let identity_label = keys.policy_identity.as_str();
     let from_selector = |key: &str| selector.and_then(|s| s.get(key));
     let identity = label(meta, identity_label)
         .or_else(|| from_selector(identity_label))
         .or_else(|| from_selector("identity"))
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty());
-    let env = env_of(meta, from_selector("env").or_else(|| from_selector(ANNOTATION_ENV)));
+    let env = env_of(meta, &keys.env, from_selector("env").or_else(|| from_selector(&keys.env)));
     let mut warnings = Vec::new();
     if identity.is_none() {
         warnings.push(format!("no identity: set label {identity_label:?} or spec.selector.{identity_label}"));
@@ -390,17 +415,17 @@ pub fn validate_connection_config(spec: &ClientConnectionConfigSpec) -> Result<(
 /// the whole one. None for what a snapshot leaves out: Namespaces that neither opt out nor name
 /// identities (`flotilla.io/identities`), and
 /// Sidecars flotilla manages (they are its output, not its input).
-pub fn reduce(obj: &InputObject, identity_label: &str) -> Option<InputObject> {
+pub fn reduce(obj: &InputObject, keys: &Keys) -> Option<InputObject> {
     use k8s_openapi::api::apps::v1::DeploymentSpec;
     use k8s_openapi::api::core::v1::{
         LoadBalancerIngress, LoadBalancerStatus, PodTemplateSpec, ServicePort, ServiceSpec, ServiceStatus,
     };
     let meta = obj.meta();
-    let keep = |keys: &[&str], map: &Option<BTreeMap<String, String>>| -> Option<BTreeMap<String, String>> {
+    let keep = |wanted: &[&str], map: &Option<BTreeMap<String, String>>| -> Option<BTreeMap<String, String>> {
         let kept: BTreeMap<String, String> = map
             .iter()
             .flatten()
-            .filter(|(k, _)| keys.contains(&k.as_str()))
+            .filter(|(k, _)| wanted.contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         (!kept.is_empty()).then_some(kept)
@@ -420,50 +445,62 @@ pub fn reduce(obj: &InputObject, identity_label: &str) -> Option<InputObject> {
         uid: meta.uid.clone(),
         ..header(keep(&ignore, &meta.labels), &ignore)
     };
-    // Of a pod spec only the service account is read (the workload's SPIFFE identity).
-    let service_account = |spec: Option<&k8s_openapi::api::core::v1::PodSpec>| {
-        let name = spec?.service_account_name.clone()?;
-        Some(k8s_openapi::api::core::v1::PodSpec { service_account_name: Some(name), ..Default::default() })
-    };
+    // Of a pod template: its labels, the annotations read (identity, env, opt-out, inbound
+    // port) and of its spec only the service account (the workload's SPIFFE identity).
+    let read = [keys.identity.as_str(), keys.env.as_str(), crate::meta::LABEL_IGNORE, ANNOTATION_INCLUDE_INBOUND_PORTS];
+    let pod_template =
+        |t: &PodTemplateSpec| PodTemplateSpec {
+            metadata: t.metadata.as_ref().map(|m| ObjectMeta {
+                labels: m.labels.clone(),
+                annotations: keep(&read, &m.annotations),
+                ..Default::default()
+            }),
+            spec: t.spec.as_ref().and_then(|s| s.service_account_name.clone()).map(|name| {
+                k8s_openapi::api::core::v1::PodSpec { service_account_name: Some(name), ..Default::default() }
+            }),
+        };
     Some(match obj {
         InputObject::Deployment(d) => {
             let spec = d.spec.as_ref();
-            let template = spec.and_then(|s| s.template.metadata.as_ref());
-            let read = [identity_label, ANNOTATION_ENV, crate::meta::LABEL_IGNORE, ANNOTATION_INCLUDE_INBOUND_PORTS];
             InputObject::Deployment(Box::new(Deployment {
                 metadata: workload_header(),
                 spec: Some(DeploymentSpec {
                     selector: spec.map(|s| s.selector.clone()).unwrap_or_default(),
-                    template: PodTemplateSpec {
-                        metadata: template.map(|t| ObjectMeta {
-                            labels: t.labels.clone(),
-                            annotations: keep(&read, &t.annotations),
-                            ..Default::default()
-                        }),
-                        spec: service_account(spec.and_then(|s| s.template.spec.as_ref())),
-                    },
+                    template: spec.map(|s| pod_template(&s.template)).unwrap_or_default(),
                     ..Default::default()
                 }),
                 status: None,
             }))
         }
         InputObject::Rollout(r) => {
-            let template = r.spec.template.as_ref().and_then(|t| t.metadata.as_ref());
-            let read = [identity_label, ANNOTATION_ENV, crate::meta::LABEL_IGNORE, ANNOTATION_INCLUDE_INBOUND_PORTS];
             let spec = crate::argo::RolloutSpec {
                 selector: r.spec.selector.clone(),
-                template: Some(PodTemplateSpec {
-                    metadata: template.map(|t| ObjectMeta {
-                        labels: t.labels.clone(),
-                        annotations: keep(&read, &t.annotations),
-                        ..Default::default()
-                    }),
-                    spec: service_account(r.spec.template.as_ref().and_then(|t| t.spec.as_ref())),
-                }),
+                template: r.spec.template.as_ref().map(pod_template),
                 strategy: r.spec.strategy.clone(),
             };
             InputObject::Rollout(Box::new(Rollout { metadata: workload_header(), spec }))
         }
+        InputObject::Job(j) => InputObject::Job(Box::new(Job {
+            metadata: workload_header(),
+            spec: j.spec.as_ref().map(|s| JobSpec { template: pod_template(&s.template), ..Default::default() }),
+            status: None,
+        })),
+        InputObject::CronJob(c) => InputObject::CronJob(Box::new(CronJob {
+            metadata: workload_header(),
+            spec: c.spec.as_ref().map(|s| CronJobSpec {
+                schedule: s.schedule.clone(),
+                job_template: JobTemplateSpec {
+                    spec: s
+                        .job_template
+                        .spec
+                        .as_ref()
+                        .map(|j| JobSpec { template: pod_template(&j.template), ..Default::default() }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }),
+            status: None,
+        })),
         InputObject::VirtualService(vs) => InputObject::VirtualService(Box::new(VirtualService {
             metadata: header(None, &[]),
             spec: crate::argo::VirtualServiceSpec {
@@ -546,9 +583,12 @@ pub fn reduce(obj: &InputObject, identity_label: &str) -> Option<InputObject> {
         InputObject::Namespace(_) => return None,
         InputObject::Sidecar(s) if is_managed(&s.metadata) => return None,
         InputObject::Sidecar(s) => {
-            let mut spec = crate::istio::SidecarSpec::default();
-            spec.workload_selector = s.spec.workload_selector.clone();
-            InputObject::Sidecar(Box::new(Sidecar { metadata: header(None, &[]), spec }))
+            let spec = crate::istio::SidecarSpec {
+                workload_selector: s.spec.workload_selector.clone(),
+                egress: s.spec.egress.clone(),
+            };
+            let metadata = ObjectMeta { uid: meta.uid.clone(), ..header(None, &[]) };
+            InputObject::Sidecar(Box::new(Sidecar { metadata, spec }))
         }
         InputObject::ServiceEntry(se) if is_managed(&se.metadata) => return None,
         InputObject::ServiceEntry(se) => {
@@ -557,24 +597,24 @@ pub fn reduce(obj: &InputObject, identity_label: &str) -> Option<InputObject> {
             InputObject::ServiceEntry(Box::new(ServiceEntry { metadata, spec }))
         }
         InputObject::GlobalTrafficPolicy(p) => InputObject::GlobalTrafficPolicy(Box::new(GlobalTrafficPolicy {
-            metadata: policy_meta(meta),
+            metadata: policy_meta(meta, &keys.env),
             spec: p.spec.clone(),
             status: None,
         })),
         InputObject::OutlierDetection(p) => InputObject::OutlierDetection(Box::new(OutlierDetection {
-            metadata: policy_meta(meta),
+            metadata: policy_meta(meta, &keys.env),
             spec: p.spec.clone(),
             status: None,
         })),
         InputObject::ClientConnectionConfig(p) => {
             InputObject::ClientConnectionConfig(Box::new(ClientConnectionConfig {
-                metadata: policy_meta(meta),
+                metadata: policy_meta(meta, &keys.env),
                 spec: p.spec.clone(),
                 status: None,
             }))
         }
         InputObject::Dependency(p) => InputObject::Dependency(Box::new(Dependency {
-            metadata: policy_meta(meta),
+            metadata: policy_meta(meta, &keys.env),
             spec: p.spec.clone(),
             status: None,
         })),
@@ -584,8 +624,8 @@ pub fn reduce(obj: &InputObject, identity_label: &str) -> Option<InputObject> {
 /// What the engine reads of a policy's metadata: identity, env and priority (labels and the env
 /// annotation), when it was created (the newest wins), its generation (its status says which it
 /// saw).
-fn policy_meta(meta: &ObjectMeta) -> ObjectMeta {
-    let env = meta.annotations.iter().flatten().filter(|(k, _)| k.as_str() == ANNOTATION_ENV);
+fn policy_meta(meta: &ObjectMeta, env_key: &str) -> ObjectMeta {
+    let env = meta.annotations.iter().flatten().filter(|(k, _)| k.as_str() == env_key);
     let annotations: BTreeMap<String, String> = env.map(|(k, v)| (k.clone(), v.clone())).collect();
     ObjectMeta {
         name: meta.name.clone(),

@@ -66,10 +66,12 @@ pub const HUB: &str = "_hub";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum Kind {
     ClientConnectionConfig,
+    CronJob,
     Dependency,
     Deployment,
     DestinationRule,
     GlobalTrafficPolicy,
+    Job,
     Namespace,
     Node,
     OutlierDetection,
@@ -164,6 +166,22 @@ pub fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
+/// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name of 1–63
+/// alphanumerics, '-', '_' and '.', starting and ending alphanumeric.
+pub fn is_label_key(s: &str) -> bool {
+    let (prefix, name) = match s.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    let b = name.as_bytes();
+    prefix.is_none_or(is_dns_subdomain)
+        && !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
 /// FNV-1a: a fixed, platform-independent hash (std's hasher is randomised per process), for
 /// choices that must be the same in every process: a host's first VIP candidate.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
@@ -241,10 +259,12 @@ mod tests {
     fn kinds_order_like_their_names() {
         let all = [
             Kind::ClientConnectionConfig,
+            Kind::CronJob,
             Kind::Dependency,
             Kind::Deployment,
             Kind::DestinationRule,
             Kind::GlobalTrafficPolicy,
+            Kind::Job,
             Kind::Namespace,
             Kind::Node,
             Kind::OutlierDetection,

@@ -61,6 +61,8 @@ pub fn permissions(settings: &Settings) -> Vec<Permission> {
     let watch = &["list", "watch"][..];
     add(watch, "apps", "deployments", None, None, "workloads");
     add(watch, "argoproj.io", "rollouts", None, None, "workloads (Argo Rollouts)");
+    add(watch, "batch", "jobs", None, None, "clients that only call others (Jobs)");
+    add(watch, "batch", "cronjobs", None, None, "clients that only call others (CronJobs)");
     add(watch, "", "services", None, None, "workloads' ports and the gateway's address");
     add(watch, "", "nodes", None, None, "the member's region");
     add(watch, "", "namespaces", None, None, "namespaces opted out, and the identities each may run");

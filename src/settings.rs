@@ -130,11 +130,33 @@ impl fmt::Display for LabelTerm {
     }
 }
 
+/// The keys that name an object's identity and env (Admiral's `--workload_identity_key`,
+/// `--admiral_crd_identity_label` and `--env_key`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keys {
+    /// A workload's identity: its pod template's label, else the annotation.
+    pub identity: String,
+    /// A policy's identity: its label, else `spec.selector[<key>]`, else `spec.selector.identity`.
+    pub policy_identity: String,
+    /// An env: the pod template's (a policy's) annotation, else label, then label `env`.
+    pub env: String,
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Keys {
+            identity: "identity".into(),
+            policy_identity: "identity".into(),
+            env: crate::meta::ANNOTATION_ENV.into(),
+        }
+    }
+}
+
 /// Everything the pure engine needs to know about the flags.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     pub sync_namespace: String,
-    pub identity_label: String,
+    pub keys: Keys,
     pub hostname_suffix: String,
     pub expose_ports: ExposePorts,
     pub global_port: u16,
@@ -188,7 +210,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             sync_namespace: "admiral-sync".into(),
-            identity_label: "identity".into(),
+            keys: Keys::default(),
             hostname_suffix: "global".into(),
             expose_ports: ExposePorts::Primary,
             global_port: 80,

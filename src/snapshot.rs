@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Secret, Service};
 use kube::api::ListParams;
 use kube::{Api, Client, Resource};
@@ -25,7 +26,7 @@ use crate::fleet_dir::{FLEET_FILE, HUB_DIR};
 use crate::ingest::{InputObject, reduce};
 use crate::istio::{DestinationRule, ServiceEntry, Sidecar};
 use crate::meta::{first_line, is_ours};
-use crate::settings::LabelTerm;
+use crate::settings::{Keys, LabelTerm};
 
 /// How long listing one member may take before it is reported unreachable.
 const MEMBER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,7 +38,7 @@ pub struct SnapshotOptions {
     pub secret_selectors: Vec<LabelTerm>,
     pub kubeconfig_trust: KubeconfigTrust,
     pub sync_namespace: String,
-    pub identity_label: String,
+    pub keys: crate::settings::Keys,
     pub vip_configmap: String,
     /// This installation (`--instance`): another installation's objects are someone else's.
     pub instance: String,
@@ -117,7 +118,7 @@ pub async fn snapshot(hub: &Client, opts: &SnapshotOptions, out: &Path) -> anyho
     std::fs::create_dir_all(&hub_dir)?;
     let deps = list::<Dependency>(Api::all(hub.clone())).await?;
     let deps: Vec<InputObject> = deps.into_iter().map(|d| InputObject::Dependency(Box::new(d))).collect();
-    write_if_any(&hub_dir, "dependencies.yaml", &reduced(&deps, &opts.identity_label))?;
+    write_if_any(&hub_dir, "dependencies.yaml", &reduced(&deps, &opts.keys))?;
     let configmaps: Api<ConfigMap> = Api::namespaced(hub.clone(), &opts.namespace);
     let shards = list(configmaps).await?.into_iter().filter(|cm| {
         cm.metadata.name.as_deref().and_then(|n| crate::compute::vip::shard_index(&opts.vip_configmap, n)).is_some()
@@ -229,19 +230,21 @@ async fn read_member(id: &str, reg: &Registration, opts: &SnapshotOptions) -> Re
 }
 
 async fn member_files(client: Client, opts: &SnapshotOptions) -> Result<Vec<(String, String)>, kube::Error> {
-    let label = opts.identity_label.as_str();
+    let keys = &opts.keys;
     let mut files = Vec::new();
     macro_rules! inputs {
         ($($file:literal: $kind:ident),* $(,)?) => {$(
             let objects: Vec<InputObject> =
                 list::<$kind>(Api::all(client.clone())).await?.into_iter().map(|o| InputObject::$kind(Box::new(o))).collect();
-            files.push(($file.to_string(), reduced(&objects, label)));
+            files.push(($file.to_string(), reduced(&objects, keys)));
         )*};
     }
     inputs!(
         "nodes.yaml": Node,
         "namespaces.yaml": Namespace,
         "deployments.yaml": Deployment,
+        "jobs.yaml": Job,
+        "cronjobs.yaml": CronJob,
         "services.yaml": Service,
         "sidecars.yaml": Sidecar,
         "globaltrafficpolicies.yaml": GlobalTrafficPolicy,
@@ -254,7 +257,7 @@ async fn member_files(client: Client, opts: &SnapshotOptions) -> Result<Vec<(Str
     match list::<Rollout>(Api::all(client.clone())).await {
         Ok(rollouts) => {
             let objects: Vec<InputObject> = rollouts.into_iter().map(|o| InputObject::Rollout(Box::new(o))).collect();
-            files.push(("rollouts.yaml".to_string(), reduced(&objects, label)));
+            files.push(("rollouts.yaml".to_string(), reduced(&objects, keys)));
         }
         Err(kube::Error::Api(s)) if s.code == 404 => {}
         Err(e) => return Err(e),
@@ -300,8 +303,8 @@ where
 }
 
 /// The reduced objects as YAML documents, sorted by (namespace, name).
-fn reduced(objects: &[InputObject], identity_label: &str) -> String {
-    let mut kept: Vec<InputObject> = objects.iter().filter_map(|o| reduce(o, identity_label)).collect();
+fn reduced(objects: &[InputObject], keys: &Keys) -> String {
+    let mut kept: Vec<InputObject> = objects.iter().filter_map(|o| reduce(o, keys)).collect();
     kept.sort_by_key(|o| o.key());
     kept.iter().map(input_document).collect()
 }
@@ -310,6 +313,8 @@ fn input_document(obj: &InputObject) -> String {
     match obj {
         InputObject::Deployment(o) => document(&**o),
         InputObject::Rollout(o) => document(&**o),
+        InputObject::Job(o) => document(&**o),
+        InputObject::CronJob(o) => document(&**o),
         InputObject::VirtualService(o) => document(&**o),
         InputObject::Service(o) => document(&**o),
         InputObject::Node(o) => document(&**o),

@@ -285,6 +285,50 @@ async fn federates_a_fleet_registered_through_secrets() {
     .await;
     assert!(get_se(west, se_name).await.is_some(), "west-1 still runs greeting");
 
+    // A CronJob is a client: its Dependency brings greeting's hosts back to east-1. Its team's
+    // namespace-wide Sidecar does not list them: flotilla writes no Sidecar over it, and says so
+    // on the Sidecar (an Event) and on the Dependency, until the team adds the host.
+    apply(east, &testenv::builders::namespace("batch")).await;
+    let user_sidecar = |hosts: &[&str]| -> Sidecar {
+        serde_json::from_value(json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
+            "metadata": {"name": "default", "namespace": "batch"},
+            "spec": {"outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"}, "egress": [{"hosts": hosts}]},
+        }))
+        .unwrap()
+    };
+    apply(east, &user_sidecar(&["./*", "istio-system/*"])).await;
+    apply(east, &cron_job("batch", "nightly", "nightly")).await;
+    apply(east, &dependency("batch", "nightly-deps", "nightly", &["greeting"])).await;
+    eventually("greeting's SE in east-1 for the CronJob", WAIT, &flotilla, || get_se(east, se_name)).await;
+    let batch_events: Api<Event> = Api::namespaced(east.clone(), "batch");
+    let event = eventually("a Warning Event on the team's Sidecar", WAIT, &flotilla, || async {
+        let list = batch_events.list(&ListParams::default()).await.unwrap().items;
+        list.into_iter().find(|e| e.reason.as_deref() == Some("EgressMissesDependencies"))
+    })
+    .await;
+    let regarding = event.regarding.clone().unwrap();
+    assert_eq!((regarding.kind.as_deref(), regarding.name.as_deref()), (Some("Sidecar"), Some("default")));
+    assert!(event.note.unwrap_or_default().contains("admiral-sync/stage.greeting.global"));
+    let batch_deps: Api<Dependency> = Api::namespaced(east.clone(), "batch");
+    let ready_message = || async {
+        let status = batch_deps.get("nightly-deps").await.ok()?.status?;
+        Some(status.conditions.iter().find(|c| c.type_ == "Ready")?.message.clone())
+    };
+    eventually("the Dependency names the Sidecar", WAIT, &flotilla, || async {
+        ready_message().await.filter(|m| m.contains("Sidecar batch/default in cluster east-1"))
+    })
+    .await;
+    let batch_sidecars: Api<Sidecar> = Api::namespaced(east.clone(), "batch");
+    assert!(batch_sidecars.get_opt("nightly-egress").await.unwrap().is_none(), "none of ours over theirs");
+    apply(east, &user_sidecar(&["./*", "istio-system/*", "admiral-sync/stage.greeting.global"])).await;
+    eventually("the Dependency's message clear once the team lists the host", WAIT, &flotilla, || async {
+        ready_message().await.filter(|m| !m.contains("Sidecar"))
+    })
+    .await;
+    converged(&flotilla).await;
+    assert!(batch_sidecars.get_opt("nightly-egress").await.unwrap().is_none(), "still none of ours");
+
     // The debug views answer for an identity and a member.
     let identity = flotilla.json("/debug/identities/greeting").await;
     assert_eq!(identity["sourceClusters"], json!(["west-1"]), "{identity}");

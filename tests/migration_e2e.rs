@@ -309,7 +309,7 @@ async fn preflight_names_what_admirals_member_credentials_lack() {
     ] {
         assert!(stdout.contains(missing), "{missing:?} not reported:\n{stdout}");
     }
-    assert!(stdout.contains("west     FAIL    15 of 44 permissions missing"), "{stdout}");
+    assert!(stdout.contains("west     FAIL    15 of 48 permissions missing"), "{stdout}");
     assert!(!stdout.contains("list deployments.apps"), "granted by Admiral's role: {stdout}");
     assert!(!stdout.contains(&token) && !stderr.contains(&token), "no credential in the output");
 
@@ -354,6 +354,7 @@ async fn install_admirals_remote_rbac(client: &Client) {
         {"apiGroups": ["networking.istio.io"], "resources": ["virtualservices", "destinationrules", "serviceentries", "envoyfilters", "gateways", "sidecars"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["admiral.io"], "resources": ["globaltrafficpolicies", "routingpolicies", "trafficconfigs", "outlierdetections"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["argoproj.io"], "resources": ["rollouts"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["batch"], "resources": ["jobs", "cronjobs"], "verbs": ["get", "watch", "list"]},
     ]});
     apply::<ClusterRole>(client, &typed(read)).await;
     apply::<ClusterRoleBinding>(

@@ -67,6 +67,15 @@ async fn a_snapshot_of_a_live_fleet_renders_to_exactly_what_run_wrote() {
     .unwrap();
     apply(b, &users).await;
     deploy(b, "mine", "mine").await;
+    // A CronJob is a client only: b gets svc299's hosts for it, and its namespace a Sidecar.
+    apply(b, &testenv::builders::namespace("nightly")).await;
+    apply(b, &cron_job("nightly", "nightly", "nightly")).await;
+    apply(&hub_client, &dependency(FLOTILLA_NAMESPACE, "nightly-deps", "nightly", &["svc299"])).await;
+    eventually("the CronJob's Sidecar", WAIT, &flotilla, || async {
+        let sidecars: Api<flotilla::istio::Sidecar> = Api::namespaced(b.clone(), "nightly");
+        sidecars.get_opt("nightly-egress").await.ok().flatten()
+    })
+    .await;
     converged(&flotilla).await;
     let svc42 = get_se(a, "stage.svc42.global-se").await.unwrap();
     assert_eq!(svc42.spec.addresses, ["240.0.67.233"], "the first of the colliding hosts keeps the preferred VIP");
@@ -92,7 +101,9 @@ async fn a_snapshot_of_a_live_fleet_renders_to_exactly_what_run_wrote() {
         assert!(!text.contains("managedFields") && !text.contains("resourceVersion"), "{file} holds noise:\n{text}");
     }
     assert!(
-        taken.contains_key("_hub/flotilla-vips.yaml") && taken.contains_key("_hub/dependencies.yaml"),
+        taken.contains_key("_hub/flotilla-vips.yaml")
+            && taken.contains_key("_hub/dependencies.yaml")
+            && taken.get("snap-b/cronjobs.yaml").is_some_and(|t| t.contains("identity: nightly")),
         "{:?}",
         taken.keys()
     );

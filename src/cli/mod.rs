@@ -188,6 +188,14 @@ pub struct EngineArgs {
     /// Pod-template label (or annotation) that carries a workload's identity.
     #[arg(long, default_value = "identity", env = "FLOTILLA_IDENTITY_LABEL")]
     pub identity_label: String,
+    /// Label that carries a GlobalTrafficPolicy's, OutlierDetection's or ClientConnectionConfig's
+    /// identity (Admiral's `--admiral_crd_identity_label`); default: `--identity-label`.
+    #[arg(long, env = "FLOTILLA_POLICY_IDENTITY_LABEL")]
+    pub policy_identity_label: Option<String>,
+    /// Pod-template annotation (else label, then label `env`) that carries a workload's env, and
+    /// a policy's (Admiral's `--env_key`).
+    #[arg(long, default_value = crate::meta::ANNOTATION_ENV, env = "FLOTILLA_ENV_KEY")]
+    pub env_key: String,
     /// Last label of every generated host name: `<env>.<identity>.<suffix>`.
     #[arg(long, default_value = "global", env = "FLOTILLA_HOSTNAME_SUFFIX")]
     pub hostname_suffix: String,
@@ -275,8 +283,15 @@ impl EngineArgs {
         if !is_dns_subdomain(&self.hostname_suffix) {
             return Err(format!("--hostname-suffix {:?} is not a DNS name", self.hostname_suffix));
         }
-        if self.identity_label.trim().is_empty() {
-            return Err("--identity-label must not be empty".into());
+        let policy_identity = self.policy_identity_label.as_ref().unwrap_or(&self.identity_label);
+        for (flag, key) in [
+            ("--identity-label", &self.identity_label),
+            ("--policy-identity-label", policy_identity),
+            ("--env-key", &self.env_key),
+        ] {
+            if !crate::meta::is_label_key(key) {
+                return Err(format!("{flag} {key:?} is not a label key ([prefix/]name)"));
+            }
         }
         if self.gateway_selectors.is_empty() {
             return Err("--gateway-selector needs at least one key=value".into());
@@ -298,7 +313,11 @@ impl EngineArgs {
         }
         Ok(Settings {
             sync_namespace: self.sync_namespace.clone(),
-            identity_label: self.identity_label.clone(),
+            keys: crate::settings::Keys {
+                identity: self.identity_label.clone(),
+                policy_identity: policy_identity.clone(),
+                env: self.env_key.clone(),
+            },
             hostname_suffix: self.hostname_suffix.to_ascii_lowercase(),
             expose_ports: self.expose_ports,
             global_port: self.global_port,
@@ -396,7 +415,7 @@ impl HubArgs {
             secret_selectors: self.cluster_secret_selectors.clone(),
             kubeconfig_trust: self.kubeconfig_trust(),
             sync_namespace: settings.sync_namespace.clone(),
-            identity_label: settings.identity_label.clone(),
+            keys: settings.keys.clone(),
             vip_configmap: self.vip_configmap.clone(),
             instance: settings.instance.clone(),
             adopt_admiral: settings.owner().adopt_admiral,

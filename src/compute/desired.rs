@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::digest::Digest;
 use super::output::KeyHead;
 use super::owners::{Moved, Owners};
-use super::{Desired, Diagnostic, ObjectKey, Placed, PolicyReport};
+use super::{Desired, Diagnostic, Notice, ObjectKey, Placed, PolicyReport};
 use crate::meta::Kind;
 use crate::model::{ClusterId, ClusterIdx, ClusterNames};
 
@@ -35,6 +35,8 @@ pub struct IdentityOutput {
     /// what `/debug/identities` and `explain` show besides the objects.
     pub sources: BTreeSet<String>,
     pub clients: Clients,
+    /// Events to put on others' objects (a user's Sidecar that keeps clients from their hosts).
+    pub notices: Vec<Notice>,
 }
 
 /// The identities that depend on one: those naming it, and the `*` clients (the same for every
@@ -57,6 +59,7 @@ impl IdentityOutput {
         self.objects.is_empty()
             && self.diagnostics.is_empty()
             && self.reports.is_empty()
+            && self.notices.is_empty()
             && self.hosts.is_empty()
             && self.sources.is_empty()
             && self.clients.named.is_empty()
@@ -231,6 +234,10 @@ impl DesiredState {
 
     pub fn reports(&self) -> impl Iterator<Item = &PolicyReport> {
         self.identities().flat_map(|(_, o)| o.reports.iter())
+    }
+
+    pub fn notices(&self) -> impl Iterator<Item = &Notice> {
+        self.identities().flat_map(|(_, o)| o.notices.iter())
     }
 
     /// The object with this key desired in member `cluster`, if any.

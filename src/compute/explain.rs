@@ -104,18 +104,19 @@ pub fn explain_host(engine: &super::Engine, host: &str, cluster: Option<&str>) -
     let mut clusters = BTreeMap::new();
     for member in written {
         let mut why = Vec::new();
-        let runs = |id: &str| -> Vec<String> {
+        // Its serving workloads here (`serving`), or any that call (a client's Jobs too).
+        let runs = |id: &str, serving: bool| -> Vec<String> {
             fleet
                 .workloads_of(id)
-                .filter(|(c, w)| c.id == member && c.is_federated(w))
+                .filter(|(c, w)| c.id == member && c.is_federated(w) && (w.kind.serves() || !serving))
                 .map(|(_, w)| w.describe())
                 .collect()
         };
-        for w in runs(identity) {
+        for w in runs(identity, true) {
             why.push(format!("source: {w} of {identity} runs here"));
         }
         for client in &view.clients {
-            let places = runs(client);
+            let places = runs(client, false);
             if places.is_empty() {
                 continue;
             }

@@ -117,7 +117,8 @@ impl<'a> EnvPlan<'a> {
 #[derive(Clone, Debug, Default)]
 pub struct ResolvedIdentity<'a> {
     pub envs: BTreeMap<&'a str, EnvPlan<'a>>,
-    /// Its federated workloads, in (cluster, namespace, name) order (its Sidecars select them).
+    /// Its federated workloads, in (cluster, namespace, name) order (its Sidecars select them):
+    /// those that serve and those that only call (Jobs, CronJobs).
     pub federated: Vec<(&'a Cluster, &'a Workload)>,
     /// Members where identities that depend on this one run, ascending.
     pub client_clusters: Vec<ClusterIdx>,
@@ -249,7 +250,7 @@ pub fn resolve<'a>(
     // that names it, before one that allows any, before one that is not allowed (`open`); then
     // the oldest workload; then names. Never the name alone: a new namespace called "aaa" must
     // not take over an identity that already runs.
-    let mut candidates = out.federated.clone();
+    let mut candidates: Vec<_> = out.federated.iter().filter(|(_, w)| w.kind.serves()).copied().collect();
     candidates.sort_by_cached_key(|(cluster, w)| {
         let standing = cluster.standing(&w.namespace, identity);
         (cluster.idx, standing, w.created.is_none(), w.created, w.namespace.clone(), w.name.clone())

@@ -28,13 +28,14 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use crate::ingest::InputObject;
-use crate::model::{ClusterHealth, ClusterIdx, Fleet, Reach};
+use crate::meta::Kind;
+use crate::model::{ClusterHealth, ClusterIdx, Fleet, ObjectRef, Reach};
 use crate::settings::{self, Settings};
 
 pub use desired::{Changed, Clients, DesiredState, IdentityOutput, MemberChange};
 pub use output::{
-    Desired, DesiredObject, DesiredSpec, Diagnostic, ManagedLabels, ObjectKey, Placed, PolicyReport, PolicyState,
-    Severity,
+    Desired, DesiredObject, DesiredSpec, Diagnostic, ManagedLabels, Notice, ObjectKey, Placed, PolicyReport,
+    PolicyState, Severity,
 };
 use owners::Owners;
 use vip::VipTable;
@@ -170,7 +171,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(settings: Settings, vips: VipTable) -> Self {
-        let fleet = Fleet::new(&settings.identity_label, settings.tenancy, &settings.dependency_namespaces);
+        let fleet = Fleet::new(&settings.keys.identity, settings.tenancy, &settings.dependency_namespaces);
         let threads = crate::parallel::cores();
         Engine {
             settings,
@@ -366,6 +367,22 @@ impl Engine {
                 ));
             }
         }
+        // A policy that names no identity applies to nothing; its warning names the key it was
+        // read by (a fleet whose policies use another label needs `--policy-identity-label`).
+        let fleet = &self.fleet;
+        let mut unnamed: Vec<(Kind, &ObjectRef, &[String])> = Vec::new();
+        let gtps = fleet.gtps.values().filter(|p| p.identity.is_none());
+        unnamed.extend(gtps.map(|p| (Kind::GlobalTrafficPolicy, &p.at, &p.warnings[..])));
+        let ods = fleet.outlier_detections.values().filter(|p| p.identity.is_none());
+        unnamed.extend(ods.map(|p| (Kind::OutlierDetection, &p.at, &p.warnings[..])));
+        let cccs = fleet.connection_configs.values().filter(|p| p.identity.is_none());
+        unnamed.extend(cccs.map(|p| (Kind::ClientConnectionConfig, &p.at, &p.warnings[..])));
+        for (kind, at, warnings) in unnamed {
+            for w in warnings {
+                let what = format!("{kind} {}/{}", at.namespace, at.name);
+                out.push(Diagnostic::warning(Some(&at.cluster), what, w.clone()));
+            }
+        }
         for (key, identities) in self.owners.shared() {
             let names: Vec<String> =
                 identities.iter().map(|n| format!("{:?}", self.desired.identity_numbered(*n))).collect();
@@ -397,8 +414,7 @@ impl Engine {
             }
             _ => false,
         };
-        let record =
-            if adopted(obj) { None } else { crate::ingest::distill(obj, cluster, &self.settings.identity_label) };
+        let record = if adopted(obj) { None } else { crate::ingest::distill(obj, cluster, &self.settings.keys) };
         match record {
             Some(record) => self.fleet.upsert(cluster, &namespace, &name, record),
             // Ignored (a Sidecar of ours): whatever was kept under its name goes.

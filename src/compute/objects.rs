@@ -14,13 +14,14 @@ use crate::istio::{
     ServiceEntrySpec, ServicePort, SidecarSpec, TrafficPolicy, WorkloadEntry, WorkloadSelector,
 };
 use crate::meta::{GATEWAY_NAMESPACE, Kind, LABEL_TLS_MODE, is_dns_subdomain, managed_labels};
-use crate::model::{Cluster, ClusterId, ClusterIdx, Fleet, Workload};
+use crate::model::{Cluster, ClusterId, ClusterIdx, Fleet, ForeignSidecar, Workload};
 use crate::settings::{ExportTo, SanForm, Settings, SidecarMode, Tenancy, VipMode};
 
 use super::identity::{EnvPlan, ExposedPort, HostGroup, HostPlan, PassView, ResolvedIdentity, Source, union};
 use super::vip::{VipExhausted, VipTable};
 use super::{
-    Clients, Desired, DesiredSpec, Diagnostic, Facts, IdentityOutput, ManagedLabels, Placed, PolicyReport, PolicyState,
+    Clients, Desired, DesiredSpec, Diagnostic, Facts, IdentityOutput, ManagedLabels, Notice, Placed, PolicyReport,
+    PolicyState,
 };
 
 /// Everything one identity contributes to the desired state of the fleet. Reads only: VIPs were
@@ -41,7 +42,7 @@ pub fn compute_identity(
         diagnostics: resolved.diagnostics.clone(),
         reports: resolved.reports.clone(),
         hosts: resolved.written_hosts().map(str::to_string).collect(),
-        sources: resolved.federated.iter().map(|(c, _)| c.id.clone()).collect(),
+        sources: resolved.federated.iter().filter(|(_, w)| w.kind.serves()).map(|(c, _)| c.id.clone()).collect(),
         clients: Clients {
             named: fleet.named_clients_of(identity).map(str::to_string).collect(),
             wildcard: pass.running.wildcard_names.clone(),
@@ -596,6 +597,8 @@ fn sidecars_and_dependency_reports(
         fleet.destinations_of(identity).map(|dest| (dest, pass.written_hosts(dest))).collect();
     let client_clusters = pass.running.of(identity);
 
+    // This identity's Dependency reports: a user's Sidecar in the way adds to their message.
+    let first_report = out.reports.len();
     for dep in &deps {
         let refusal = fleet.dependency_refusal(dep);
         let state = match (&dep.invalid, &refusal) {
@@ -649,11 +652,13 @@ fn sidecars_and_dependency_reports(
         out.reports.push(report);
     }
 
-    if settings.sidecar_mode == SidecarMode::Off || fleet.has_wildcard(identity) || hosts_by_destination.is_empty() {
+    if fleet.has_wildcard(identity) || hosts_by_destination.is_empty() {
         return;
     }
+    // With `--sidecar-mode=off` none of ours is written, and users' Sidecars are still checked.
+    let generate = settings.sidecar_mode == SidecarMode::Generate;
     let name = format!("{}-egress", identity.to_ascii_lowercase());
-    if !is_dns_subdomain(&name) {
+    if generate && !is_dns_subdomain(&name) {
         out.diagnostics.push(Diagnostic::error(
             None,
             format!("identity {identity}"),
@@ -663,7 +668,7 @@ fn sidecars_and_dependency_reports(
     }
     let mut egress_hosts = vec!["./*".to_string(), format!("{GATEWAY_NAMESPACE}/*")];
     let dest_hosts: BTreeSet<&str> = hosts_by_destination.values().flat_map(|h| h.iter().map(String::as_str)).collect();
-    egress_hosts.extend(dest_hosts.into_iter().map(|h| format!("{}/{h}", settings.sync_namespace)));
+    egress_hosts.extend(dest_hosts.iter().map(|h| format!("{}/{h}", settings.sync_namespace)));
 
     // Group the client's federated workloads by (cluster, namespace): one Sidecar per group.
     let mut groups: BTreeMap<(&str, &str), (&Cluster, Vec<&Workload>)> = BTreeMap::new();
@@ -672,18 +677,43 @@ fn sidecars_and_dependency_reports(
     }
     // Groups in the same namespace, selecting the same way, for the same env, get the same
     // Sidecar: it is built once and shared by their clusters.
+    let mut blocked: Vec<String> = Vec::new();
     let mut built: BTreeMap<(&str, bool, &str), usize> = BTreeMap::new();
     for ((cluster_id, namespace), (cluster, workloads)) in groups {
         let by_label = workloads.iter().all(|w| w.identity_from_label);
-        if let Some(other) = foreign_sidecar_in_the_way(cluster, namespace, by_label, &workloads) {
+        if let Some((other, theirs)) = foreign_sidecar_in_the_way(cluster, namespace, &workloads) {
+            // Ours would not apply: theirs decides what the workloads reach. Said only when it
+            // keeps them from a destination's host.
+            let sync = settings.sync_namespace.as_str();
+            let missing: Vec<String> = (dest_hosts.iter())
+                .filter(|h| !theirs.egress_allows(namespace, sync, h))
+                .map(|h| format!("{sync}/{h}"))
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            let listed = missing.join(", ");
             out.diagnostics.push(Diagnostic::warning(
                 Some(cluster_id),
                 format!("Sidecar {namespace}/{other}"),
-                format!("is not managed by flotilla and already applies to identity {identity:?}; Sidecar {namespace}/{name} is not written"),
+                format!("is not managed by flotilla, applies to identity {identity:?} and does not list {listed} in its egress: those workloads cannot reach them (Sidecar {namespace}/{name} is not written over it)"),
             ));
+            blocked.push(format!(
+                "Sidecar {namespace}/{other} in cluster {cluster_id} (not flotilla's) does not list {listed}"
+            ));
+            out.notices.push(Notice {
+                cluster: cluster_id.to_string(),
+                api_version: "networking.istio.io/v1",
+                kind: "Sidecar",
+                namespace: namespace.to_string(),
+                name: other.to_string(),
+                uid: theirs.uid.clone(),
+                reason: "EgressMissesDependencies",
+                note: format!("applies to {identity}, whose Dependencies need {listed}: add them to egress hosts"),
+            });
             continue;
         }
-        if facts.get(cluster.idx).is_none() {
+        if !generate || facts.get(cluster.idx).is_none() {
             continue;
         }
         let env = workloads[0].env.as_str();
@@ -702,31 +732,40 @@ fn sidecars_and_dependency_reports(
         });
         out.objects[sidecar].clusters.push(cluster.idx);
     }
+    if !blocked.is_empty() {
+        let blocked = blocked.join("; ");
+        for report in &mut out.reports[first_report..] {
+            if matches!(report.state, PolicyState::Ready) {
+                report.message =
+                    if report.message.is_empty() { blocked.clone() } else { format!("{}; {blocked}", report.message) };
+            }
+        }
+    }
 }
 
-/// A Sidecar of someone else's in `namespace` that already applies to these workloads: any other
-/// namespace-wide one if ours would be namespace-wide, else one whose selector matches.
-fn foreign_sidecar_in_the_way(
-    cluster: &Cluster,
+/// The Sidecar of someone else's in `namespace` that applies to these workloads: one whose
+/// selector matches them (Istio prefers it), else a namespace-wide one. Ours is never written
+/// over it, even where ours would select by label and so take precedence: it would replace theirs
+/// for those pods and drop all it says (other egress hosts, `outboundTrafficPolicy`, ingress).
+fn foreign_sidecar_in_the_way<'a>(
+    cluster: &'a Cluster,
     namespace: &str,
-    by_label: bool,
     workloads: &[&Workload],
-) -> Option<String> {
+) -> Option<(&'a str, &'a ForeignSidecar)> {
     if cluster.foreign_sidecars.is_empty() {
         return None;
     }
-    cluster
-        .foreign_sidecars
-        .range((namespace.to_string(), String::new())..)
-        .take_while(|((ns, _), _)| ns == namespace)
-        .find(|(_, selector)| match selector {
-            // Ours is namespace-wide: any other namespace-wide Sidecar clashes.
-            None => !by_label,
-            Some(sel) => {
-                workloads.iter().any(|w| !sel.is_empty() && sel.iter().all(|(k, v)| w.pod_labels.get(k) == Some(v)))
-            }
-        })
-        .map(|((_, n), _)| n.clone())
+    let in_namespace = || {
+        (cluster.foreign_sidecars.range((namespace.to_string(), String::new())..))
+            .take_while(|((ns, _), _)| ns == namespace)
+            .map(|((_, n), theirs)| (n.as_str(), theirs))
+    };
+    let selects = |sel: &BTreeMap<String, String>| {
+        workloads.iter().any(|w| !sel.is_empty() && sel.iter().all(|(k, v)| w.pod_labels.get(k) == Some(v)))
+    };
+    in_namespace()
+        .find(|(_, theirs)| theirs.selector.as_ref().is_some_and(selects))
+        .or_else(|| in_namespace().find(|(_, theirs)| theirs.selector.is_none()))
 }
 
 #[cfg(test)]

@@ -316,6 +316,21 @@ pub enum Severity {
     Warning,
 }
 
+/// A lasting problem with someone else's object in a member, told where its owners look: a
+/// Warning Event on it (the runtime announces each once while it lasts).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Notice {
+    pub cluster: String,
+    /// (apiVersion, kind) of the object.
+    pub api_version: &'static str,
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    pub uid: Option<String>,
+    pub reason: &'static str,
+    pub note: String,
+}
+
 /// Something wrong or noteworthy about the input, naming the object it is about.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Diagnostic {

@@ -1,16 +1,20 @@
 //! Claims on identities that namespaces may not make: how many each member has (a gauge), and a
 //! Warning Event on each workload whose claim is reported (refused under `--tenancy=owned`, a
-//! decoy under `open`), once while the claim lasts. Pure bookkeeping; the writers publish.
+//! decoy under `open`), once while the claim lasts; the same for the engine's notices about
+//! others' objects (a user's Sidecar that keeps a client from its Dependencies' hosts). Pure
+//! bookkeeping; the writers publish.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 
 use super::writer::WarningEvent;
-use crate::model::{ClusterHealth, ClusterId, DisallowedClaim, Fleet};
+use crate::compute::Notice;
+use crate::model::{ClusterHealth, ClusterId, DisallowedClaim, Fleet, WorkloadKind};
 
-/// (member, namespace, name, is a Rollout, identity): one claim.
-type ClaimKey = (ClusterId, String, String, bool, String);
+/// (member, what is announced): one claim (`Deployment ns/name identity`) or one notice (its
+/// object, reason and note: a notice that changes is announced again).
+type ClaimKey = (ClusterId, String);
 
 #[derive(Debug, Default)]
 pub struct ClaimEvents {
@@ -30,7 +34,12 @@ impl ClaimEvents {
     /// a workload seen before its Namespace would look refused. A claim that ended is forgotten
     /// (announced again if it comes back) and its unpublished Event dropped. Returns every
     /// member's count of disallowed claims.
-    pub fn update(&mut self, fleet: &Fleet, announce: bool) -> BTreeMap<ClusterId, usize> {
+    pub fn update<'a>(
+        &mut self,
+        fleet: &Fleet,
+        notices: impl IntoIterator<Item = &'a Notice>,
+        announce: bool,
+    ) -> BTreeMap<ClusterId, usize> {
         let mut counts: BTreeMap<ClusterId, usize> = fleet.clusters().map(|c| (c.id.clone(), 0)).collect();
         let synced = |id: &str| fleet.cluster(id).is_some_and(|c| c.health == ClusterHealth::Synced);
         let mut reported = BTreeSet::new();
@@ -42,6 +51,16 @@ impl ClaimEvents {
             let key = key_of(&claim);
             if announce && synced(&key.0) && self.announced.insert(key.clone()) {
                 self.queued.insert(key.clone(), event_of(&claim));
+            }
+            reported.insert(key);
+        }
+        for notice in notices {
+            let key = (
+                notice.cluster.clone(),
+                format!("{} {}/{} {}: {}", notice.kind, notice.namespace, notice.name, notice.reason, notice.note),
+            );
+            if announce && synced(&key.0) && self.announced.insert(key.clone()) {
+                self.queued.insert(key.clone(), notice_event(notice));
             }
             reported.insert(key);
         }
@@ -76,13 +95,33 @@ impl ClaimEvents {
 
 fn key_of(claim: &DisallowedClaim<'_>) -> ClaimKey {
     let w = claim.workload;
-    (claim.cluster.id.clone(), w.namespace.clone(), w.name.clone(), w.rollout.is_some(), claim.identity.to_string())
+    (claim.cluster.id.clone(), format!("{} {}", w.describe(), claim.identity))
+}
+
+fn notice_event(notice: &Notice) -> WarningEvent {
+    WarningEvent {
+        object: ObjectReference {
+            api_version: Some(notice.api_version.into()),
+            kind: Some(notice.kind.into()),
+            namespace: Some(notice.namespace.clone()),
+            name: Some(notice.name.clone()),
+            uid: notice.uid.clone(),
+            ..Default::default()
+        },
+        reason: notice.reason.into(),
+        note: notice.note.clone(),
+        action: "Federate",
+    }
 }
 
 fn event_of(claim: &DisallowedClaim<'_>) -> WarningEvent {
     let w = claim.workload;
-    let (api_version, kind) =
-        if w.rollout.is_some() { ("argoproj.io/v1alpha1", "Rollout") } else { ("apps/v1", "Deployment") };
+    let (api_version, kind) = match w.kind {
+        WorkloadKind::Deployment => ("apps/v1", "Deployment"),
+        WorkloadKind::Rollout => ("argoproj.io/v1alpha1", "Rollout"),
+        WorkloadKind::Job => ("batch/v1", "Job"),
+        WorkloadKind::CronJob => ("batch/v1", "CronJob"),
+    };
     WarningEvent {
         object: ObjectReference {
             api_version: Some(api_version.into()),
@@ -106,6 +145,7 @@ mod tests {
 
     fn workload(namespace: &str, name: &str, identity: &str) -> Record {
         Record::Workload(Workload {
+            kind: WorkloadKind::Deployment,
             namespace: namespace.into(),
             name: name.into(),
             identity: Some(identity.into()),
@@ -141,7 +181,7 @@ mod tests {
         for (tenancy, reported) in [(Tenancy::Owned, 2), (Tenancy::Open, 1)] {
             let mut events = ClaimEvents::default();
             let fleet = fleet(tenancy);
-            let counts = events.update(&fleet, true);
+            let counts = events.update(&fleet, [], true);
             assert_eq!(counts, BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 1)]), "{tenancy:?}");
             let queued: Vec<WarningEvent> = ["a", "b"].iter().flat_map(|c| events.take(c)).collect();
             assert_eq!(queued.len(), reported, "{tenancy:?}: {queued:?}");
@@ -150,7 +190,7 @@ mod tests {
             let refused = tenancy == Tenancy::Owned;
             assert_eq!(decoy.reason == "IdentityClaimRefused", refused);
             // Announced once while it lasts.
-            events.update(&fleet, true);
+            events.update(&fleet, [], true);
             assert!(events.is_empty());
         }
     }
@@ -159,15 +199,46 @@ mod tests {
     fn a_claim_that_ends_and_comes_back_is_announced_again_and_only_the_leader_announces() {
         let mut events = ClaimEvents::default();
         let mut fleet = fleet(Tenancy::Owned);
-        events.update(&fleet, false);
+        events.update(&fleet, [], false);
         assert!(events.is_empty(), "a follower announces nothing");
-        events.update(&fleet, true);
+        events.update(&fleet, [], true);
         assert_eq!(events.take("b").len(), 1);
         fleet.upsert("b", "", "aaa", allows("payments"));
-        assert_eq!(events.update(&fleet, true)["b"], 0);
+        assert_eq!(events.update(&fleet, [], true)["b"], 0);
         fleet.upsert("b", "", "aaa", allows("other"));
-        events.update(&fleet, true);
+        events.update(&fleet, [], true);
         assert_eq!(events.take("b").len(), 1, "announced again");
+    }
+
+    #[test]
+    fn a_notice_is_announced_once_while_it_lasts_and_again_when_it_changes() {
+        let mut events = ClaimEvents::default();
+        let fleet = fleet(Tenancy::Open);
+        let notice = |note: &str| Notice {
+            cluster: "a".into(),
+            api_version: "networking.istio.io/v1",
+            kind: "Sidecar",
+            namespace: "web".into(),
+            name: "default".into(),
+            uid: Some("uid-default".into()),
+            reason: "EgressMissesDependencies",
+            note: note.into(),
+        };
+        let first = [notice("needs admiral-sync/stage.greeting.global")];
+        events.update(&fleet, &first, true);
+        let queued = events.take("a");
+        let sidecar = queued.iter().find(|e| e.object.kind.as_deref() == Some("Sidecar")).expect("the notice");
+        assert_eq!(
+            (sidecar.reason.as_str(), sidecar.object.uid.as_deref()),
+            ("EgressMissesDependencies", Some("uid-default"))
+        );
+        events.update(&fleet, &first, true);
+        assert!(events.take("a").iter().all(|e| e.object.kind.as_deref() != Some("Sidecar")), "announced once");
+        events.update(&fleet, &[notice("needs admiral-sync/stage.payments.global")], true);
+        assert_eq!(events.take("a").len(), 1, "a changed notice is announced again");
+        events.update(&fleet, [], true);
+        events.update(&fleet, &first, true);
+        assert_eq!(events.take("a").len(), 1, "one that ended and came back, again");
     }
 
     #[test]
@@ -175,18 +246,18 @@ mod tests {
         let mut events = ClaimEvents::default();
         let mut fleet = fleet(Tenancy::Owned);
         fleet.set_health("b", ClusterHealth::Connecting);
-        events.update(&fleet, true);
+        events.update(&fleet, [], true);
         assert!(events.take("b").is_empty(), "b is still being listed");
         assert_eq!(events.take("a").len(), 1, "shop, refused: {events:?}");
         fleet.set_health("b", ClusterHealth::Synced);
-        events.update(&fleet, true);
+        events.update(&fleet, [], true);
         assert_eq!(events.clusters(), BTreeSet::from(["b".to_string()]));
         // The claim ends before its Event is published: the Event goes too.
         fleet.upsert("b", "", "aaa", allows("payments"));
-        events.update(&fleet, true);
+        events.update(&fleet, [], true);
         assert!(events.is_empty(), "{events:?}");
         fleet.upsert("b", "", "aaa", allows("other"));
-        events.update(&fleet, true);
+        events.update(&fleet, [], true);
         events.forget("b");
         assert!(events.is_empty());
     }

@@ -102,9 +102,11 @@ pub struct LeaseOptions {
 
 /// The kinds watched in every member: the model's inputs, and the two kinds only flotilla writes
 /// (Sidecars and ServiceEntries are both: users' are inputs). Rollouts only where their CRD is.
-pub const MEMBER_KINDS: [Kind; 13] = [
+pub const MEMBER_KINDS: [Kind; 15] = [
     Kind::Deployment,
     Kind::Rollout,
+    Kind::Job,
+    Kind::CronJob,
     Kind::VirtualService,
     Kind::Service,
     Kind::Node,

@@ -777,7 +777,7 @@ impl Runtime {
     /// Event on each newly reported one.
     fn update_claims(&mut self) {
         let engine = self.engine.as_ref().expect("the engine is home between passes");
-        self.claim_counts = self.claims.update(&engine.fleet, self.leader);
+        self.claim_counts = self.claims.update(&engine.fleet, engine.desired.notices(), self.leader);
         for (cluster, n) in &self.claim_counts {
             let labels = super::metrics::ClusterLabel { cluster: cluster.clone() };
             self.shared.metrics.disallowed_claims.get_or_create(&labels).set(*n as i64);

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use futures::{StreamExt, stream};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Secret, Service};
 use kube::api::{ListParams, PartialObjectMeta};
 use kube::runtime::utils::Backoff;
@@ -114,6 +115,8 @@ pub fn spawn_member_watches(
     }
     watch_input!(
         Deployment: Deployment,
+        Job: Job,
+        CronJob: CronJob,
         Service: Service,
         Sidecar: Sidecar,
         GlobalTrafficPolicy: GlobalTrafficPolicy,

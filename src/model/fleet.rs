@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::known::{Field, Known, KnownIdentities};
 use super::{
     Allowance, Cluster, ClusterHealth, ClusterId, ClusterIdx, ClusterNames, ClusterOverrides, DependencyEntry, Dirty,
-    NsName, ObjectRef, Policy, Reach, Record, ServiceInfo, Standing, Workload, WorkloadKey,
+    NsName, ObjectRef, Policy, Reach, Record, ServiceInfo, Standing, Workload, WorkloadKey, WorkloadKind,
 };
 use crate::crd::{ClientConnectionConfigSpec, GlobalTrafficPolicySpec, OutlierDetectionSpec};
 use crate::meta::{ANNOTATION_IDENTITIES, GATEWAY_NAMESPACE, HUB, Kind};
@@ -282,9 +282,9 @@ impl Fleet {
                 self.set_namespace_opt_out(cluster, name, opted_out);
                 self.set_allowance(cluster, name, allows);
             }
-            Record::ForeignSidecar { selector } => {
+            Record::ForeignSidecar(sidecar) => {
                 if let Some(c) = self.cluster_mut(cluster) {
-                    c.foreign_sidecars.insert(key(), selector);
+                    c.foreign_sidecars.insert(key(), sidecar);
                 }
                 self.touch_namespace(cluster, namespace, Reach::Itself);
             }
@@ -315,8 +315,12 @@ impl Fleet {
         let key = (namespace.to_string(), name.to_string());
         let at = ObjectRef { cluster: cluster.to_string(), namespace: namespace.to_string(), name: name.to_string() };
         match kind {
-            Kind::Deployment => self.set_workload(cluster, (namespace.into(), name.into(), false), None),
-            Kind::Rollout => self.set_workload(cluster, (namespace.into(), name.into(), true), None),
+            Kind::Deployment => {
+                self.set_workload(cluster, (namespace.into(), name.into(), WorkloadKind::Deployment), None)
+            }
+            Kind::Rollout => self.set_workload(cluster, (namespace.into(), name.into(), WorkloadKind::Rollout), None),
+            Kind::Job => self.set_workload(cluster, (namespace.into(), name.into(), WorkloadKind::Job), None),
+            Kind::CronJob => self.set_workload(cluster, (namespace.into(), name.into(), WorkloadKind::CronJob), None),
             Kind::VirtualService => {
                 if let Some(c) = self.cluster_mut(cluster)
                     && c.virtual_services.remove(&key).is_some()

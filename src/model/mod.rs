@@ -75,9 +75,27 @@ impl ClusterNames {
 }
 /// (namespace, name) of a namespaced object inside one cluster.
 pub type NsName = (String, String);
-/// (namespace, name, whether it is a Rollout) of a workload: a Deployment and a Rollout may share
-/// a name (during a migration from one to the other they usually do).
-pub type WorkloadKey = (String, String, bool);
+/// (namespace, name, kind) of a workload: a Deployment and a Rollout may share a name (during a
+/// migration from one to the other they usually do), and so may a Job.
+pub type WorkloadKey = (String, String, WorkloadKind);
+
+/// What kind of object a workload is. Deployments and Rollouts serve their identity's hosts;
+/// Jobs and CronJobs only call others (Admiral's client discovery): where they run, their
+/// Dependencies' destinations are written, as for any client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WorkloadKind {
+    Deployment,
+    Rollout,
+    Job,
+    CronJob,
+}
+
+impl WorkloadKind {
+    /// Whether its pods serve the identity's hosts (else they are only clients).
+    pub fn serves(self) -> bool {
+        matches!(self, WorkloadKind::Deployment | WorkloadKind::Rollout)
+    }
+}
 
 /// A namespaced object somewhere in the fleet.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -122,6 +140,7 @@ pub struct ClusterOverrides {
 /// A Deployment or an Argo Rollout, reduced to what federation needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Workload {
+    pub kind: WorkloadKind,
     pub namespace: String,
     pub name: String,
     pub identity: Option<String>,
@@ -145,13 +164,12 @@ pub struct Workload {
 
 impl Workload {
     pub fn key(&self) -> WorkloadKey {
-        (self.namespace.clone(), self.name.clone(), self.rollout.is_some())
+        (self.namespace.clone(), self.name.clone(), self.kind)
     }
 
-    /// What the workload is, for messages: `Deployment ns/name` or `Rollout ns/name`.
+    /// What the workload is, for messages: `Deployment ns/name`, `Job ns/name`, ….
     pub fn describe(&self) -> String {
-        let kind = if self.rollout.is_some() { "Rollout" } else { "Deployment" };
-        format!("{kind} {}/{}", self.namespace, self.name)
+        format!("{:?} {}/{}", self.kind, self.namespace, self.name)
     }
 
     /// The service account its pods run as.
@@ -205,6 +223,70 @@ pub enum RolloutPlan {
     Canary { stable: Option<String> },
     /// No strategy: not federated.
     None,
+}
+
+/// A Sidecar flotilla does not manage: where one applies to a client's workloads, flotilla writes
+/// none of its own there, and its egress decides what they reach.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForeignSidecar {
+    /// Its workload selector (None: the whole namespace).
+    pub selector: Option<BTreeMap<String, String>>,
+    /// The hosts of all its egress listeners (`<namespace>/<dns name>`); None: it has no egress
+    /// listener, so Istio's default (everything) applies.
+    pub egress_hosts: Option<Vec<String>>,
+    /// Its uid: an Event about it is found with it.
+    pub uid: Option<String>,
+}
+
+impl ForeignSidecar {
+    /// Whether its workloads, in `namespace`, may reach `host` exported from `sync_namespace`:
+    /// an egress host `<ns>/<name>` whose namespace is `*`, the sync namespace, or `.` (when the
+    /// Sidecar is in it), and whose name is `*`, the host, or a `*.` wildcard above it.
+    pub fn egress_allows(&self, namespace: &str, sync_namespace: &str, host: &str) -> bool {
+        let Some(hosts) = &self.egress_hosts else { return true };
+        hosts.iter().any(|entry| {
+            let Some((ns, name)) = entry.split_once('/') else { return false };
+            let ns_ok = ns == "*" || ns == sync_namespace || (ns == "." && namespace == sync_namespace);
+            let name_ok = name == "*"
+                || name.eq_ignore_ascii_case(host)
+                || name.strip_prefix('*').is_some_and(|suffix| {
+                    suffix.starts_with('.')
+                        && host.len() > suffix.len()
+                        && host.to_ascii_lowercase().ends_with(&suffix.to_ascii_lowercase())
+                });
+            ns_ok && name_ok
+        })
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn a_sidecars_egress_allows_the_hosts_its_entries_match() {
+    let sidecar = |hosts: Option<&[&str]>| ForeignSidecar {
+        selector: None,
+        egress_hosts: hosts.map(|h| h.iter().map(|s| s.to_string()).collect()),
+        uid: None,
+    };
+    let host = "stage.greeting.global";
+    let allows =
+        |hosts: Option<&[&str]>, namespace: &str| sidecar(hosts).egress_allows(namespace, "admiral-sync", host);
+    assert!(allows(None, "web"), "no egress listener: Istio's default, everything");
+    for yes in ["*/*", "admiral-sync/*", "*/stage.greeting.global", "admiral-sync/*.global", "*/*.greeting.global"] {
+        assert!(allows(Some(&["./*", yes]), "web"), "{yes}");
+    }
+    assert!(allows(Some(&["./*"]), "admiral-sync"), "`.` is the Sidecar's own namespace");
+    for no in [
+        "./*",
+        "istio-system/*",
+        "other/stage.greeting.global",
+        "admiral-sync/*.local",
+        "~/*",
+        "*.global",
+        "*/greeting.global",
+    ] {
+        assert!(!allows(Some(&[no]), "web"), "{no}");
+    }
+    assert!(!allows(Some(&[]), "web"), "an egress listener with no hosts reaches nothing");
 }
 
 /// One HTTP route of a VirtualService: its name and the (destination host, weight) pairs.
@@ -285,8 +367,8 @@ pub struct Cluster {
     pub workloads: BTreeMap<WorkloadKey, Workload>,
     /// Namespace → name → Service: one namespace's Services are found without building a key.
     services: BTreeMap<String, BTreeMap<String, ServiceInfo>>,
-    /// Sidecars flotilla does not manage: their workload selector (None = the whole namespace).
-    pub foreign_sidecars: BTreeMap<NsName, Option<BTreeMap<String, String>>>,
+    /// Sidecars flotilla does not manage.
+    pub foreign_sidecars: BTreeMap<NsName, ForeignSidecar>,
     /// VirtualServices (a canary Rollout's weights): their HTTP routes.
     pub virtual_services: BTreeMap<NsName, Vec<VsRoute>>,
     /// ServiceEntries flotilla does not manage (in the sync namespace): the hosts they hold.
@@ -364,7 +446,7 @@ impl Cluster {
 
     pub fn workloads_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
         self.workloads
-            .range((namespace.to_string(), String::new(), false)..)
+            .range((namespace.to_string(), String::new(), WorkloadKind::Deployment)..)
             .take_while(move |((ns, _, _), _)| ns == namespace)
             .map(|(_, w)| w)
     }
@@ -431,10 +513,8 @@ pub enum Record {
         /// Its `flotilla.io/identities` annotation, if it has one.
         allows: Option<Allowance>,
     },
-    /// A Sidecar flotilla does not manage: its workload selector (None: the whole namespace).
-    ForeignSidecar {
-        selector: Option<BTreeMap<String, String>>,
-    },
+    /// A Sidecar flotilla does not manage.
+    ForeignSidecar(ForeignSidecar),
     /// A ServiceEntry flotilla does not manage: the hosts it holds.
     ForeignServiceEntry {
         hosts: Vec<String>,

@@ -41,6 +41,19 @@ pub async fn greeting_and_caller(west: &Client, east: &Client) {
     apply(east, &dependency("caller", "caller-deps", "caller", &["greeting"])).await;
 }
 
+/// A CronJob whose pods carry `identity` (env stage): a client that only calls others.
+pub fn cron_job(ns: &str, name: &str, identity: &str) -> k8s_openapi::api::batch::v1::CronJob {
+    serde_json::from_value(json!({
+        "apiVersion": "batch/v1", "kind": "CronJob",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"schedule": "0 3 * * *", "jobTemplate": {"spec": {"template": {
+            "metadata": {"labels": {"identity": identity}, "annotations": {"admiral.io/env": "stage"}},
+            "spec": {"restartPolicy": "OnFailure", "containers": [{"name": name, "image": format!("example/{name}:1")}]},
+        }}}},
+    }))
+    .unwrap()
+}
+
 pub fn dependency(ns: &str, name: &str, source: &str, destinations: &[&str]) -> Dependency {
     serde_json::from_value(json!({
         "apiVersion": "admiral.io/v1alpha1", "kind": "Dependency",
