@@ -112,6 +112,7 @@ pub fn distill(obj: &InputObject, cluster: &str, keys: &Keys) -> Option<Record> 
     Some(match obj {
         InputObject::Deployment(d) => Record::Workload(distill_workload(d, keys)),
         InputObject::Rollout(r) => Record::Workload(distill_rollout(r, keys)),
+        InputObject::Job(j) if is_cron_jobs(j) => return None,
         InputObject::Job(j) => {
             let template = j.spec.as_ref().map(|s| &s.template);
             Record::Workload(workload(WorkloadKind::Job, &j.metadata, template, keys, None))
@@ -159,6 +160,12 @@ pub fn distill(obj: &InputObject, cluster: &str, keys: &Keys) -> Option<Record> 
         }
         InputObject::Dependency(d) => Record::Dependency(distill_dependency(at(), d)),
     })
+}
+
+/// A Job a CronJob made: its CronJob already stands for it (read whole, it is a client from
+/// before its first run), and each run's Job would come and go.
+fn is_cron_jobs(j: &Job) -> bool {
+    j.metadata.owner_references.iter().flatten().any(|o| o.kind == "CronJob" && o.api_version.starts_with("batch/"))
 }
 
 /// The policy with its spec in force when valid, or the reason it is not.
@@ -480,6 +487,7 @@ pub fn reduce(obj: &InputObject, keys: &Keys) -> Option<InputObject> {
             };
             InputObject::Rollout(Box::new(Rollout { metadata: workload_header(), spec }))
         }
+        InputObject::Job(j) if is_cron_jobs(j) => return None,
         InputObject::Job(j) => InputObject::Job(Box::new(Job {
             metadata: workload_header(),
             spec: j.spec.as_ref().map(|s| JobSpec { template: pod_template(&s.template), ..Default::default() }),

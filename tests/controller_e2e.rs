@@ -286,14 +286,18 @@ async fn federates_a_fleet_registered_through_secrets() {
     assert!(get_se(west, se_name).await.is_some(), "west-1 still runs greeting");
 
     // A CronJob is a client: its Dependency brings greeting's hosts back to east-1. Its team's
-    // namespace-wide Sidecar does not list them: flotilla writes no Sidecar over it, and says so
+    // Sidecar selects it and does not list them: flotilla writes no Sidecar over it, and says so
     // on the Sidecar (an Event) and on the Dependency, until the team adds the host.
     apply(east, &testenv::builders::namespace("batch")).await;
     let user_sidecar = |hosts: &[&str]| -> Sidecar {
         serde_json::from_value(json!({
             "apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
-            "metadata": {"name": "default", "namespace": "batch"},
-            "spec": {"outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"}, "egress": [{"hosts": hosts}]},
+            "metadata": {"name": "nightly", "namespace": "batch"},
+            "spec": {
+                "workloadSelector": {"labels": {"identity": "nightly"}},
+                "outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"},
+                "egress": [{"hosts": hosts}],
+            },
         }))
         .unwrap()
     };
@@ -308,7 +312,7 @@ async fn federates_a_fleet_registered_through_secrets() {
     })
     .await;
     let regarding = event.regarding.clone().unwrap();
-    assert_eq!((regarding.kind.as_deref(), regarding.name.as_deref()), (Some("Sidecar"), Some("default")));
+    assert_eq!((regarding.kind.as_deref(), regarding.name.as_deref()), (Some("Sidecar"), Some("nightly")));
     assert!(event.note.unwrap_or_default().contains("admiral-sync/stage.greeting.global"));
     let batch_deps: Api<Dependency> = Api::namespaced(east.clone(), "batch");
     let ready_message = || async {
@@ -316,7 +320,7 @@ async fn federates_a_fleet_registered_through_secrets() {
         Some(status.conditions.iter().find(|c| c.type_ == "Ready")?.message.clone())
     };
     eventually("the Dependency names the Sidecar", WAIT, &flotilla, || async {
-        ready_message().await.filter(|m| m.contains("Sidecar batch/default in cluster east-1"))
+        ready_message().await.filter(|m| m.contains("Sidecar batch/nightly in cluster east-1"))
     })
     .await;
     let batch_sidecars: Api<Sidecar> = Api::namespaced(east.clone(), "batch");

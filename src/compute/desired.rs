@@ -31,7 +31,7 @@ pub struct IdentityOutput {
     /// The hosts it writes, in resolve order: what its clients list. A later change to the
     /// identity recomputes its clients only if these move.
     pub hosts: Vec<String>,
-    /// Members where a federated workload of it runs, and the identities that depend on it:
+    /// Members where a federated workload of it serves, and the identities that depend on it:
     /// what `/debug/identities` and `explain` show besides the objects.
     pub sources: BTreeSet<String>,
     pub clients: Clients,

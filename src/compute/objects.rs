@@ -677,30 +677,29 @@ fn sidecars_and_dependency_reports(
     }
     // Groups in the same namespace, selecting the same way, for the same env, get the same
     // Sidecar: it is built once and shared by their clusters.
-    let mut blocked: Vec<String> = Vec::new();
+    // (the Sidecar in the way, and the hosts it misses): each Dependency names those of its own.
+    let mut blocked: Vec<(String, BTreeSet<&str>)> = Vec::new();
     let mut built: BTreeMap<(&str, bool, &str), usize> = BTreeMap::new();
     for ((cluster_id, namespace), (cluster, workloads)) in groups {
         let by_label = workloads.iter().all(|w| w.identity_from_label);
-        if let Some((other, theirs)) = foreign_sidecar_in_the_way(cluster, namespace, &workloads) {
+        if let Some((other, theirs)) = foreign_sidecar_in_the_way(cluster, namespace, generate && by_label, &workloads)
+        {
             // Ours would not apply: theirs decides what the workloads reach. Said only when it
             // keeps them from a destination's host.
             let sync = settings.sync_namespace.as_str();
-            let missing: Vec<String> = (dest_hosts.iter())
-                .filter(|h| !theirs.egress_allows(namespace, sync, h))
-                .map(|h| format!("{sync}/{h}"))
-                .collect();
+            let missing: BTreeSet<&str> =
+                dest_hosts.iter().copied().filter(|h| !theirs.egress_allows(namespace, sync, h)).collect();
             if missing.is_empty() {
                 continue;
             }
-            let listed = missing.join(", ");
+            let entries: Vec<String> = missing.iter().map(|h| format!("{sync}/{h}")).collect();
+            let listed = entries.join(", ");
             out.diagnostics.push(Diagnostic::warning(
                 Some(cluster_id),
                 format!("Sidecar {namespace}/{other}"),
                 format!("is not managed by flotilla, applies to identity {identity:?} and does not list {listed} in its egress: those workloads cannot reach them (Sidecar {namespace}/{name} is not written over it)"),
             ));
-            blocked.push(format!(
-                "Sidecar {namespace}/{other} in cluster {cluster_id} (not flotilla's) does not list {listed}"
-            ));
+            blocked.push((format!("Sidecar {namespace}/{other} in cluster {cluster_id} (not flotilla's)"), missing));
             out.notices.push(Notice {
                 cluster: cluster_id.to_string(),
                 api_version: "networking.istio.io/v1",
@@ -709,7 +708,7 @@ fn sidecars_and_dependency_reports(
                 name: other.to_string(),
                 uid: theirs.uid.clone(),
                 reason: "EgressMissesDependencies",
-                note: format!("applies to {identity}, whose Dependencies need {listed}: add them to egress hosts"),
+                note: event_note(identity, &entries),
             });
             continue;
         }
@@ -732,24 +731,56 @@ fn sidecars_and_dependency_reports(
         });
         out.objects[sidecar].clusters.push(cluster.idx);
     }
-    if !blocked.is_empty() {
-        let blocked = blocked.join("; ");
-        for report in &mut out.reports[first_report..] {
-            if matches!(report.state, PolicyState::Ready) {
-                report.message =
-                    if report.message.is_empty() { blocked.clone() } else { format!("{}; {blocked}", report.message) };
+    // Each Ready Dependency names the Sidecars that miss hosts of its own destinations.
+    for (report, dep) in out.reports[first_report..].iter_mut().zip(&deps) {
+        if !matches!(report.state, PolicyState::Ready) {
+            continue;
+        }
+        let own: BTreeSet<&str> = (dep.destinations.iter())
+            .flat_map(|d| hosts_by_destination.get(d.as_str()).copied().unwrap_or_default())
+            .map(String::as_str)
+            .collect();
+        for (sidecar, missing) in &blocked {
+            let mine: Vec<String> =
+                missing.intersection(&own).map(|h| format!("{}/{h}", settings.sync_namespace)).collect();
+            if mine.is_empty() {
+                continue;
             }
+            let line = format!("{sidecar} does not list {}", mine.join(", "));
+            report.message = if report.message.is_empty() { line } else { format!("{}; {line}", report.message) };
         }
     }
 }
 
-/// The Sidecar of someone else's in `namespace` that applies to these workloads: one whose
-/// selector matches them (Istio prefers it), else a namespace-wide one. Ours is never written
-/// over it, even where ours would select by label and so take precedence: it would replace theirs
-/// for those pods and drop all it says (other egress hosts, `outboundTrafficPolicy`, ingress).
+/// An Event's note (the API server refuses one past 1024 bytes): the first entries to add, and
+/// how many more the Dependency's status lists.
+fn event_note(identity: &str, entries: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut note =
+        format!("applies to {identity}, whose Dependencies need {}", entries[..entries.len().min(SHOWN)].join(", "));
+    if entries.len() > SHOWN {
+        note.push_str(&format!(" and {} more (see the Dependencies' status)", entries.len() - SHOWN));
+    }
+    note.push_str(": add them to its egress hosts");
+    if note.len() > 1000 {
+        let mut cut = 1000;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+        note.push('…');
+    }
+    note
+}
+
+/// The Sidecar of someone else's in `namespace` that applies to these workloads, where ours
+/// would not take precedence over it: one whose selector matches them (Istio prefers it), else a
+/// namespace-wide one unless ours selects by label (`ours_by_label`: ours then applies to them
+/// instead, as it always has).
 fn foreign_sidecar_in_the_way<'a>(
     cluster: &'a Cluster,
     namespace: &str,
+    ours_by_label: bool,
     workloads: &[&Workload],
 ) -> Option<(&'a str, &'a ForeignSidecar)> {
     if cluster.foreign_sidecars.is_empty() {
@@ -765,7 +796,7 @@ fn foreign_sidecar_in_the_way<'a>(
     };
     in_namespace()
         .find(|(_, theirs)| theirs.selector.as_ref().is_some_and(selects))
-        .or_else(|| in_namespace().find(|(_, theirs)| theirs.selector.is_none()))
+        .or_else(|| in_namespace().find(|(_, theirs)| theirs.selector.is_none() && !ours_by_label))
 }
 
 #[cfg(test)]
@@ -781,6 +812,17 @@ mod tests {
             regions: regions.iter().map(|r| r.to_string()).collect(),
             kept: kept.iter().map(|r| r.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn an_events_note_stays_under_the_api_servers_limit() {
+        let entries: Vec<String> = (0..200).map(|i| format!("admiral-sync/stage.service-{i:03}.global")).collect();
+        let note = event_note("webapp", &entries);
+        assert!(note.len() <= 1024, "{}", note.len());
+        assert!(note.contains("stage.service-004.global") && !note.contains("stage.service-005.global"), "{note}");
+        assert!(note.contains("and 195 more"), "{note}");
+        let long = vec![format!("admiral-sync/{}", "é".repeat(600))];
+        assert!(event_note("webapp", &long).len() <= 1024);
     }
 
     #[test]

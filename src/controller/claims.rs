@@ -57,7 +57,10 @@ impl ClaimEvents {
         for notice in notices {
             let key = (
                 notice.cluster.clone(),
-                format!("{} {}/{} {}: {}", notice.kind, notice.namespace, notice.name, notice.reason, notice.note),
+                format!(
+                    "{} {}/{} {:?} {}: {}",
+                    notice.kind, notice.namespace, notice.name, notice.uid, notice.reason, notice.note
+                ),
             );
             if announce && synced(&key.0) && self.announced.insert(key.clone()) {
                 self.queued.insert(key.clone(), notice_event(notice));

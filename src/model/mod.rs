@@ -137,7 +137,7 @@ pub struct ClusterOverrides {
     pub drain: bool,
 }
 
-/// A Deployment or an Argo Rollout, reduced to what federation needs.
+/// A Deployment, an Argo Rollout, a Job or a CronJob, reduced to what federation needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Workload {
     pub kind: WorkloadKind,
