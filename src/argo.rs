@@ -1,5 +1,5 @@
-//! The Argo Rollouts kind flotilla reads (`argoproj.io/v1alpha1` Rollout), and the Istio
-//! VirtualService a canary Rollout names, with only the fields the engine reads. Types only:
+//! The Argo Rollouts kind flotilla reads (`argoproj.io/v1alpha1` Rollout), with only the fields
+//! the engine reads, and (from `istio`) the VirtualService a canary Rollout names. Types only:
 //! what they mean for federation is decided in `ingest` and `compute`.
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
@@ -84,39 +84,5 @@ pub struct VirtualServiceRef {
     pub routes: Vec<String>,
 }
 
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[kube(
-    group = "networking.istio.io",
-    version = "v1",
-    kind = "VirtualService",
-    namespaced,
-    schema = "disabled",
-    derive = "PartialEq",
-    derive = "Default"
-)]
-pub struct VirtualServiceSpec {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub http: Vec<HttpRoute>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-pub struct HttpRoute {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub route: Vec<RouteDestination>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-pub struct RouteDestination {
-    #[serde(default)]
-    pub destination: Destination,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub weight: Option<i32>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-pub struct Destination {
-    #[serde(default)]
-    pub host: String,
-}
+// The VirtualService is Istio's: flotilla reads a canary's weights from it and writes aliases.
+pub use crate::istio::{Destination, HttpRoute, RouteDestination, VirtualService, VirtualServiceSpec};

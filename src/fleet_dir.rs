@@ -296,7 +296,8 @@ fn parse_kind<'de, D: Deserializer<'de>>(api_version: &str, kind: &str, de: D) -
         ("argoproj.io", "Rollout") => input(de, InputObject::Rollout),
         ("batch", "Job") => input(de, InputObject::Job),
         ("batch", "CronJob") => input(de, InputObject::CronJob),
-        ("networking.istio.io", "VirtualService") => input(de, InputObject::VirtualService),
+        // Written (ours, or in the way of ours), and someone else's an input too (below).
+        ("networking.istio.io", "VirtualService") => written(de, DesiredObject::VirtualService),
         ("", "Service") if core => input(de, InputObject::Service),
         ("", "Node") if core => input(de, InputObject::Node),
         ("", "Namespace") if core => input(de, InputObject::Namespace),
@@ -325,10 +326,12 @@ fn accept(parsed: Parsed, path: &Path, index: usize, kind: &str, cluster: &str, 
             let mut object = *object;
             default_namespace(&mut object);
             let observed = ObservedObject::new(&object);
-            // A Sidecar or ServiceEntry someone else manages is also an input: it can block ours.
+            // A Sidecar, ServiceEntry or VirtualService someone else manages is also an input: it
+            // can block ours (or, a VirtualService, give a canary its weights).
             let foreign = match (object, observed.managed) {
                 (DesiredObject::Sidecar(s), false) => Some(InputObject::Sidecar(Box::new(s))),
                 (DesiredObject::ServiceEntry(se), false) => Some(InputObject::ServiceEntry(Box::new(se))),
+                (DesiredObject::VirtualService(vs), false) => Some(InputObject::VirtualService(Box::new(vs))),
                 _ => None,
             };
             if cluster != HUB {
@@ -448,6 +451,7 @@ fn default_namespace(object: &mut DesiredObject) {
         DesiredObject::DestinationRule(o) => &mut o.metadata,
         DesiredObject::ServiceEntry(o) => &mut o.metadata,
         DesiredObject::Sidecar(o) => &mut o.metadata,
+        DesiredObject::VirtualService(o) => &mut o.metadata,
     };
     if meta.namespace.as_deref().unwrap_or("").is_empty() {
         meta.namespace = Some("default".into());

@@ -121,6 +121,8 @@ pub fn distill(obj: &InputObject, cluster: &str, keys: &Keys) -> Option<Record> 
             let template = c.spec.as_ref().and_then(|s| s.job_template.spec.as_ref()).map(|s| &s.template);
             Record::Workload(workload(WorkloadKind::CronJob, &c.metadata, template, keys, None))
         }
+        // An alias VirtualService flotilla wrote is its output, not an input.
+        InputObject::VirtualService(vs) if is_managed(&vs.metadata) => return None,
         InputObject::VirtualService(vs) => Record::VirtualService { routes: vs_routes(vs) },
         InputObject::Service(s) => Record::Service(distill_service(s)),
         InputObject::Node(n) => Record::Node(node_region(n)),
@@ -276,6 +278,7 @@ fn workload(
         service_account,
         created: meta.creation_timestamp.as_ref().map(|t| t.0),
         uid: meta.uid.clone(),
+        wants_aliases: keys.alias_labels.iter().any(|k| k == "*" || label(meta, k).is_some()),
     }
 }
 
@@ -446,11 +449,14 @@ pub fn reduce(obj: &InputObject, keys: &Keys) -> Option<InputObject> {
         ..Default::default()
     };
     let ignore = [crate::meta::LABEL_IGNORE];
-    // A workload's age decides which of two allowed namespaces speaks for its identity.
+    // A workload's age decides which of two allowed namespaces speaks for its identity; of its
+    // own labels, the opt-out and those that ask for aliases are read.
+    let workload_labels: Vec<&str> =
+        ignore.iter().copied().chain(keys.alias_labels.iter().map(String::as_str)).collect();
     let workload_header = || ObjectMeta {
         creation_timestamp: meta.creation_timestamp.clone(),
         uid: meta.uid.clone(),
-        ..header(keep(&ignore, &meta.labels), &ignore)
+        ..header(keep(&workload_labels, &meta.labels), &ignore)
     };
     // Of a pod template: its labels, the annotations read (identity, env, opt-out, inbound
     // port) and of its spec only the service account (the workload's SPIFFE identity).
@@ -509,6 +515,7 @@ pub fn reduce(obj: &InputObject, keys: &Keys) -> Option<InputObject> {
             }),
             status: None,
         })),
+        InputObject::VirtualService(vs) if is_managed(&vs.metadata) => return None,
         InputObject::VirtualService(vs) => InputObject::VirtualService(Box::new(VirtualService {
             metadata: header(None, &[]),
             spec: crate::argo::VirtualServiceSpec {
@@ -522,12 +529,13 @@ pub fn reduce(obj: &InputObject, keys: &Keys) -> Option<InputObject> {
                             .route
                             .iter()
                             .map(|d| crate::argo::RouteDestination {
-                                destination: crate::argo::Destination { host: d.destination.host.clone() },
+                                destination: crate::argo::Destination { host: d.destination.host.clone(), port: None },
                                 weight: d.weight,
                             })
                             .collect(),
                     })
                     .collect(),
+                ..Default::default()
             },
         })),
         InputObject::Service(s) => {

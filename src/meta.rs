@@ -84,7 +84,7 @@ pub enum Kind {
 
 impl Kind {
     /// The kinds flotilla writes into members.
-    pub const OUTPUTS: [Kind; 3] = [Kind::DestinationRule, Kind::ServiceEntry, Kind::Sidecar];
+    pub const OUTPUTS: [Kind; 4] = [Kind::DestinationRule, Kind::ServiceEntry, Kind::Sidecar, Kind::VirtualService];
     /// The policy kinds, which carry a status flotilla writes.
     pub const POLICIES: [Kind; 4] =
         [Kind::ClientConnectionConfig, Kind::Dependency, Kind::GlobalTrafficPolicy, Kind::OutlierDetection];

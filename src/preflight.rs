@@ -79,6 +79,14 @@ pub fn permissions(settings: &Settings) -> Vec<Permission> {
     let write = &["list", "watch", "create", "patch", "update", "delete"][..];
     add(write, "networking.istio.io", "serviceentries", None, sync, "ServiceEntries (server-side apply, prune)");
     add(write, "networking.istio.io", "destinationrules", None, sync, "DestinationRules (server-side apply, prune)");
+    add(
+        write,
+        "networking.istio.io",
+        "virtualservices",
+        None,
+        sync,
+        "alias VirtualServices (server-side apply, prune)",
+    );
     if settings.sidecar_mode == SidecarMode::Generate {
         add(
             &["create", "patch", "update", "delete"],

@@ -140,6 +140,10 @@ pub struct Keys {
     pub policy_identity: String,
     /// An env: the pod template's (a policy's) annotation, else label, then label `env`.
     pub env: String,
+    /// Labels of a Deployment or Rollout (their metadata's, keys only; `*`: any workload) that ask
+    /// for its hosts' aliases under `Settings::alias_suffixes`, and its destinations' (Admiral's
+    /// `--additional_endpoint_label_filters`).
+    pub alias_labels: Vec<String>,
 }
 
 impl Default for Keys {
@@ -148,6 +152,7 @@ impl Default for Keys {
             identity: "identity".into(),
             policy_identity: "identity".into(),
             env: crate::meta::ANNOTATION_ENV.into(),
+            alias_labels: Vec::new(),
         }
     }
 }
@@ -157,6 +162,9 @@ impl Default for Keys {
 pub struct Settings {
     pub sync_namespace: String,
     pub keys: Keys,
+    /// Suffixes under which hosts get alias VirtualServices, `<env>.<identity>.<suffix>` routed to
+    /// the host (Admiral's `--additional_endpoint_suffixes`).
+    pub alias_suffixes: Vec<String>,
     pub hostname_suffix: String,
     pub expose_ports: ExposePorts,
     pub global_port: u16,
@@ -211,6 +219,7 @@ impl Default for Settings {
         Settings {
             sync_namespace: "admiral-sync".into(),
             keys: Keys::default(),
+            alias_suffixes: Vec::new(),
             hostname_suffix: "global".into(),
             expose_ports: ExposePorts::Primary,
             global_port: 80,

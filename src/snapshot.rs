@@ -179,6 +179,8 @@ pub async fn owned(hub: &Client, opts: &SnapshotOptions) -> anyhow::Result<Owned
             objects.extend(drs.items.into_iter().map(DesiredObject::DestinationRule));
             let sidecars = Api::<Sidecar>::all(client.clone()).list(&lp).await?;
             objects.extend(sidecars.items.into_iter().map(DesiredObject::Sidecar));
+            let aliases = Api::<VirtualService>::namespaced(client.clone(), &opts.sync_namespace).list(&lp).await?;
+            objects.extend(aliases.items.into_iter().map(DesiredObject::VirtualService));
             Ok::<_, kube::Error>(objects)
         };
         if let Ok(Ok(objects)) = tokio::time::timeout(MEMBER_TIMEOUT, listed).await {

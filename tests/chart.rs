@@ -19,6 +19,8 @@ use testenv::builders::{apply, deployment, gateway_service, namespace, node, ser
 use testenv::controller::{Flotilla, eventually};
 use testenv::{TEST_MANAGER, TestCluster, start_clusters};
 
+/// What the chart's debug-reader role grants: the debug views and Admiral's read API.
+const DEBUG_READER_URLS: [&str; 5] = ["/debug", "/debug/*", "/clusters", "/cluster/*", "/identity/*"];
 const HELM_HINT: &str = "install it with: scripts/helm-install (or set FLOTILLA_HELM)";
 const PROMTOOL_HINT: &str = "build it with: scripts/promtool-install (or set FLOTILLA_PROMTOOL)";
 
@@ -185,7 +187,7 @@ fn the_hub_chart_lints_templates_and_is_locked_down() {
         }
         // The reader roles tests/security_e2e.rs exercises, rule for rule.
         for (role, urls) in
-            [("flotilla-metrics-reader", json!(["/metrics"])), ("flotilla-debug-reader", json!(["/debug", "/debug/*"]))]
+            [("flotilla-metrics-reader", json!(["/metrics"])), ("flotilla-debug-reader", json!(DEBUG_READER_URLS))]
         {
             let found = of_kind(&docs, "ClusterRole").into_iter().find(|r| r["metadata"]["name"] == role);
             let rules = &found.unwrap_or_else(|| panic!("{values}: no {role}"))["rules"];
@@ -219,6 +221,10 @@ fn the_hub_chart_lints_templates_and_is_locked_down() {
                 "--prune-hold-threshold=500",
                 "--prune-hold-share=0.5",
                 "--prune-hold-window=30m",
+                "--policy-identity-label=asset",
+                "--env-key=app.example.com/env",
+                "--additional-endpoint-suffix=example.internal",
+                "--additional-endpoint-label=*",
             ] {
                 assert!(c["args"].to_string().contains(arg), "{values}: {arg} in {}", c["args"]);
             }

@@ -339,6 +339,25 @@ async fn federates_a_fleet_registered_through_secrets() {
     let desired = flotilla.json("/debug/clusters/west-1/desired").await;
     assert!(desired["objects"].as_array().unwrap().iter().any(|o| o["metadata"]["name"] == se_name), "{desired}");
     assert_eq!(flotilla.get("/debug/clusters/nowhere/desired").await.0, 404);
+
+    // Admiral's read API, with its paths and shapes.
+    assert_eq!(flotilla.json("/clusters").await, json!(["east-1", "west-1"]), "bad-1 failed: not listed");
+    let entries = flotilla.json("/identity/greeting/serviceentries").await;
+    let greeting = entries.as_array().unwrap().iter().find(|e| e["Cname"] == "stage.greeting.global");
+    assert_eq!(greeting.map(|e| &e["Clusters"]), Some(&json!(["east-1", "west-1"])), "{entries}");
+    let in_west = flotilla.json("/cluster/west-1/serviceentries").await;
+    let names: Vec<&str> = in_west.as_array().unwrap().iter().filter_map(|o| o["metadata"]["name"].as_str()).collect();
+    assert!(names.contains(&se_name) && in_west[0]["kind"] == "ServiceEntry", "{in_west}");
+    assert_eq!(flotilla.get("/cluster/nowhere/serviceentries").await.0, 404);
+    let policy = flotilla.json("/identity/greeting/globaltrafficpolicy?env=stage").await;
+    assert_eq!(
+        (&policy["kind"], &policy["metadata"]["namespace"]),
+        (&json!("GlobalTrafficPolicy"), &json!("greeting"))
+    );
+    assert!(policy["spec"]["policy"].is_array(), "{policy}");
+    let (code, body) = flotilla.get("/identity/greeting/globaltrafficpolicy?env=prod").await;
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("\"error\"") && body.contains("env: prod"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -443,4 +462,61 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     })
     .await;
     assert_eq!(second.metric("flotilla_leader").await, 1.0);
+}
+
+/// Admiral's additional endpoints: an alias VirtualService per host wherever the host is written,
+/// pruned with it; someone else's under an alias's name is left alone and reported.
+#[tokio::test(flavor = "multi_thread")]
+async fn aliases_under_another_suffix_follow_their_hosts() {
+    use flotilla::istio::VirtualService;
+    let _serial = ONE_FLEET_AT_A_TIME.lock().await;
+    let (hub, members, hub_client, clients) = start_fleet(&["west", "east"]).await;
+    let (west, east) = (&clients[0], &clients[1]);
+    greeting_and_caller(west, east).await;
+    let theirs: VirtualService = serde_json::from_value(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "stage.caller.intuit-vs", "namespace": SYNC},
+        "spec": {"hosts": ["stage.caller.intuit"], "http": [{"route": [{"destination": {"host": "stage.caller.global"}}]}]},
+    }))
+    .unwrap();
+    apply(east, &testenv::builders::namespace(SYNC)).await;
+    apply(east, &theirs).await;
+    for m in &members {
+        apply(&hub_client, &m.registration_secret(FLOTILLA_NAMESPACE)).await;
+    }
+    let args = ["--additional-endpoint-suffix", "intuit", "--additional-endpoint-label", "*"];
+    let flotilla = Flotilla::start(&hub, "aliases", &args);
+    let aliases = |c: &kube::Client| Api::<VirtualService>::namespaced(c.clone(), SYNC);
+    for (member, name) in [(west, "west"), (east, "east")] {
+        let vs = eventually(&format!("greeting's alias in {name}"), WAIT, &flotilla, || async {
+            aliases(member).get_opt("stage.greeting.intuit-vs").await.unwrap()
+        })
+        .await;
+        assert_eq!(vs.spec.hosts, ["stage.greeting.intuit"]);
+        let destination = &vs.spec.http[0].route[0].destination;
+        assert_eq!(
+            (destination.host.as_str(), destination.port.as_ref().map(|p| p.number)),
+            ("stage.greeting.global", Some(80))
+        );
+    }
+    eventually("the user's VirtualService reported as a conflict", WAIT, &flotilla, || async {
+        let view = flotilla.json("/debug/clusters").await;
+        view["clusters"]["east"]["conflicts"].to_string().contains("stage.caller.intuit-vs").then_some(())
+    })
+    .await;
+    let still = aliases(east).get("stage.caller.intuit-vs").await.unwrap();
+    assert_eq!((still.metadata.labels, still.spec), (theirs.metadata.labels, theirs.spec), "left alone");
+
+    // Without a client in east, greeting's alias leaves it with its ServiceEntry.
+    Api::<Dependency>::namespaced(east.clone(), "caller")
+        .delete("caller-deps", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("greeting's alias pruned from east", WAIT, &flotilla, || async {
+        aliases(east).get_opt("stage.greeting.intuit-vs").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert!(aliases(west).get_opt("stage.greeting.intuit-vs").await.unwrap().is_some(), "west still serves greeting");
+    drop(flotilla);
+    drop((hub, members));
 }

@@ -826,6 +826,7 @@ fn another_installations_objects_are_someone_elses_and_unlabelled_ones_ours() {
             DesiredObject::DestinationRule(o) => &mut o.metadata.labels,
             DesiredObject::ServiceEntry(o) => &mut o.metadata.labels,
             DesiredObject::Sidecar(o) => &mut o.metadata.labels,
+            DesiredObject::VirtualService(o) => &mut o.metadata.labels,
         };
         let labels = labels.get_or_insert_with(Default::default);
         match instance {
@@ -878,6 +879,7 @@ fn admirals_objects_are_taken_over_only_when_asked_and_never_pruned() {
             DesiredObject::DestinationRule(o) => &mut o.metadata,
             DesiredObject::ServiceEntry(o) => &mut o.metadata,
             DesiredObject::Sidecar(o) => &mut o.metadata,
+            DesiredObject::VirtualService(o) => &mut o.metadata,
         }
     }
     let engine = engine_with(&["a", "b"], &base_fleet());

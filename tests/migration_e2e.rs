@@ -302,6 +302,7 @@ async fn preflight_names_what_admirals_member_credentials_lack() {
     for missing in [
         "patch serviceentries.networking.istio.io in admiral-sync",
         "patch destinationrules.networking.istio.io in admiral-sync",
+        "patch virtualservices.networking.istio.io in admiral-sync",
         "patch sidecars.networking.istio.io (all namespaces)",
         "create sidecars.networking.istio.io (all namespaces)",
         "list dependencies.admiral.io (all namespaces)",
@@ -309,7 +310,7 @@ async fn preflight_names_what_admirals_member_credentials_lack() {
     ] {
         assert!(stdout.contains(missing), "{missing:?} not reported:\n{stdout}");
     }
-    assert!(stdout.contains("west     FAIL    15 of 48 permissions missing"), "{stdout}");
+    assert!(stdout.contains("west     FAIL    16 of 54 permissions missing"), "{stdout}");
     assert!(!stdout.contains("list deployments.apps"), "granted by Admiral's role: {stdout}");
     assert!(!stdout.contains(&token) && !stderr.contains(&token), "no credential in the output");
 

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use flotilla::compute::DesiredObject;
 use flotilla::compute::plan::{ObservedObject, plan_cluster};
-use flotilla::istio::{DestinationRule, ServiceEntry, Sidecar};
+use flotilla::istio::{DestinationRule, ServiceEntry, Sidecar, VirtualService};
 use flotilla::meta::DEFAULT_INSTANCE;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
@@ -35,6 +35,11 @@ async fn apply_and_read_back(client: &Client, obj: &DesiredObject) -> DesiredObj
             let api: Api<Sidecar> = Api::namespaced(client.clone(), key.namespace);
             api.patch(&key.name, &pp, &Patch::Apply(o)).await.unwrap_or_else(|e| rejected(e));
             DesiredObject::Sidecar(api.get(&key.name).await.unwrap())
+        }
+        DesiredObject::VirtualService(o) => {
+            let api: Api<VirtualService> = Api::namespaced(client.clone(), key.namespace);
+            api.patch(&key.name, &pp, &Patch::Apply(o)).await.unwrap_or_else(|e| rejected(e));
+            DesiredObject::VirtualService(api.get(&key.name).await.unwrap())
         }
     }
 }

@@ -102,7 +102,9 @@ async fn metrics_and_debug_need_a_token_the_hub_authorises_and_probes_stay_open(
 
     // The reader roles, bound to nobody.
     apply(&hub_client, &reader_role("flotilla-metrics-reader", &["/metrics"])).await;
-    apply(&hub_client, &reader_role("flotilla-debug-reader", &["/debug", "/debug/*"])).await;
+    // As the chart grants it: the debug views and Admiral's read API beside them.
+    let debug_urls = ["/debug", "/debug/*", "/clusters", "/cluster/*", "/identity/*"];
+    apply(&hub_client, &reader_role("flotilla-debug-reader", &debug_urls)).await;
     apply(&hub_client, &binding("flotilla-metrics-reader", NOBODY.1)).await;
     let body = eventually("nobody may read /metrics once bound", WAIT, &flotilla, || async {
         let (code, body, _) = flotilla.https_get("/metrics", Some(NOBODY.0)).await;
@@ -110,14 +112,21 @@ async fn metrics_and_debug_need_a_token_the_hub_authorises_and_probes_stay_open(
     })
     .await;
     assert!(body.contains("flotilla_passes_total"), "{body}");
-    let (code, _, _) = flotilla.https_get("/debug/clusters", Some(NOBODY.0)).await;
-    assert_eq!(code, 403, "the metrics role does not grant the debug views");
+    for path in ["/debug/clusters", "/clusters", "/identity/x/serviceentries"] {
+        let (code, _, _) = flotilla.https_get(path, Some(NOBODY.0)).await;
+        assert_eq!(code, 403, "the metrics role does not grant {path}");
+    }
+    let (code, _, _) = flotilla.https_get("/clusters", None).await;
+    assert_eq!(code, 401, "Admiral's read API needs a token");
     apply(&hub_client, &binding("flotilla-debug-reader", NOBODY.1)).await;
     eventually("nobody may read /debug/clusters/… once bound", WAIT, &flotilla, || async {
         let (code, _, _) = flotilla.https_get("/debug/clusters/none/desired", Some(NOBODY.0)).await;
         (code == 404).then_some(())
     })
     .await;
+    // A path not asked before: its denial above is cached for the cache's TTL.
+    let (code, body, _) = flotilla.https_get("/identity/y/serviceentries", Some(NOBODY.0)).await;
+    assert_eq!((code, body.as_str()), (200, "[]"), "Admiral's read API with the debug role");
 
     // Removing the role: denied once the hub says so and the cached decision has expired.
     let (code, _, _) = flotilla.https_get("/metrics", Some(NOBODY.0)).await;

@@ -196,6 +196,16 @@ pub struct EngineArgs {
     /// a policy's (Admiral's `--env_key`).
     #[arg(long, default_value = crate::meta::ANNOTATION_ENV, env = "FLOTILLA_ENV_KEY")]
     pub env_key: String,
+    /// Another suffix every host is also known by: an alias VirtualService `<env>.<identity>.<suffix>`
+    /// routes to `<env>.<identity>.<--hostname-suffix>` where the host is written (Admiral's
+    /// `--additional_endpoint_suffixes`). Repeatable.
+    #[arg(long = "additional-endpoint-suffix", env = "FLOTILLA_ADDITIONAL_ENDPOINT_SUFFIX", value_delimiter = ',')]
+    pub additional_endpoint_suffixes: Vec<String>,
+    /// Label key of a Deployment or Rollout that asks for aliases of its hosts and of its
+    /// destinations' hosts; `*`: every workload (Admiral's `--additional_endpoint_label_filters`).
+    /// Repeatable.
+    #[arg(long = "additional-endpoint-label", env = "FLOTILLA_ADDITIONAL_ENDPOINT_LABEL", value_delimiter = ',')]
+    pub additional_endpoint_labels: Vec<String>,
     /// Last label of every generated host name: `<env>.<identity>.<suffix>`.
     #[arg(long, default_value = "global", env = "FLOTILLA_HOSTNAME_SUFFIX")]
     pub hostname_suffix: String,
@@ -293,6 +303,16 @@ impl EngineArgs {
                 return Err(format!("{flag} {key:?} is not a label key ([prefix/]name)"));
             }
         }
+        for suffix in &self.additional_endpoint_suffixes {
+            if !is_dns_subdomain(suffix) || suffix.eq_ignore_ascii_case(&self.hostname_suffix) {
+                return Err(format!(
+                    "--additional-endpoint-suffix {suffix:?} is not a DNS name other than --hostname-suffix"
+                ));
+            }
+        }
+        if let Some(key) = self.additional_endpoint_labels.iter().find(|k| *k != "*" && !crate::meta::is_label_key(k)) {
+            return Err(format!("--additional-endpoint-label {key:?} is not a label key (or *)"));
+        }
         if self.gateway_selectors.is_empty() {
             return Err("--gateway-selector needs at least one key=value".into());
         }
@@ -317,7 +337,9 @@ impl EngineArgs {
                 identity: self.identity_label.clone(),
                 policy_identity: policy_identity.clone(),
                 env: self.env_key.clone(),
+                alias_labels: self.additional_endpoint_labels.clone(),
             },
+            alias_suffixes: self.additional_endpoint_suffixes.iter().map(|s| s.to_ascii_lowercase()).collect(),
             hostname_suffix: self.hostname_suffix.to_ascii_lowercase(),
             expose_ports: self.expose_ports,
             global_port: self.global_port,

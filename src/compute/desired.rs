@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::digest::Digest;
 use super::output::KeyHead;
 use super::owners::{Moved, Owners};
-use super::{Desired, Diagnostic, Notice, ObjectKey, Placed, PolicyReport};
+use super::{Desired, Diagnostic, Notice, ObjectKey, Placed, PolicyInForce, PolicyReport};
 use crate::meta::Kind;
 use crate::model::{ClusterId, ClusterIdx, ClusterNames};
 
@@ -37,6 +37,8 @@ pub struct IdentityOutput {
     pub clients: Clients,
     /// Events to put on others' objects (a user's Sidecar that keeps clients from their hosts).
     pub notices: Vec<Notice>,
+    /// The GlobalTrafficPolicy in force per env, by env.
+    pub gtps: Vec<PolicyInForce>,
 }
 
 /// The identities that depend on one: those naming it, and the `*` clients (the same for every
@@ -60,6 +62,7 @@ impl IdentityOutput {
             && self.diagnostics.is_empty()
             && self.reports.is_empty()
             && self.notices.is_empty()
+            && self.gtps.is_empty()
             && self.hosts.is_empty()
             && self.sources.is_empty()
             && self.clients.named.is_empty()
@@ -127,7 +130,7 @@ struct MemberIndex {
     /// Bit n is set when identity number n places an object here.
     identities: Vec<u64>,
     /// Per kind of `Kind::OUTPUTS`.
-    counts: [usize; 3],
+    counts: [usize; Kind::OUTPUTS.len()],
 }
 
 impl MemberIndex {
@@ -202,9 +205,9 @@ impl DesiredState {
     }
 
     /// How many objects are desired in one member, per kind of `Kind::OUTPUTS`.
-    pub fn counts(&self, id: &str) -> [usize; 3] {
+    pub fn counts(&self, id: &str) -> [usize; Kind::OUTPUTS.len()] {
         let member = self.cluster_names.number(id).and_then(|idx| self.members.get(idx.index()));
-        member.map_or([0; 3], |m| m.counts)
+        member.map_or([0; Kind::OUTPUTS.len()], |m| m.counts)
     }
 
     pub fn object_count(&self) -> usize {

@@ -35,6 +35,7 @@ impl Digest {
             DesiredObject::DestinationRule(o) => Digest::compute(Kind::DestinationRule, &o.spec, labels),
             DesiredObject::ServiceEntry(o) => Digest::compute(Kind::ServiceEntry, &o.spec, labels),
             DesiredObject::Sidecar(o) => Digest::compute(Kind::Sidecar, &o.spec, labels),
+            DesiredObject::VirtualService(o) => Digest::compute(Kind::VirtualService, &o.spec, labels),
         }
     }
 
@@ -44,6 +45,7 @@ impl Digest {
             DesiredSpec::DestinationRule(spec) => Digest::compute(Kind::DestinationRule, spec, labels),
             DesiredSpec::ServiceEntry(spec) => Digest::compute(Kind::ServiceEntry, spec, labels),
             DesiredSpec::Sidecar(spec) => Digest::compute(Kind::Sidecar, spec, labels),
+            DesiredSpec::VirtualService(spec) => Digest::compute(Kind::VirtualService, spec, labels),
         }
     }
 

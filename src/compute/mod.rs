@@ -34,8 +34,8 @@ use crate::settings::{self, Settings};
 
 pub use desired::{Changed, Clients, DesiredState, IdentityOutput, MemberChange};
 pub use output::{
-    Desired, DesiredObject, DesiredSpec, Diagnostic, ManagedLabels, Notice, ObjectKey, Placed, PolicyReport,
-    PolicyState, Severity,
+    Desired, DesiredObject, DesiredSpec, Diagnostic, ManagedLabels, Notice, ObjectKey, Placed, PolicyInForce,
+    PolicyReport, PolicyState, Severity,
 };
 use owners::Owners;
 use vip::VipTable;

@@ -10,8 +10,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::crd::{ConnectionPool, HttpSettings, LbType, OutlierConfig, h2_upgrade_policy_name};
 use crate::istio::{
-    ClientTls, DestinationRuleSpec, Distribute, EgressListener, LoadBalancer, LocalityLbSetting, OutlierDetection,
-    ServiceEntrySpec, ServicePort, SidecarSpec, TrafficPolicy, WorkloadEntry, WorkloadSelector,
+    ClientTls, Destination, DestinationRuleSpec, Distribute, EgressListener, HttpRoute, LoadBalancer,
+    LocalityLbSetting, OutlierDetection, PortSelector, RouteDestination, ServiceEntrySpec, ServicePort, SidecarSpec,
+    TrafficPolicy, VirtualServiceSpec, WorkloadEntry, WorkloadSelector,
 };
 use crate::meta::{GATEWAY_NAMESPACE, Kind, LABEL_TLS_MODE, is_dns_subdomain, managed_labels};
 use crate::model::{Cluster, ClusterId, ClusterIdx, Fleet, ForeignSidecar, Workload};
@@ -20,8 +21,8 @@ use crate::settings::{ExportTo, SanForm, Settings, SidecarMode, Tenancy, VipMode
 use super::identity::{EnvPlan, ExposedPort, HostGroup, HostPlan, PassView, ResolvedIdentity, Source, union};
 use super::vip::{VipExhausted, VipTable};
 use super::{
-    Clients, Desired, DesiredSpec, Diagnostic, Facts, IdentityOutput, ManagedLabels, Notice, Placed, PolicyReport,
-    PolicyState,
+    Clients, Desired, DesiredSpec, Diagnostic, Facts, IdentityOutput, ManagedLabels, Notice, Placed, PolicyInForce,
+    PolicyReport, PolicyState,
 };
 
 /// Everything one identity contributes to the desired state of the fleet. Reads only: VIPs were
@@ -50,7 +51,18 @@ pub fn compute_identity(
         ..Default::default()
     };
 
+    // Aliases of its hosts under other suffixes (Admiral's additional endpoints), where a workload
+    // of its own or of a client asks for them.
+    let aliased = !settings.alias_suffixes.is_empty() && wants_aliases(fleet, settings, identity);
     for env in resolved.envs.values() {
+        if let Some(gtp) = env.gtp.filter(|p| p.effective.is_some()) {
+            out.gtps.push(PolicyInForce {
+                env: env.env.to_string(),
+                at: gtp.at.clone(),
+                generation: gtp.generation,
+                spec: gtp.effective.clone().expect("filtered on"),
+            });
+        }
         if env.served().next().is_none() {
             out.diagnostics.push(Diagnostic::warning(
                 None,
@@ -95,6 +107,8 @@ pub fn compute_identity(
                 // same place share one object (its index in `out.objects`). Places are few, so
                 // they are searched in a list.
                 let mut entries: Vec<(EntryView, Option<BuiltEntry>)> = Vec::new();
+                // The alias VirtualService, by exportTo (its only part that differs by target).
+                let mut aliases: Vec<(Vec<String>, Option<usize>)> = Vec::new();
                 let mut rules: Vec<(RuleView, usize)> = Vec::new();
                 // Only a FAILOVER rule depends on the target's region (it distributes from there).
                 let failover = host.policy.is_some_and(|p| matches!(p.lb_type(), Ok(LbType::Failover)));
@@ -142,6 +156,21 @@ pub fn compute_identity(
                     let Some((entry, ejection, withheld)) = built else {
                         continue;
                     };
+                    if aliased {
+                        let alias = match aliases.iter().find(|(e, _)| *e == view.1) {
+                            Some((_, alias)) => *alias,
+                            None => {
+                                let vs =
+                                    alias_service(settings, group, host, view.1.clone(), &labels, &mut out.diagnostics);
+                                let alias = vs.map(|vs| place(&mut out.objects, vs));
+                                aliases.push((view.1.clone(), alias));
+                                alias
+                            }
+                        };
+                        if let Some(alias) = alias {
+                            out.objects[alias].clusters.push(target);
+                        }
+                    }
                     let region = target_facts.region.as_deref();
                     if failover && region.is_none() {
                         out.diagnostics.push(Diagnostic::warning(
@@ -219,6 +248,43 @@ pub fn compute_identity(
     out.objects.retain(|p| !p.clusters.is_empty());
     out.objects.sort_by(|a, b| a.desired.key.cmp(&b.desired.key));
     out
+}
+
+/// Whether an identity's hosts get aliases: `*` among `--additional-endpoint-label`, or a
+/// federated workload of its own or of one of its clients carrying one of those labels (as
+/// Admiral's `doGenerateAdditionalEndpoints` decides).
+fn wants_aliases(fleet: &Fleet, settings: &Settings, identity: &str) -> bool {
+    let asks = |id: &str| fleet.workloads_of(id).any(|(c, w)| w.wants_aliases && c.is_federated(w));
+    settings.keys.alias_labels.iter().any(|k| k == "*")
+        || asks(identity)
+        || fleet.clients_of(identity).into_iter().any(asks)
+}
+
+/// The alias VirtualService of `host`: the same name under every `--additional-endpoint-suffix`,
+/// routed to the host on its first port, named after its first alias (as Admiral names it).
+fn alias_service(
+    settings: &Settings,
+    group: &HostGroup<'_>,
+    host: &HostPlan<'_>,
+    export_to: Vec<String>,
+    labels: &ManagedLabels,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<Desired> {
+    let stem = host.host.strip_suffix(settings.hostname_suffix.as_str())?;
+    let hosts: Vec<String> = settings.alias_suffixes.iter().map(|suffix| format!("{stem}{suffix}")).collect();
+    let name = format!("{}-vs", hosts.first()?);
+    if !is_dns_subdomain(&name) {
+        diagnostics.push(Diagnostic::error(
+            None,
+            format!("host {}", host.host),
+            format!("alias VirtualService name {name:?} is not a valid object name; not written"),
+        ));
+        return None;
+    }
+    let port = host_ports(group).first().map(|p| PortSelector { number: p.number });
+    let route = RouteDestination { destination: Destination { host: host.host.clone(), port }, weight: None };
+    let spec = VirtualServiceSpec { hosts, http: vec![HttpRoute { name: None, route: vec![route] }], export_to };
+    Some(Desired::new(&settings.sync_namespace, &name, labels.clone(), DesiredSpec::VirtualService(spec)))
 }
 
 /// Adds an object with no members yet; returns its index.

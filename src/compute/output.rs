@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
-use crate::istio::{DestinationRule, DestinationRuleSpec, ServiceEntry, ServiceEntrySpec, Sidecar, SidecarSpec};
+use crate::istio::{
+    DestinationRule, DestinationRuleSpec, ServiceEntry, ServiceEntrySpec, Sidecar, SidecarSpec, VirtualService,
+    VirtualServiceSpec,
+};
 use crate::meta::Kind;
 use crate::model::{ClusterId, ClusterIdx, ObjectRef, Policy};
 
@@ -139,6 +142,7 @@ pub enum DesiredObject {
     DestinationRule(DestinationRule),
     ServiceEntry(ServiceEntry),
     Sidecar(Sidecar),
+    VirtualService(VirtualService),
 }
 
 impl DesiredObject {
@@ -147,6 +151,7 @@ impl DesiredObject {
             DesiredObject::DestinationRule(_) => Kind::DestinationRule,
             DesiredObject::ServiceEntry(_) => Kind::ServiceEntry,
             DesiredObject::Sidecar(_) => Kind::Sidecar,
+            DesiredObject::VirtualService(_) => Kind::VirtualService,
         }
     }
 
@@ -155,6 +160,7 @@ impl DesiredObject {
             DesiredObject::DestinationRule(o) => &o.metadata,
             DesiredObject::ServiceEntry(o) => &o.metadata,
             DesiredObject::Sidecar(o) => &o.metadata,
+            DesiredObject::VirtualService(o) => &o.metadata,
         }
     }
 
@@ -169,6 +175,7 @@ impl DesiredObject {
             DesiredObject::DestinationRule(o) => serde_json::to_value(&o.spec),
             DesiredObject::ServiceEntry(o) => serde_json::to_value(&o.spec),
             DesiredObject::Sidecar(o) => serde_json::to_value(&o.spec),
+            DesiredObject::VirtualService(o) => serde_json::to_value(&o.spec),
         };
         spec.expect("serialising a spec to JSON")
     }
@@ -189,6 +196,7 @@ pub enum DesiredSpec {
     DestinationRule(DestinationRuleSpec),
     ServiceEntry(ServiceEntrySpec),
     Sidecar(SidecarSpec),
+    VirtualService(VirtualServiceSpec),
 }
 
 impl DesiredSpec {
@@ -197,6 +205,7 @@ impl DesiredSpec {
             DesiredSpec::DestinationRule(_) => Kind::DestinationRule,
             DesiredSpec::ServiceEntry(_) => Kind::ServiceEntry,
             DesiredSpec::Sidecar(_) => Kind::Sidecar,
+            DesiredSpec::VirtualService(_) => Kind::VirtualService,
         }
     }
 }
@@ -232,6 +241,7 @@ impl Desired {
             DesiredObject::DestinationRule(o) => DesiredSpec::DestinationRule(o.spec),
             DesiredObject::ServiceEntry(o) => DesiredSpec::ServiceEntry(o.spec),
             DesiredObject::Sidecar(o) => DesiredSpec::Sidecar(o.spec),
+            DesiredObject::VirtualService(o) => DesiredSpec::VirtualService(o.spec),
         };
         Desired::new(&namespace, &name, labels, spec)
     }
@@ -252,6 +262,9 @@ impl Desired {
                 DesiredObject::ServiceEntry(ServiceEntry { metadata, spec: spec.clone() })
             }
             DesiredSpec::Sidecar(spec) => DesiredObject::Sidecar(Sidecar { metadata, spec: spec.clone() }),
+            DesiredSpec::VirtualService(spec) => {
+                DesiredObject::VirtualService(VirtualService { metadata, spec: spec.clone() })
+            }
         }
     }
 }
@@ -296,6 +309,7 @@ impl Serialize for Desired {
             }
             DesiredSpec::ServiceEntry(spec) => whole::<S, ServiceEntry>(serializer, "ServiceEntry", self, spec),
             DesiredSpec::Sidecar(spec) => whole::<S, Sidecar>(serializer, "Sidecar", self, spec),
+            DesiredSpec::VirtualService(spec) => whole::<S, VirtualService>(serializer, "VirtualService", self, spec),
         }
     }
 }
@@ -314,6 +328,16 @@ pub struct Placed {
 pub enum Severity {
     Error,
     Warning,
+}
+
+/// The GlobalTrafficPolicy in force for one env of an identity: what Admiral's read API serves
+/// (`/identity/{id}/globaltrafficpolicy`).
+#[derive(Clone, Debug)]
+pub struct PolicyInForce {
+    pub env: String,
+    pub at: ObjectRef,
+    pub generation: Option<i64>,
+    pub spec: crate::crd::GlobalTrafficPolicySpec,
 }
 
 /// A lasting problem with someone else's object in a member, told where its owners look: a
@@ -423,7 +447,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn kind(n: u8) -> Kind {
-        [Kind::DestinationRule, Kind::ServiceEntry, Kind::Sidecar][usize::from(n % 3)]
+        Kind::OUTPUTS[usize::from(n) % Kind::OUTPUTS.len()]
     }
 
     proptest! {

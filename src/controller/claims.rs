@@ -161,6 +161,7 @@ mod tests {
             service_account: None,
             created: None,
             uid: Some(format!("uid-{name}")),
+            wants_aliases: false,
         })
     }
 

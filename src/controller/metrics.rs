@@ -220,7 +220,12 @@ impl Metrics {
     }
 
     /// What a member should hold (per kind of `Kind::OUTPUTS`), and the conflicts found there.
-    pub fn set_member_objects(&self, cluster: &str, desired: [usize; 3], conflicts: &[crate::compute::ObjectKey]) {
+    pub fn set_member_objects(
+        &self,
+        cluster: &str,
+        desired: [usize; crate::meta::Kind::OUTPUTS.len()],
+        conflicts: &[crate::compute::ObjectKey],
+    ) {
         for (kind, n) in crate::meta::Kind::OUTPUTS.into_iter().zip(desired) {
             let labels = ClusterKind { cluster: cluster.to_string(), kind: kind.to_string() };
             self.objects_desired.get_or_create(&labels).set(n as i64);

@@ -14,6 +14,7 @@
 //! (`health`, `observed`, `dispatch`, `vips`, `debounce`); `runtime` wires them to the I/O. The
 //! writers are the only code that writes.
 
+pub mod admiral_api;
 pub mod auth;
 pub mod claims;
 pub mod deadline;

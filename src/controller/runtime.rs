@@ -417,6 +417,9 @@ impl Runtime {
                     InputObject::ServiceEntry(se) => {
                         self.observe(cluster, ObservedObject::new(&DesiredObject::ServiceEntry((**se).clone())))
                     }
+                    InputObject::VirtualService(vs) => {
+                        self.observe(cluster, ObservedObject::new(&DesiredObject::VirtualService((**vs).clone())))
+                    }
                     _ => {}
                 }
                 self.engine().ingest(cluster, &obj);

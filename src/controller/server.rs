@@ -1,4 +1,4 @@
-//! HTTP: health, metrics and the debug views of SPEC §7. Reads the snapshot the runtime
+//! HTTP: health, metrics, the debug views of SPEC §7 and Admiral's read API (`admiral_api`). Reads the snapshot the runtime
 //! published after its last pass; never waits for a pass. The probes are plain and open; the
 //! views are served over HTTPS to callers the hub's API authorises (`auth`), or, with
 //! `--http-auth=none`, beside the probes to anyone.
@@ -123,6 +123,7 @@ fn views() -> Router<Arc<Shared>> {
         .route("/debug/clusters/{id}/desired", get(desired))
         .route("/debug/clusters/{id}/plan", get(plan))
         .route("/debug/identities/{id}", get(identity))
+        .merge(super::admiral_api::routes())
 }
 
 /// Binds the plain listener for the probes, and the HTTPS one for the views unless

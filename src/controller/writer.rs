@@ -30,7 +30,7 @@ use super::{Input, WriteReport};
 use crate::compute::plan::{ClusterPlan, ObservedObject, Planned};
 use crate::compute::{DesiredObject, ObjectKey, vip};
 use crate::crd::{ClientConnectionConfig, Dependency, GlobalTrafficPolicy, OutlierDetection, PolicyStatus};
-use crate::istio::{DestinationRule, ServiceEntry, Sidecar};
+use crate::istio::{DestinationRule, ServiceEntry, Sidecar, VirtualService};
 use crate::meta::{HUB, Kind, LABEL_MANAGED_BY, MANAGER};
 
 /// A write that failed, naming the object and the cluster.
@@ -298,6 +298,7 @@ async fn run_op(cluster: &str, client: &Client, op: Op, metrics: &Metrics) -> Ou
                 DesiredObject::ServiceEntry(o) => apply(client, &planned, o, DesiredObject::ServiceEntry).await,
                 DesiredObject::DestinationRule(o) => apply(client, &planned, o, DesiredObject::DestinationRule).await,
                 DesiredObject::Sidecar(o) => apply(client, &planned, o, DesiredObject::Sidecar).await,
+                DesiredObject::VirtualService(o) => apply(client, &planned, o, DesiredObject::VirtualService).await,
             };
             let op = if planned.adopts { "adopt" } else { "apply" };
             metrics.write(cluster, op, &key.kind.to_string(), result.is_ok());
@@ -329,6 +330,7 @@ async fn run_op(cluster: &str, client: &Client, op: Op, metrics: &Metrics) -> Ou
                 Kind::ServiceEntry => delete::<ServiceEntry>(client, &seen).await,
                 Kind::DestinationRule => delete::<DestinationRule>(client, &seen).await,
                 Kind::Sidecar => delete::<Sidecar>(client, &seen).await,
+                Kind::VirtualService => delete::<VirtualService>(client, &seen).await,
                 other => unreachable!("plans prune only the kinds flotilla writes, not {other}"),
             };
             metrics.write(cluster, "delete", &key.kind.to_string(), result.is_ok());

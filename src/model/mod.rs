@@ -160,6 +160,9 @@ pub struct Workload {
     pub created: Option<Timestamp>,
     /// Its uid: an Event about it is found with it (`kubectl describe`).
     pub uid: Option<String>,
+    /// A label of its own (not its pods') that `--additional-endpoint-label` names: its hosts,
+    /// and its destinations', get aliases.
+    pub wants_aliases: bool,
 }
 
 impl Workload {

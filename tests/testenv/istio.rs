@@ -102,6 +102,15 @@ pub fn member_inputs(objects: &[&InputObject], extra_namespaces: &[&str]) -> Str
             InputObject::Rollout(r) => {
                 docs.push(pod(&r.metadata, r.spec.template.as_ref().and_then(|t| t.metadata.as_ref())))
             }
+            // A Job's Pod while it runs; a CronJob's while one of its Jobs does (between runs, a
+            // live `istioctl analyze` finds no workload for the client's Sidecar, rightly).
+            InputObject::Job(j) => {
+                docs.push(pod(&j.metadata, j.spec.as_ref().and_then(|s| s.template.metadata.as_ref())))
+            }
+            InputObject::CronJob(c) => {
+                let template = c.spec.as_ref().and_then(|s| s.job_template.spec.as_ref());
+                docs.push(pod(&c.metadata, template.and_then(|s| s.template.metadata.as_ref())))
+            }
             InputObject::Service(s) => docs.push(serde_json::to_value(s).unwrap()),
             InputObject::Node(n) => docs.push(serde_json::to_value(n).unwrap()),
             _ => {}

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use flotilla::compute::plan::ObservedObject;
 use flotilla::compute::{DesiredObject, ObjectKey};
-use flotilla::istio::{DestinationRule, ServiceEntry, Sidecar};
+use flotilla::istio::{DestinationRule, ServiceEntry, Sidecar, VirtualService};
 use flotilla::meta::is_managed;
 use flotilla::render::Rendered;
 use flotilla::settings::Settings;
@@ -57,6 +57,10 @@ pub async fn owned(client: &Client, sync_namespace: &str) -> BTreeMap<ObjectKey,
     let sidecars = Api::<Sidecar>::all(client.clone()).list(&lp).await.unwrap();
     out.extend(
         sidecars.items.into_iter().map(DesiredObject::Sidecar).filter(|o| is_managed(o.meta())).map(|o| (o.key(), o)),
+    );
+    let aliases = Api::<VirtualService>::namespaced(client.clone(), sync_namespace).list(&lp).await.unwrap();
+    out.extend(
+        aliases.into_iter().map(DesiredObject::VirtualService).filter(|o| is_managed(o.meta())).map(|o| (o.key(), o)),
     );
     out
 }
