@@ -278,7 +278,8 @@ fn workload(
         service_account,
         created: meta.creation_timestamp.as_ref().map(|t| t.0),
         uid: meta.uid.clone(),
-        wants_aliases: keys.alias_labels.iter().any(|k| k == "*" || label(meta, k).is_some()),
+        // As Admiral: a Deployment's or Rollout's own labels, not a Job's.
+        wants_aliases: kind.serves() && keys.alias_labels.iter().any(|k| k == "*" || label(meta, k).is_some()),
     }
 }
 
@@ -517,7 +518,8 @@ pub fn reduce(obj: &InputObject, keys: &Keys) -> Option<InputObject> {
         })),
         InputObject::VirtualService(vs) if is_managed(&vs.metadata) => return None,
         InputObject::VirtualService(vs) => InputObject::VirtualService(Box::new(VirtualService {
-            metadata: header(None, &[]),
+            // Admiral's mark: `--adopt-from=admiral` takes its aliases over.
+            metadata: header(None, &[crate::meta::ANNOTATION_CREATED_BY]),
             spec: crate::argo::VirtualServiceSpec {
                 http: vs
                     .spec

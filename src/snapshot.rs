@@ -154,9 +154,10 @@ pub async fn snapshot(hub: &Client, opts: &SnapshotOptions, out: &Path) -> anyho
 /// The objects flotilla owns in each reachable member, as they are now.
 pub type Owned = BTreeMap<String, BTreeMap<crate::compute::ObjectKey, DesiredObject>>;
 
-/// What flotilla owns now in every member `hub` registers (its ServiceEntries and
-/// DestinationRules in the sync namespace, its Sidecars anywhere; with `adopt_admiral` also
-/// Admiral's there, which it would take over); unreachable members are left out (`snapshot`
+/// What flotilla owns now in every member `hub` registers (its ServiceEntries, DestinationRules
+/// and alias VirtualServices in the sync namespace, its Sidecars anywhere; with `adopt_admiral`
+/// also Admiral's there, which it would take over, but not Admiral's VirtualServices: it writes
+/// its aliases, not its copies of users' VirtualServices); unreachable members are left out (`snapshot`
 /// reports them).
 pub async fn owned(hub: &Client, opts: &SnapshotOptions) -> anyhow::Result<Owned> {
     let secrets = registration_secrets(hub, opts).await?;
@@ -179,8 +180,10 @@ pub async fn owned(hub: &Client, opts: &SnapshotOptions) -> anyhow::Result<Owned
             objects.extend(drs.items.into_iter().map(DesiredObject::DestinationRule));
             let sidecars = Api::<Sidecar>::all(client.clone()).list(&lp).await?;
             objects.extend(sidecars.items.into_iter().map(DesiredObject::Sidecar));
-            let aliases = Api::<VirtualService>::namespaced(client.clone(), &opts.sync_namespace).list(&lp).await?;
-            objects.extend(aliases.items.into_iter().map(DesiredObject::VirtualService));
+            // Managed ones only: Admiral's VirtualServices are mostly copies of users' ones.
+            let managed_only = ListParams::default().labels(&managed);
+            let aliases = Api::<VirtualService>::namespaced(client.clone(), &opts.sync_namespace);
+            objects.extend(aliases.list(&managed_only).await?.items.into_iter().map(DesiredObject::VirtualService));
             Ok::<_, kube::Error>(objects)
         };
         if let Ok(Ok(objects)) = tokio::time::timeout(MEMBER_TIMEOUT, listed).await {
@@ -277,6 +280,13 @@ async fn member_files(client: Client, opts: &SnapshotOptions) -> Result<Vec<(Str
         if !is_ours(&dr.metadata, &opts.instance) {
             let spec = crate::istio::DestinationRuleSpec { host: dr.spec.host.clone(), ..Default::default() };
             foreign.push(DesiredObject::DestinationRule(DestinationRule { metadata: name_only(&dr), spec }));
+        }
+    }
+    // Another installation's aliases (users' VirtualServices are in virtualservices.yaml).
+    for vs in list::<VirtualService>(Api::namespaced(client.clone(), &opts.sync_namespace)).await? {
+        if crate::meta::is_managed(&vs.metadata) && !is_ours(&vs.metadata, &opts.instance) {
+            let spec = crate::istio::VirtualServiceSpec { hosts: vs.spec.hosts.clone(), ..Default::default() };
+            foreign.push(DesiredObject::VirtualService(VirtualService { metadata: name_only(&vs), spec }));
         }
     }
     foreign.sort_by_key(|o| o.key());

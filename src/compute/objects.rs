@@ -270,8 +270,7 @@ fn alias_service(
     labels: &ManagedLabels,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Option<Desired> {
-    let stem = host.host.strip_suffix(settings.hostname_suffix.as_str())?;
-    let hosts: Vec<String> = settings.alias_suffixes.iter().map(|suffix| format!("{stem}{suffix}")).collect();
+    let hosts = alias_hosts(settings, &host.host);
     let name = format!("{}-vs", hosts.first()?);
     if !is_dns_subdomain(&name) {
         diagnostics.push(Diagnostic::error(
@@ -281,10 +280,27 @@ fn alias_service(
         ));
         return None;
     }
-    let port = host_ports(group).first().map(|p| PortSelector { number: p.number });
+    let first = host_ports(group).first()?;
+    if !matches!(first.protocol, "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB") {
+        diagnostics.push(Diagnostic::warning(
+            None,
+            format!("host {}", host.host),
+            format!("its first port speaks {}, which an HTTP route of an alias VirtualService cannot carry; no alias is written", first.protocol),
+        ));
+        return None;
+    }
+    let port = Some(PortSelector { number: first.number });
     let route = RouteDestination { destination: Destination { host: host.host.clone(), port }, weight: None };
     let spec = VirtualServiceSpec { hosts, http: vec![HttpRoute { name: None, route: vec![route] }], export_to };
     Some(Desired::new(&settings.sync_namespace, &name, labels.clone(), DesiredSpec::VirtualService(spec)))
+}
+
+/// `host` under every `--additional-endpoint-suffix` in place of `--hostname-suffix`.
+fn alias_hosts(settings: &Settings, host: &str) -> Vec<String> {
+    let Some(stem) = host.strip_suffix(settings.hostname_suffix.as_str()).and_then(|s| s.strip_suffix('.')) else {
+        return Vec::new();
+    };
+    settings.alias_suffixes.iter().map(|suffix| format!("{stem}.{suffix}")).collect()
 }
 
 /// Adds an object with no members yet; returns its index.
@@ -735,6 +751,11 @@ fn sidecars_and_dependency_reports(
     let mut egress_hosts = vec!["./*".to_string(), format!("{GATEWAY_NAMESPACE}/*")];
     let dest_hosts: BTreeSet<&str> = hosts_by_destination.values().flat_map(|h| h.iter().map(String::as_str)).collect();
     egress_hosts.extend(dest_hosts.iter().map(|h| format!("{}/{h}", settings.sync_namespace)));
+    // Their aliases too (with `--additional-endpoint-suffix`), whether or not a destination has
+    // them now: listing a name nothing holds costs nothing, and a client's Sidecar then need not
+    // follow who asks for aliases.
+    let aliases = dest_hosts.iter().flat_map(|h| alias_hosts(settings, h));
+    egress_hosts.extend(aliases.map(|alias| format!("{}/{alias}", settings.sync_namespace)));
 
     // Group the client's federated workloads by (cluster, namespace): one Sidecar per group.
     let mut groups: BTreeMap<(&str, &str), (&Cluster, Vec<&Workload>)> = BTreeMap::new();

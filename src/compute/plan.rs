@@ -274,7 +274,13 @@ fn decide(
             }
         }
         (None, Some(have)) if have.ours(instance) => plan.prune.push(have.clone()),
-        (None, Some(have)) if owner.adopt_admiral && have.admirals_alone => plan.admiral_leftovers.push(key.clone()),
+        // Admiral's VirtualServices flotilla does not write are not listed: besides its aliases,
+        // they are its copies of users' VirtualServices, which users' routing relies on.
+        (None, Some(have))
+            if owner.adopt_admiral && have.admirals_alone && key.kind != crate::meta::Kind::VirtualService =>
+        {
+            plan.admiral_leftovers.push(key.clone())
+        }
         (None, _) => {}
     }
 }

@@ -38,10 +38,13 @@ async fn clusters(State(s): State<Arc<Shared>>) -> Response {
     axum::Json(ids).into_response()
 }
 
-/// Every ServiceEntry flotilla wants in the member, as whole objects.
+/// Every ServiceEntry flotilla wants in the member, as whole objects (what it writes there; one
+/// held by a conflict is listed though it is not written).
 async fn cluster_service_entries(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     let published = s.published();
-    if !published.view.clusters.contains_key(&id) {
+    let id = id.trim().to_string();
+    // As `/clusters`: a registration that failed is no cluster flotilla monitors.
+    if published.view.clusters.get(&id).is_none_or(|c| c.state == "failed") {
         return (StatusCode::NOT_FOUND, format!("flotilla is not monitoring cluster {id}\n")).into_response();
     }
     let desired = published.desired.cluster(&id);

@@ -101,8 +101,9 @@ pub struct LeaseOptions {
     pub grace_seconds: u64,
 }
 
-/// The kinds watched in every member: the model's inputs, and the two kinds only flotilla writes
-/// (Sidecars and ServiceEntries are both: users' are inputs). Rollouts only where their CRD is.
+/// The kinds watched in every member: the model's inputs, and the kinds only flotilla writes
+/// (Sidecars, ServiceEntries and VirtualServices are both: users' are inputs). Rollouts only
+/// where their CRD is.
 pub const MEMBER_KINDS: [Kind; 15] = [
     Kind::Deployment,
     Kind::Rollout,

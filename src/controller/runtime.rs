@@ -417,7 +417,10 @@ impl Runtime {
                     InputObject::ServiceEntry(se) => {
                         self.observe(cluster, ObservedObject::new(&DesiredObject::ServiceEntry((**se).clone())))
                     }
-                    InputObject::VirtualService(vs) => {
+                    // Only the sync namespace holds flotilla's (aliases); elsewhere they are inputs.
+                    InputObject::VirtualService(vs)
+                        if vs.metadata.namespace.as_deref() == Some(self.opts.settings.sync_namespace.as_str()) =>
+                    {
                         self.observe(cluster, ObservedObject::new(&DesiredObject::VirtualService((**vs).clone())))
                     }
                     _ => {}
